@@ -1,0 +1,56 @@
+"""One error family for everything a user can get wrong; the CLI turns it into exit code 2."""
+
+from __future__ import annotations
+
+__all__ = [
+    "NucflowError",
+    "InputPathError",
+    "FormatError",
+    "ShapeError",
+    "DtypeError",
+    "ParameterError",
+    "ConfigError",
+    "OutputError",
+    "ClusterError",
+    "CorruptDataError",
+]
+
+
+class NucflowError(ValueError):
+    """Bad input or usage: the message names the thing and the fix."""
+
+
+class InputPathError(NucflowError):
+    """The input path does not exist or cannot be read."""
+
+
+class FormatError(NucflowError):
+    """The input exists but is not an image nucflow can read."""
+
+
+class ShapeError(NucflowError):
+    """Unsupported or ambiguous dimensionality, or mismatched shapes."""
+
+
+class DtypeError(NucflowError):
+    """The image has a data type nucflow cannot process (string, bool, complex, ...)."""
+
+
+class ParameterError(NucflowError):
+    """A parameter value is out of range or of the wrong kind."""
+
+
+class ConfigError(NucflowError):
+    """A configuration file or ``--set`` override is invalid."""
+
+
+class OutputError(NucflowError):
+    """The output location is unusable (exists, inside the input, ...)."""
+
+
+class ClusterError(NucflowError):
+    """The requested cluster cannot be created or reached."""
+
+
+class CorruptDataError(NucflowError):
+    """A chunk of the input cannot be decoded."""
