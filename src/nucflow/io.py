@@ -116,14 +116,14 @@ class _ZarrSource:
 def _read_tiff(path: str, series: int, level: int, key: tuple, shape: tuple) -> np.ndarray:
     """Read ``key`` of one TIFF series, decoding only the pages/tiles it touches."""
     with tifffile.TiffFile(path) as tif:
-        s = tif.series[series].levels[level]
-        if tuple(s.shape) != tuple(shape):
+        s = tif.series[series]
+        if tuple(s.levels[level].shape) != tuple(shape):
             raise ShapeError(
-                f"{path} has shape {tuple(s.shape)} but {tuple(shape)} was expected; "
+                f"{path} has shape {tuple(s.levels[level].shape)} but {tuple(shape)} was expected; "
                 "all TIFF slices must have the same shape"
             )
         # The ZarrTiffStore does not pickle, so it is created here, inside the task.
-        store = s.aszarr()
+        store = s.aszarr(level=level)  # one level: a zarr array, not a multiscales group
         try:
             return np.asarray(zarr.open_array(store, mode="r")[key])
         finally:
@@ -190,6 +190,11 @@ class _Selection:
         except (NucflowError, MemoryError):
             raise
         except OSError as e:
+            if not isinstance(e, PermissionError) and os.path.exists(self.path):
+                raise CorruptDataError(
+                    f"cannot read region {_fmt_key(full)} of {self.path} ({_one_line(e)}); "
+                    "the file is damaged: re-copy or re-export it"
+                ) from e
             raise InputPathError(
                 f"cannot read {self.path} on this worker ({_one_line(e)}); the input must be "
                 "readable at the same path on every worker"
@@ -502,7 +507,7 @@ def _tiff_scale(
         size = sizes.get(a)
         # A pyramid level's voxels are larger by the ratio of level-0 to level shape.
         if size is not None and len(shape0) == len(shape):
-            size = size * shape0[i] / shape[i]
+            size = size * max(1, round(shape0[i] / shape[i]))  # 37 -> 19 is a factor of 2
         out.append(size)
     return tuple(out)
 
