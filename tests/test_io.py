@@ -371,6 +371,22 @@ def test_ome_zarr_millimeter_and_missing_units(tmp_path, ref):
     assert not open_stack(path).voxel_size_known
 
 
+@pytest.mark.parametrize("fmt", ["ome_zarr_04", "ome_zarr_05"])
+def test_ome_zarr_dataset_path_uses_parent_metadata(fmt, tmp_path, ref):
+    path, _, expected, _, _ = BUILDERS[fmt](tmp_path, ref)
+    stack = open_stack(os.path.join(path, "1"), channel=1)
+    assert stack.voxel_size == (2.0, 0.5, 0.5) and stack.n_channels == 3
+    np.testing.assert_array_equal(stack.data.compute(), expected[:, ::2, ::2])
+
+
+def test_rewritten_tiff_is_read_again(tmp_path, ref):
+    path = tmp_path / "r.tif"
+    tifffile.imwrite(path, ref)
+    np.testing.assert_array_equal(open_stack(path).data.compute(scheduler="sync"), ref)
+    tifffile.imwrite(path, ref + 1)  # workers cache open files; a new version must not hit it
+    np.testing.assert_array_equal(open_stack(path).data.compute(scheduler="sync"), ref + 1)
+
+
 def test_slices_natural_order(tmp_path, ref):
     path = build_slices(tmp_path, ref)[0]
     files = sorted(os.listdir(path))
@@ -385,6 +401,11 @@ def test_slices_mismatched_shapes(tmp_path, ref):
     tifffile.imwrite(folder / "a2.tif", ref[1, :10])
     with pytest.raises(ShapeError, match="all slices must match"):
         open_stack(folder)
+
+
+def test_slices_have_one_level(tmp_path, ref):
+    with pytest.raises(ParameterError, match=r"`level` 1 is out of range: .*0\.\.0"):
+        open_stack(build_slices(tmp_path, ref)[0], level=1)
 
 
 def test_folder_with_one_file_opens_it(tmp_path, ref):
