@@ -153,7 +153,7 @@ def _read_tiff(path: str, series: int, level: int, key: tuple, shape: tuple) -> 
     if tuple(s.levels[level].shape) != tuple(shape):
         raise ShapeError(
             f"{path} has shape {tuple(s.levels[level].shape)} but {tuple(shape)} was expected; "
-            "all TIFF slices must have the same shape"
+            "all TIFF slices must have the same shape, and a file must not change while read"
         )
     # The ZarrTiffStore does not pickle, so it is created here, inside the task.
     store = s.aszarr(level=level)  # one level: a zarr array, not a multiscales group
@@ -593,15 +593,17 @@ def _tiff_physical_sizes(tif: tifffile.TiffFile) -> dict[str, float]:
 
 def _ome_tiff_sizes(xml: str) -> dict[str, float]:
     try:
-        pixels = ET.fromstring(xml).find(".//{*}Image/{*}Pixels")
+        pixels = ET.fromstring(xml).find(".//{*}Image/{*}Pixels")  # series 0 is Image 0
     except ET.ParseError:
+        return {}
+    if pixels is None:
         return {}
     sizes = {}
     for axis in "XYZ":
-        value = pixels.get(f"PhysicalSize{axis}") if pixels is not None else None
-        factor = _UM_PER_UNIT.get(pixels.get(f"PhysicalSize{axis}Unit", "µm").lower()) if (
-            value is not None) else None  # fmt: skip
-        if factor is not None:
+        value = pixels.get(f"PhysicalSize{axis}")
+        unit = pixels.get(f"PhysicalSize{axis}Unit", "µm")  # the OME schema's default
+        factor = _UM_PER_UNIT.get(unit.lower())
+        if value is not None and factor is not None:
             sizes[axis] = float(value) * factor
     return sizes
 
