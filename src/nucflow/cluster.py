@@ -1,0 +1,595 @@
+"""Where the computation runs: the one module that touches a Dask scheduler.
+
+``connect(spec)`` turns a ``--cluster`` value into a :class:`Runner` whose ``compute`` runs dask
+collections with a progress bar. Specs:
+
+``threads`` (default)
+    dask's threaded scheduler in this process; no client.
+``processes``
+    dask's multiprocessing scheduler; no client.
+``local``
+    a :class:`distributed.LocalCluster` sized from ``settings`` or ``configs/cluster/local.yaml``.
+``slurm``
+    a :class:`dask_jobqueue.SLURMCluster` configured the conventional way, from the user's dask
+    config (``jobqueue.slurm.*`` / ``DASK_JOBQUEUE__SLURM__*``), ``settings`` overriding and
+    ``configs/cluster/slurm.yaml`` filling what neither sets.
+``tcp://HOST:PORT`` (or ``scheduler_file=``)
+    an existing scheduler, which closing the context leaves running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import dask
+import yaml
+from dask.diagnostics import ProgressBar
+
+from nucflow.errors import ClusterError
+
+__all__ = ["Runner", "connect", "describe", "CONNECT_TIMEOUT"]
+
+#: Seconds to wait for an existing scheduler before giving up with a ClusterError.
+CONNECT_TIMEOUT = 5
+
+_NAMES = ("threads", "processes", "local", "slurm")
+_ADDRESS = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
+_HOST_PORT = re.compile(r"^[\w.-]+:\d+$")
+_LOCAL_KEYS = frozenset(
+    {
+        "n_workers",
+        "threads_per_worker",
+        "memory_limit",
+        "processes",
+        "dashboard_address",
+        "local_directory",
+        "host",
+        "scheduler_port",
+    }
+)
+_POOL_KEYS = frozenset({"num_workers"})
+_SLURM_PRIVATE = frozenset(
+    {"self", "scheduler", "name", "config_name", "job_cls", "base_class_kwargs", "job_kwargs"}
+)
+
+#: Seconds between updates of the distributed progress bar.
+_BAR_INTERVAL = 0.1
+
+
+# --- parsing ---------------------------------------------------------------------------
+
+
+def _parse(spec: str, scheduler_file: str | None) -> tuple[str, str | None]:
+    """Classify a spec as (kind, target); kind is a name from _NAMES, 'address' or 'file'."""
+    if scheduler_file is not None:
+        if spec not in ("threads", "", None):
+            raise ClusterError(
+                f"--cluster {spec!r} and a scheduler file {scheduler_file!r} were both given; "
+                "give only one"
+            )
+        return "file", os.fspath(scheduler_file)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ClusterError(_unknown_message(repr(spec)))
+    text = spec.strip()
+    if _ADDRESS.match(text):
+        return "address", text
+    if _HOST_PORT.match(text):
+        # dask's convention: a bare HOST:PORT means TCP.
+        return "address", f"tcp://{text}"
+    name = text.lower()
+    if name in _NAMES:
+        return name, None
+    raise ClusterError(_unknown_message(text))
+
+
+def _unknown_message(text: str) -> str:
+    hint = difflib.get_close_matches(text.lower(), _NAMES, n=1, cutoff=0.6)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return (
+        f"unknown --cluster {text!r}; choose threads, processes, local, slurm or "
+        f"tcp://HOST:PORT{suggestion}"
+    )
+
+
+def _check_scaling(kind: str, jobs: int | None, adapt: tuple[int, int] | None) -> None:
+    if jobs is not None and adapt is not None:
+        raise ClusterError("give either jobs (a fixed number) or adapt=(MIN, MAX), not both")
+    if (jobs is not None or adapt is not None) and kind not in ("local", "slurm"):
+        what = "jobs" if jobs is not None else "adapt"
+        raise ClusterError(f"{what} applies only to --cluster local or slurm, not {kind!r}")
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ClusterError(f"jobs must be a whole number >= 1, got {jobs!r}")
+    if adapt is not None:
+        try:
+            low, high = (int(v) for v in adapt)
+        except (TypeError, ValueError) as exc:
+            raise ClusterError(
+                f"adapt must be a pair (MIN, MAX) of whole numbers, got {adapt!r}"
+            ) from exc
+        if not 0 <= low <= high or high < 1:
+            raise ClusterError(
+                f"adapt=(MIN, MAX) needs 0 <= MIN <= MAX and MAX >= 1, got {adapt!r}"
+            )
+
+
+def _normalize(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Settings keys in dask-config spelling (``job-extra-directives``) become kwargs names."""
+    return {str(k).replace("-", "_"): v for k, v in (settings or {}).items()}
+
+
+def _check_keys(settings: Mapping[str, Any], allowed: frozenset[str], kind: str) -> None:
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise ClusterError(
+            f"unknown setting(s) {', '.join(unknown)} for --cluster {kind}; "
+            f"valid: {', '.join(sorted(allowed)) or 'none'}"
+        )
+
+
+# --- packaged defaults -----------------------------------------------------------------
+
+
+def _defaults(name: str) -> dict[str, Any]:
+    """Read configs/cluster/NAME.yaml: from the wheel (nucflow/_configs) or the source tree."""
+    candidates = [resources.files("nucflow") / "_configs" / "cluster" / f"{name}.yaml"]
+    # Editable installs and the source tree keep configs/ at the repository root.
+    candidates.append(Path(__file__).resolve().parents[2] / "configs" / "cluster" / f"{name}.yaml")
+    for path in candidates:
+        if path.is_file():
+            data = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(data, dict):
+                raise ClusterError(f"{path} must hold a mapping of settings")
+            return _normalize(data)
+    return {}
+
+
+# --- the runner ------------------------------------------------------------------------
+
+
+class _LabelledProgressBar(ProgressBar):
+    """dask.diagnostics.ProgressBar whose line starts with a label."""
+
+    def __init__(self, label: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._label = f"{label}: " if label else ""
+
+    def _draw_bar(self, frac: float, elapsed: float) -> None:
+        from dask.utils import format_time
+
+        bar = "#" * int(self._width * frac)
+        msg = (
+            f"\r{self._label}[{bar:<{self._width}}] | {int(100 * frac)}% Completed | "
+            f"{format_time(elapsed)}"
+        )
+        with contextlib.suppress(ValueError):  # the file may be closed at interpreter exit
+            self._file.write(msg)
+            self._file.flush()
+
+
+def _distributed_bar(futures: list[Any], label: str, client: Any) -> None:
+    """Block until ``futures`` finish, drawing distributed's text progress bar on stderr."""
+    from distributed.diagnostics.progress import format_time
+    from distributed.diagnostics.progressbar import TextProgressBar
+
+    prefix = f"{label}: " if label else ""
+
+    class _Bar(TextProgressBar):
+        # distributed.progress draws on stdout; stderr keeps stdout for results.
+        def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:
+            frac = (1 - remaining / all) if all else 1.0
+            bar = "#" * int(self.width * frac)
+            msg = (
+                f"\r{prefix}[{bar:<{self.width}}] | {int(100 * frac)}% Completed | "
+                f"{format_time(self.elapsed)}"
+            )
+            with contextlib.suppress(ValueError):
+                sys.stderr.write(msg)
+                sys.stderr.flush()
+
+        def _draw_stop(self, **kwargs: Any) -> None:
+            with contextlib.suppress(ValueError):
+                sys.stderr.write("\n")
+                sys.stderr.flush()
+
+    if futures:
+        _Bar(futures, scheduler=client.scheduler.address, interval=_BAR_INTERVAL)
+
+
+class Runner:
+    """What :func:`connect` yields: computes dask collections where the user asked.
+
+    Attributes
+    ----------
+    spec : str
+        The cluster spec as given (``"threads"``, ``"local"``, ``"tcp://…"``, …).
+    client : distributed.Client or None
+        The client, for distributed specs; None for ``threads`` and ``processes``.
+    dashboard_link : str or None
+        The dashboard address, when the scheduler serves one.
+    cluster : object or None
+        The cluster object :func:`connect` created (LocalCluster, SLURMCluster), else None.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        *,
+        client: Any = None,
+        cluster: Any = None,
+        scheduler: str | None = None,
+        num_workers: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.spec = spec
+        self.client = client
+        self.cluster = cluster
+        self.dashboard_link = _dashboard_link(client)
+        self._scheduler = scheduler
+        self._num_workers = num_workers
+        self._progress = progress
+        self._bar_ended = 0.0
+
+    def __repr__(self) -> str:
+        return f"Runner(spec={self.spec!r}, client={self.client!r})"
+
+    def compute(self, *collections: Any, label: str = "", retries: int = 2) -> tuple:
+        """Compute dask collections, with a progress bar on stderr.
+
+        Parameters
+        ----------
+        *collections : dask collections or plain objects
+            What to compute; plain objects pass through, as with :func:`dask.compute`.
+        label : str, optional
+            Printed before the progress bar, e.g. ``"histogram"``.
+        retries : int, optional
+            With a client, how many times a failed task is retried; tasks lost with a
+            worker are also rescheduled by the scheduler itself.
+
+        Returns
+        -------
+        tuple
+            One result per collection, like :func:`dask.compute`.
+        """
+        if self.client is None:
+            return self._compute_local(collections, label)
+        futures = self.client.compute(list(collections), retries=retries)
+        if self._progress:
+            _distributed_bar(
+                [f for f in futures if hasattr(f, "key")], label=label, client=self.client
+            )
+            self._bar_ended = time.monotonic()
+        return tuple(self.client.gather(futures))
+
+    def _settle(self) -> None:
+        """Let the scheduler notice a finished progress bar before it is closed.
+
+        The scheduler's progress feed sleeps one interval between writes; closing the
+        scheduler inside that window logs a spurious CancelledError traceback.
+        """
+        wait = _BAR_INTERVAL * 2.5 - (time.monotonic() - self._bar_ended)
+        if wait > 0:
+            time.sleep(wait)
+
+    def _compute_local(self, collections: tuple, label: str) -> tuple:
+        kwargs: dict[str, Any] = {"scheduler": self._scheduler}
+        if self._num_workers is not None:
+            kwargs["num_workers"] = self._num_workers
+        with contextlib.ExitStack() as stack:
+            if self._progress:
+                stack.enter_context(_LabelledProgressBar(label, out=sys.stderr, minimum=0.5))
+            return dask.compute(*collections, **kwargs)
+
+
+def _dashboard_link(client: Any) -> str | None:
+    if client is None:
+        return None
+    try:
+        link = client.dashboard_link
+    except (KeyError, AttributeError, OSError):  # no dashboard service (bokeh not installed)
+        return None
+    return link or None
+
+
+# --- connect ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def connect(
+    spec: str = "threads",
+    *,
+    scheduler_file: str | os.PathLike[str] | None = None,
+    jobs: int | None = None,
+    adapt: tuple[int, int] | None = None,
+    settings: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> Iterator[Runner]:
+    """Connect to (or create) the scheduler named by ``spec`` and yield a :class:`Runner`.
+
+    Parameters
+    ----------
+    spec : str, optional
+        ``threads`` (default), ``processes``, ``local``, ``slurm`` or a scheduler address
+        ``tcp://HOST:PORT``.
+    scheduler_file : path, optional
+        A scheduler file written by ``dask scheduler --scheduler-file`` or dask-jobqueue's
+        SLURMRunner; replaces ``spec``.
+    jobs : int, optional
+        ``slurm``: number of worker jobs (default 1); ``local``: number of workers.
+    adapt : (int, int), optional
+        ``slurm``: ``cluster.adapt(minimum_jobs=MIN, maximum_jobs=MAX)``; ``local``:
+        ``cluster.adapt(minimum=MIN, maximum=MAX)``.
+    settings : mapping, optional
+        Overrides: ``num_workers`` for threads/processes; LocalCluster keywords for local
+        (``n_workers``, ``threads_per_worker``, ``memory_limit``, …); dask-jobqueue keys for
+        slurm (``cores``, ``memory``, ``queue``, ``walltime``, ``account``,
+        ``job-extra-directives``, ``local-directory``, ``log-directory``, …).
+    progress : bool, optional
+        Draw a progress bar on stderr for each ``compute``.
+
+    Yields
+    ------
+    Runner
+
+    Raises
+    ------
+    ClusterError
+        The spec is unknown, the scheduler unreachable, or Slurm / dask-jobqueue missing.
+
+    Notes
+    -----
+    Leaving the context closes what ``connect`` created (client, LocalCluster, Slurm jobs),
+    never a scheduler it merely connected to.
+    """
+    kind, target = _parse(spec, None if scheduler_file is None else os.fspath(scheduler_file))
+    _check_scaling(kind, jobs, adapt)
+    options = _normalize(settings)
+    label = os.fspath(scheduler_file) if kind == "file" else spec
+    with contextlib.ExitStack() as stack:
+        if kind in ("threads", "processes"):
+            runner = _pool_runner(kind, options, progress, stack)
+        elif kind == "local":
+            runner = _local_runner(options, jobs, adapt, progress, stack)
+        elif kind == "slurm":
+            runner = _slurm_runner(options, jobs, adapt, progress, stack)
+        else:
+            runner = _remote_runner(kind, target, options, progress, stack)
+        runner.spec = label
+        stack.callback(runner._settle)  # runs first on exit, before anything is closed
+        if runner.dashboard_link:
+            print(f"nucflow: dask dashboard at {runner.dashboard_link}", file=sys.stderr)
+        yield runner
+
+
+def _pool_runner(kind: str, options: dict, progress: bool, stack: contextlib.ExitStack) -> Runner:
+    _check_keys(options, _POOL_KEYS, kind)
+    num_workers = options.get("num_workers")
+    config: dict[str, Any] = {"scheduler": kind}
+    if num_workers is not None:
+        config["num_workers"] = int(num_workers)
+    # Plain .compute() calls inside the context go to the same scheduler.
+    stack.enter_context(dask.config.set(config))
+    return Runner(kind, scheduler=kind, num_workers=num_workers, progress=progress)
+
+
+def _local_options(options: dict, jobs: int | None) -> dict[str, Any]:
+    _check_keys(options, _LOCAL_KEYS, "local")
+    merged = {**_defaults("local"), **options}
+    _check_keys(merged, _LOCAL_KEYS, "local (configs/cluster/local.yaml)")
+    if jobs is not None:
+        merged["n_workers"] = jobs
+    # None in the yaml means "let LocalCluster choose".
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def _local_runner(
+    options: dict,
+    jobs: int | None,
+    adapt: tuple[int, int] | None,
+    progress: bool,
+    stack: contextlib.ExitStack,
+) -> Runner:
+    from distributed import Client, LocalCluster
+
+    kwargs = _local_options(options, jobs)
+    kwargs.setdefault("dashboard_address", ":0")  # never fight another run for :8787
+    try:
+        cluster = stack.enter_context(LocalCluster(**kwargs))
+    except (TypeError, ValueError) as exc:
+        raise ClusterError(f"cannot start a LocalCluster with {kwargs}: {exc}") from exc
+    if adapt is not None:
+        cluster.adapt(minimum=adapt[0], maximum=adapt[1])
+    client = stack.enter_context(Client(cluster))
+    return Runner("local", client=client, cluster=cluster, progress=progress)
+
+
+def _remote_runner(
+    kind: str, target: str, options: dict, progress: bool, stack: contextlib.ExitStack
+) -> Runner:
+    from distributed import Client
+
+    _check_keys(options, frozenset(), "tcp://…" if kind == "address" else "scheduler-file")
+    if kind == "file":
+        address = _read_scheduler_file(target)
+        source = f" (from scheduler file {target})"
+        kwargs: dict[str, Any] = {"scheduler_file": target}
+    else:
+        address, source, kwargs = target, "", {"address": target}
+    try:
+        client = Client(timeout=CONNECT_TIMEOUT, **kwargs)
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(
+            f"cannot reach scheduler {address}{source} within {CONNECT_TIMEOUT} s; "
+            "start it or check the address"
+        ) from exc
+    except ValueError as exc:
+        raise ClusterError(
+            f"{address!r} is not a scheduler address ({exc}); use tcp://HOST:PORT"
+        ) from exc
+    stack.enter_context(client)
+    return Runner(target, client=client, progress=progress)
+
+
+def _read_scheduler_file(path: str) -> str:
+    file = Path(path)
+    if not file.is_file():
+        raise ClusterError(
+            f"scheduler file {path} does not exist; start a scheduler with "
+            f"`dask scheduler --scheduler-file {path}` or check the path"
+        )
+    try:
+        address = json.loads(file.read_text())["address"]
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise ClusterError(
+            f"{path} is not a dask scheduler file (a JSON object with an 'address'); "
+            "point at the file `dask scheduler --scheduler-file` wrote"
+        ) from exc
+    return str(address)
+
+
+# --- slurm -----------------------------------------------------------------------------
+
+
+def _import_jobqueue() -> Any:
+    try:
+        import dask_jobqueue
+    except ImportError as exc:
+        raise ClusterError(
+            "--cluster slurm needs dask-jobqueue; pip install 'nucflow[slurm]'"
+        ) from exc
+    return dask_jobqueue
+
+
+def _slurm_keys(jobqueue: Any) -> frozenset[str]:
+    """Every keyword SLURMCluster accepts (its own, its job class's and the base classes')."""
+    names: set[str] = set()
+    for func in (
+        jobqueue.slurm.SLURMJob.__init__,
+        jobqueue.core.Job.__init__,
+        jobqueue.core.JobQueueCluster.__init__,
+    ):
+        for param in inspect.signature(func).parameters.values():
+            if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                names.add(param.name)
+    return frozenset(names - _SLURM_PRIVATE)
+
+
+def _slurm_options(options: dict, jobqueue: Any) -> dict[str, Any]:
+    """Keywords for SLURMCluster: settings > user's dask config > configs/cluster/slurm.yaml.
+
+    Keys the user's dask config sets are left to dask-jobqueue, which reads them itself;
+    the packaged defaults only fill keys the config leaves null or empty.
+    """
+    allowed = _slurm_keys(jobqueue) | {"name"}
+    _check_keys(options, allowed, "slurm")
+    fallbacks = _defaults("slurm")
+    _check_keys(fallbacks, allowed, "slurm (configs/cluster/slurm.yaml)")
+    kwargs: dict[str, Any] = {}
+    for key, value in fallbacks.items():
+        configured = dask.config.get(f"jobqueue.slurm.{key.replace('_', '-')}", default=None)
+        if configured in (None, {}, []):
+            kwargs[key] = value
+    kwargs.update(options)
+    # In dask-jobqueue, config key `name` is the job name; the `name` kwarg names a worker.
+    if "name" in kwargs:
+        kwargs["job_name"] = kwargs.pop("name")
+    return kwargs
+
+
+def _slurm_runner(
+    options: dict,
+    jobs: int | None,
+    adapt: tuple[int, int] | None,
+    progress: bool,
+    stack: contextlib.ExitStack,
+) -> Runner:
+    jobqueue = _import_jobqueue()
+    if shutil.which("sbatch") is None:
+        raise ClusterError(
+            "--cluster slurm needs Slurm's sbatch on PATH; run on a Slurm login node, "
+            "load the Slurm module, or choose --cluster local"
+        )
+    from distributed import Client
+
+    kwargs = _slurm_options(options, jobqueue)
+    try:
+        cluster = stack.enter_context(jobqueue.SLURMCluster(**kwargs))
+    except (TypeError, ValueError) as exc:
+        raise ClusterError(
+            f"cannot configure SLURMCluster ({exc}); set jobqueue.slurm.* in your dask config "
+            "or DASK_JOBQUEUE__SLURM__* variables"
+        ) from exc
+    low, high = adapt if adapt is not None else (jobs or 1, jobs or 1)
+    # Adaptive even for a fixed count: cluster.scale(jobs=N) never replaces a job that
+    # Slurm ended (walltime, preemption, scancel), and the computation would wait forever.
+    cluster.adapt(minimum_jobs=low, maximum_jobs=high)
+    client = stack.enter_context(Client(cluster))
+    return Runner("slurm", client=client, cluster=cluster, progress=progress)
+
+
+# --- describe --------------------------------------------------------------------------
+
+
+def describe(
+    spec: str = "threads",
+    *,
+    scheduler_file: str | os.PathLike[str] | None = None,
+    jobs: int | None = None,
+    adapt: tuple[int, int] | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> str:
+    """One line telling where :func:`connect` with the same arguments would compute.
+
+    Validates the arguments like :func:`connect` but starts and contacts nothing.
+
+    Returns
+    -------
+    str
+        E.g. ``"local: LocalCluster, 2 workers x 1 thread, memory_limit auto"``.
+
+    Raises
+    ------
+    ClusterError
+        As :func:`connect` would for an unknown spec or bad options.
+    """
+    kind, target = _parse(spec, None if scheduler_file is None else os.fspath(scheduler_file))
+    _check_scaling(kind, jobs, adapt)
+    options = _normalize(settings)
+    if kind in ("threads", "processes"):
+        _check_keys(options, _POOL_KEYS, kind)
+        n = options.get("num_workers") or os.cpu_count()
+        what = "threaded" if kind == "threads" else "multiprocessing"
+        return f"{kind}: dask {what} scheduler, {n} {kind} on this machine"
+    if kind == "local":
+        kw = _local_options(options, jobs)
+        workers = kw.get("n_workers", "auto")
+        scale = f"adapting {adapt[0]}-{adapt[1]} workers" if adapt else f"{workers} workers"
+        return (
+            f"local: LocalCluster, {scale} x {kw.get('threads_per_worker', 'auto')} threads, "
+            f"memory_limit {kw.get('memory_limit', 'auto')} each"
+        )
+    if kind == "slurm":
+        kw = _slurm_options(options, _import_jobqueue())
+
+        def get(key: str) -> Any:
+            return kw.get(key, dask.config.get(f"jobqueue.slurm.{key}", default=None))
+
+        scale = f"adapting {adapt[0]}-{adapt[1]} jobs" if adapt else f"{jobs or 1} job(s)"
+        return (
+            f"slurm: SLURMCluster, {scale} of {get('cores')} core(s) / {get('memory')}, "
+            f"queue {get('queue') or 'default'}, walltime {get('walltime')}"
+        )
+    if kind == "file":
+        return f"existing dask scheduler from scheduler file {target}"
+    return f"existing dask scheduler at {target}"
