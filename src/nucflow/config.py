@@ -1,0 +1,281 @@
+"""Configuration: defaults from ``configs/nuclei.yaml``, a user file, CLI options, ``--set`` overrides.
+
+Every key is checked against the defaults (an unknown key gets the closest known one suggested) and
+every value against :data:`SCHEMA`; lengths left ``null`` are derived from the diameter by
+:func:`resolve`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nucflow.errors import ConfigError, ParameterError
+
+__all__ = ["Params", "load", "resolve", "resource_path", "DEFAULT_CHUNKS"]
+
+DEFAULT_CHUNKS = {2: (1024, 1024), 3: (64, 256, 256)}
+
+
+def resource_path(kind: str, name: str) -> Path:
+    """Path of a shipped flow or config (``kind`` is "flows" or "configs").
+
+    Installed wheels carry them as ``nucflow/_flows`` and ``nucflow/_configs``; an editable
+    checkout reads them from the repository root.
+    """
+    shipped = resources.files("nucflow") / f"_{kind}" / name
+    if shipped.is_file():
+        return Path(str(shipped))
+    return Path(__file__).resolve().parents[2] / kind / name
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def _non_negative(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _list_of(check: Callable[[Any], bool], lengths: Iterable[int]) -> Callable[[Any], bool]:
+    allowed = set(lengths)
+    return lambda v: isinstance(v, list) and len(v) in allowed and all(map(check, v))
+
+
+def _one_of(*choices: str) -> Callable[[Any], bool]:
+    return lambda value: value in choices
+
+
+# key -> (check, what a valid value looks like)
+SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "diameter": (_positive, "a number > 0"),
+    "voxel_size": (_optional(_list_of(_positive, (2, 3))), "null or 2-3 numbers > 0"),
+    "channel": (_optional(_count), "null or an integer >= 0"),
+    "chunks": (
+        _optional(_list_of(lambda v: _count(v) and v > 0, (2, 3))),
+        "null or 2-3 integers > 0",
+    ),
+    "preprocess.sigma": (_optional(_non_negative), "null or a number >= 0"),
+    "preprocess.background": (
+        _one_of("tophat", "gaussian", "median", "none"),
+        "tophat, gaussian, median or none",
+    ),
+    "preprocess.background_radius": (_optional(_positive), "null or a number > 0"),
+    "preprocess.tissue_mask": (_optional(lambda v: isinstance(v, str)), "null or a path"),
+    "threshold.method": (
+        _one_of("otsu", "li", "triangle", "yen", "value"),
+        "otsu, li, triangle, yen or value",
+    ),
+    "threshold.value": (
+        _optional(lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+        "null or a number",
+    ),
+    "threshold.factor": (_positive, "a number > 0"),
+    "mask.opening_radius": (_optional(_non_negative), "null or a number >= 0"),
+    "mask.fill_holes": (lambda v: isinstance(v, bool), "true or false"),
+    "mask.min_volume": (_optional(_non_negative), "null or a number >= 0"),
+    "segment.peak_radius": (_optional(_positive), "null or a number > 0"),
+    "segment.min_radius": (_optional(_positive), "null or a number > 0"),
+    "segment.max_radius": (_optional(_positive), "null or a number > 0"),
+    "measure.channels": (lambda v: isinstance(v, list) and all(map(_count, v)), "a list of ints"),
+    "qc.enabled": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    options: Mapping[str, Any] | None = None,
+    overrides: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Merge the defaults, a config file, CLI options and ``key=value`` overrides.
+
+    Parameters
+    ----------
+    path : path, optional
+        A YAML file with any subset of the keys of ``configs/nuclei.yaml``.
+    options : mapping, optional
+        Dotted key -> value, from CLI options (``None`` values are ignored).
+    overrides : iterable of str
+        ``"section.key=value"`` strings; values are parsed as YAML.
+
+    Returns
+    -------
+    dict
+        The nested, validated configuration.
+    """
+    config = _read_yaml(resource_path("configs", "nuclei.yaml"))
+    if path is not None:
+        _merge(config, _read_yaml(Path(path)), source=str(path))
+    flat = {k: v for k, v in (options or {}).items() if v is not None}
+    flat.update(_parse_override(item) for item in overrides)
+    for key, value in flat.items():
+        _merge(config, _nest(key, value), source="command line")
+    for key, (check, expected) in SCHEMA.items():
+        value = _get(config, key)
+        if not check(value):
+            raise ConfigError(f"config `{key}` must be {expected}, got {value!r}")
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; check the path")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        line = getattr(getattr(error, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}; fix its syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r} must look like key=value, e.g. --set threshold.method=li")
+    try:
+        return key.strip(), yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    for part in reversed(dotted.split(".")[1:]):
+        value = {part: value}
+    return {dotted.split(".")[0]: value}
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any], *, source: str, prefix: str = "") -> None:
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(_unknown_key(dotted, base, prefix, source))
+        if isinstance(base[key], dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config `{dotted}` ({source}) must be a mapping of keys")
+            _merge(base[key], value, source=source, prefix=f"{dotted}.")
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _unknown_key(dotted: str, base: Mapping[str, Any], prefix: str, source: str) -> str:
+    known = [f"{prefix}{k}" for k in base]
+    close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+    hint = f"; did you mean `{close[0]}`?" if close else f"; known keys: {', '.join(known)}"
+    return f"unknown config key `{dotted}` ({source}){hint}"
+
+
+def _get(config: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+@dataclass(frozen=True)
+class Params:
+    """The configuration with every derived length filled in (µm, or pixels without voxel size)."""
+
+    diameter: float
+    voxel_size: tuple[float, ...]
+    chunks: tuple[int, ...]
+    sigma: float
+    background: str
+    background_radius: float
+    tissue_mask: str | None
+    threshold_method: str
+    threshold_value: float | None
+    threshold_factor: float
+    opening_radius: float
+    fill_holes: bool
+    min_volume: float
+    peak_radius: float
+    min_radius: float
+    max_radius: float
+    channels: tuple[int, ...]
+    qc: bool
+
+
+def resolve(config: Mapping[str, Any], *, shape: tuple[int, ...], voxel_size: tuple[float, ...]) -> Params:
+    """Fill every ``null`` length from the diameter and check it against the stack.
+
+    Parameters
+    ----------
+    config : mapping
+        Output of :func:`load`.
+    shape : tuple of int
+        Spatial shape of the stack.
+    voxel_size : tuple of float
+        The stack's voxel size (used unless the config sets ``voxel_size``).
+
+    Returns
+    -------
+    Params
+    """
+    ndim = len(shape)
+    voxel = tuple(float(v) for v in (config["voxel_size"] or voxel_size))
+    if len(voxel) != ndim:
+        axes = "Z Y X" if ndim == 3 else "Y X"
+        raise ParameterError(f"`voxel_size` has {len(voxel)} values but the stack has {ndim} axes; pass {axes}")
+    chunks = tuple(config["chunks"] or DEFAULT_CHUNKS[ndim])
+    if len(chunks) != ndim:
+        raise ParameterError(f"`chunks` has {len(chunks)} values but the stack has {ndim} axes")
+    diameter = float(config["diameter"])
+    extent = max(n * v for n, v in zip(shape, voxel, strict=True))
+    if diameter > extent:
+        raise ParameterError(
+            f"`diameter` {diameter:g} is larger than the stack ({extent:g} along its longest axis); "
+            "pass the nucleus diameter in µm (or pixels without voxel size)"
+        )
+    pre, seg, msk = config["preprocess"], config["segment"], config["mask"]
+
+    def derived(value: float | None, factor: float) -> float:
+        return float(factor * diameter if value is None else value)
+
+    return Params(
+        diameter=diameter,
+        voxel_size=voxel,
+        chunks=tuple(min(c, n) for c, n in zip(chunks, shape, strict=True)),
+        sigma=derived(pre["sigma"], 0.08),
+        background=pre["background"],
+        background_radius=derived(pre["background_radius"], 0.75),
+        tissue_mask=pre["tissue_mask"],
+        threshold_method=config["threshold"]["method"],
+        threshold_value=config["threshold"]["value"],
+        threshold_factor=float(config["threshold"]["factor"]),
+        opening_radius=derived(msk["opening_radius"], 0.1),
+        fill_holes=msk["fill_holes"],
+        min_volume=float(
+            _ball_volume(0.4 * diameter, ndim) if msk["min_volume"] is None else msk["min_volume"]
+        ),
+        peak_radius=derived(seg["peak_radius"], 0.3),
+        min_radius=derived(seg["min_radius"], 0.15),
+        max_radius=derived(seg["max_radius"], 1.0),
+        channels=tuple(config["measure"]["channels"]),
+        qc=config["qc"]["enabled"],
+    )
+
+
+def _ball_volume(diameter: float, ndim: int) -> float:
+    """Volume (3D) or area (2D) of a ball of the given diameter."""
+    radius = diameter / 2
+    return math.pi * radius**2 if ndim == 2 else 4 / 3 * math.pi * radius**3

@@ -1,0 +1,434 @@
+"""Stages of a nucflow run and the output directory they fill.
+
+A run lives in its output directory: ``run.json`` says ``"status": "running"`` from the start and
+``"complete"`` only after every output is on disk. Intermediate stacks live in ``.work/`` (each
+stage leaves a ``.done`` file when finished, so ``--resume`` skips it), segmentation blocks record
+their part of the table in ``.work/blocks/`` as they finish (so ``--resume`` redoes only unfinished
+blocks), and every final file is written under a temporary name and moved into place.
+
+Flows (``flows/*.py``) compose these stages; stage functions take a :class:`Run` and lazy dask
+arrays and return lazy arrays or small results.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import zarr
+
+import nucflow
+from nucflow import filters, io, measure
+from nucflow.config import Params
+from nucflow.errors import OutputError
+from nucflow.segment import SegmentParams, segment_block
+
+__all__ = [
+    "Run",
+    "open_run",
+    "preprocess",
+    "persist",
+    "global_threshold",
+    "foreground",
+    "remove_small",
+    "segment",
+    "finish",
+    "fail",
+]
+
+WORK = ".work"
+RUN_JSON = "run.json"
+
+
+@dataclass
+class Run:
+    """One run: its input, resolved parameters, output directory and compute runner."""
+
+    stack: io.Stack
+    params: Params
+    output: Path
+    runner: Any
+    config: dict[str, Any]
+    resume: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def work(self) -> Path:
+        return self.output / WORK
+
+    @property
+    def segment_params(self) -> SegmentParams:
+        p = self.params
+        return SegmentParams(p.voxel_size, p.peak_radius, p.min_radius, p.max_radius)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage into run.json's timings."""
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
+
+
+# ----------------------------------------------------------------------------- output directory
+
+
+def open_run(
+    stack: io.Stack,
+    params: Params,
+    output: str | os.PathLike[str],
+    *,
+    runner: Any,
+    config: dict[str, Any],
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Run:
+    """Claim the output directory and mark the run as running.
+
+    Raises
+    ------
+    OutputError
+        The directory exists without ``resume``/``overwrite``, is not a nucflow output
+        directory, or lies inside the input.
+    """
+    out = Path(output).resolve()
+    _check_not_inside_input(out, Path(stack.path).resolve())
+    if out.exists():
+        _claim_existing(out, resume=resume, overwrite=overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / WORK).mkdir(exist_ok=True)
+    run = Run(stack, params, out, runner, config, resume=resume and (out / RUN_JSON).exists())
+    write_run_json(run, "running")
+    return run
+
+
+def _check_not_inside_input(out: Path, source: Path) -> None:
+    if out == source or source in out.parents:
+        raise OutputError(f"--output {out} is inside the input {source}; choose a directory outside it")
+    if out in source.parents:
+        raise OutputError(f"--output {out} contains the input {source}; choose another directory")
+
+
+def _claim_existing(out: Path, *, resume: bool, overwrite: bool) -> None:
+    if not out.is_dir():
+        raise OutputError(f"--output {out} exists and is not a directory; choose another path")
+    is_ours = (out / RUN_JSON).is_file()
+    empty = not any(out.iterdir())
+    if empty:
+        return
+    if not (resume or overwrite):
+        raise OutputError(
+            f"output directory {out} exists; pass --resume to continue it or --overwrite to replace it"
+        )
+    if not is_ours:
+        raise OutputError(
+            f"output directory {out} exists and is not a nucflow output (no run.json); "
+            "nucflow will not delete it: choose another --output"
+        )
+    if overwrite:
+        shutil.rmtree(out)
+
+
+def write_run_json(run: Run, status: str, **extra: Any) -> None:
+    """Write run.json atomically."""
+    p = run.params
+    record = {
+        "status": status,
+        "nucflow": nucflow.__version__,
+        "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "input": run.stack.path,
+        "shape": list(run.stack.data.shape),
+        "dtype": str(run.stack.data.dtype),
+        "voxel_size_um": list(p.voxel_size),
+        "unit": "micrometer" if run.stack.voxel_size_known or run.config.get("voxel_size") else "pixel",
+        "config": run.config,
+        "derived": {k: v for k, v in vars(p).items() if k not in ("voxel_size",)},
+        "halo": list(run.segment_params.halo()),
+        "cluster": getattr(run.runner, "spec", "threads"),
+        "versions": _versions(),
+        "timings_s": run.timings,
+        **run.facts,
+        **extra,
+    }
+    _write_atomic(run.output / RUN_JSON, json.dumps(record, indent=2, default=_jsonable).encode())
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple | set):
+        return list(value)
+    return str(value)
+
+
+def _versions() -> dict[str, str]:
+    import dask_image
+    import edt
+    import scipy
+    import skimage
+
+    modules = {"dask": dask, "dask_image": dask_image, "zarr": zarr, "numpy": np, "scipy": scipy}
+    modules.update({"scikit-image": skimage, "pandas": pd, "edt": edt})
+    found = {name: getattr(m, "__version__", "?") for name, m in modules.items()}
+    return {"python": platform.python_version(), **found}
+
+
+def _write_atomic(path: Path, payload: bytes) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(payload)
+    os.replace(partial, path)
+
+
+def fail(run: Run, error: BaseException) -> None:
+    """Mark the run as failed (never complete) with the reason."""
+    write_run_json(run, "failed", error=f"{type(error).__name__}: {error}")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def preprocess(run: Run) -> da.Array:
+    """Smoothing and background subtraction as one fused overlap pass (lazy, float32).
+
+    Gaussian of ``sigma`` µm (or, with a tissue mask, normalized convolution inside it), then the
+    configured background subtraction with ``background_radius`` µm.
+    """
+    p = run.params
+    image = run.stack.data.rechunk(p.chunks)
+    sigma = tuple(p.sigma / v for v in p.voxel_size)
+    if p.tissue_mask:
+        tissue = io.open_stack(p.tissue_mask, chunks=p.chunks).data > 0
+        image = filters.normalized_convolution(image, tissue, sigma)
+        steps: list[tuple[str, dict[str, Any]]] = []
+    else:
+        steps = [("gaussian", {"sigma": sigma})]
+    if p.background == "tophat":
+        footprint = filters.ellipsoid(p.background_radius, p.voxel_size, decomposition="sequence")
+        steps.append(("white_tophat", {"footprint": footprint}))
+    elif p.background != "none":
+        smoothed = filters.chain(image, steps) if steps else image
+        return filters.subtract_background(
+            smoothed, method=p.background, radius=p.background_radius, voxel_size=p.voxel_size
+        )
+    return filters.chain(image, steps) if steps else image.astype(np.float32)
+
+
+def persist(run: Run, array: da.Array, name: str, *, label: str) -> da.Array:
+    """Write an intermediate stack to ``.work/<name>.zarr`` (once) and read it back lazily."""
+    path = run.work / f"{name}.zarr"
+    done = run.work / f"{name}.done"
+    if not (run.resume and done.exists()):
+        if path.exists():
+            shutil.rmtree(path)
+        run.runner.compute(da.to_zarr(array, str(path), compute=False), label=label)
+        done.touch()
+    return da.from_zarr(str(path))
+
+
+def global_threshold(run: Run, image: da.Array) -> float:
+    """The foreground threshold of the whole stack, from one global histogram pass."""
+    p = run.params
+    done = run.work / "threshold.json"
+    if run.resume and done.exists():
+        value = json.loads(done.read_text())["threshold"]
+    elif p.threshold_method == "value":
+        if p.threshold_value is None:
+            from nucflow.errors import ConfigError
+
+            raise ConfigError("`threshold.method` is value but `threshold.value` is null; set both")
+        value = float(p.threshold_value)
+    else:
+        with dask.config.set(scheduler=_scheduler_for(run)):
+            value = float(filters.threshold(image, method=p.threshold_method))
+        value *= p.threshold_factor
+    _write_atomic(done, json.dumps({"threshold": value}).encode())
+    run.facts["threshold"] = value
+    return value
+
+
+def _scheduler_for(run: Run) -> Any:
+    client = getattr(run.runner, "client", None)
+    return client if client is not None else getattr(run.runner, "spec", "threads")
+
+
+def foreground(run: Run, image: da.Array, threshold: float) -> da.Array:
+    """Foreground: threshold, opening, hole filling (lazy bool; hole filling is global)."""
+    p = run.params
+    mask = image > threshold
+    if p.opening_radius > 0:
+        mask = filters.opening(mask, filters.ellipsoid(p.opening_radius, p.voxel_size))
+    return filters.fill_holes(mask) if p.fill_holes else mask
+
+
+def remove_small(run: Run, mask: da.Array) -> da.Array:
+    """Remove objects smaller than ``mask.min_volume`` (global: objects span blocks)."""
+    p = run.params
+    min_voxels = int(p.min_volume / math.prod(p.voxel_size))
+    return filters.remove_small_objects(mask, min_voxels) if min_voxels > 0 else mask
+
+
+def _blocks(shape: Sequence[int], chunks: Sequence[int]) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
+    grid = [range(0, n, c) for n, c in zip(shape, chunks, strict=True)]
+    for starts in itertools.product(*grid):
+        index = tuple(s // c for s, c in zip(starts, chunks, strict=True))
+        core = tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, chunks, shape, strict=True))
+        yield index, core
+
+
+def segment(run: Run, mask: da.Array) -> pd.DataFrame:
+    """Label every block's core with its halo, write the label image, gather the table.
+
+    Each task reads its padded mask block and its core's intensities, writes its core of
+    ``labels.ome.zarr`` (only if it holds a nucleus) and its part of the table to
+    ``.work/blocks/``; finished blocks are skipped on ``--resume``.
+    """
+    p = run.params
+    shape = tuple(mask.shape)
+    labels_path = run.output / "labels.ome.zarr"
+    if run.resume and labels_path.exists():
+        labels = zarr.open_array(str(labels_path / "0"), mode="r+")
+    else:
+        labels = io.create_label_zarr(labels_path, shape, p.chunks, p.voxel_size, overwrite=True)
+    parts_dir = run.work / "blocks"
+    parts_dir.mkdir(exist_ok=True)
+    channels = _intensity_channels(run)
+    halo = run.segment_params.halo()
+    tasks, part_files = [], []
+    for index, core in _blocks(shape, p.chunks):
+        part = parts_dir / ("_".join(map(str, index)) + ".parquet")
+        part_files.append(part)
+        if run.resume and part.exists():
+            continue
+        padded = tuple(slice(max(0, c.start - h), min(n, c.stop + h)) for c, h, n in zip(core, halo, shape, strict=True))
+        intensities = {suffix: data[core] for suffix, data in channels.items()}
+        tasks.append(
+            dask.delayed(_segment_task, pure=False)(
+                mask[padded], intensities, labels, run.segment_params,
+                padded=padded, core=core, shape=shape, part=str(part),
+            )
+        )
+    run.facts["blocks"] = {"total": len(part_files), "computed": len(tasks)}
+    if tasks:
+        run.runner.compute(*tasks, label="segment")
+    totals = measure.combine([pd.read_parquet(f) for f in part_files])
+    return measure.finalize(
+        totals,
+        voxel_size=p.voxel_size,
+        shape=shape,
+        max_radius=p.max_radius,
+        channel_suffixes=list(channels),
+    )
+
+
+def _intensity_channels(run: Run) -> dict[str, da.Array]:
+    """Suffix -> intensities: the segmentation channel first, then ``measure.channels``."""
+    p = run.params
+    channels = {"": run.stack.data.rechunk(p.chunks)}
+    for c in p.channels:
+        other = io.open_stack(run.stack.path, channel=c, chunks=p.chunks)
+        channels[f"_c{c}"] = other.data
+    return channels
+
+
+def _segment_task(
+    mask: np.ndarray,
+    intensities: dict[str, np.ndarray],
+    labels: zarr.Array,
+    params: SegmentParams,
+    *,
+    padded: tuple[slice, ...],
+    core: tuple[slice, ...],
+    shape: tuple[int, ...],
+    part: str,
+) -> int:
+    origin = tuple(s.start for s in padded)
+    local_core = tuple(slice(c.start - o, c.stop - o) for c, o in zip(core, origin, strict=True))
+    lab, seed_distance = segment_block(mask.astype(bool), params, origin=origin, global_shape=shape, core=local_core)
+    if lab.any():
+        labels[core] = lab
+    stats = measure.block_stats(lab, seed_distance, intensities, origin=[c.start for c in core])
+    _write_atomic(Path(part), stats.to_parquet())
+    return len(stats)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def finish(run: Run, table: pd.DataFrame) -> dict[str, Any]:
+    """Write the table, QC pictures and the final run.json; remove the intermediates."""
+    p = run.params
+    with run.stage("write"):
+        _write_table(run, table)
+        if p.qc:
+            from nucflow import qc
+
+            qc.write(run.output / "qc", run.stack.data, run.output / "labels.ome.zarr", table)
+    truncated = int(table["truncated"].sum()) if len(table) else 0
+    counts = {"nuclei": len(table), "truncated": truncated}
+    if truncated:
+        warnings.warn(
+            f"{truncated} nuclei reached segment.max_radius = {p.max_radius:g}; they may be cut: "
+            f"rerun with --set segment.max_radius={1.5 * p.max_radius:g} (or a larger --diameter)",
+            stacklevel=2,
+        )
+    shutil.rmtree(run.work, ignore_errors=True)
+    write_run_json(run, "complete", counts=counts)
+    return counts
+
+
+def _write_table(run: Run, table: pd.DataFrame) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    unit = "micrometer" if run.stack.voxel_size_known or run.config.get("voxel_size") else "pixel"
+    meta = {"voxel_size": list(run.params.voxel_size), "unit": unit, "nucflow": nucflow.__version__}
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), b"nucflow": json.dumps(meta).encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(arrow, sink)
+    _write_atomic(run.output / "nuclei.parquet", sink.getvalue().to_pybytes())
+    _write_atomic(run.output / "nuclei.csv", table.to_csv(index=False).encode())
+
+
+# ----------------------------------------------------------------------------- plan
+
+_BYTES_PER_PADDED_VOXEL = 48  # mask, int64 distance and ids, float labels/scores while segmenting
+
+
+def plan_summary(stack: io.Stack, params: Params) -> str:
+    """Blocks, halo, overlap overhead, task count and memory per block, as printed by ``plan``."""
+    shape = tuple(stack.data.shape)
+    seg = SegmentParams(params.voxel_size, params.peak_radius, params.min_radius, params.max_radius)
+    halo = seg.halo()
+    blocks = list(_blocks(shape, params.chunks))
+    padded_total = 0
+    for _, core in blocks:
+        padded_total += math.prod(
+            min(n, c.stop + h) - max(0, c.start - h) for c, h, n in zip(core, halo, shape, strict=True)
+        )
+    largest = math.prod(min(n, c + 2 * h) for c, h, n in zip(params.chunks, halo, shape, strict=True))
+    lines = [
+        f"input      {stack.path}: shape {shape}, {stack.data.dtype}, voxel {params.voxel_size} µm",
+        f"blocks     {len(blocks)} of {params.chunks} voxels",
+        f"halo       {halo} voxels (segmentation; from diameter {params.diameter:g})",
+        f"overlap    {padded_total / math.prod(shape):.2f}x the stack is read while segmenting",
+        f"tasks      about {len(blocks) * 4} (preprocess, mask, segment, measure per block)",
+        f"memory     about {largest * _BYTES_PER_PADDED_VOXEL / 2**20:.0f} MiB per busy worker thread",
+    ]
+    return "\n".join(lines)
