@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from importlib import resources
@@ -178,8 +179,46 @@ class _LabelledProgressBar(ProgressBar):
             self._file.flush()
 
 
-def _distributed_bar(futures: list[Any], label: str, client: Any) -> None:
-    """Block until ``futures`` finish, drawing distributed's text progress bar on stderr."""
+class _ProgressWatcher:
+    """distributed's text progress bar for ``futures``, drawn on stderr from a helper thread.
+
+    The caller waits on the futures itself: the bar alone would wait forever for keys
+    that never reach the scheduler (e.g. a graph the scheduler cannot deserialize).
+    """
+
+    def __init__(self, futures: list[Any], label: str, client: Any) -> None:
+        from distributed.utils import sync
+
+        self._client = client
+        self._bar = _text_bar_class(label)(
+            futures,
+            scheduler=client.scheduler.address,
+            interval=_BAR_INTERVAL,
+            loop=client.loop,
+            start=False,
+        )
+        self._thread = threading.Thread(
+            target=self._listen, args=(sync,), name="nucflow-progress", daemon=True
+        )
+        self._thread.start()
+
+    def _listen(self, sync: Any) -> None:
+        # A failed bar must never fail the computation it only reports on.
+        with contextlib.suppress(Exception):
+            sync(self._client.loop, self._bar.listen)
+
+    def stop(self) -> None:
+        """Wait for the bar's last update; abort it if the scheduler never finishes it."""
+        self._thread.join(timeout=_BAR_INTERVAL * 10)
+        comm = getattr(self._bar, "comm", None)
+        if self._thread.is_alive() and comm is not None:
+            with contextlib.suppress(Exception):
+                self._client.loop.add_callback(comm.abort)
+            self._thread.join(timeout=5)
+
+
+def _text_bar_class(label: str) -> type:
+    """TextProgressBar drawing on stderr, prefixed by ``label``."""
     from distributed.diagnostics.progress import format_time
     from distributed.diagnostics.progressbar import TextProgressBar
 
@@ -203,8 +242,7 @@ def _distributed_bar(futures: list[Any], label: str, client: Any) -> None:
                 sys.stderr.write("\n")
                 sys.stderr.flush()
 
-    if futures:
-        _Bar(futures, scheduler=client.scheduler.address, interval=_BAR_INTERVAL)
+    return _Bar
 
 
 class Runner:
@@ -265,12 +303,14 @@ class Runner:
         if self.client is None:
             return self._compute_local(collections, label)
         futures = self.client.compute(list(collections), retries=retries)
-        if self._progress:
-            _distributed_bar(
-                [f for f in futures if hasattr(f, "key")], label=label, client=self.client
-            )
-            self._bar_ended = time.monotonic()
-        return tuple(self.client.gather(futures))
+        keyed = [f for f in futures if hasattr(f, "key")]
+        watcher = _ProgressWatcher(keyed, label, self.client) if self._progress and keyed else None
+        try:
+            return tuple(self.client.gather(futures))
+        finally:
+            if watcher is not None:
+                watcher.stop()
+                self._bar_ended = time.monotonic()
 
     def _settle(self) -> None:
         """Let the scheduler notice a finished progress bar before it is closed.

@@ -1,0 +1,464 @@
+"""Tests for nucflow.cluster against real schedulers: threads, processes, LocalCluster,
+a `dask scheduler` subprocess (by address and by scheduler file) and a real Slurm.
+
+The Slurm tests need the one-node cluster of .ci/slurm-up.sh; they skip when `sinfo` cannot
+reach a controller, unless NUCFLOW_REQUIRE_SLURM=1 (CI), where they fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+from nucflow.cluster import connect, describe
+from nucflow.errors import ClusterError
+
+# Workers receive this module's functions by reference (distributed pickles module-level
+# functions with plain pickle), so every worker process must be able to import it:
+# LocalCluster and processes inherit sys.path; subprocesses and Slurm jobs get PYTHONPATH.
+TESTS_DIR = str(Path(__file__).resolve().parent)
+
+SLURM_LOGS_TIMEOUT = 60
+
+
+# --- helpers that run on workers -------------------------------------------------------
+
+
+def _plus_block_index(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+    """Add the block's index, so a block computed for the wrong position shows."""
+    index = block_info[None]["chunk-location"][0] if block_info else 0
+    return block * 2 + index
+
+
+def _expected_map_blocks(values: np.ndarray, chunk: int) -> np.ndarray:
+    return values * 2 + np.arange(values.size) // chunk
+
+
+def _slow_marked(block: np.ndarray, marks: str, delay: float, block_info: dict | None = None):
+    """Leave a file naming block and process, then work for ``delay`` seconds."""
+    index = block_info[None]["chunk-location"][0]
+    job = os.environ.get("SLURM_JOB_ID", "none")
+    Path(marks, f"{index}-{os.getpid()}-{job}").touch()
+    time.sleep(delay)
+    return block + 1
+
+
+def _slurm_job_id(block: np.ndarray, delay: float = 0.0) -> np.ndarray:
+    time.sleep(delay)
+    return np.full(block.shape, int(os.environ.get("SLURM_JOB_ID", "-1")), dtype=np.int64)
+
+
+def _array() -> tuple[np.ndarray, da.Array]:
+    values = np.arange(1000, dtype=np.int64) % 97
+    return values, da.from_array(values, chunks=137)  # uneven last chunk on purpose
+
+
+def _compute_both(runner) -> tuple[int, np.ndarray]:
+    values, array = _array()
+    mapped = array.map_blocks(_plus_block_index, dtype=np.int64, meta=np.array((), np.int64))
+    total, out = runner.compute(array.sum(), mapped, label="check")
+    return int(total), out
+
+
+def _pythonpath_with_tests() -> str:
+    return os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p)
+
+
+# --- external scheduler ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def external_scheduler(tmp_path_factory):
+    """A real `dask scheduler` and `dask worker` in subprocesses; yields (address, file)."""
+    folder = tmp_path_factory.mktemp("scheduler")
+    file = folder / "scheduler.json"
+    # The scheduler unpickles the graph too, so it needs the tests on its path as well.
+    env = {**os.environ, "PYTHONPATH": _pythonpath_with_tests()}
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--scheduler-file", str(file)]
+        + ["--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"],
+        stdout=subprocess.DEVNULL,
+        stderr=open(folder / "scheduler.log", "w"),  # noqa: SIM115 - closed with the process
+        env=env,
+    )
+    procs = [scheduler]
+    try:
+        deadline = time.monotonic() + 30
+        while not file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert file.exists(), (folder / "scheduler.log").read_text()
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(file)]
+            + ["--nthreads", "2", "--memory-limit", "1GiB", "--no-dashboard"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(folder / "worker.log", "w"),  # noqa: SIM115
+            env=env,
+        )
+        procs.append(worker)
+        from distributed import Client
+
+        with Client(scheduler_file=str(file), timeout=30) as client:
+            client.wait_for_workers(1, timeout=30)
+        yield json.loads(file.read_text())["address"], file
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _scheduler_alive(address: str) -> int:
+    """Number of workers a fresh client sees at ``address``."""
+    from distributed import Client
+
+    with Client(address, timeout=5) as client:
+        return len(client.scheduler_info()["workers"])
+
+
+# --- bad specs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("slurn", r"unknown --cluster 'slurn'; choose threads, .* \(did you mean 'slurm'\?\)"),
+        ("thread", r"did you mean 'threads'\?"),
+        ("LOCALL", r"did you mean 'local'\?"),
+        (
+            "gpu",
+            r"^unknown --cluster 'gpu'; choose threads, processes, local, slurm or tcp://HOST:PORT$",
+        ),  # noqa: E501
+        ("", r"unknown --cluster"),
+    ],
+)
+def test_unknown_spec(spec, message):
+    with pytest.raises(ClusterError, match=message):
+        with connect(spec):
+            pass
+    with pytest.raises(ClusterError, match=message):
+        describe(spec)
+
+
+def test_unreachable_address_fails_fast():
+    start = time.monotonic()
+    message = (
+        r"^cannot reach scheduler tcp://127\.0\.0\.1:1 within 5 s; start it or check the address$"  # noqa: E501
+    )
+    with pytest.raises(ClusterError, match=message):
+        with connect("tcp://127.0.0.1:1"):
+            pass
+    assert time.monotonic() - start < 15
+
+
+def test_missing_scheduler_file(tmp_path):
+    path = tmp_path / "nope.json"
+    with pytest.raises(ClusterError, match=r"scheduler file .*nope\.json does not exist; start"):
+        with connect(scheduler_file=str(path)):
+            pass
+
+
+def test_scheduler_file_that_is_not_one(tmp_path):
+    path = tmp_path / "scheduler.json"
+    path.write_text("not json")
+    with pytest.raises(ClusterError, match=r"is not a dask scheduler file"):
+        with connect(scheduler_file=path):
+            pass
+
+
+def test_spec_and_scheduler_file_conflict(tmp_path):
+    with pytest.raises(ClusterError, match=r"give only one"):
+        with connect("local", scheduler_file=tmp_path / "s.json"):
+            pass
+
+
+def test_slurm_without_sbatch_on_path(monkeypatch, tmp_path):
+    # An empty PATH is the real condition of a machine without Slurm's client commands.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ClusterError, match=r"^--cluster slurm needs Slurm's sbatch on PATH; "):
+        with connect("slurm"):
+            pass
+
+
+def test_slurm_without_dask_jobqueue(monkeypatch):
+    # None in sys.modules makes `import dask_jobqueue` raise ImportError, as if not installed.
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)
+    with pytest.raises(ClusterError, match=r"pip install 'nucflow\[slurm\]'"):
+        with connect("slurm"):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"spec": "threads", "jobs": 2}, r"jobs applies only to --cluster local or slurm"),
+        ({"spec": "local", "jobs": 0}, r"jobs must be a whole number >= 1, got 0"),
+        ({"spec": "local", "adapt": (3, 1)}, r"0 <= MIN <= MAX"),
+        ({"spec": "local", "jobs": 1, "adapt": (1, 2)}, r"not both"),
+        ({"spec": "local", "settings": {"n_wrkers": 2}}, r"unknown setting\(s\) n_wrkers"),
+        ({"spec": "threads", "settings": {"cores": 2}}, r"unknown setting\(s\) cores"),
+        ({"spec": "slurm", "settings": {"coers": 2}}, r"unknown setting\(s\) coers"),
+    ],
+)
+def test_bad_options(kwargs, message):
+    spec = kwargs.pop("spec")
+    if spec == "slurm" and shutil.which("sbatch") is None:
+        pytest.skip("option check for slurm runs after the sbatch check; run .ci/slurm-up.sh")
+    with pytest.raises(ClusterError, match=message):
+        with connect(spec, **kwargs):
+            pass
+
+
+# --- the same answer everywhere --------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["threads", "processes", "local"])
+def test_created_schedulers_agree_and_close(spec, capsys):
+    values, _ = _array()
+    settings = {"n_workers": 2, "threads_per_worker": 1} if spec == "local" else None
+    with connect(spec, settings=settings) as runner:
+        total, out = _compute_both(runner)
+        client, cluster = runner.client, runner.cluster
+    assert total == values.sum()
+    np.testing.assert_array_equal(out, _expected_map_blocks(values, 137))
+    assert "check: [" in capsys.readouterr().err or spec != "local"
+    if spec == "local":
+        assert client.status == "closed"
+        assert cluster.status.name == "closed"
+    else:
+        assert client is None and runner.dashboard_link is None
+
+
+def test_progress_bar_is_labelled_on_stderr(capsys):
+    slow = da.ones(4, chunks=1).map_blocks(lambda b: (time.sleep(0.3), b)[1], dtype=float)
+    with connect("threads") as runner:
+        (total,) = runner.compute(slow.sum(), label="histogram")
+    captured = capsys.readouterr()
+    assert total == 4
+    assert "histogram: [" in captured.err and "100% Completed" in captured.err
+    assert captured.out == ""
+
+
+def test_local_cluster_respects_settings(capsys):
+    settings = {"n_workers": 2, "threads_per_worker": 1, "memory-limit": "600MiB"}
+    with connect("local", settings=settings) as runner:
+        limits = runner.client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
+        threads = runner.client.nthreads()
+        link = runner.dashboard_link
+    assert sorted(limits.values()) == [600 * 2**20] * 2
+    assert sorted(threads.values()) == [1, 1]
+    if link:
+        assert f"dask dashboard at {link}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["address", "scheduler_file"])
+def test_existing_scheduler_agrees_and_stays_up(external_scheduler, how):
+    address, file = external_scheduler
+    values, _ = _array()
+    kwargs = {"scheduler_file": str(file)} if how == "scheduler_file" else {"spec": address}
+    with connect(**kwargs) as runner:
+        total, out = _compute_both(runner)
+        client = runner.client
+        assert runner.cluster is None
+    assert total == values.sum()
+    np.testing.assert_array_equal(out, _expected_map_blocks(values, 137))
+    assert client.status == "closed"
+    assert _scheduler_alive(address) == 1  # the scheduler and its worker are still there
+
+
+def test_graph_the_scheduler_cannot_load_raises_instead_of_hanging(
+    external_scheduler, tmp_path, monkeypatch
+):
+    # A module only this process can import: the real "different environments" mistake.
+    (tmp_path / "only_here.py").write_text("def plus_one(b):\n    return b + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from only_here import plus_one
+
+    array = da.ones(4, chunks=2).map_blocks(plus_one, dtype=float)
+    start = time.monotonic()
+    with connect(external_scheduler[0]) as runner:
+        with pytest.raises(Exception, match=r"deserializ|only_here"):
+            runner.compute(array.sum(), label="doomed")
+    assert time.monotonic() - start < 30
+
+
+def test_dead_scheduler_behind_scheduler_file(tmp_path):
+    file = tmp_path / "scheduler.json"
+    file.write_text(json.dumps({"type": "Scheduler", "address": "tcp://127.0.0.1:1"}))
+    with pytest.raises(ClusterError, match=r"cannot reach scheduler tcp://127\.0\.0\.1:1 \(from"):
+        with connect(scheduler_file=str(file)):
+            pass
+
+
+def test_killed_local_worker_does_not_fail_the_computation(tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    values = np.arange(24, dtype=np.int64)
+    array = da.from_array(values, chunks=1)
+    slow = array.map_blocks(_slow_marked, str(marks), 0.4, dtype=np.int64)
+    killed: list[int] = []
+
+    def kill_a_busy_worker() -> None:
+        # Wait until a few blocks started, then SIGKILL the process running the latest one.
+        deadline = time.monotonic() + 60
+        while len(list(marks.iterdir())) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        newest = max(marks.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+        pid = int(newest.name.split("-")[1])
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    settings = {"n_workers": 2, "threads_per_worker": 1}
+    with connect("local", settings=settings) as runner:
+        killer = threading.Thread(target=kill_a_busy_worker)
+        killer.start()
+        (out,) = runner.compute(slow, label="kill", retries=2)
+        killer.join()
+    np.testing.assert_array_equal(out, values + 1)
+    assert killed, "the killer thread never fired"
+    started = [p.name.split("-") for p in marks.iterdir()]
+    by_killed = {block for block, pid, _ in started if int(pid) == killed[0]}
+    redone = {block for block, pid, _ in started if int(pid) != killed[0]}
+    # Some block the killed worker had was computed again elsewhere.
+    assert by_killed & redone
+
+
+def test_describe_is_one_line():
+    for line in (
+        describe("threads"),
+        describe("processes", settings={"num_workers": 3}),
+        describe("local", settings={"n_workers": 2, "memory_limit": "1GiB"}),
+        describe("tcp://10.0.0.1:8786"),
+    ):
+        assert "\n" not in line and line
+    assert "2 workers" in describe("local", jobs=2)
+
+
+def test_threads_scheduler_is_default_inside_the_context():
+    with connect("threads", settings={"num_workers": 1}):
+        assert dask.config.get("scheduler") == "threads"
+        assert da.ones(10, chunks=3).sum().compute() == 10
+
+
+# --- real Slurm ------------------------------------------------------------------------
+
+
+def _slurm_unavailable() -> str | None:
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "Slurm client commands not on PATH: run .ci/slurm-up.sh"
+    try:
+        proc = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15
+        )
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out: run .ci/slurm-up.sh"
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return f"sinfo failed ({proc.stderr.strip()[:100]}): run .ci/slurm-up.sh"
+    return None
+
+
+_SLURM_REASON = _slurm_unavailable()
+if _SLURM_REASON and os.environ.get("NUCFLOW_REQUIRE_SLURM") == "1":
+    raise RuntimeError(f"NUCFLOW_REQUIRE_SLURM=1 but {_SLURM_REASON}")
+needs_slurm = pytest.mark.skipif(_SLURM_REASON is not None, reason=_SLURM_REASON or "")
+
+
+def _slurm_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    # sbatch hands the submitter's environment to the job (--export=ALL, Slurm's default).
+    monkeypatch.setenv("PYTHONPATH", _pythonpath_with_tests())
+    return {
+        "cores": 1,
+        "memory": "1GiB",
+        "walltime": "00:10:00",
+        "log-directory": str(tmp_path / "logs"),
+        "local-directory": str(tmp_path / "scratch"),
+    }
+
+
+def _squeue(*args: str) -> list[str]:
+    proc = subprocess.run(["squeue", "-h", *args], capture_output=True, text=True, check=True)
+    return proc.stdout.split()
+
+
+def _final_state(job_id: int, timeout: float = 30) -> str:
+    """Slurm's state of a job once it is no longer running (squeue keeps ended jobs a while)."""
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        state = " ".join(_squeue("--states=all", "-j", str(job_id), "-o", "%T"))
+        if state and state not in ("RUNNING", "PENDING", "COMPLETING", "CONFIGURING"):
+            break
+        time.sleep(0.5)
+    return state
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(180)
+@needs_slurm
+def test_slurm_blocks_run_in_real_jobs(tmp_path, monkeypatch):
+    array = da.zeros(8, chunks=2, dtype=np.int64)
+    ids = array.map_blocks(_slurm_job_id, dtype=np.int64)
+    with connect("slurm", settings=_slurm_settings(tmp_path, monkeypatch), jobs=1) as runner:
+        (out,) = runner.compute(ids, label="slurm")
+        running = {int(i) for i in _squeue("--states=RUNNING", "-o", "%i")}
+        script = runner.cluster.job_script()
+    job_ids = set(out.tolist())
+    assert -1 not in job_ids  # every block ran inside a Slurm job
+    assert job_ids <= running  # ... which squeue listed as running while connected
+    assert "#SBATCH --mem=1G" in script and "#SBATCH -t 00:10:00" in script
+    for job in job_ids:
+        assert (tmp_path / "logs" / f"dask-worker-{job}.err").exists()
+        # Leaving the context cancelled the worker jobs it had submitted.
+        assert _final_state(job) == "CANCELLED"
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+@needs_slurm
+def test_slurm_job_cancelled_midway_is_replaced(tmp_path, monkeypatch):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    values = np.zeros(30, dtype=np.int64)
+    blocks = da.from_array(values, chunks=1)
+    slow = blocks.map_blocks(_slow_marked, str(marks), 0.5, dtype=np.int64)
+    ids = slow.map_blocks(_slurm_job_id, dtype=np.int64)
+    cancelled: list[int] = []
+
+    def cancel_the_worker_job() -> None:
+        deadline = time.monotonic() + 120
+        while len(list(marks.iterdir())) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        job = int(max(marks.iterdir(), key=lambda p: p.stat().st_mtime_ns).name.split("-")[2])
+        subprocess.run(["scancel", str(job)], check=True)
+        cancelled.append(job)
+
+    # A lost worker is dropped from the cluster after this delay (default 15 s).
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "2s"}):
+        with connect(
+            "slurm", settings=_slurm_settings(tmp_path, monkeypatch), adapt=(1, 1)
+        ) as runner:
+            killer = threading.Thread(target=cancel_the_worker_job)
+            killer.start()
+            (out,) = runner.compute(ids, label="scancel")
+            killer.join()
+    assert cancelled, "scancel never ran"
+    assert _final_state(cancelled[0]) == "CANCELLED"
+    job_ids = set(out.tolist())
+    assert -1 not in job_ids
+    # The result came (at least partly) from a replacement job started after the scancel.
+    assert job_ids - {cancelled[0]}
+    assert all(job > cancelled[0] for job in job_ids - {cancelled[0]})
