@@ -371,10 +371,15 @@ def _slurm_unavailable() -> str | None:
     return None
 
 
-_SLURM_REASON = _slurm_unavailable()
-if _SLURM_REASON and os.environ.get("NUCFLOW_REQUIRE_SLURM") == "1":
-    raise RuntimeError(f"NUCFLOW_REQUIRE_SLURM=1 but {_SLURM_REASON}")
-needs_slurm = pytest.mark.skipif(_SLURM_REASON is not None, reason=_SLURM_REASON or "")
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """Skip (or, with NUCFLOW_REQUIRE_SLURM=1 as in CI, fail) unless Slurm answers."""
+    # Checked lazily: sinfo takes ~10 s to give up on a controller that is not running.
+    reason = _slurm_unavailable()
+    if reason and os.environ.get("NUCFLOW_REQUIRE_SLURM") == "1":
+        pytest.fail(f"NUCFLOW_REQUIRE_SLURM=1 but {reason}")
+    if reason:
+        pytest.skip(reason)
 
 
 def _slurm_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
@@ -408,7 +413,7 @@ def _final_state(job_id: int, timeout: float = 30) -> str:
 
 @pytest.mark.slurm
 @pytest.mark.timeout(180)
-@needs_slurm
+@pytest.mark.usefixtures("slurm_cluster")
 def test_slurm_blocks_run_in_real_jobs(tmp_path, monkeypatch):
     array = da.zeros(8, chunks=2, dtype=np.int64)
     ids = array.map_blocks(_slurm_job_id, dtype=np.int64)
@@ -428,7 +433,7 @@ def test_slurm_blocks_run_in_real_jobs(tmp_path, monkeypatch):
 
 @pytest.mark.slurm
 @pytest.mark.timeout(240)
-@needs_slurm
+@pytest.mark.usefixtures("slurm_cluster")
 def test_slurm_job_cancelled_midway_is_replaced(tmp_path, monkeypatch):
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -462,3 +467,45 @@ def test_slurm_job_cancelled_midway_is_replaced(tmp_path, monkeypatch):
     # The result came (at least partly) from a replacement job started after the scancel.
     assert job_ids - {cancelled[0]}
     assert all(job > cancelled[0] for job in job_ids - {cancelled[0]})
+
+
+def test_describe_reads_dask_jobqueue_environment_variables():
+    # The conventional way users configure dask-jobqueue; read by dask at import.
+    env = {
+        **os.environ,
+        "DASK_JOBQUEUE__SLURM__QUEUE": "gpu-long",
+        "DASK_JOBQUEUE__SLURM__CORES": "8",
+        "DASK_JOBQUEUE__SLURM__MEMORY": "32GiB",
+        "DASK_JOBQUEUE__SLURM__WALLTIME": "02:00:00",
+    }
+    code = "from nucflow.cluster import describe; print(describe('slurm', jobs=3))"
+    line = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert line == (
+        "slurm: SLURMCluster, 3 job(s) of 8 core(s) / 32GiB, queue gpu-long, walltime 02:00:00"
+    )
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("slurm_cluster")
+def test_slurm_job_script_from_dask_config_with_settings_overriding(tmp_path, monkeypatch):
+    config = {
+        "jobqueue.slurm.queue": "debug",
+        "jobqueue.slurm.cores": 2,
+        "jobqueue.slurm.walltime": "00:05:00",
+        "jobqueue.slurm.job-extra-directives": ["--comment=nucflow-test"],
+    }
+    settings = {"walltime": "00:07:00", "log-directory": str(tmp_path / "logs")}
+    before = set(_squeue("-o", "%i"))
+    with dask.config.set(config):
+        # adapt=(0, 1): a cluster that submits nothing until work arrives.
+        with connect("slurm", settings=settings, adapt=(0, 1), progress=False) as runner:
+            script = runner.cluster.job_script()
+    assert "#SBATCH -p debug" in script
+    assert "#SBATCH --cpus-per-task=2" in script  # the user's config beats slurm.yaml's 1
+    assert "#SBATCH --mem=4G" in script  # slurm.yaml fills what the config leaves null
+    assert "#SBATCH -t 00:07:00" in script  # settings beat the user's config
+    assert "#SBATCH --comment=nucflow-test" in script
+    assert set(_squeue("-o", "%i")) == before
