@@ -89,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.formatwarning = _one_line_warning
             handler(args)
     except NucflowError as error:
         if args.debug:
@@ -105,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(rerun with --debug for a traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"nucflow: warning: {message}\n"
 
 
 # ----------------------------------------------------------------------------- run / plan

@@ -236,7 +236,9 @@ def persist(run: Run, array: da.Array, name: str, *, label: str) -> da.Array:
     if not (run.resume and done.exists()):
         if path.exists():
             shutil.rmtree(path)
-        run.runner.compute(da.to_zarr(array, str(path), compute=False), label=label)
+        # filters may have grown small chunks to fit their halo; store on the run's block grid
+        store = da.to_zarr(array.rechunk(run.params.chunks), str(path), compute=False)
+        run.runner.compute(store, label=label)
         done.touch()
     return da.from_zarr(str(path))
 

@@ -1,0 +1,151 @@
+"""The nuclei flow end to end: seam-free across chunkings, accurate, complete outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from scipy import ndimage
+
+from nucflow import io
+from nucflow.cli import main
+from nucflow.evaluate import match_instances
+from nucflow.measure import table_columns
+
+
+def run_flow(source, out, *extra: str) -> tuple[pd.DataFrame, np.ndarray]:
+    assert main(["run", "--input", str(source), "--output", str(out), *extra]) == 0
+    table = pd.read_parquet(out / "nuclei.parquet")
+    labels = np.asarray(zarr.open_array(str(out / "labels.ome.zarr" / "0"), mode="r"))
+    return table, labels
+
+
+@pytest.fixture(scope="module")
+def one_block(stack3d, tmp_path_factory):
+    source, made = stack3d
+    out = tmp_path_factory.mktemp("runs") / "one-block"
+    return run_flow(source, out, "--chunks", *map(str, made.image.shape))
+
+
+def _corner_chunks(made) -> list[str]:
+    """Chunks whose first block corner sits inside a nucleus (at its rounded centroid)."""
+    centre = ndimage.center_of_mass(made.truth > 0, made.truth, 10)
+    return [str(max(1, round(c))) for c in centre]
+
+
+@pytest.mark.parametrize("chunks", [["13", "37", "41"], ["40", "50", "29"], ["7", "128", "23"], "corner"])
+def test_any_chunking_gives_the_one_block_result(stack3d, one_block, tmp_path, chunks):
+    source, made = stack3d
+    chunks = _corner_chunks(made) if chunks == "corner" else chunks
+    table, labels = run_flow(source, tmp_path / "out", "--chunks", *chunks)
+    expected_table, expected_labels = one_block
+    np.testing.assert_array_equal(labels, expected_labels)  # same ids: no relabeling needed
+    pd.testing.assert_frame_equal(table, expected_table, check_exact=False, rtol=1e-12)
+
+
+def test_accuracy_3d(stack3d, one_block):
+    _, made = stack3d
+    table, labels = one_block
+    score = match_instances(labels, made.truth)
+    assert score["f1"] >= 0.95, score
+    assert len(table) == len(np.unique(labels)) - 1
+
+
+def test_accuracy_2d(stack2d, tmp_path):
+    source, made = stack2d
+    table, labels = run_flow(source, tmp_path / "out2d", "--chunks", "70", "90")
+    score = match_instances(labels, made.truth)
+    assert score["f1"] >= 0.95, score
+    assert list(table.columns) == table_columns(2)
+
+
+def test_outputs_agree_with_the_label_image(stack3d, one_block, tmp_path):
+    source, made = stack3d
+    table, labels = one_block
+    values, counts = np.unique(labels[labels > 0], return_counts=True)
+    np.testing.assert_array_equal(table["label"].to_numpy(), values)  # one row per label
+    np.testing.assert_array_equal(table["n_voxels"].to_numpy(), counts)
+    means = ndimage.mean(made.image, labels, values)
+    np.testing.assert_allclose(table["intensity_mean"].to_numpy(), means, rtol=1e-12)
+    assert list(table.columns) == table_columns(3)
+
+
+def test_run_directory_is_complete_and_readable(stack3d, tmp_path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    source, made = stack3d
+    out = tmp_path / "out"
+    table, labels = run_flow(source, out, "--chunks", "20", "64", "64")
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "complete"
+    assert record["counts"] == {"nuclei": len(table), "truncated": int(table["truncated"].sum())}
+    assert not (out / ".work").exists()
+    csv = pd.read_csv(out / "nuclei.csv")
+    np.testing.assert_array_equal(csv["label"].to_numpy(np.uint64), table["label"].to_numpy())
+    import pyarrow.parquet as pq
+
+    meta = json.loads(pq.read_schema(out / "nuclei.parquet").metadata[b"nucflow"])
+    assert meta["voxel_size"] == list(made.voxel_size) and meta["unit"] == "micrometer"
+    nodes = list(Reader(parse_url(str(out / "labels.ome.zarr")))())
+    assert "image-label" in nodes[0].zarr.root_attrs
+    np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), labels)
+    assert sorted(p.name for p in (out / "qc").iterdir()) == ["distributions.png", "outlines_0.png"]
+
+
+def test_measures_other_channels(tmp_path):
+    from nucflow.synth import make_nuclei
+
+    made = make_nuclei((24, 64, 64), n_nuclei=12, seed=8)
+    second = (made.image // 2 + 7).astype(np.uint16)
+    path = tmp_path / "two.zarr"
+    zarr.save_array(str(path), np.stack([made.image, second]), zarr_format=3)
+    out = tmp_path / "out"
+    table, labels = run_flow(path, out, "--channel", "0", "--voxel-size", *map(str, made.voxel_size),
+                             "--set", "measure.channels=[1]")
+    values = table["label"].to_numpy()
+    np.testing.assert_allclose(table["intensity_mean_c1"], ndimage.mean(second, labels, values), rtol=1e-12)
+    np.testing.assert_allclose(table["intensity_max_c1"], ndimage.maximum(second, labels, values))
+
+
+@pytest.mark.parametrize("value", [0, 500])
+def test_blank_stacks_give_an_empty_table(tmp_path, value):
+    path = tmp_path / "blank.zarr"
+    zarr.save_array(str(path), np.full((16, 40, 40), value, np.uint16), zarr_format=2)
+    table, labels = run_flow(path, tmp_path / "out")
+    assert len(table) == 0 and list(table.columns) == table_columns(3)
+    assert not labels.any()
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "complete"
+
+
+def test_existing_output_is_refused_then_overwritten(stack2d, tmp_path, capsys):
+    source, _ = stack2d
+    out = tmp_path / "out"
+    run_flow(source, out)
+    before = (out / "nuclei.csv").read_bytes()
+    assert main(["run", "--input", str(source), "--output", str(out)]) == 2
+    assert "pass --resume to continue it or --overwrite to replace it" in capsys.readouterr().err
+    assert (out / "nuclei.csv").read_bytes() == before
+    run_flow(source, out, "--overwrite")
+    assert (out / "nuclei.csv").read_bytes() == before
+
+
+def test_overwrite_never_deletes_a_foreign_directory(stack2d, tmp_path, capsys):
+    source, _ = stack2d
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "chapter1.tex").write_text("precious")
+    assert main(["run", "--input", str(source), "--output", str(foreign), "--overwrite"]) == 2
+    assert "is not a nucflow output" in capsys.readouterr().err
+    assert (foreign / "chapter1.tex").read_text() == "precious"
+
+
+def test_input_is_never_written(stack2d, tmp_path):
+    source, _ = stack2d
+    before = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    run_flow(source, tmp_path / "out")
+    after = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    assert before == after

@@ -1,0 +1,89 @@
+"""The block rule: any tiling with the derived halo gives the whole-array labels."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from nucflow.errors import ParameterError
+from nucflow.segment import SegmentParams, distance_squared, find_seeds, segment_block
+from nucflow.synth import make_nuclei
+
+
+def _params(voxel_size, diameter=8.0) -> SegmentParams:
+    return SegmentParams(voxel_size, 0.3 * diameter, 0.15 * diameter, diameter)
+
+
+def _tiled(mask: np.ndarray, params: SegmentParams, chunks) -> np.ndarray:
+    out = np.zeros(mask.shape, np.uint64)
+    halo = params.halo()
+    for starts in itertools.product(*(range(0, n, c) for n, c in zip(mask.shape, chunks))):
+        stop = [min(n, s + c) for s, c, n in zip(starts, chunks, mask.shape)]
+        lo = [max(0, s - h) for s, h in zip(starts, halo)]
+        hi = [min(n, e + h) for e, h, n in zip(stop, halo, mask.shape)]
+        padded = mask[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        core = tuple(slice(s - a, e - a) for s, e, a in zip(starts, stop, lo))
+        labels, _ = segment_block(padded, params, origin=tuple(lo), global_shape=mask.shape, core=core)
+        out[tuple(slice(s, e) for s, e in zip(starts, stop))] = labels
+    return out
+
+
+def _whole(mask: np.ndarray, params: SegmentParams) -> np.ndarray:
+    core = tuple(slice(0, n) for n in mask.shape)
+    return segment_block(mask, params, origin=(0,) * mask.ndim, global_shape=mask.shape, core=core)[0]
+
+
+@pytest.mark.parametrize("chunks", [(9, 31, 50), (40, 17, 23), (5, 64, 7)])
+def test_tiling_equals_whole_array_3d(chunks):
+    made = make_nuclei((40, 96, 96), n_nuclei=60, seed=11)
+    params = _params(made.voxel_size)
+    mask = made.truth > 0
+    whole = _whole(mask, params)
+    assert len(np.unique(whole)) - 1 == made.truth.max()  # every true nucleus found once
+    np.testing.assert_array_equal(_tiled(mask, params, chunks), whole)
+
+
+@pytest.mark.parametrize("chunks", [(33, 70), (128, 19), (10, 10)])
+def test_tiling_equals_whole_array_2d(chunks):
+    made = make_nuclei((128, 128), n_nuclei=40, seed=12)
+    params = _params(made.voxel_size)
+    mask = made.truth > 0
+    np.testing.assert_array_equal(_tiled(mask, params, chunks), _whole(mask, params))
+
+
+def test_plateau_ties_break_by_global_index():
+    # a flat-topped ridge: every voxel on the plateau has the same distance
+    mask = np.zeros((9, 30), bool)
+    mask[2:7, 3:27] = True
+    params = SegmentParams((1.0, 1.0), peak_radius=30.0, min_radius=1.0, max_radius=40.0)
+    dist_sq = distance_squared(mask, params)
+    coords, ids = find_seeds(dist_sq, params, origin=(5, 100), global_shape=(20, 200))
+    assert len(ids) == 1
+    plateau = np.argwhere(dist_sq == dist_sq.max())
+    first = plateau[np.lexsort(plateau.T[::-1])][0]  # lowest row-major position
+    np.testing.assert_array_equal(coords[0], first)
+    assert ids[0] == np.ravel_multi_index(tuple(first + (5, 100)), (20, 200))
+
+
+def test_touching_spheres_split_at_their_contact_plane():
+    z, y, x = np.ogrid[:30, :30, :50]
+    left = (z - 15) ** 2 + (y - 15) ** 2 + (x - 15) ** 2 <= 10**2
+    right = (z - 15) ** 2 + (y - 15) ** 2 + (x - 32) ** 2 <= 8**2
+    params = SegmentParams((1.0, 1.0, 1.0), peak_radius=4.0, min_radius=2.0, max_radius=16.0)
+    labels = _whole(left | right, params)
+    values = [v for v in np.unique(labels) if v]
+    assert len(values) == 2
+    # the power-distance plane of the two spheres: x where |x-15|²-100 == |x-32|²-64
+    plane = (32**2 - 15**2 - 64 + 100) / (2 * (32 - 15))
+    big = labels[15, 15, 15]
+    assert np.all(labels[15, 15, 6 : int(np.floor(plane)) + 1] == big)
+    assert np.all(labels[15, 15, int(np.ceil(plane)) : 40] != big)
+
+
+def test_bad_parameters_are_named():
+    with pytest.raises(ParameterError, match="`max_radius` must be > 0"):
+        SegmentParams((1.0, 1.0), 1.0, 1.0, 0.0)
+    with pytest.raises(ParameterError, match="`voxel_size` must be > 0"):
+        SegmentParams((1.0, -1.0), 1.0, 1.0, 2.0)
