@@ -1,7 +1,7 @@
 """Benchmark nucflow.filters against whole-array scipy / scikit-image.
 
 Run ``python benchmarks/filters.py`` (add ``--full`` to time the exact-ball reference on the
-whole block instead of extrapolating it from a 4-slice slab: ~15 min). Dask runs with the
+whole block instead of extrapolating it from a 4-slice slab: ~2 min). Dask runs with the
 threaded scheduler on 2 workers.
 
 1. White top-hat, radius 15, on a 64x256x256 float32 block. nucflow uses
