@@ -17,9 +17,7 @@ def run(job: pipeline.Run) -> dict[str, Any]:
     with job.stage("threshold"):
         threshold = pipeline.global_threshold(job, image)
     with job.stage("mask"):
-        # each global step reads the previous one from disk: their graphs stay small
-        mask = pipeline.persist(job, pipeline.foreground(job, image, threshold), "foreground", label="mask")
-        mask = pipeline.persist(job, pipeline.remove_small(job, mask), "mask", label="clean")
+        mask = pipeline.persist(job, pipeline.clean_mask(job, image, threshold), "mask", label="mask")
     with job.stage("segment"):
         table = pipeline.segment(job, mask)
     return pipeline.finish(job, table)

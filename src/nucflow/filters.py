@@ -26,8 +26,8 @@ import numpy as np
 import scipy.ndimage as ndi
 import skimage.filters
 import skimage.morphology
-from dask_image.ndmeasure import label as _dask_label
 
+from nucflow.components import select_components
 from nucflow.errors import DtypeError, ParameterError, ShapeError
 
 __all__ = [
@@ -642,28 +642,6 @@ def _combine_lookup(m: np.ndarray, lab: np.ndarray, table: np.ndarray, *, combin
     return combine(m, table[lab])
 
 
-def _relabel(labels: da.Array, table: da.Array, mask: da.Array, combine: Callable) -> da.Array:
-    """Blockwise ``combine(mask, table[labels])``; `table` is a lazy 1D dask array.
-
-    The table enters as a contracted blockwise index (one shared task), not as a delayed
-    keyword, which dask would inline and recompute in every block.
-    """
-    index = "zyx"[-mask.ndim :]
-    return da.blockwise(
-        partial(_combine_lookup, combine=combine),
-        index,
-        mask,
-        index,
-        labels,
-        index,
-        table.rechunk(-1) if not np.isnan(table.shape[0]) else table,
-        "k",
-        concatenate=True,
-        dtype=bool,
-        meta=np.empty((0,) * mask.ndim, bool),
-    )
-
-
 def remove_small_objects(mask: da.Array, max_size: int, *, connectivity: int = 1) -> da.Array:
     """Remove connected objects of at most `max_size` voxels, across chunks.
 
@@ -684,20 +662,19 @@ def remove_small_objects(mask: da.Array, max_size: int, *, connectivity: int = 1
 
     Notes
     -----
-    Objects are labelled globally with ``dask_image.ndmeasure.label``; per-label sizes come
-    from a dask ``bincount``; a blockwise lookup keeps the large ones. Only the size table
-    (one entry per label) is held in memory.
+    Objects are joined across blocks by :func:`nucflow.components.select_components` (two
+    tasks per block); only per-component sizes are held in memory.
     """
     mask = _check_mask(mask)
     if isinstance(max_size, bool) or not isinstance(max_size, int | np.integer) or max_size < 0:
         raise ParameterError(f"`max_size` must be an integer >= 0, got {max_size!r}")
-    structure = _structure(mask.ndim, connectivity)
+    _structure(mask.ndim, connectivity)  # validates `connectivity`
     if max_size == 0:
         return mask
-    labels, _ = _dask_label(mask, structure=structure)
-    sizes = da.bincount(labels.ravel())
-    keep = sizes > max_size  # one task: bincount already tree-reduced to a single chunk
-    return _relabel(labels, keep, mask, np.logical_and)
+    def large(sizes: np.ndarray, _touches_border: np.ndarray) -> np.ndarray:
+        return sizes > max_size
+
+    return select_components(mask, large, connectivity=int(connectivity))
 
 
 def _structure(ndim: int, connectivity: Any) -> np.ndarray:
@@ -706,13 +683,6 @@ def _structure(ndim: int, connectivity: Any) -> np.ndarray:
             f"`connectivity` must be an integer in 1..{ndim}, got {connectivity!r}"
         )
     return ndi.generate_binary_structure(ndim, int(connectivity))
-
-
-def _hole_table(border: np.ndarray, count: np.ndarray) -> np.ndarray:
-    hole = np.ones(int(count) + 1, bool)
-    hole[0] = False
-    hole[border] = False
-    return hole
 
 
 def fill_holes(mask: da.Array) -> da.Array:
@@ -728,20 +698,12 @@ def fill_holes(mask: da.Array) -> da.Array:
 
     Notes
     -----
-    The background is labelled globally (face connectivity, scipy's default structure); a
-    background component is a hole iff none of its voxels lies on the image border. The
-    border labels are found from the image faces only.
+    Background components (face connectivity, scipy's default structure) are joined across
+    blocks by :func:`nucflow.components.select_components`; a component is a hole iff none of
+    its voxels lies on the image border.
     """
     mask = _check_mask(mask)
-    labels, count = _dask_label(~mask, structure=_structure(mask.ndim, 1))
-    faces = []
-    for axis in range(mask.ndim):
-        for index in (0, -1):
-            face = labels[(slice(None),) * axis + (index,)]
-            faces.append(face.ravel())
-    border = da.unique(da.concatenate(faces))
-    table = da.map_blocks(_hole_table, border, count, dtype=bool, meta=np.empty(0, bool))
-    return _relabel(labels, table, mask, np.logical_or)
+    return ~select_components(~mask, lambda _, touches_border: touches_border)
 
 
 # --------------------------------------------------------------------------- thresholds

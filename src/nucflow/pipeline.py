@@ -45,8 +45,7 @@ __all__ = [
     "preprocess",
     "persist",
     "global_threshold",
-    "foreground",
-    "remove_small",
+    "clean_mask",
     "segment",
     "finish",
     "fail",
@@ -269,20 +268,21 @@ def _scheduler_for(run: Run) -> Any:
     return client if client is not None else getattr(run.runner, "spec", "threads")
 
 
-def foreground(run: Run, image: da.Array, threshold: float) -> da.Array:
-    """Foreground: threshold, opening, hole filling (lazy bool; hole filling is global)."""
+def clean_mask(run: Run, image: da.Array, threshold: float) -> da.Array:
+    """Foreground mask: threshold, opening, hole filling, small-object removal (lazy bool).
+
+    Hole filling and small-object removal are global: a hole or an object may span blocks.
+    """
     p = run.params
     mask = image > threshold
     if p.opening_radius > 0:
         mask = filters.opening(mask, filters.ellipsoid(p.opening_radius, p.voxel_size))
-    return filters.fill_holes(mask) if p.fill_holes else mask
-
-
-def remove_small(run: Run, mask: da.Array) -> da.Array:
-    """Remove objects smaller than ``mask.min_volume`` (global: objects span blocks)."""
-    p = run.params
+    if p.fill_holes:
+        mask = filters.fill_holes(mask)
     min_voxels = int(p.min_volume / math.prod(p.voxel_size))
-    return filters.remove_small_objects(mask, min_voxels) if min_voxels > 0 else mask
+    if min_voxels > 0:
+        mask = filters.remove_small_objects(mask, min_voxels)
+    return mask
 
 
 def _blocks(shape: Sequence[int], chunks: Sequence[int]) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
