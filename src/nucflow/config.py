@@ -267,7 +267,7 @@ def resolve(config: Mapping[str, Any], *, shape: tuple[int, ...], voxel_size: tu
         min_volume=float(
             _ball_volume(0.4 * diameter, ndim) if msk["min_volume"] is None else msk["min_volume"]
         ),
-        peak_radius=derived(seg["peak_radius"], 0.3),
+        peak_radius=derived(seg["peak_radius"], 0.25),
         min_radius=derived(seg["min_radius"], 0.15),
         max_radius=derived(seg["max_radius"], 1.0),
         channels=tuple(config["measure"]["channels"]),
