@@ -102,7 +102,9 @@ def test_measures_other_channels(tmp_path):
     made = make_nuclei((24, 64, 64), n_nuclei=12, seed=8)
     second = (made.image // 2 + 7).astype(np.uint16)
     path = tmp_path / "two.zarr"
-    zarr.save_array(str(path), np.stack([made.image, second]), zarr_format=3)
+    data = np.stack([made.image, second])
+    array = zarr.create_array(str(path), shape=data.shape, dtype=data.dtype, dimension_names=list("czyx"))
+    array[:] = data
     out = tmp_path / "out"
     table, labels = run_flow(path, out, "--channel", "0", "--voxel-size", *map(str, made.voxel_size),
                              "--set", "measure.channels=[1]")
