@@ -37,12 +37,16 @@ def resource_path(kind: str, name: str) -> Path:
     return Path(__file__).resolve().parents[2] / kind / name
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+    return _number(value) and value > 0
 
 
 def _non_negative(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+    return _number(value) and value >= 0
 
 
 def _count(value: Any) -> bool:
@@ -83,8 +87,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
         "otsu, li, triangle, yen or value",
     ),
     "threshold.value": (
-        _optional(lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
-        "null or a number",
+        _optional(_number),
+        "null or a finite number",
     ),
     "threshold.factor": (_positive, "a number > 0"),
     "mask.opening_radius": (_optional(_non_negative), "null or a number >= 0"),
@@ -95,6 +99,11 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "segment.max_radius": (_optional(_positive), "null or a number > 0"),
     "measure.channels": (lambda v: isinstance(v, list) and all(map(_count, v)), "a list of ints"),
     "qc.enabled": (lambda v: isinstance(v, bool), "true or false"),
+    "filter.steps": (
+        lambda v: isinstance(v, list)
+        and all(isinstance(s, dict) and len(s) == 1 and isinstance(next(iter(s.values())), dict) for s in v),
+        "a list of one-key mappings like [{gaussian: {sigma: 1.0}}]",
+    ),
 }
 
 
@@ -213,6 +222,7 @@ class Params:
     max_radius: float
     channels: tuple[int, ...]
     qc: bool
+    filter_steps: tuple[tuple[str, dict[str, Any]], ...] = ()
 
 
 def resolve(config: Mapping[str, Any], *, shape: tuple[int, ...], voxel_size: tuple[float, ...]) -> Params:
@@ -238,7 +248,10 @@ def resolve(config: Mapping[str, Any], *, shape: tuple[int, ...], voxel_size: tu
         raise ParameterError(f"`voxel_size` has {len(voxel)} values but the stack has {ndim} axes; pass {axes}")
     chunks = tuple(config["chunks"] or DEFAULT_CHUNKS[ndim])
     if len(chunks) != ndim:
-        raise ParameterError(f"`chunks` has {len(chunks)} values but the stack has {ndim} axes")
+        axes = "Z Y X" if ndim == 3 else "Y X"
+        raise ParameterError(
+            f"`chunks` has {len(chunks)} values but the stack has {ndim} axes; pass {axes}"
+        )
     diameter = float(config["diameter"])
     extent = max(n * v for n, v in zip(shape, voxel, strict=True))
     if diameter > extent:
@@ -272,6 +285,7 @@ def resolve(config: Mapping[str, Any], *, shape: tuple[int, ...], voxel_size: tu
         max_radius=derived(seg["max_radius"], 1.0),
         channels=tuple(config["measure"]["channels"]),
         qc=config["qc"]["enabled"],
+        filter_steps=tuple((name, dict(p)) for step in config["filter"]["steps"] for name, p in step.items()),
     )
 
 
