@@ -151,3 +151,18 @@ def test_input_is_never_written(stack2d, tmp_path):
     run_flow(source, tmp_path / "out")
     after = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_preprocess_flow_equals_whole_array_filters(stack2d, tmp_path):
+    from skimage import morphology
+
+    source, made = stack2d
+    out = tmp_path / "filtered"
+    steps = "filter.steps=[{closing: {size: [5, 5]}}, {opening: {size: [2, 2]}}]"
+    assert main(["run", "--flow", "preprocess", "--input", str(source), "--output", str(out),
+                 "--chunks", "50", "70", "--set", steps]) == 0
+    result = io.open_stack(out / "filtered.ome.zarr")
+    expected = morphology.opening(morphology.closing(made.image, np.ones((5, 5), bool)), np.ones((2, 2), bool))
+    np.testing.assert_array_equal(result.data.compute(), expected)
+    assert result.voxel_size == made.voxel_size
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"

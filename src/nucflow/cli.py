@@ -187,8 +187,12 @@ def _run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     job, result = execute(args)
     elapsed = time.perf_counter() - start
-    print(f"nucflow run: {result.get('nuclei', 0)} nuclei ({result.get('truncated', 0)} truncated) "
-          f"in {elapsed:.1f} s -> {job.output}")
+    made = (
+        f"{result['nuclei']} nuclei ({result['truncated']} truncated)"
+        if "nuclei" in result
+        else result.get("stack", "outputs")
+    )
+    print(f"nucflow run: {made} in {elapsed:.1f} s -> {job.output}")
 
 
 def _plan(args: argparse.Namespace) -> None:

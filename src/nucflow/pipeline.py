@@ -36,7 +36,7 @@ import zarr
 import nucflow
 from nucflow import filters, io, measure
 from nucflow.config import Params
-from nucflow.errors import OutputError
+from nucflow.errors import ConfigError, OutputError
 from nucflow.segment import SegmentParams, segment_block
 
 __all__ = [
@@ -228,6 +228,52 @@ def preprocess(run: Run) -> da.Array:
     return filters.chain(image, steps) if steps else image.astype(np.float32)
 
 
+_FOOTPRINT_STEPS = {"erosion", "dilation", "opening", "closing", "white_tophat", "black_tophat"}
+
+
+def configured_filters(run: Run) -> da.Array:
+    """The ``filter.steps`` chain in physical units, as one lazy overlapped pass."""
+    p = run.params
+    steps = []
+    for name, given in p.filter_steps:
+        if name not in filters.STEPS:
+            raise ConfigError(f"`filter.steps`: unknown filter {name!r}; use one of {', '.join(filters.STEPS)}")
+        steps.append((name, _physical_step(name, dict(given), p.voxel_size)))
+    return filters.chain(run.stack.data.rechunk(p.chunks), steps)
+
+
+def _physical_step(name: str, given: dict[str, Any], voxel: tuple[float, ...]) -> dict[str, Any]:
+    """Translate µm lengths (sigma, radius) into the voxel parameters of ``filters``."""
+    if "sigma" in given:
+        given["sigma"] = tuple(given["sigma"] / v for v in voxel)
+    if "size" in given:
+        size = tuple(given.pop("size"))
+        given["footprint" if name in _FOOTPRINT_STEPS else "size"] = (
+            np.ones(size, bool) if name in _FOOTPRINT_STEPS else size
+        )
+    if "radius" in given:
+        radius = given.pop("radius")
+        if name in _FOOTPRINT_STEPS:
+            given["footprint"] = filters.ellipsoid(radius, voxel, decomposition="sequence")
+        else:
+            given["size"] = tuple(2 * int(radius / v) + 1 for v in voxel)
+    return given
+
+
+def write_stack(run: Run, image: da.Array, name: str) -> Path:
+    """Write a result stack as OME-Zarr into the output directory (streamed block by block)."""
+    path = run.output / name
+    partial = run.work / name
+    if partial.exists():
+        shutil.rmtree(partial)
+    with dask.config.set(scheduler=_scheduler_for(run)):
+        io.write_ome_zarr(partial, image, run.params.voxel_size, chunks=run.params.chunks)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(partial, path)
+    return path
+
+
 def persist(run: Run, array: da.Array, name: str, *, label: str) -> da.Array:
     """Write an intermediate stack to ``.work/<name>.zarr`` (once) and read it back lazily."""
     path = run.work / f"{name}.zarr"
@@ -250,8 +296,6 @@ def global_threshold(run: Run, image: da.Array) -> float:
         value = json.loads(done.read_text())["threshold"]
     elif p.threshold_method == "value":
         if p.threshold_value is None:
-            from nucflow.errors import ConfigError
-
             raise ConfigError("`threshold.method` is value but `threshold.value` is null; set both")
         value = float(p.threshold_value)
     else:
@@ -370,6 +414,14 @@ def _segment_task(
 
 
 # ----------------------------------------------------------------------------- outputs
+
+
+def finish_stack(run: Run, path: Path) -> dict[str, Any]:
+    """Mark a filter-only run complete."""
+    shutil.rmtree(run.work, ignore_errors=True)
+    counts = {"stack": path.name}
+    write_run_json(run, "complete", counts=counts)
+    return counts
 
 
 def finish(run: Run, table: pd.DataFrame) -> dict[str, Any]:
