@@ -357,31 +357,6 @@ def test_threads_scheduler_is_default_inside_the_context():
 # --- real Slurm ------------------------------------------------------------------------
 
 
-def _slurm_unavailable() -> str | None:
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        return "Slurm client commands not on PATH: run .ci/slurm-up.sh"
-    try:
-        proc = subprocess.run(
-            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15
-        )
-    except subprocess.TimeoutExpired:
-        return "sinfo timed out: run .ci/slurm-up.sh"
-    if proc.returncode != 0 or not proc.stdout.strip():
-        return f"sinfo failed ({proc.stderr.strip()[:100]}): run .ci/slurm-up.sh"
-    return None
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> None:
-    """Skip (or, with NUCFLOW_REQUIRE_SLURM=1 as in CI, fail) unless Slurm answers."""
-    # Checked lazily: sinfo takes ~10 s to give up on a controller that is not running.
-    reason = _slurm_unavailable()
-    if reason and os.environ.get("NUCFLOW_REQUIRE_SLURM") == "1":
-        pytest.fail(f"NUCFLOW_REQUIRE_SLURM=1 but {reason}")
-    if reason:
-        pytest.skip(reason)
-
-
 def _slurm_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     # sbatch hands the submitter's environment to the job (--export=ALL, Slurm's default).
     monkeypatch.setenv("PYTHONPATH", _pythonpath_with_tests())
