@@ -3,8 +3,9 @@ thing and the fix, never a traceback; degenerate but valid stacks run to complet
 
 Policy for non-finite voxels (NaN/inf in a float input): refuse with exit 2, naming the file and
 the number of non-finite voxels. Treating them as background would need a policy for every filter
-(a Gaussian spreads one NaN over its whole footprint); refusing costs nothing on valid input when
-the check rides on the global min/max pass the threshold already makes.
+(a Gaussian spreads one NaN over its whole footprint); refusing costs no extra read when the
+count is computed with the preprocess pass, which reads every input voxel anyway. Not done yet:
+see NAN_FIX (xfail).
 """
 
 from __future__ import annotations
@@ -369,19 +370,38 @@ def nan_stack(tmp_path) -> str:
     return str(tmp_path / "nan.zarr")
 
 
-def test_nan_voxels_never_give_a_complete_run(capsys, nan_stack, tmp_path):
-    code, err = cli(capsys, "run", "--input", nan_stack, "--output", str(tmp_path / "out"))
-    assert code != 0 and err.count("\n") == 1 and "Traceback" not in err
-    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] != "complete"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="today: exit 1 'ValueError: supplied range of [nan, nan] is not finite' from "
-    "filters._float_histogram; the check belongs in pipeline (global min/max pass), not the CLI",
+NAN_FIX = (
+    "pipeline should count non-finite input voxels in the preprocess pass and raise a "
+    "NucflowError naming the file and the count; today otsu crashes with exit 1 ('supplied "
+    "range of [nan, nan] is not finite' in filters._float_histogram) and threshold.method=value "
+    "completes with the NaN neighbourhood silently made background"
 )
-def test_nan_voxels_are_refused(capsys, nan_stack, tmp_path):
-    code, err = cli(capsys, "run", "--input", nan_stack, "--output", str(tmp_path / "out"))
+THRESHOLDS = {
+    "otsu": [],
+    "value": ["--set", "threshold.method=value", "--set", "threshold.value=300"],
+}
+
+
+@pytest.mark.parametrize(
+    "threshold",
+    ["otsu", pytest.param("value", marks=pytest.mark.xfail(strict=True, reason=NAN_FIX))],
+)
+def test_nan_voxels_never_give_a_complete_run(capsys, nan_stack, tmp_path, threshold):
+    out = tmp_path / "out"
+    code, err = cli(
+        capsys, "run", "--input", nan_stack, "--output", str(out), *THRESHOLDS[threshold]
+    )
+    assert code != 0 and "Traceback" not in err
+    assert json.loads((out / "run.json").read_text())["status"] != "complete"
+
+
+@pytest.mark.xfail(strict=True, reason=NAN_FIX)
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+def test_nan_voxels_are_refused(capsys, nan_stack, tmp_path, threshold):
+    out = tmp_path / "out"
+    code, err = cli(
+        capsys, "run", "--input", nan_stack, "--output", str(out), *THRESHOLDS[threshold]
+    )
     assert_refused(code, err, r"nan\.zarr has 48 non-finite \(NaN/inf\) voxels; .*replace them")
 
 
