@@ -201,7 +201,10 @@ def _plan(args: argparse.Namespace) -> None:
 
     stack, params, _ = _prepare(args)
     print(plan_summary(stack, params))
-    print(f"cluster    {cluster.describe(args.cluster, scheduler_file=args.scheduler_file)}")
+    where = cluster.describe(
+        args.cluster, scheduler_file=args.scheduler_file, jobs=args.jobs, adapt=_adapt(args.adapt)
+    )
+    print(f"cluster    {where}")
 
 
 # ----------------------------------------------------------------------------- synth / demo

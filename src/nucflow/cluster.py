@@ -159,6 +159,10 @@ def _defaults(name: str) -> dict[str, Any]:
 # --- the runner ------------------------------------------------------------------------
 
 
+def _interactive() -> bool:
+    return sys.stderr.isatty()
+
+
 class _LabelledProgressBar(ProgressBar):
     """dask.diagnostics.ProgressBar whose line starts with a label."""
 
@@ -170,9 +174,16 @@ class _LabelledProgressBar(ProgressBar):
         from dask.utils import format_time
 
         bar = "#" * int(self._width * frac)
+        # a terminal redraws one line; a log file (batch job, CI) gets a line per 25 %
+        start, end = ("\r", "") if _interactive() else ("", "\n")
+        quarter = int(4 * frac)
+        if not _interactive():
+            if quarter == getattr(self, "_last_quarter", -1):
+                return
+            self._last_quarter = quarter
         msg = (
-            f"\r{self._label}[{bar:<{self._width}}] | {int(100 * frac)}% Completed | "
-            f"{format_time(elapsed)}"
+            f"{start}{self._label}[{bar:<{self._width}}] | {int(100 * frac)}% Completed | "
+            f"{format_time(elapsed)}{end}"
         )
         with contextlib.suppress(ValueError):  # the file may be closed at interpreter exit
             self._file.write(msg)
@@ -328,7 +339,9 @@ class Runner:
             kwargs["num_workers"] = self._num_workers
         with contextlib.ExitStack() as stack:
             if self._progress:
-                stack.enter_context(_LabelledProgressBar(label, out=sys.stderr, minimum=0.5))
+                stack.enter_context(
+                    _LabelledProgressBar(label, out=sys.stderr, minimum=0.5)
+                )
             return dask.compute(*collections, **kwargs)
 
 
