@@ -36,7 +36,7 @@ import zarr
 import nucflow
 from nucflow import filters, io, measure
 from nucflow.config import Params
-from nucflow.errors import ConfigError, OutputError
+from nucflow.errors import ConfigError, OutputError, ParameterError
 from nucflow.segment import SegmentParams, segment_block
 
 __all__ = [
@@ -209,7 +209,7 @@ def preprocess(run: Run) -> da.Array:
     configured background subtraction with ``background_radius`` µm.
     """
     p = run.params
-    image = run.stack.data.rechunk(p.chunks)
+    image = _refuse_non_finite(run.stack.data.rechunk(p.chunks), run.stack.path)
     sigma = tuple(p.sigma / v for v in p.voxel_size)
     if p.tissue_mask:
         tissue = io.open_stack(p.tissue_mask, chunks=p.chunks).data > 0
@@ -272,6 +272,28 @@ def write_stack(run: Run, image: da.Array, name: str) -> Path:
         shutil.rmtree(path)
     os.replace(partial, path)
     return path
+
+
+def _refuse_non_finite(image: da.Array, path: str) -> da.Array:
+    """Fail the block that holds NaN or infinite voxels, naming it (policy: refuse, exit 2).
+
+    Treating them as background would need a rule for every filter (a Gaussian spreads one NaN
+    over its footprint); the check rides on the preprocess pass, which reads every voxel anyway.
+    """
+    if image.dtype.kind != "f":
+        return image
+    return image.map_blocks(_check_finite, path=path, dtype=image.dtype, meta=image._meta)
+
+
+def _check_finite(block: np.ndarray, *, path: str, block_info: dict | None = None) -> np.ndarray:
+    bad = block.size - int(np.count_nonzero(np.isfinite(block)))
+    if bad:
+        where = ", ".join(f"{a}:{b}" for a, b in (block_info or {0: {}})[0].get("array-location", []))
+        raise ParameterError(
+            f"input {path} has {bad} NaN or infinite voxel(s) in block [{where}]; "
+            "replace them (e.g. with 0) before running nucflow"
+        )
+    return block
 
 
 def persist(run: Run, array: da.Array, name: str, *, label: str) -> da.Array:
