@@ -1,11 +1,9 @@
 """The CLI contract (design.md): bad input or usage exits 2 with ONE line on stderr naming the
 thing and the fix, never a traceback; degenerate but valid stacks run to completion.
 
-Policy for non-finite voxels (NaN/inf in a float input): refuse with exit 2, naming the file and
-the number of non-finite voxels. Treating them as background would need a policy for every filter
-(a Gaussian spreads one NaN over its whole footprint); refusing costs no extra read when the
-count is computed with the preprocess pass, which reads every input voxel anyway. Not done yet:
-see NAN_FIX (xfail).
+Policy for non-finite voxels (NaN/inf in a float input): refuse with exit 2, naming the file,
+the block and its number of non-finite voxels (pipeline checks them in the preprocess pass, which
+reads every voxel anyway); treating them as background would need a rule for every filter.
 """
 
 from __future__ import annotations
@@ -365,44 +363,24 @@ def test_console_script_zarr_v3_string_dtype_is_one_line(tmp_path):
 @pytest.fixture
 def nan_stack(tmp_path) -> str:
     image = synth.make_nuclei((16, 48, 48), n_nuclei=5, seed=1).image.astype(np.float32)
-    image[3, 10:14, 10:14] = np.nan  # 48 NaN voxels
+    image[3, 10:14, 10:14] = np.nan
+    image[5, 0, 0] = np.inf  # 17 non-finite voxels, all in the one default block
     zarr.save_array(str(tmp_path / "nan.zarr"), image)
     return str(tmp_path / "nan.zarr")
 
 
-NAN_FIX = (
-    "pipeline should count non-finite input voxels in the preprocess pass and raise a "
-    "NucflowError naming the file and the count; today otsu crashes with exit 1 ('supplied "
-    "range of [nan, nan] is not finite' in filters._float_histogram) and threshold.method=value "
-    "completes with the NaN neighbourhood silently made background"
-)
-THRESHOLDS = {
-    "otsu": [],
-    "value": ["--set", "threshold.method=value", "--set", "threshold.value=300"],
-}
-
-
 @pytest.mark.parametrize(
-    "threshold",
-    ["otsu", pytest.param("value", marks=pytest.mark.xfail(strict=True, reason=NAN_FIX))],
+    "extra", [[], ["--set", "threshold.method=value", "--set", "threshold.value=300"]]
 )
-def test_nan_voxels_never_give_a_complete_run(capsys, nan_stack, tmp_path, threshold):
+def test_non_finite_voxels_are_refused(capsys, nan_stack, tmp_path, extra):
     out = tmp_path / "out"
-    code, err = cli(
-        capsys, "run", "--input", nan_stack, "--output", str(out), *THRESHOLDS[threshold]
-    )
-    assert code != 0 and "Traceback" not in err
-    assert json.loads((out / "run.json").read_text())["status"] != "complete"
-
-
-@pytest.mark.xfail(strict=True, reason=NAN_FIX)
-@pytest.mark.parametrize("threshold", THRESHOLDS)
-def test_nan_voxels_are_refused(capsys, nan_stack, tmp_path, threshold):
-    out = tmp_path / "out"
-    code, err = cli(
-        capsys, "run", "--input", nan_stack, "--output", str(out), *THRESHOLDS[threshold]
-    )
-    assert_refused(code, err, r"nan\.zarr has 48 non-finite \(NaN/inf\) voxels; .*replace them")
+    code, err = cli(capsys, "run", "--input", nan_stack, "--output", str(out), *extra)
+    assert_refused(
+        code, err,
+        r"^nucflow run: error: input \S+/nan\.zarr has 17 NaN or infinite voxel\(s\) in block "
+        r"\[0:16, 0:48, 0:48\]; replace them \(e\.g\. with 0\) before running nucflow$",
+    )  # fmt: skip
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
 
 
 @pytest.mark.parametrize(
