@@ -17,7 +17,9 @@ def run(job: pipeline.Run) -> dict[str, Any]:
     with job.stage("threshold"):
         threshold = pipeline.global_threshold(job, image)
     with job.stage("mask"):
-        mask = pipeline.persist(job, pipeline.clean_mask(job, image, threshold), "mask", label="mask")
+        mask = pipeline.persist(
+            job, pipeline.clean_mask(job, image, threshold), "mask", label="mask"
+        )
     with job.stage("segment"):
         table = pipeline.segment(job, mask)
     return pipeline.finish(job, table)

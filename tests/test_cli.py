@@ -345,11 +345,6 @@ def test_console_script_missing_input(tmp_path):
     assert proc.stdout == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="zarr's UnstableSpecificationWarning from metadata.to_dict() in io._zarr_token "
-    "prints a second stderr line before the dtype error",
-)
 def test_console_script_zarr_v3_string_dtype_is_one_line(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -36,7 +36,9 @@ def _corner_chunks(made) -> list[str]:
     return [str(max(1, round(c))) for c in centre]
 
 
-@pytest.mark.parametrize("chunks", [["13", "37", "41"], ["40", "50", "29"], ["7", "128", "23"], "corner"])
+@pytest.mark.parametrize(
+    "chunks", [["13", "37", "41"], ["40", "50", "29"], ["7", "128", "23"], "corner"]
+)
 def test_any_chunking_gives_the_one_block_result(stack3d, one_block, tmp_path, chunks):
     source, made = stack3d
     chunks = _corner_chunks(made) if chunks == "corner" else chunks
@@ -103,13 +105,25 @@ def test_measures_other_channels(tmp_path):
     second = (made.image // 2 + 7).astype(np.uint16)
     path = tmp_path / "two.zarr"
     data = np.stack([made.image, second])
-    array = zarr.create_array(str(path), shape=data.shape, dtype=data.dtype, dimension_names=list("czyx"))
+    array = zarr.create_array(
+        str(path), shape=data.shape, dtype=data.dtype, dimension_names=list("czyx")
+    )
     array[:] = data
     out = tmp_path / "out"
-    table, labels = run_flow(path, out, "--channel", "0", "--voxel-size", *map(str, made.voxel_size),
-                             "--set", "measure.channels=[1]")
+    table, labels = run_flow(
+        path,
+        out,
+        "--channel",
+        "0",
+        "--voxel-size",
+        *map(str, made.voxel_size),
+        "--set",
+        "measure.channels=[1]",
+    )
     values = table["label"].to_numpy()
-    np.testing.assert_allclose(table["intensity_mean_c1"], ndimage.mean(second, labels, values), rtol=1e-12)
+    np.testing.assert_allclose(
+        table["intensity_mean_c1"], ndimage.mean(second, labels, values), rtol=1e-12
+    )
     np.testing.assert_allclose(table["intensity_max_c1"], ndimage.maximum(second, labels, values))
 
 
@@ -159,10 +173,29 @@ def test_preprocess_flow_equals_whole_array_filters(stack2d, tmp_path):
     source, made = stack2d
     out = tmp_path / "filtered"
     steps = "filter.steps=[{closing: {size: [5, 5]}}, {opening: {size: [2, 2]}}]"
-    assert main(["run", "--flow", "preprocess", "--input", str(source), "--output", str(out),
-                 "--chunks", "50", "70", "--set", steps]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--flow",
+                "preprocess",
+                "--input",
+                str(source),
+                "--output",
+                str(out),
+                "--chunks",
+                "50",
+                "70",
+                "--set",
+                steps,
+            ]
+        )
+        == 0
+    )
     result = io.open_stack(out / "filtered.ome.zarr")
-    expected = morphology.opening(morphology.closing(made.image, np.ones((5, 5), bool)), np.ones((2, 2), bool))
+    expected = morphology.opening(
+        morphology.closing(made.image, np.ones((5, 5), bool)), np.ones((2, 2), bool)
+    )
     np.testing.assert_array_equal(result.data.compute(), expected)
     assert result.voxel_size == made.voxel_size
     assert json.loads((out / "run.json").read_text())["status"] == "complete"

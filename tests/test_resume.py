@@ -23,10 +23,22 @@ def test_resume_after_kill_redoes_only_unfinished_blocks(stack3d, tmp_path):
     source, made = stack3d
     chunks = ["8", "32", "32"]
     reference = tmp_path / "reference"
-    assert main(["run", "--input", str(source), "--output", str(reference), "--chunks", *chunks]) == 0
+    assert (
+        main(["run", "--input", str(source), "--output", str(reference), "--chunks", *chunks]) == 0
+    )
 
     out = tmp_path / "killed"
-    args = ["run", "--input", str(source), "--output", str(out), "--chunks", *chunks, "--cluster", "processes"]
+    args = [
+        "run",
+        "--input",
+        str(source),
+        "--output",
+        str(out),
+        "--chunks",
+        *chunks,
+        "--cluster",
+        "processes",
+    ]
     proc = subprocess.Popen([*CLI, *args], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     blocks = out / ".work" / "blocks"
     deadline = time.monotonic() + 120

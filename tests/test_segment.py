@@ -25,14 +25,18 @@ def _tiled(mask: np.ndarray, params: SegmentParams, chunks) -> np.ndarray:
         hi = [min(n, e + h) for e, h, n in zip(stop, halo, mask.shape)]
         padded = mask[tuple(slice(a, b) for a, b in zip(lo, hi))]
         core = tuple(slice(s - a, e - a) for s, e, a in zip(starts, stop, lo))
-        labels, _ = segment_block(padded, params, origin=tuple(lo), global_shape=mask.shape, core=core)
+        labels, _ = segment_block(
+            padded, params, origin=tuple(lo), global_shape=mask.shape, core=core
+        )
         out[tuple(slice(s, e) for s, e in zip(starts, stop))] = labels
     return out
 
 
 def _whole(mask: np.ndarray, params: SegmentParams) -> np.ndarray:
     core = tuple(slice(0, n) for n in mask.shape)
-    return segment_block(mask, params, origin=(0,) * mask.ndim, global_shape=mask.shape, core=core)[0]
+    return segment_block(mask, params, origin=(0,) * mask.ndim, global_shape=mask.shape, core=core)[
+        0
+    ]
 
 
 @pytest.mark.parametrize("chunks", [(9, 31, 50), (40, 17, 23), (5, 64, 7)])

@@ -31,13 +31,25 @@ class _Parser(argparse.ArgumentParser):
 
 def _stack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML config (defaults: configs/nuclei.yaml)")
-    parser.add_argument("--input", required=True, help="zarr, OME-Zarr, TIFF, or a folder of TIFF slices")
-    parser.add_argument("--diameter", type=float, help="typical nucleus diameter, µm (pixels if no voxel size)")
-    parser.add_argument("--voxel-size", type=float, nargs="+", metavar="Z Y X", help="override µm per voxel")
+    parser.add_argument(
+        "--input", required=True, help="zarr, OME-Zarr, TIFF, or a folder of TIFF slices"
+    )
+    parser.add_argument(
+        "--diameter", type=float, help="typical nucleus diameter, µm (pixels if no voxel size)"
+    )
+    parser.add_argument(
+        "--voxel-size", type=float, nargs="+", metavar="Z Y X", help="override µm per voxel"
+    )
     parser.add_argument("--channel", type=int, help="channel holding the nuclear stain")
-    parser.add_argument("--chunks", type=int, nargs="+", metavar="Z Y X", help="block shape in voxels")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--cluster", default="threads", help="threads, processes, local, slurm or tcp://HOST:PORT")
+    parser.add_argument(
+        "--chunks", type=int, nargs="+", metavar="Z Y X", help="block shape in voxels"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
+    parser.add_argument(
+        "--cluster", default="threads", help="threads, processes, local, slurm or tcp://HOST:PORT"
+    )
     parser.add_argument("--scheduler-file", help="connect to the scheduler described by this file")
     parser.add_argument("--jobs", type=int, help="SLURM: number of worker jobs")
     parser.add_argument("--adapt", metavar="MIN:MAX", help="SLURM: adaptive number of worker jobs")
@@ -45,12 +57,16 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="nucflow", description="Seam-free nuclei segmentation for stacks of any size.")
+    parser = _Parser(
+        prog="nucflow", description="Seam-free nuclei segmentation for stacks of any size."
+    )
     parser.add_argument("--version", action="version", version=f"nucflow {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = commands.add_parser("demo", help="synthetic 3D stack -> full run; prints a summary")
-    demo.add_argument("--output", default="nucflow-demo", help="folder for the demo (default ./nucflow-demo)")
+    demo.add_argument(
+        "--output", default="nucflow-demo", help="folder for the demo (default ./nucflow-demo)"
+    )
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo folder")
     demo.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -66,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="segment and measure nuclei")
     _stack_options(run)
     run.add_argument("--output", required=True, help="output directory")
-    run.add_argument("--flow", default="nuclei", help="nuclei (default), preprocess, or a flow .py file")
+    run.add_argument(
+        "--flow", default="nuclei", help="nuclei (default), preprocess, or a flow .py file"
+    )
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue an interrupted run")
     again.add_argument("--overwrite", action="store_true", help="replace an earlier nucflow output")
@@ -102,8 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # an unexpected failure, reported without a traceback unless --debug
         if args.debug:
             raise
-        print(f"nucflow {args.command}: unexpected error: {type(error).__name__}: {error} "
-              "(rerun with --debug for a traceback)", file=sys.stderr)
+        print(
+            f"nucflow {args.command}: unexpected error: {type(error).__name__}: {error} "
+            "(rerun with --debug for a traceback)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -146,7 +167,9 @@ def _adapt(text: str | None) -> tuple[int, int] | None:
         return None
     low, sep, high = text.partition(":")
     if not (sep and low.isdigit() and high.isdigit() and int(low) <= int(high)):
-        raise ParameterError(f"--adapt {text!r} must be MIN:MAX with 0 <= MIN <= MAX, e.g. --adapt 1:8")
+        raise ParameterError(
+            f"--adapt {text!r} must be MIN:MAX with 0 <= MIN <= MAX, e.g. --adapt 1:8"
+        )
     return int(low), int(high)
 
 
@@ -155,7 +178,9 @@ def _load_flow(name: str) -> ModuleType:
 
     path = Path(name) if name.endswith(".py") else resource_path("flows", f"{name}.py")
     if not path.is_file():
-        raise ParameterError(f"--flow {name!r}: no such flow ({path}); use nuclei, preprocess or a .py file")
+        raise ParameterError(
+            f"--flow {name!r}: no such flow ({path}); use nuclei, preprocess or a .py file"
+        )
     spec = importlib.util.spec_from_file_location(f"nucflow_flow_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -172,8 +197,13 @@ def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         args.cluster, scheduler_file=args.scheduler_file, jobs=args.jobs, adapt=_adapt(args.adapt)
     ) as runner:
         job = pipeline.open_run(
-            stack, params, args.output, runner=runner, config=config,
-            resume=args.resume, overwrite=args.overwrite,
+            stack,
+            params,
+            args.output,
+            runner=runner,
+            config=config,
+            resume=args.resume,
+            overwrite=args.overwrite,
         )
         try:
             result = flow.run(job)
@@ -214,12 +244,17 @@ def _synth(args: argparse.Namespace) -> None:
     from nucflow import io, synth
 
     made = synth.make_nuclei(
-        tuple(args.shape), n_nuclei=args.nuclei, diameter=args.diameter,
-        voxel_size=tuple(args.voxel_size) if args.voxel_size else None, seed=args.seed,
+        tuple(args.shape),
+        n_nuclei=args.nuclei,
+        diameter=args.diameter,
+        voxel_size=tuple(args.voxel_size) if args.voxel_size else None,
+        seed=args.seed,
     )
     io.write_ome_zarr(args.output, made.image, made.voxel_size, labels={"truth": made.truth})
-    print(f"nucflow synth: {made.truth.max()} nuclei, shape {made.image.shape}, voxel size "
-          f"{made.voxel_size} µm -> {args.output} (truth at {args.output}/labels/truth)")
+    print(
+        f"nucflow synth: {made.truth.max()} nuclei, shape {made.image.shape}, voxel size "
+        f"{made.voxel_size} µm -> {args.output} (truth at {args.output}/labels/truth)"
+    )
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -240,7 +275,17 @@ def _demo(args: argparse.Namespace) -> None:
     source = folder / "input.ome.zarr"
     io.write_ome_zarr(source, made.image, made.voxel_size, labels={"truth": made.truth})
     run_args = _parser().parse_args(
-        ["run", "--input", str(source), "--output", str(folder / "run"), "--chunks", "32", "128", "128"]
+        [
+            "run",
+            "--input",
+            str(source),
+            "--output",
+            str(folder / "run"),
+            "--chunks",
+            "32",
+            "128",
+            "128",
+        ]
     )
     start = time.perf_counter()
     job, result = execute(run_args)

@@ -38,7 +38,8 @@ def _summarize(block: np.ndarray, index: tuple[int, ...], grid: tuple[int, ...],
         if index[axis] == grid[axis] - 1:
             border[np.take(labels, -1, axis=axis)] = True
     faces = {
-        axis: (np.take(labels, 0, axis=axis), np.take(labels, -1, axis=axis)) for axis in range(block.ndim)
+        axis: (np.take(labels, 0, axis=axis), np.take(labels, -1, axis=axis))
+        for axis in range(block.ndim)
     }
     return count, sizes, border[1:], faces
 
@@ -68,7 +69,9 @@ def _join(summaries: dict, grid: tuple[int, ...], connectivity: int, decide: Dec
     touches = np.bincount(component, weights=border, minlength=total_size.size) > 0
     keep = np.asarray(decide(total_size.astype(np.int64), touches), bool)
     return {
-        index: np.concatenate([[False], keep[component[offsets[index] : offsets[index] + summaries[index][0]]]])
+        index: np.concatenate(
+            [[False], keep[component[offsets[index] : offsets[index] + summaries[index][0]]]]
+        )
         for index in offsets
     }
 
@@ -82,14 +85,20 @@ def _touching(low: np.ndarray, high: np.ndarray, connectivity: int) -> set[tuple
     for shift in itertools.product((-1, 0, 1), repeat=ndim):
         if sum(map(abs, shift)) > connectivity - 1:
             continue
-        a = low[tuple(slice(max(0, -s), n - max(0, s)) for s, n in zip(shift, low.shape, strict=True))]
-        b = high[tuple(slice(max(0, s), n - max(0, -s)) for s, n in zip(shift, high.shape, strict=True))]
+        a = low[
+            tuple(slice(max(0, -s), n - max(0, s)) for s, n in zip(shift, low.shape, strict=True))
+        ]
+        b = high[
+            tuple(slice(max(0, s), n - max(0, -s)) for s, n in zip(shift, high.shape, strict=True))
+        ]
         both = (a > 0) & (b > 0)
         pairs.update(zip(a[both].tolist(), b[both].tolist(), strict=True))
     return pairs
 
 
-def _apply(block: np.ndarray, tables: dict, index: tuple[int, ...], connectivity: int) -> np.ndarray:
+def _apply(
+    block: np.ndarray, tables: dict, index: tuple[int, ...], connectivity: int
+) -> np.ndarray:
     labels, _ = ndimage.label(block, structure=_structure(block.ndim, connectivity))
     return tables[index][labels]
 
@@ -122,5 +131,7 @@ def select_components(mask: da.Array, decide: Decision, *, connectivity: int = 1
     for index in summaries:
         shape = tuple(c[i] for c, i in zip(mask.chunks, index, strict=True))
         part = dask.delayed(_apply, pure=True)(blocks[index], tables, index, connectivity)
-        rows[index] = da.from_delayed(part, shape=shape, dtype=bool, meta=np.empty((0,) * mask.ndim, bool))
+        rows[index] = da.from_delayed(
+            part, shape=shape, dtype=bool, meta=np.empty((0,) * mask.ndim, bool)
+        )
     return da.block(rows.tolist())

@@ -100,8 +100,13 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "measure.channels": (lambda v: isinstance(v, list) and all(map(_count, v)), "a list of ints"),
     "qc.enabled": (lambda v: isinstance(v, bool), "true or false"),
     "filter.steps": (
-        lambda v: isinstance(v, list)
-        and all(isinstance(s, dict) and len(s) == 1 and isinstance(next(iter(s.values())), dict) for s in v),
+        lambda v: (
+            isinstance(v, list)
+            and all(
+                isinstance(s, dict) and len(s) == 1 and isinstance(next(iter(s.values())), dict)
+                for s in v
+            )
+        ),
         "a list of one-key mappings like [{gaussian: {sigma: 1.0}}]",
     ),
 }
@@ -153,14 +158,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         where = f" (line {line + 1})" if line is not None else ""
         raise ConfigError(f"config file {path} is not valid YAML{where}; fix its syntax") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of keys, not {type(data).__name__}"
+        )
     return data
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r} must look like key=value, e.g. --set threshold.method=li")
+        raise ConfigError(
+            f"--set {item!r} must look like key=value, e.g. --set threshold.method=li"
+        )
     try:
         return key.strip(), yaml.safe_load(text)
     except yaml.YAMLError:
@@ -173,7 +182,9 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
     return {dotted.split(".")[0]: value}
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any], *, source: str, prefix: str = "") -> None:
+def _merge(
+    base: dict[str, Any], update: Mapping[str, Any], *, source: str, prefix: str = ""
+) -> None:
     for key, value in update.items():
         dotted = f"{prefix}{key}"
         if key not in base:
@@ -225,7 +236,9 @@ class Params:
     filter_steps: tuple[tuple[str, dict[str, Any]], ...] = ()
 
 
-def resolve(config: Mapping[str, Any], *, shape: tuple[int, ...], voxel_size: tuple[float, ...]) -> Params:
+def resolve(
+    config: Mapping[str, Any], *, shape: tuple[int, ...], voxel_size: tuple[float, ...]
+) -> Params:
     """Fill every ``null`` length from the diameter and check it against the stack.
 
     Parameters
@@ -245,7 +258,9 @@ def resolve(config: Mapping[str, Any], *, shape: tuple[int, ...], voxel_size: tu
     voxel = tuple(float(v) for v in (config["voxel_size"] or voxel_size))
     if len(voxel) != ndim:
         axes = "Z Y X" if ndim == 3 else "Y X"
-        raise ParameterError(f"`voxel_size` has {len(voxel)} values but the stack has {ndim} axes; pass {axes}")
+        raise ParameterError(
+            f"`voxel_size` has {len(voxel)} values but the stack has {ndim} axes; pass {axes}"
+        )
     chunks = tuple(config["chunks"] or DEFAULT_CHUNKS[ndim])
     if len(chunks) != ndim:
         axes = "Z Y X" if ndim == 3 else "Y X"
@@ -285,7 +300,9 @@ def resolve(config: Mapping[str, Any], *, shape: tuple[int, ...], voxel_size: tu
         max_radius=derived(seg["max_radius"], 1.0),
         channels=tuple(config["measure"]["channels"]),
         qc=config["qc"]["enabled"],
-        filter_steps=tuple((name, dict(p)) for step in config["filter"]["steps"] for name, p in step.items()),
+        filter_steps=tuple(
+            (name, dict(p)) for step in config["filter"]["steps"] for name, p in step.items()
+        ),
     )
 
 

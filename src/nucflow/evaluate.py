@@ -8,7 +8,9 @@ from scipy import sparse
 __all__ = ["match_instances"]
 
 
-def match_instances(predicted: np.ndarray, truth: np.ndarray, *, iou: float = 0.5) -> dict[str, float]:
+def match_instances(
+    predicted: np.ndarray, truth: np.ndarray, *, iou: float = 0.5
+) -> dict[str, float]:
     """Match predicted to true instances at an IoU threshold.
 
     With a threshold of at least 0.5 a true instance can overlap at most one predicted instance

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import threading
+import warnings
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -447,7 +448,10 @@ def _zarr_native_chunks(arr: zarr.Array) -> tuple[int, ...]:
 
 
 def _zarr_token(path: str, arr: zarr.Array) -> tuple:
-    meta = json.dumps(arr.metadata.to_dict(), sort_keys=True, default=str)
+    # the metadata is only a cache key: zarr's warnings about unstable dtypes are not the user's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meta = json.dumps(arr.metadata.to_dict(), sort_keys=True, default=str)
     return (os.path.abspath(path), arr.path, meta, os.stat(path).st_mtime_ns)
 
 

@@ -54,8 +54,12 @@ def block_stats(
     """
     axes = _AXES[labels.ndim]
     inside = labels > 0
-    coords = {a: c.astype(np.int64) + o for a, c, o in zip(axes, np.nonzero(inside), origin, strict=True)}
-    voxels = pd.DataFrame({"label": labels[inside], "seed_distance": seed_distance[inside], **coords})
+    coords = {
+        a: c.astype(np.int64) + o for a, c, o in zip(axes, np.nonzero(inside), origin, strict=True)
+    }
+    voxels = pd.DataFrame(
+        {"label": labels[inside], "seed_distance": seed_distance[inside], **coords}
+    )
     for pair in _products(axes):
         voxels[f"p_{pair}"] = coords[pair[0]] * coords[pair[1]]
     aggregations: dict[str, tuple[str, str]] = {"n": ("label", "size")}
@@ -106,7 +110,13 @@ def table_columns(ndim: int, channel_suffixes: Sequence[str] = ("",)) -> list[st
     columns = ["label"]
     columns += [f"centroid_{a}" for a in axes] + [f"centroid_{a}_um" for a in axes]
     columns += [f"bbox_min_{a}" for a in axes] + [f"bbox_max_{a}" for a in axes]
-    columns += ["n_voxels", size, "equivalent_diameter_um", "major_axis_length_um", "minor_axis_length_um"]
+    columns += [
+        "n_voxels",
+        size,
+        "equivalent_diameter_um",
+        "major_axis_length_um",
+        "minor_axis_length_um",
+    ]
     for suffix in channel_suffixes:
         columns += [f"intensity_{s}{suffix}" for s in ("mean", "min", "max", "std", "sum")]
     return columns + ["touches_border", "truncated"]

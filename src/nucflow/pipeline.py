@@ -119,7 +119,9 @@ def open_run(
 
 def _check_not_inside_input(out: Path, source: Path) -> None:
     if out == source or source in out.parents:
-        raise OutputError(f"--output {out} is inside the input {source}; choose a directory outside it")
+        raise OutputError(
+            f"--output {out} is inside the input {source}; choose a directory outside it"
+        )
     if out in source.parents:
         raise OutputError(f"--output {out} contains the input {source}; choose another directory")
 
@@ -155,7 +157,9 @@ def write_run_json(run: Run, status: str, **extra: Any) -> None:
         "shape": list(run.stack.data.shape),
         "dtype": str(run.stack.data.dtype),
         "voxel_size_um": list(p.voxel_size),
-        "unit": "micrometer" if run.stack.voxel_size_known or run.config.get("voxel_size") else "pixel",
+        "unit": "micrometer"
+        if run.stack.voxel_size_known or run.config.get("voxel_size")
+        else "pixel",
         "config": run.config,
         "derived": {k: v for k, v in vars(p).items() if k not in ("voxel_size",)},
         "halo": list(run.segment_params.halo()),
@@ -237,7 +241,9 @@ def configured_filters(run: Run) -> da.Array:
     steps = []
     for name, given in p.filter_steps:
         if name not in filters.STEPS:
-            raise ConfigError(f"`filter.steps`: unknown filter {name!r}; use one of {', '.join(filters.STEPS)}")
+            raise ConfigError(
+                f"`filter.steps`: unknown filter {name!r}; use one of {', '.join(filters.STEPS)}"
+            )
         steps.append((name, _physical_step(name, dict(given), p.voxel_size)))
     return filters.chain(run.stack.data.rechunk(p.chunks), steps)
 
@@ -288,7 +294,9 @@ def _refuse_non_finite(image: da.Array, path: str) -> da.Array:
 def _check_finite(block: np.ndarray, *, path: str, block_info: dict | None = None) -> np.ndarray:
     bad = block.size - int(np.count_nonzero(np.isfinite(block)))
     if bad:
-        where = ", ".join(f"{a}:{b}" for a, b in (block_info or {0: {}})[0].get("array-location", []))
+        where = ", ".join(
+            f"{a}:{b}" for a, b in (block_info or {0: {}})[0].get("array-location", [])
+        )
         raise ParameterError(
             f"input {path} has {bad} NaN or infinite voxel(s) in block [{where}]; "
             "replace them (e.g. with 0) before running nucflow"
@@ -351,7 +359,9 @@ def clean_mask(run: Run, image: da.Array, threshold: float) -> da.Array:
     return mask
 
 
-def _blocks(shape: Sequence[int], chunks: Sequence[int]) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
+def _blocks(
+    shape: Sequence[int], chunks: Sequence[int]
+) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
     grid = [range(0, n, c) for n, c in zip(shape, chunks, strict=True)]
     for starts in itertools.product(*grid):
         index = tuple(s // c for s, c in zip(starts, chunks, strict=True))
@@ -383,12 +393,21 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
         part_files.append(part)
         if run.resume and part.exists():
             continue
-        padded = tuple(slice(max(0, c.start - h), min(n, c.stop + h)) for c, h, n in zip(core, halo, shape, strict=True))
+        padded = tuple(
+            slice(max(0, c.start - h), min(n, c.stop + h))
+            for c, h, n in zip(core, halo, shape, strict=True)
+        )
         intensities = {suffix: data[core] for suffix, data in channels.items()}
         tasks.append(
             dask.delayed(_segment_task, pure=False)(
-                mask[padded], intensities, labels, run.segment_params,
-                padded=padded, core=core, shape=shape, part=str(part),
+                mask[padded],
+                intensities,
+                labels,
+                run.segment_params,
+                padded=padded,
+                core=core,
+                shape=shape,
+                part=str(part),
             )
         )
     run.facts["blocks"] = {"total": len(part_files), "computed": len(tasks)}
@@ -427,7 +446,9 @@ def _segment_task(
 ) -> int:
     origin = tuple(s.start for s in padded)
     local_core = tuple(slice(c.start - o, c.stop - o) for c, o in zip(core, origin, strict=True))
-    lab, seed_distance = segment_block(mask.astype(bool), params, origin=origin, global_shape=shape, core=local_core)
+    lab, seed_distance = segment_block(
+        mask.astype(bool), params, origin=origin, global_shape=shape, core=local_core
+    )
     if lab.any():
         labels[core] = lab
     stats = measure.block_stats(lab, seed_distance, intensities, origin=[c.start for c in core])
@@ -475,7 +496,9 @@ def _write_table(run: Run, table: pd.DataFrame) -> None:
     unit = "micrometer" if run.stack.voxel_size_known or run.config.get("voxel_size") else "pixel"
     meta = {"voxel_size": list(run.params.voxel_size), "unit": unit, "nucflow": nucflow.__version__}
     arrow = pa.Table.from_pandas(table, preserve_index=False)
-    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), b"nucflow": json.dumps(meta).encode()})
+    arrow = arrow.replace_schema_metadata(
+        {**(arrow.schema.metadata or {}), b"nucflow": json.dumps(meta).encode()}
+    )
     sink = pa.BufferOutputStream()
     pq.write_table(arrow, sink)
     _write_atomic(run.output / "nuclei.parquet", sink.getvalue().to_pybytes())
@@ -496,9 +519,12 @@ def plan_summary(stack: io.Stack, params: Params) -> str:
     padded_total = 0
     for _, core in blocks:
         padded_total += math.prod(
-            min(n, c.stop + h) - max(0, c.start - h) for c, h, n in zip(core, halo, shape, strict=True)
+            min(n, c.stop + h) - max(0, c.start - h)
+            for c, h, n in zip(core, halo, shape, strict=True)
         )
-    largest = math.prod(min(n, c + 2 * h) for c, h, n in zip(params.chunks, halo, shape, strict=True))
+    largest = math.prod(
+        min(n, c + 2 * h) for c, h, n in zip(params.chunks, halo, shape, strict=True)
+    )
     lines = [
         f"input      {stack.path}: shape {shape}, {stack.data.dtype}, voxel {params.voxel_size} µm",
         f"blocks     {len(blocks)} of {params.chunks} voxels",

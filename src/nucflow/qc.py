@@ -53,7 +53,9 @@ def _regions(shape: tuple[int, ...], table: pd.DataFrame) -> list[tuple[slice, .
     centres = [(shape[-2] // 2, shape[-1] // 2)]
     if len(table):
         picks = np.unique(np.linspace(0, len(table) - 1, 3).astype(int))
-        centres = list(zip(table[y_col].to_numpy()[picks], table[x_col].to_numpy()[picks], strict=True))
+        centres = list(
+            zip(table[y_col].to_numpy()[picks], table[x_col].to_numpy()[picks], strict=True)
+        )
     regions = []
     for cy, cx in centres:
         window = []
@@ -76,8 +78,11 @@ def _outline_picture(plt, path: Path, image: da.Array, labels: da.Array, window)
     ax.imshow(picture, cmap="gray", vmin=low, vmax=max(high, low + 1))
     edges = np.ma.masked_where(~find_boundaries(flat, mode="inner"), np.ones(flat.shape))
     ax.imshow(edges, cmap="autumn", alpha=0.9, interpolation="nearest")
-    ax.set_title(f"label outlines on max projection, y {window[0].start}:{window[0].stop}, "
-                 f"x {window[1].start}:{window[1].stop}", fontsize=8)
+    ax.set_title(
+        f"label outlines on max projection, y {window[0].start}:{window[0].stop}, "
+        f"x {window[1].start}:{window[1].stop}",
+        fontsize=8,
+    )
     ax.set_axis_off()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

@@ -156,5 +156,7 @@ def _acquire(rng, signal, voxel, diameter) -> np.ndarray:
     grids = np.meshgrid(*(np.linspace(0, 1, n) for n in signal.shape), indexing="ij")
     background = 0.12 + 0.10 * grids[-1] + 0.06 * np.sin(3.0 * grids[-2])
     photons = (blurred + background) * 900.0
-    noisy = rng.poisson(np.maximum(photons, 0)).astype(np.float32) + rng.normal(100, 8, photons.shape)
+    noisy = rng.poisson(np.maximum(photons, 0)).astype(np.float32) + rng.normal(
+        100, 8, photons.shape
+    )
     return np.clip(noisy, 0, 65535).astype(np.uint16)
