@@ -1,0 +1,439 @@
+"""Benchmark a whole nucflow run against a whole-array scikit-image pipeline.
+
+Run ``python benchmarks/pipeline.py`` (128x512x512, blocks of 64x256x256) or add ``--quick``
+(64x256x256). The script
+
+1. draws a seeded synthetic stack (``nucflow.synth.make_nuclei``; by default as many nuclei per
+   voxel as the demo: 150 in 64x256x256 at voxel (1, 0.5, 0.5) µm, diameter 8 µm) and writes it
+   as OME-Zarr in a temporary directory;
+2. runs ``nucflow run`` in a subprocess (threaded scheduler, all cores) and reads the per-stage
+   timings and the derived parameters from its run.json;
+3. runs the same steps with the same parameters on the whole array with scipy/scikit-image in a
+   second subprocess (Gaussian, white top-hat with nucflow's footprint, Otsu, opening, hole
+   filling, small-object removal, anisotropic EDT, ``peak_local_max`` markers, watershed,
+   ``regionprops_table``), timing each step;
+4. scores both label images against the ground truth (F1 at IoU 0.5).
+
+Wall time is the subprocess's whole life (interpreter start, imports, reading, writing).
+Peak RSS is the larger of (a) the summed VmRSS of the subprocess and all its descendants,
+sampled from /proc every 0.1 s (may miss a peak shorter than 0.1 s), and (b) the kernel's
+high-water mark ``ru_maxrss`` of the largest single process of the tree, from ``os.wait4``
+(exact for that process, a lower bound for the tree). Both are printed.
+
+Output of ``python benchmarks/pipeline.py`` (full size, 1 min 17 s in all) on the 2-core
+development machine (a shared one: stage times varied up to 2x between runs; one run during a
+test suite gave nucflow preprocess 11.3 s):
+
+    drawing (128, 512, 512) with 1200 nuclei in /tmp/nb_full ...
+    running nucflow ...
+    running the whole-array reference ...
+    stack (128, 512, 512) uint16, voxel (1.0, 0.5, 0.5) µm, diameter 8 µm
+    truth: 1200 nuclei (asked 1200, seed 0)
+    nucflow: blocks (64, 256, 256), halo (21, 41, 41), threads, 2 cores
+    reference: whole array, scikit-image 0.26.0
+
+    stage        nucflow s reference s   ref/nf  reference steps, s
+    preprocess        8.19        8.41    1.03x  read 0.31 gaussian 0.89 tophat 7.21
+    threshold         0.40        0.21    0.52x  otsu 0.21
+    mask              0.92        2.42    2.62x  opening 0.40 fill_holes 1.02 remove_small 1.00
+    segment           3.54       12.77    3.60x  edt 9.38 peaks 1.47 watershed 1.49 regionprops 0.43
+    write             1.51        0.02    0.01x  save 0.02
+    stages sum       14.56       23.82
+    process wall     16.52       24.64    1.49x  (interpreter start, imports, I/O included)
+
+    peak RSS MiB      1059        1770  nf/ref 0.60x
+      sampled tree 1053 / 1767, ru_maxrss 1059 / 1770 (nucflow / reference)
+    threshold       341.73      341.73
+    nuclei found      1200        1186  (nucflow truncated: 0)
+    F1 @ IoU 0.5     0.998       0.989
+    precision        0.998       0.995
+    recall           0.998       0.983
+    mean IoU         0.865       0.858
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+DEMO_SHAPE = (64, 256, 256)
+DEMO_NUCLEI = 150
+DIAMETER = 8.0
+SEED = 0
+MIB = 2**20
+# nucflow stage -> the reference steps that do the same work
+STAGES = {
+    "preprocess": ("read", "gaussian", "tophat"),
+    "threshold": ("otsu",),
+    "mask": ("opening", "fill_holes", "remove_small"),
+    "segment": ("edt", "peaks", "watershed", "regionprops"),
+    "write": ("save",),
+}
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _children_map() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc/<pid>/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # comm may hold spaces and ")"
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _vm_rss(pid: int) -> int:
+    """Resident set size of one process in bytes (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_rss(pid: int) -> int:
+    """Summed VmRSS of a process and all its descendants, in bytes."""
+    children = _children_map()
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += _vm_rss(p)
+        todo.extend(children.get(p, []))
+    return total
+
+
+class PeakSampler(threading.Thread):
+    """Keep the largest :func:`tree_rss` of a process, sampled every ``interval`` seconds."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval, self.peak = pid, interval, 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, tree_rss(self.pid))
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return self.peak
+
+
+def run_measured(cmd: list[str], log: Path) -> dict[str, float]:
+    """Run ``cmd``; wall time (s), sampled tree peak and ru_maxrss (bytes). Fails loudly."""
+    with open(log, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        sampler = PeakSampler(proc.pid)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    sampled = sampler.stop()
+    if proc.returncode != 0:
+        sys.exit(f"{cmd[:4]} failed with exit code {proc.returncode}:\n{log.read_text()[-3000:]}")
+    maxrss = usage.ru_maxrss * 1024  # kB on Linux
+    return {"wall": wall, "rss_sampled": sampled, "rss_maxrss": maxrss, "rss": max(sampled, maxrss)}
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+@contextmanager
+def _step(timings: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+
+
+def _markers(distance: np.ndarray, mask: np.ndarray, min_distance: int) -> np.ndarray:
+    from skimage.feature import peak_local_max
+
+    coords = peak_local_max(
+        distance, min_distance=min_distance, labels=mask.astype(np.uint8), exclude_border=False
+    )
+    markers = np.zeros(mask.shape, np.int32)
+    markers[tuple(coords.T)] = np.arange(1, len(coords) + 1)
+    return markers
+
+
+def reference_mask(image: np.ndarray, voxel: tuple, d: dict, t: dict) -> tuple[np.ndarray, float]:
+    """Gaussian, white top-hat, Otsu, opening, hole filling, small-object removal."""
+    import scipy.ndimage as ndi
+    import skimage.filters
+    import skimage.morphology as morph
+
+    from nucflow.filters import ellipsoid
+
+    with _step(t, "gaussian"):
+        smooth = ndi.gaussian_filter(image.astype(np.float32), [d["sigma"] / v for v in voxel])
+    with _step(t, "tophat"):
+        fp = ellipsoid(d["background_radius"], voxel, decomposition="sequence")
+        pre = morph.white_tophat(smooth, fp)
+    with _step(t, "otsu"):
+        threshold = float(skimage.filters.threshold_otsu(pre))
+    with _step(t, "opening"):
+        mask = morph.opening(pre > threshold, ellipsoid(d["opening_radius"], voxel))
+    with _step(t, "fill_holes"):
+        mask = ndi.binary_fill_holes(mask)
+    with _step(t, "remove_small"):
+        mask = morph.remove_small_objects(mask, max_size=int(d["min_volume"] / math.prod(voxel)))
+    return mask, threshold
+
+
+def reference_labels(mask: np.ndarray, voxel: tuple, d: dict, t: dict) -> np.ndarray:
+    """Anisotropic EDT, peak_local_max markers, watershed on the negated distance."""
+    import scipy.ndimage as ndi
+    from skimage.segmentation import watershed
+
+    with _step(t, "edt"):
+        distance = ndi.distance_transform_edt(mask, sampling=voxel)
+    with _step(t, "peaks"):
+        markers = _markers(distance, mask, round(d["peak_radius"] / min(voxel)))
+    with _step(t, "watershed"):
+        return watershed(-distance, markers, mask=mask)
+
+
+def reference_main(source: str, run_json: str, out_npy: str, out_json: str) -> None:
+    """The whole-array pipeline (runs in its own subprocess); writes labels and timings."""
+    from skimage.measure import regionprops_table
+
+    record = json.loads(Path(run_json).read_text())
+    voxel, derived = tuple(record["voxel_size_um"]), record["derived"]
+    t: dict[str, float] = {}
+    with _step(t, "read"):
+        image = read_level0(Path(source))
+    mask, threshold = reference_mask(image, voxel, derived, t)
+    labels = reference_labels(mask, voxel, derived, t)
+    with _step(t, "regionprops"):
+        props = (
+            "label",
+            "area",
+            "centroid",
+            "bbox",
+            "axis_major_length",
+            "axis_minor_length",
+            "intensity_mean",
+            "intensity_min",
+            "intensity_max",
+            "intensity_std",
+        )
+        table = regionprops_table(labels, intensity_image=image, properties=props, spacing=voxel)
+    with _step(t, "save"):
+        np.save(out_npy, labels)
+    summary = {"timings_s": t, "threshold": threshold, "nuclei": len(table["label"])}
+    Path(out_json).write_text(json.dumps(summary))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def default_nuclei(shape: tuple[int, ...]) -> int:
+    """As many nuclei per voxel as the demo stack."""
+    return round(DEMO_NUCLEI * math.prod(shape) / math.prod(DEMO_SHAPE))
+
+
+def synth_main(source: str, shape: str, nuclei: str, chunks: str) -> None:
+    """Draw the stack and write it with its truth (runs in its own subprocess, see make_input)."""
+    from nucflow import io, synth
+
+    size = tuple(map(int, shape.split(",")))
+    made = synth.make_nuclei(size, n_nuclei=int(nuclei), diameter=DIAMETER, seed=SEED)
+    blocks = tuple(map(int, chunks.split(",")))
+    io.write_ome_zarr(
+        source, made.image, made.voxel_size, labels={"truth": made.truth}, chunks=blocks
+    )
+
+
+def make_input(folder: Path, shape: tuple[int, ...], nuclei: int, chunks: tuple[int, ...]) -> Path:
+    """Write the synthetic stack from a subprocess.
+
+    The parent must stay small: Python starts children with vfork, and Linux carries the
+    parent's RSS high-water mark into a child's ``ru_maxrss`` at exec.
+    """
+    source = folder / "input.ome.zarr"
+    as_text = [",".join(map(str, v)) for v in (shape, chunks)]
+    cmd = [sys.executable, __file__, "_synth", str(source), as_text[0], str(nuclei), as_text[1]]
+    subprocess.run(cmd, check=True)
+    return source
+
+
+def read_level0(path: Path) -> np.ndarray:
+    import zarr
+
+    return zarr.open_array(str(path / "0"), mode="r")[...]
+
+
+def run_nucflow(source: Path, folder: Path, chunks: tuple[int, ...]) -> tuple[dict, dict]:
+    output = folder / "nucflow"
+    code = "from nucflow.cli import main; raise SystemExit(main())"
+    cmd = [
+        sys.executable,
+        "-c",
+        code,
+        "run",
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        "--chunks",
+        *map(str, chunks),
+    ]
+    measured = run_measured(cmd, folder / "nucflow.log")
+    record = json.loads((output / "run.json").read_text())
+    return measured, record
+
+
+def run_reference(source: Path, folder: Path) -> tuple[dict, dict]:
+    out_npy, out_json = folder / "reference.npy", folder / "reference.json"
+    run_json = folder / "nucflow" / "run.json"
+    cmd = [
+        sys.executable,
+        __file__,
+        "_reference",
+        str(source),
+        str(run_json),
+        str(out_npy),
+        str(out_json),
+    ]
+    measured = run_measured(cmd, folder / "reference.log")
+    return measured, json.loads(out_json.read_text())
+
+
+def score(folder: Path, truth: np.ndarray) -> tuple[dict, dict]:
+    from nucflow.evaluate import match_instances
+
+    ours = read_level0(folder / "nucflow" / "labels.ome.zarr")
+    theirs = np.load(folder / "reference.npy")
+    return match_instances(ours, truth), match_instances(theirs, truth)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:6.2f}x" if b else "     -"
+
+
+def stage_rows(ours: dict[str, float], ref: dict[str, float]) -> list[str]:
+    rows = []
+    for stage, steps in STAGES.items():
+        mine, theirs = ours.get(stage, 0.0), sum(ref.get(s, 0.0) for s in steps)
+        detail = " ".join(f"{s} {ref.get(s, 0.0):.2f}" for s in steps)
+        rows.append(f"{stage:12s} {mine:9.2f} {theirs:11.2f}  {_ratio(theirs, mine)}  {detail}")
+    return rows
+
+
+def report(args, n_true, ours, record, ref, ref_summary, scores) -> str:
+    shape, chunks = tuple(args.shape), tuple(args.chunks)
+    lines = [
+        f"stack {shape} uint16, voxel {tuple(record['voxel_size_um'])} µm, "
+        f"diameter {DIAMETER:g} µm",
+        f"truth: {n_true} nuclei (asked {args.nuclei}, seed {SEED})",
+        f"nucflow: blocks {chunks}, halo {tuple(record['halo'])}, {record['cluster']}, "
+        f"{os.cpu_count()} cores",
+        f"reference: whole array, scikit-image {_skimage()}",
+        "",
+        f"{'stage':12s} {'nucflow s':>9s} {'reference s':>11s}  {'ref/nf':>7s}  reference steps, s",
+        *stage_rows(record["timings_s"], ref_summary["timings_s"]),
+        f"{'stages sum':12s} {sum(record['timings_s'].values()):9.2f} "
+        f"{sum(ref_summary['timings_s'].values()):11.2f}",
+        f"{'process wall':12s} {ours['wall']:9.2f} {ref['wall']:11.2f}  "
+        f"{_ratio(ref['wall'], ours['wall'])}  (interpreter start, imports, I/O included)",
+        "",
+        f"{'peak RSS MiB':12s} {ours['rss'] / MIB:9.0f} {ref['rss'] / MIB:11.0f}  "
+        f"nf/ref {ours['rss'] / ref['rss']:.2f}x",
+        f"  sampled tree {ours['rss_sampled'] / MIB:.0f} / {ref['rss_sampled'] / MIB:.0f}, "
+        f"ru_maxrss {ours['rss_maxrss'] / MIB:.0f} / {ref['rss_maxrss'] / MIB:.0f} "
+        "(nucflow / reference)",
+        f"{'threshold':12s} {record.get('threshold', float('nan')):9.2f} "
+        f"{ref_summary['threshold']:11.2f}",
+        f"{'nuclei found':12s} {record['counts']['nuclei']:9d} {ref_summary['nuclei']:11d}"
+        f"  (nucflow truncated: {record['counts']['truncated']})",
+    ]
+    for key, name in (
+        ("f1", "F1 @ IoU 0.5"),
+        ("precision", "precision"),
+        ("recall", "recall"),
+        ("mean_matched_iou", "mean IoU"),
+    ):
+        lines.append(f"{name:12s} {scores[0][key]:9.3f} {scores[1][key]:11.3f}")
+    return "\n".join(lines)
+
+
+def _skimage() -> str:
+    import skimage
+
+    return skimage.__version__
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    zyx = ("Z", "Y", "X")
+    parser.add_argument("--shape", type=int, nargs=3, default=[128, 512, 512], metavar=zyx)
+    parser.add_argument("--nuclei", type=int, help="default: 150 per 64x256x256 (demo)")
+    parser.add_argument("--chunks", type=int, nargs=3, default=[64, 256, 256], metavar=zyx)
+    parser.add_argument("--quick", action="store_true", help="64x256x256 stack")
+    parser.add_argument("--keep", type=Path, help="work in this (new) folder and keep it")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.shape = list(DEMO_SHAPE)
+    if args.nuclei is None:
+        args.nuclei = default_nuclei(tuple(args.shape))
+    return args
+
+
+def benchmark(args: argparse.Namespace, folder: Path) -> str:
+    print(f"drawing {tuple(args.shape)} with {args.nuclei} nuclei in {folder} ...", flush=True)
+    source = make_input(folder, tuple(args.shape), args.nuclei, tuple(args.chunks))
+    print("running nucflow ...", flush=True)
+    ours, record = run_nucflow(source, folder, tuple(args.chunks))
+    print("running the whole-array reference ...", flush=True)
+    ref, ref_summary = run_reference(source, folder)
+    truth = read_level0(source / "labels" / "truth")
+    scores = score(folder, truth)
+    return report(args, int(truth.max()), ours, record, ref, ref_summary, scores)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.keep:
+        args.keep.mkdir(parents=True)
+        print(benchmark(args, args.keep.resolve()))
+        return
+    with tempfile.TemporaryDirectory(prefix="nucflow-bench-") as tmp:
+        print(benchmark(args, Path(tmp)))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["_reference"]:
+        reference_main(*sys.argv[2:6])
+    elif sys.argv[1:2] == ["_synth"]:
+        synth_main(*sys.argv[2:6])
+    else:
+        main()
