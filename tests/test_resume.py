@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -39,12 +40,19 @@ def test_resume_after_kill_redoes_only_unfinished_blocks(stack3d, tmp_path):
         "--cluster",
         "processes",
     ]
-    proc = subprocess.Popen([*CLI, *args], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    # A session of its own, so the kill takes the worker processes too: otherwise a worker that
+    # outlives the driver can still finish a block after the count below.
+    proc = subprocess.Popen(
+        [*CLI, *args],
+        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     blocks = out / ".work" / "blocks"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(blocks.glob("*.parquet"))) < 5:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = len(list(blocks.glob("*.parquet")))
     total = 5 * 4 * 4
