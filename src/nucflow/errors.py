@@ -13,6 +13,7 @@ __all__ = [
     "OutputError",
     "ClusterError",
     "CorruptDataError",
+    "BlockError",
 ]
 
 
@@ -54,3 +55,11 @@ class ClusterError(NucflowError):
 
 class CorruptDataError(NucflowError):
     """A chunk of the input cannot be decoded."""
+
+
+class BlockError(RuntimeError):
+    """A block failed on every attempt for a reason that is not bad input (memory, a bug, ...).
+
+    Not a :class:`NucflowError`: the CLI reports it on one line with exit code 1. Failures
+    caused by bad input keep their own class, with the block named in the message.
+    """

@@ -36,7 +36,7 @@ import zarr
 import nucflow
 from nucflow import filters, io, measure
 from nucflow.config import Params
-from nucflow.errors import ConfigError, OutputError, ParameterError
+from nucflow.errors import BlockError, ConfigError, NucflowError, OutputError, ParameterError
 from nucflow.segment import SegmentParams, segment_block
 
 __all__ = [
@@ -439,6 +439,31 @@ def _segment_task(
     labels: zarr.Array,
     params: SegmentParams,
     *,
+    padded: tuple[slice, ...],
+    core: tuple[slice, ...],
+    shape: tuple[int, ...],
+    part: str,
+) -> int:
+    try:
+        return _segment_core(mask, intensities, labels, params, padded, core, shape, part)
+    except NucflowError as e:
+        raise type(e)(f"block {_fmt_region(core)}: {e}") from e
+    except Exception as e:
+        raise BlockError(
+            f"block {_fmt_region(core)} failed: {type(e).__name__}: {e}; if it ran out of "
+            "memory, rerun with smaller --chunks"
+        ) from e
+
+
+def _fmt_region(region: tuple[slice, ...]) -> str:
+    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in region) + "]"
+
+
+def _segment_core(
+    mask: np.ndarray,
+    intensities: dict[str, np.ndarray],
+    labels: zarr.Array,
+    params: SegmentParams,
     padded: tuple[slice, ...],
     core: tuple[slice, ...],
     shape: tuple[int, ...],
