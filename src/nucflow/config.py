@@ -81,6 +81,12 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
         "tophat, gaussian, median or none",
     ),
     "preprocess.background_radius": (_optional(_positive), "null or a number > 0"),
+    "preprocess.background_downsample": (
+        _optional(
+            lambda v: (_count(v) and v > 0) or _list_of(lambda x: _count(x) and x > 0, (2, 3))(v)
+        ),
+        "null, an integer > 0 or 2-3 integers > 0",
+    ),
     "preprocess.tissue_mask": (_optional(lambda v: isinstance(v, str)), "null or a path"),
     "threshold.method": (
         _one_of("otsu", "li", "triangle", "yen", "value"),
@@ -221,6 +227,7 @@ class Params:
     sigma: float
     background: str
     background_radius: float
+    background_downsample: tuple[int, ...]
     tissue_mask: str | None
     threshold_method: str
     threshold_value: float | None
@@ -279,13 +286,15 @@ def resolve(
     def derived(value: float | None, factor: float) -> float:
         return float(factor * diameter if value is None else value)
 
+    background_radius = derived(pre["background_radius"], 0.75)
     return Params(
         diameter=diameter,
         voxel_size=voxel,
         chunks=tuple(min(c, n) for c, n in zip(chunks, shape, strict=True)),
         sigma=derived(pre["sigma"], 0.08),
         background=pre["background"],
-        background_radius=derived(pre["background_radius"], 0.75),
+        background_radius=background_radius,
+        background_downsample=_downsample(pre["background_downsample"], background_radius, voxel),
         tissue_mask=pre["tissue_mask"],
         threshold_method=config["threshold"]["method"],
         threshold_value=config["threshold"]["value"],
@@ -304,6 +313,24 @@ def resolve(
             (name, dict(p)) for step in config["filter"]["steps"] for name, p in step.items()
         ),
     )
+
+
+# The reduced-resolution background keeps at least this many cells across its radius.
+_CELLS_PER_RADIUS = 3
+
+
+def _downsample(given: int | list[int] | None, radius: float, voxel: tuple[float, ...]) -> tuple:
+    """Background cell size per axis: as given, or the largest keeping 3 cells per radius."""
+    if given is None:
+        return tuple(max(1, math.floor(radius / v / _CELLS_PER_RADIUS)) for v in voxel)
+    if isinstance(given, int):
+        return (given,) * len(voxel)
+    if len(given) != len(voxel):
+        raise ParameterError(
+            f"`preprocess.background_downsample` has {len(given)} values but the stack has "
+            f"{len(voxel)} axes; pass one integer or one per axis"
+        )
+    return tuple(given)
 
 
 def _ball_volume(diameter: float, ndim: int) -> float:

@@ -221,14 +221,18 @@ def preprocess(run: Run) -> da.Array:
         steps: list[tuple[str, dict[str, Any]]] = []
     else:
         steps = [("gaussian", {"sigma": sigma})]
-    if p.background == "tophat":
+    if p.background == "tophat" and max(p.background_downsample) == 1:
         footprint = filters.ellipsoid(p.background_radius, p.voxel_size, decomposition="sequence")
         steps.append(("white_tophat", {"footprint": footprint}))
     elif p.background != "none":
         smoothed = filters.chain(image, steps) if steps else image
         return filters.subtract_background(
-            smoothed, method=p.background, radius=p.background_radius, voxel_size=p.voxel_size
-        )
+            smoothed,
+            method=p.background,
+            radius=p.background_radius,
+            voxel_size=p.voxel_size,
+            downsample=p.background_downsample,
+        ).rechunk(p.chunks)
     return filters.chain(image, steps) if steps else image.astype(np.float32)
 
 
