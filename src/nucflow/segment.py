@@ -99,6 +99,11 @@ class SegmentParams:
         return tuple(n + 1 for n in self.voxels(reach))
 
 
+def _smallest_int(limit: int) -> type:
+    """int32 when every value up to ``limit`` fits: half the memory traffic of int64 filters."""
+    return np.int32 if limit < np.iinfo(np.int32).max else np.int64
+
+
 def distance_squared(mask: np.ndarray, params: SegmentParams) -> np.ndarray:
     """Capped squared distance to the background, in integer units.
 
@@ -109,12 +114,12 @@ def distance_squared(mask: np.ndarray, params: SegmentParams) -> np.ndarray:
 
     Returns
     -------
-    (M, N[, P]) ndarray of int64
+    (M, N[, P]) ndarray of int32 (int64 if the cap needs it)
         0 on the background.
     """
     cap = params.squared_units(params.max_radius)
     squared = edt.edtsq(mask.astype(np.uint8), anisotropy=params.distance_weights)
-    return np.rint(np.minimum(squared, cap)).astype(np.int64)
+    return np.rint(np.minimum(squared, cap)).astype(_smallest_int(cap))
 
 
 def find_seeds(
@@ -128,7 +133,7 @@ def find_seeds(
 
     Parameters
     ----------
-    dist_sq : (M, N[, P]) ndarray of int64
+    dist_sq : (M, N[, P]) ndarray of int
         Output of :func:`distance_squared`.
     params : SegmentParams
     origin : tuple of int
@@ -147,16 +152,15 @@ def find_seeds(
     peak = ndimage.maximum_filter(dist_sq, size=box, mode="reflect")
     min_sq = params.squared_units(params.min_radius)
     candidate = (dist_sq > 0) & (dist_sq == peak) & (dist_sq >= min_sq)
-    # any value above every id; not int64 max, which scipy's minimum_filter overflows
-    no_seed = math.prod(global_shape)
-    ids = np.full(dist_sq.shape, no_seed, np.int64)
+    # C-order linear indices compare like coordinates (lexicographically), so the local index
+    # breaks ties exactly as the global one would, in a narrower integer type.
+    no_seed = dist_sq.size  # above every local index
+    order = np.full(dist_sq.shape, no_seed, _smallest_int(no_seed))
     local = np.nonzero(candidate)
-    ids[local] = global_ids(local, origin, global_shape)
-    is_seed = candidate & (ids == ndimage.minimum_filter(ids, size=box, mode="reflect"))
-    coords = np.argwhere(is_seed)
-    seed_ids = ids[tuple(coords.T)]
-    order = np.argsort(seed_ids, kind="stable")
-    return coords[order], seed_ids[order]
+    order[local] = np.ravel_multi_index(local, dist_sq.shape)
+    is_seed = candidate & (order == ndimage.minimum_filter(order, size=box, mode="reflect"))
+    coords = np.argwhere(is_seed)  # C order, so already sorted by global id
+    return coords, global_ids(tuple(coords.T), origin, global_shape)
 
 
 def global_ids(local: tuple[np.ndarray, ...], origin, global_shape) -> np.ndarray:
@@ -267,5 +271,22 @@ def segment_block(
         shape = tuple(s.stop - s.start for s in core)
         return np.zeros(shape, np.uint64), np.zeros(shape, np.float32)
     dist_sq = distance_squared(mask, params)
-    seeds, seed_ids = find_seeds(dist_sq, params, origin=origin, global_shape=global_shape)
-    return partition(mask, dist_sq, seeds, seed_ids, core, params)
+    # Only seeds within max_radius of the core matter; each needs 2 * peak_radius of context.
+    margin = [
+        r + 2 * p
+        for r, p in zip(
+            params.voxels(params.max_radius), params.voxels(params.peak_radius), strict=True
+        )
+    ]
+    near = tuple(
+        slice(max(0, c.start - m), min(n, c.stop + m))
+        for c, m, n in zip(core, margin, mask.shape, strict=True)
+    )
+    corner = np.array([s.start for s in near])
+    seeds, seed_ids = find_seeds(
+        dist_sq[near],
+        params,
+        origin=tuple(o + c for o, c in zip(origin, corner, strict=True)),
+        global_shape=global_shape,
+    )
+    return partition(mask, dist_sq, seeds + corner, seed_ids, core, params)
