@@ -4,8 +4,9 @@
 the whole array; for keep-or-drop decisions on whole components (small objects, holes) we need
 much less. Each block is labelled locally with scipy (one task), reporting its component sizes,
 its faces and which components touch the image border; one small task joins components across
-block faces (sparse connected components); a second pass per block relabels locally (scipy's
-labelling is deterministic) and keeps the components the decision selected. Exact on any chunking.
+block faces (sparse connected components); a second pass per block recomputes the block after the join,
+relabels it locally (scipy's labelling is deterministic) and keeps the components the decision
+selected. Exact on any chunking.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Callable
 
 import dask
 import dask.array as da
+from dask.base import tokenize
+from dask.graph_manipulation import bind
 import numpy as np
 from scipy import ndimage, sparse
 
@@ -127,10 +130,14 @@ def select_components(mask: da.Array, decide: Decision, *, connectivity: int = 1
         for index in itertools.product(*map(range, grid))
     }
     tables = dask.delayed(_join, pure=True)(summaries, grid, connectivity, decide)
+    # The second pass recomputes each block after the join (a clone of the mask's graph bound
+    # to it) instead of holding every block in memory until the join is done: memory stays
+    # one block per worker whatever the stack size.
+    again = bind(mask, tables, seed=tokenize(mask, "select_components")).to_delayed()
     rows = np.empty(grid, dtype=object)
     for index in summaries:
         shape = tuple(c[i] for c, i in zip(mask.chunks, index, strict=True))
-        part = dask.delayed(_apply, pure=True)(blocks[index], tables, index, connectivity)
+        part = dask.delayed(_apply, pure=True)(again[index], tables, index, connectivity)
         rows[index] = da.from_delayed(
             part, shape=shape, dtype=bool, meta=np.empty((0,) * mask.ndim, bool)
         )

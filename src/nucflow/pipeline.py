@@ -350,14 +350,18 @@ def clean_mask(run: Run, image: da.Array, threshold: float) -> da.Array:
     """Foreground mask: threshold, opening, hole filling, small-object removal (lazy bool).
 
     Hole filling and small-object removal are global: a hole or an object may span blocks.
+    Each recomputes its input block by block after its global join, so when both run the
+    filled mask is persisted first (otherwise the second would redo the first's join).
     """
     p = run.params
     mask = image > threshold
     if p.opening_radius > 0:
         mask = filters.opening(mask, filters.ellipsoid(p.opening_radius, p.voxel_size))
+    min_voxels = int(p.min_volume / math.prod(p.voxel_size))
     if p.fill_holes:
         mask = filters.fill_holes(mask)
-    min_voxels = int(p.min_volume / math.prod(p.voxel_size))
+        if min_voxels > 0:
+            mask = persist(run, mask, "filled", label="fill holes")
     if min_voxels > 0:
         mask = filters.remove_small_objects(mask, min_voxels)
     return mask
