@@ -299,7 +299,8 @@ def _demo(args: argparse.Namespace) -> None:
         f"  found      {result['nuclei']} nuclei ({result['truncated']} truncated)\n"
         f"  accuracy   F1 {score['f1']:.3f} at IoU 0.5 (precision {score['precision']:.3f}, "
         f"recall {score['recall']:.3f}, mean IoU {score['mean_matched_iou']:.3f})\n"
-        f"  time       {elapsed:.1f} s ({voxels / elapsed / 1e6:.2f} Mvoxel/s), stages "
+        f"  time       {elapsed:.1f} s ({voxels / elapsed / 1e6:.2f} Mvoxel/s), "
+        "stages "
         + ", ".join(f"{k} {v:.1f}s" for k, v in job.timings.items())
         + f"\n  outputs    {job.output}/nuclei.parquet, nuclei.csv, labels.ome.zarr, run.json, qc/\n"
         f"  input      {source} (ground truth at labels/truth)"

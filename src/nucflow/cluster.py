@@ -339,9 +339,7 @@ class Runner:
             kwargs["num_workers"] = self._num_workers
         with contextlib.ExitStack() as stack:
             if self._progress:
-                stack.enter_context(
-                    _LabelledProgressBar(label, out=sys.stderr, minimum=0.5)
-                )
+                stack.enter_context(_LabelledProgressBar(label, out=sys.stderr, minimum=0.5))
             return dask.compute(*collections, **kwargs)
 
 

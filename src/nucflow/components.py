@@ -4,9 +4,9 @@
 the whole array; for keep-or-drop decisions on whole components (small objects, holes) we need
 much less. Each block is labelled locally with scipy (one task), reporting its component sizes,
 its faces and which components touch the image border; one small task joins components across
-block faces (sparse connected components); a second pass per block recomputes the block after the join,
-relabels it locally (scipy's labelling is deterministic) and keeps the components the decision
-selected. Exact on any chunking.
+block faces (sparse connected components); a second pass per block recomputes the block after
+the join, relabels it locally (scipy's labelling is deterministic) and keeps the components the
+decision selected. Exact on any chunking.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Callable
 
 import dask
 import dask.array as da
+import numpy as np
 from dask.base import tokenize
 from dask.graph_manipulation import bind
-import numpy as np
 from scipy import ndimage, sparse
 
 __all__ = ["select_components"]

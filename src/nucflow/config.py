@@ -1,4 +1,4 @@
-"""Configuration: defaults from ``configs/nuclei.yaml``, a user file, CLI options, ``--set`` overrides.
+"""Configuration: defaults from ``configs/nuclei.yaml``, a user file, CLI options, ``--set``.
 
 Every key is checked against the defaults (an unknown key gets the closest known one suggested) and
 every value against :data:`SCHEMA`; lengths left ``null`` are derived from the diameter by
@@ -278,8 +278,8 @@ def resolve(
     extent = max(n * v for n, v in zip(shape, voxel, strict=True))
     if diameter > extent:
         raise ParameterError(
-            f"`diameter` {diameter:g} is larger than the stack ({extent:g} along its longest axis); "
-            "pass the nucleus diameter in µm (or pixels without voxel size)"
+            f"`diameter` {diameter:g} is larger than the stack ({extent:g} along its longest "
+            "axis); pass the nucleus diameter in µm (or pixels without voxel size)"
         )
     pre, seg, msk = config["preprocess"], config["segment"], config["mask"]
 

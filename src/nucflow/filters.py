@@ -692,6 +692,7 @@ def remove_small_objects(mask: da.Array, max_size: int, *, connectivity: int = 1
     _structure(mask.ndim, connectivity)  # validates `connectivity`
     if max_size == 0:
         return mask
+
     def large(sizes: np.ndarray, _touches_border: np.ndarray) -> np.ndarray:
         return sizes > max_size
 

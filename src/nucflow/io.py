@@ -27,7 +27,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask.array as da
@@ -93,6 +93,40 @@ class Stack:
     voxel_size_known: bool
     path: str
     n_channels: int
+    _selection: Any = field(default=None, repr=False, compare=False)
+
+    def data_region(self) -> tuple[slice, ...] | None:
+        """The bounding box of the stored chunks, in voxels of ``data``.
+
+        A zarr store holds only the chunks that were written; the others read as the fill
+        value without touching the disk. This lists the store (no pixel is read) and returns
+        the box around the written chunks of this channel and time point, or None if there
+        are none. Non-zarr images hold data everywhere: the whole stack.
+
+        Returns
+        -------
+        tuple of slice or None
+        """
+        whole = tuple(slice(0, n) for n in self.data.shape)
+        sel = self._selection
+        if sel is None or not isinstance(sel.source, _ZarrSource):
+            return whole
+        arr = sel.source.array
+        grid = tuple(arr.shards or arr.chunks)
+        coords = _stored_chunk_coords(arr)
+        fixed = [(axis, i) for axis, i in enumerate(sel.index) if i is not None]
+        keep = np.ones(len(coords), bool)
+        for axis, i in fixed:
+            keep &= coords[:, axis] == i // grid[axis]
+        spatial = [axis for axis, i in enumerate(sel.index) if i is None]
+        coords = coords[keep][:, spatial]
+        if not len(coords):
+            return None
+        step = np.array([grid[a] for a in spatial])
+        lo, hi = coords.min(axis=0) * step, (coords.max(axis=0) + 1) * step
+        return tuple(
+            slice(int(a), int(min(b, n))) for a, b, n in zip(lo, hi, self.data.shape, strict=True)
+        )
 
 
 # ----------------------------------------------------------------------------- sources
@@ -114,6 +148,23 @@ class _ZarrSource:
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         return np.asarray(self.array[key])
+
+
+def _stored_chunk_coords(arr: zarr.Array) -> np.ndarray:
+    """Grid coordinates (K, ndim) of the chunks (or shards) present in the array's store."""
+    from zarr.core.sync import collect_aiterator  # zarr 3 lists stores asynchronously
+
+    prefix = arr.store_path.path
+    keys = collect_aiterator(arr.store_path.store.list_prefix(prefix + "/" if prefix else ""))
+    coords = []
+    for key in keys:
+        relative = key[len(prefix) :].lstrip("/")
+        if relative.startswith("c/") or relative.startswith("c."):
+            relative = relative[2:]  # zarr v3 default chunk keys: c/0/1/2
+        parts = re.split(r"[./]", relative)
+        if len(parts) == arr.ndim and all(p.isdigit() for p in parts):
+            coords.append([int(p) for p in parts])
+    return np.array(coords, dtype=np.int64).reshape(-1, arr.ndim)
 
 
 class _OpenTiffs(OrderedDict):
@@ -665,7 +716,7 @@ def _to_stack(image: _Image, path: str, channel: int | None, chunks: Any) -> Sta
     known = all(s is not None and np.isfinite(s) and s > 0 for s in sizes)
     voxel = tuple(float(s) for s in sizes) if known else (1.0,) * len(spatial)
     axes = "zyx"[-len(spatial) :]
-    return Stack(data, voxel, axes, known, path, n_channels)
+    return Stack(data, voxel, axes, known, path, n_channels, sel)
 
 
 def _resolve_roles(roles: str | None, shape: tuple[int, ...], path: str) -> str:

@@ -146,6 +146,7 @@ def finalize(
     shape: Sequence[int],
     max_radius: float,
     channel_suffixes: Sequence[str] = ("",),
+    origin: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Turn combined sums into the contract table.
 
@@ -156,11 +157,13 @@ def finalize(
     voxel_size : sequence of float
         µm per voxel along each axis.
     shape : sequence of int
-        Spatial shape of the stack (for ``touches_border``).
+        Spatial shape of the imaged region (for ``touches_border``).
     max_radius : float
         The segmentation's ``max_radius``; a nucleus reaching it is ``truncated``.
     channel_suffixes : sequence of str
         Suffixes of the measured channels, "" first.
+    origin : sequence of int, optional
+        Stack coordinates of the region's first voxel (default: 0 on every axis).
 
     Returns
     -------
@@ -201,7 +204,8 @@ def finalize(
         out[f"intensity_sum{suffix}"] = totals[f"isum{suffix}"].to_numpy(np.float64)
     lo = np.stack([out[f"bbox_min_{a}"] for a in axes], 1)
     hi = np.stack([out[f"bbox_max_{a}"] for a in axes], 1)
-    out["touches_border"] = np.any(lo == 0, 1) | np.any(hi == np.asarray(shape), 1)
+    start = np.zeros(ndim, np.int64) if origin is None else np.asarray(origin, np.int64)
+    out["touches_border"] = np.any(lo == start, 1) | np.any(hi == start + np.asarray(shape), 1)
     out["truncated"] = totals["seed_distance"].to_numpy() > max_radius - voxel.max()
     return pd.DataFrame(out, columns=table_columns(ndim, channel_suffixes)).reset_index(drop=True)
 

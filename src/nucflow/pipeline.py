@@ -67,10 +67,21 @@ class Run:
     resume: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
+    region: tuple[slice, ...] = ()
 
     @property
     def work(self) -> Path:
         return self.output / WORK
+
+    @property
+    def data(self) -> da.Array:
+        """The part of the stack that holds data (:attr:`region`), on the run's blocks."""
+        return self.stack.data[self.region].rechunk(self.params.chunks)
+
+    @property
+    def offset(self) -> tuple[int, ...]:
+        """Global coordinates of ``data[0, 0(, 0)]``."""
+        return tuple(s.start for s in self.region)
 
     @property
     def segment_params(self) -> SegmentParams:
@@ -113,8 +124,23 @@ def open_run(
     out.mkdir(parents=True, exist_ok=True)
     (out / WORK).mkdir(exist_ok=True)
     run = Run(stack, params, out, runner, config, resume=resume and (out / RUN_JSON).exists())
+    run.region = _data_region(stack, params.chunks)
+    run.facts["data_region"] = [[s.start, s.stop] for s in run.region]
     write_run_json(run, "running")
     return run
+
+
+def _data_region(stack: io.Stack, chunks: tuple[int, ...]) -> tuple[slice, ...]:
+    """Where the stack holds data: the box around its written chunks (zarr) or all of it.
+
+    Chunks never written are not data: they are neither read, thresholded nor segmented, and
+    a nucleus at the edge of the box touches the border. A store with no chunk at all
+    gives the first block (read as the fill value: an empty result at no cost).
+    """
+    region = stack.data_region()
+    if region is None:
+        region = tuple(slice(0, min(c, n)) for c, n in zip(chunks, stack.data.shape, strict=True))
+    return region
 
 
 def _check_not_inside_input(out: Path, source: Path) -> None:
@@ -135,7 +161,8 @@ def _claim_existing(out: Path, *, resume: bool, overwrite: bool) -> None:
         return
     if not (resume or overwrite):
         raise OutputError(
-            f"output directory {out} exists; pass --resume to continue it or --overwrite to replace it"
+            f"output directory {out} exists; pass --resume to continue it or --overwrite to "
+            "replace it"
         )
     if not is_ours:
         raise OutputError(
@@ -213,10 +240,10 @@ def preprocess(run: Run) -> da.Array:
     configured background subtraction with ``background_radius`` µm.
     """
     p = run.params
-    image = _refuse_non_finite(run.stack.data.rechunk(p.chunks), run.stack.path)
+    image = _refuse_non_finite(run.data, run.stack.path)
     sigma = tuple(p.sigma / v for v in p.voxel_size)
     if p.tissue_mask:
-        tissue = io.open_stack(p.tissue_mask, chunks=p.chunks).data > 0
+        tissue = io.open_stack(p.tissue_mask).data[run.region].rechunk(p.chunks) > 0
         image = filters.normalized_convolution(image, tissue, sigma)
         steps: list[tuple[str, dict[str, Any]]] = []
     else:
@@ -386,11 +413,14 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
     """
     p = run.params
     shape = tuple(mask.shape)
+    full_shape = tuple(run.stack.data.shape)
     labels_path = run.output / "labels.ome.zarr"
     if run.resume and labels_path.exists():
         labels = zarr.open_array(str(labels_path / "0"), mode="r+")
     else:
-        labels = io.create_label_zarr(labels_path, shape, p.chunks, p.voxel_size, overwrite=True)
+        labels = io.create_label_zarr(
+            labels_path, full_shape, p.chunks, p.voxel_size, overwrite=True
+        )
     parts_dir = run.work / "blocks"
     parts_dir.mkdir(exist_ok=True)
     channels = _intensity_channels(run)
@@ -414,7 +444,8 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
                 run.segment_params,
                 padded=padded,
                 core=core,
-                shape=shape,
+                offset=run.offset,
+                shape=full_shape,
                 part=str(part),
             )
         )
@@ -426,6 +457,7 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
         totals,
         voxel_size=p.voxel_size,
         shape=shape,
+        origin=run.offset,
         max_radius=p.max_radius,
         channel_suffixes=list(channels),
     )
@@ -434,10 +466,10 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
 def _intensity_channels(run: Run) -> dict[str, da.Array]:
     """Suffix -> intensities: the segmentation channel first, then ``measure.channels``."""
     p = run.params
-    channels = {"": run.stack.data.rechunk(p.chunks)}
+    channels = {"": run.data}
     for c in p.channels:
-        other = io.open_stack(run.stack.path, channel=c, chunks=p.chunks)
-        channels[f"_c{c}"] = other.data
+        other = io.open_stack(run.stack.path, channel=c)
+        channels[f"_c{c}"] = other.data[run.region].rechunk(p.chunks)
     return channels
 
 
@@ -449,9 +481,12 @@ def _segment_task(
     *,
     padded: tuple[slice, ...],
     core: tuple[slice, ...],
+    offset: tuple[int, ...],
     shape: tuple[int, ...],
     part: str,
 ) -> int:
+    """Segment one block; ``padded`` and ``core`` are relative to ``offset`` in the stack."""
+    padded, core = _shifted(padded, offset), _shifted(core, offset)
     try:
         return _segment_core(mask, intensities, labels, params, padded, core, shape, part)
     except NucflowError as e:
@@ -461,6 +496,10 @@ def _segment_task(
             f"block {_fmt_region(core)} failed: {type(e).__name__}: {e}; if it ran out of "
             "memory, rerun with smaller --chunks"
         ) from e
+
+
+def _shifted(region: tuple[slice, ...], offset: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(s.start + o, s.stop + o) for s, o in zip(region, offset, strict=True))
 
 
 def _fmt_region(region: tuple[slice, ...]) -> str:

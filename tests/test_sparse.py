@@ -1,0 +1,89 @@
+"""Empty space: chunks never written to a zarr store are not data, and cost nothing."""
+
+from __future__ import annotations
+
+import json
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from nucflow import io
+from nucflow.cli import main
+
+STORE_CHUNKS = (20, 64, 64)
+OFFSET = (40, 128, 256)  # where the data sits in the large stack, on the store's chunk grid
+LARGE = (160, 512, 640)
+
+
+def _run(source, out) -> tuple[pd.DataFrame, zarr.Array, dict]:
+    args = ["run", "--input", str(source), "--output", str(out), "--chunks", "20", "64", "64"]
+    assert main(args) == 0
+    labels = zarr.open_array(str(out / "labels.ome.zarr" / "0"), mode="r")
+    return (
+        pd.read_parquet(out / "nuclei.parquet"),
+        labels,
+        json.loads((out / "run.json").read_text()),
+    )
+
+
+@pytest.fixture(scope="module")
+def sparse_stack(stack3d, tmp_path_factory):
+    """stack3d placed inside a 27x larger stack whose other chunks were never written."""
+    _, made = stack3d
+    region = tuple(slice(o, o + n) for o, n in zip(OFFSET, made.image.shape, strict=True))
+    large = da.zeros(LARGE, dtype=made.image.dtype, chunks=STORE_CHUNKS)
+    large[region] = made.image  # zero chunks are not written (zarr skips empty chunks)
+    path = tmp_path_factory.mktemp("sparse") / "sparse.ome.zarr"
+    io.write_ome_zarr(path, large, made.voxel_size, chunks=STORE_CHUNKS)
+    return path, region
+
+
+def test_the_store_holds_only_the_data_region(sparse_stack, stack3d):
+    path, region = sparse_stack
+    assert io.open_stack(path).data_region() == region
+    n_chunks = np.prod([n // c for n, c in zip(stack3d[1].image.shape, STORE_CHUNKS, strict=True)])
+    stored = [p for p in (path / "0").rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert len([p for p in stored if p.name != "zarr.json"]) == n_chunks
+
+
+def test_sparse_stack_gives_the_table_of_its_data_region_alone(sparse_stack, stack3d, tmp_path):
+    path, region = sparse_stack
+    alone, alone_labels, _ = _run(stack3d[0], tmp_path / "alone")
+    table, labels, record = _run(path, tmp_path / "sparse")
+
+    assert record["data_region"] == [[s.start, s.stop] for s in region]
+    assert len(table) == len(alone) > 50
+    shifted = alone.copy()
+    for axis, offset, um in zip("zyx", OFFSET, stack3d[1].voxel_size, strict=True):
+        for column in (f"centroid_{axis}", f"bbox_min_{axis}", f"bbox_max_{axis}"):
+            shifted[column] += offset
+        shifted[f"centroid_{axis}_um"] += offset * um
+    # Labels are 1 + the seed's linear index in the whole stack, so they differ; all else agrees.
+    by_position = ["centroid_z", "centroid_y", "centroid_x"]
+    got = table.drop(columns="label").sort_values(by_position).reset_index(drop=True)
+    want = shifted.drop(columns="label").sort_values(by_position).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-9)
+
+    # The label image holds the same nuclei in the data region and nothing elsewhere.
+    inside = np.asarray(labels[region])
+    pairs = np.unique(np.stack([inside.ravel(), np.asarray(alone_labels).ravel()]), axis=1)
+    assert len(pairs.T) == len(table) + 1  # a one-to-one relabeling, background included
+    assert np.unique(pairs[0]).size == np.unique(pairs[1]).size == pairs.shape[1]
+    assert set(table["label"]) == set(np.unique(inside)) - {0}
+    written = io.open_stack(tmp_path / "sparse" / "labels.ome.zarr").data_region()
+    assert all(
+        w.start >= r.start and w.stop <= r.stop for w, r in zip(written, region, strict=True)
+    )
+
+
+def test_a_store_without_any_chunk_gives_an_empty_table(tmp_path):
+    path = tmp_path / "empty.zarr"
+    zarr.create_array(str(path), shape=(64, 1024, 1024), chunks=(16, 256, 256), dtype="uint16")
+    assert io.open_stack(path).data_region() is None
+    out = tmp_path / "out"
+    assert main(["run", "--input", str(path), "--output", str(out), "--diameter", "8"]) == 0
+    assert len(pd.read_parquet(out / "nuclei.parquet")) == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
