@@ -87,3 +87,24 @@ def test_a_store_without_any_chunk_gives_an_empty_table(tmp_path):
     assert main(["run", "--input", str(path), "--output", str(out), "--diameter", "8"]) == 0
     assert len(pd.read_parquet(out / "nuclei.parquet")) == 0
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
+
+
+def _plan(source, capsys) -> dict[str, str]:
+    assert main(["plan", "--input", str(source), "--chunks", "20", "64", "64"]) == 0
+    return dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+
+
+def test_plan_covers_only_the_data_region_and_calibrates_on_a_block(
+    sparse_stack, stack3d, capsys
+):
+    path, region = sparse_stack
+    lines = _plan(path, capsys)
+    share = np.prod([s.stop - s.start for s in region]) / np.prod(LARGE)
+    assert lines["data"].startswith(f"[40:80, 128:256, 256:384] ({share:.2%} of the stack")
+    assert lines["blocks"] == "8 of (20, 64, 64) voxels"  # 2 x 2 x 2 in the data region only
+    assert lines["halo"].startswith("(21, 41, 41) voxels")
+    assert float(lines["one"].split()[1]) > 0  # "block  S s on one thread, ..."
+    assert lines["time"].startswith("about ")
+    # the unwritten 26/27 of the stack add no block tasks (only the crop of the region)
+    alone = _plan(stack3d[0], capsys)
+    assert int(lines["tasks"].split()[0]) < 1.05 * int(alone["tasks"].split()[0])

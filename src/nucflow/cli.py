@@ -227,10 +227,10 @@ def _run(args: argparse.Namespace) -> None:
 
 def _plan(args: argparse.Namespace) -> None:
     from nucflow import cluster
-    from nucflow.pipeline import plan_summary
+    from nucflow.plan import make_plan
 
-    stack, params, _ = _prepare(args)
-    print(plan_summary(stack, params))
+    stack, params, config = _prepare(args)
+    print(make_plan(stack, params, config, _load_flow("nuclei").run))
     where = cluster.describe(
         args.cluster, scheduler_file=args.scheduler_file, jobs=args.jobs, adapt=_adapt(args.adapt)
     )
@@ -302,6 +302,7 @@ def _demo(args: argparse.Namespace) -> None:
         f"  time       {elapsed:.1f} s ({voxels / elapsed / 1e6:.2f} Mvoxel/s), "
         "stages "
         + ", ".join(f"{k} {v:.1f}s" for k, v in job.timings.items())
-        + f"\n  outputs    {job.output}/nuclei.parquet, nuclei.csv, labels.ome.zarr, run.json, qc/\n"
+        + f"\n  outputs    {job.output}/nuclei.parquet, nuclei.csv, labels.ome.zarr, run.json, "
+        "qc/\n"
         f"  input      {source} (ground truth at labels/truth)"
     )

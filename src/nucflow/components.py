@@ -31,7 +31,11 @@ def _structure(ndim: int, connectivity: int) -> np.ndarray:
     return ndimage.generate_binary_structure(ndim, connectivity)
 
 
-def _summarize(block: np.ndarray, index: tuple[int, ...], grid: tuple[int, ...], connectivity: int):
+def _summarize(
+    block: np.ndarray, *, grid: tuple[int, ...], connectivity: int, block_id: tuple[int, ...]
+) -> np.ndarray:
+    """One block's summary, in a one-element object array (one element per block)."""
+    index = block_id
     labels, count = ndimage.label(block, structure=_structure(block.ndim, connectivity))
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     border = np.zeros(count + 1, bool)
@@ -44,10 +48,14 @@ def _summarize(block: np.ndarray, index: tuple[int, ...], grid: tuple[int, ...],
         axis: (np.take(labels, 0, axis=axis), np.take(labels, -1, axis=axis))
         for axis in range(block.ndim)
     }
-    return count, sizes, border[1:], faces
+    summary = np.empty((1,) * block.ndim, dtype=object)
+    summary[(0,) * block.ndim] = (count, sizes, border[1:], faces)
+    return summary
 
 
-def _join(summaries: dict, grid: tuple[int, ...], connectivity: int, decide: Decision) -> dict:
+def _join(
+    summaries: np.ndarray, grid: tuple[int, ...], connectivity: int, decide: Decision
+) -> dict:
     """Per block, a lookup local label -> keep (index 0 is the block's background)."""
     offsets, start = {}, 0
     for index in itertools.product(*map(range, grid)):
@@ -100,10 +108,10 @@ def _touching(low: np.ndarray, high: np.ndarray, connectivity: int) -> set[tuple
 
 
 def _apply(
-    block: np.ndarray, tables: dict, index: tuple[int, ...], connectivity: int
+    block: np.ndarray, tables: dict, *, connectivity: int, block_id: tuple[int, ...]
 ) -> np.ndarray:
     labels, _ = ndimage.label(block, structure=_structure(block.ndim, connectivity))
-    return tables[index][labels]
+    return tables[block_id][labels]
 
 
 def select_components(mask: da.Array, decide: Decision, *, connectivity: int = 1) -> da.Array:
@@ -124,21 +132,22 @@ def select_components(mask: da.Array, decide: Decision, *, connectivity: int = 1
         True where a kept component lies.
     """
     grid = tuple(len(c) for c in mask.chunks)
-    blocks = mask.to_delayed()
-    summaries = {
-        index: dask.delayed(_summarize, pure=True)(blocks[index], index, grid, connectivity)
-        for index in itertools.product(*map(range, grid))
-    }
+    ndim = mask.ndim
+    # Blockwise layers, not one delayed call per block: those each carry a copy of their
+    # block's upstream graph, which made the graph grow with the square of the block count.
+    summaries = mask.map_blocks(
+        _summarize,
+        grid=grid,
+        connectivity=connectivity,
+        chunks=tuple((1,) * n for n in grid),
+        dtype=object,
+        meta=np.empty((0,) * ndim, object),
+    )
     tables = dask.delayed(_join, pure=True)(summaries, grid, connectivity, decide)
     # The second pass recomputes each block after the join (a clone of the mask's graph bound
     # to it) instead of holding every block in memory until the join is done: memory stays
     # one block per worker whatever the stack size.
-    again = bind(mask, tables, seed=tokenize(mask, "select_components")).to_delayed()
-    rows = np.empty(grid, dtype=object)
-    for index in summaries:
-        shape = tuple(c[i] for c, i in zip(mask.chunks, index, strict=True))
-        part = dask.delayed(_apply, pure=True)(again[index], tables, index, connectivity)
-        rows[index] = da.from_delayed(
-            part, shape=shape, dtype=bool, meta=np.empty((0,) * mask.ndim, bool)
-        )
-    return da.block(rows.tolist())
+    again = bind(mask, tables, seed=tokenize(mask, "select_components"))
+    return again.map_blocks(
+        _apply, tables, connectivity=connectivity, dtype=bool, meta=np.empty((0,) * ndim, bool)
+    )

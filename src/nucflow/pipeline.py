@@ -49,6 +49,9 @@ __all__ = [
     "segment",
     "finish",
     "fail",
+    "data_region",
+    "segment_halo",
+    "blocks_of",
 ]
 
 WORK = ".work"
@@ -85,8 +88,7 @@ class Run:
 
     @property
     def segment_params(self) -> SegmentParams:
-        p = self.params
-        return SegmentParams(p.voxel_size, p.peak_radius, p.min_radius, p.max_radius)
+        return _segment_params(self.params)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -124,13 +126,22 @@ def open_run(
     out.mkdir(parents=True, exist_ok=True)
     (out / WORK).mkdir(exist_ok=True)
     run = Run(stack, params, out, runner, config, resume=resume and (out / RUN_JSON).exists())
-    run.region = _data_region(stack, params.chunks)
+    run.region = data_region(stack, params.chunks)
     run.facts["data_region"] = [[s.start, s.stop] for s in run.region]
     write_run_json(run, "running")
     return run
 
 
-def _data_region(stack: io.Stack, chunks: tuple[int, ...]) -> tuple[slice, ...]:
+def _segment_params(p: Params) -> SegmentParams:
+    return SegmentParams(p.voxel_size, p.peak_radius, p.min_radius, p.max_radius)
+
+
+def segment_halo(params: Params) -> tuple[int, ...]:
+    """Context in voxels per axis that makes a segmentation block exact."""
+    return _segment_params(params).halo()
+
+
+def data_region(stack: io.Stack, chunks: tuple[int, ...]) -> tuple[slice, ...]:
     """Where the stack holds data: the box around its written chunks (zarr) or all of it.
 
     Chunks never written are not data: they are neither read, thresholded nor segmented, and
@@ -394,9 +405,10 @@ def clean_mask(run: Run, image: da.Array, threshold: float) -> da.Array:
     return mask
 
 
-def _blocks(
+def blocks_of(
     shape: Sequence[int], chunks: Sequence[int]
 ) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
+    """(grid index, core slices) of every block of ``chunks`` tiling ``shape``."""
     grid = [range(0, n, c) for n, c in zip(shape, chunks, strict=True)]
     for starts in itertools.product(*grid):
         index = tuple(s // c for s, c in zip(starts, chunks, strict=True))
@@ -426,7 +438,7 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
     channels = _intensity_channels(run)
     halo = run.segment_params.halo()
     tasks, part_files = [], []
-    for index, core in _blocks(shape, p.chunks):
+    for index, core in blocks_of(shape, p.chunks):
         part = parts_dir / ("_".join(map(str, index)) + ".parquet")
         part_files.append(part)
         if run.resume and part.exists():
@@ -575,34 +587,3 @@ def _write_table(run: Run, table: pd.DataFrame) -> None:
     pq.write_table(arrow, sink)
     _write_atomic(run.output / "nuclei.parquet", sink.getvalue().to_pybytes())
     _write_atomic(run.output / "nuclei.csv", table.to_csv(index=False).encode())
-
-
-# ----------------------------------------------------------------------------- plan
-
-_BYTES_PER_PADDED_VOXEL = 48  # mask, int64 distance and ids, float labels/scores while segmenting
-
-
-def plan_summary(stack: io.Stack, params: Params) -> str:
-    """Blocks, halo, overlap overhead, task count and memory per block, as printed by ``plan``."""
-    shape = tuple(stack.data.shape)
-    seg = SegmentParams(params.voxel_size, params.peak_radius, params.min_radius, params.max_radius)
-    halo = seg.halo()
-    blocks = list(_blocks(shape, params.chunks))
-    padded_total = 0
-    for _, core in blocks:
-        padded_total += math.prod(
-            min(n, c.stop + h) - max(0, c.start - h)
-            for c, h, n in zip(core, halo, shape, strict=True)
-        )
-    largest = math.prod(
-        min(n, c + 2 * h) for c, h, n in zip(params.chunks, halo, shape, strict=True)
-    )
-    lines = [
-        f"input      {stack.path}: shape {shape}, {stack.data.dtype}, voxel {params.voxel_size} µm",
-        f"blocks     {len(blocks)} of {params.chunks} voxels",
-        f"halo       {halo} voxels (segmentation; from diameter {params.diameter:g})",
-        f"overlap    {padded_total / math.prod(shape):.2f}x the stack is read while segmenting",
-        f"tasks      about {len(blocks) * 4} (preprocess, mask, segment, measure per block)",
-        f"memory     about {largest * _BYTES_PER_PADDED_VOXEL / 2**20:.0f} MiB per busy worker thread",
-    ]
-    return "\n".join(lines)

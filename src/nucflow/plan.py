@@ -1,0 +1,227 @@
+"""``nucflow plan``: what a run will do and cost, measured on one real block before it starts.
+
+The plan lists the data region (zarr chunks never written are skipped), blocks, halo, the
+overlap overhead, the size of the task graph (built for real, lazily, and timed), and runs the
+flow itself on one block of the stack, single-threaded in a scratch directory, to calibrate
+the time and memory estimates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import resource
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import dask
+from dask.highlevelgraph import HighLevelGraph
+
+from nucflow import filters, io, pipeline
+from nucflow.cluster import Runner
+from nucflow.config import Params
+
+__all__ = ["Plan", "make_plan"]
+
+# Stages whose work grows with the segmentation halo.
+_PER_PADDED_BLOCK = ("segment", "write")
+
+
+@dataclasses.dataclass
+class Plan:
+    """Facts and estimates printed by ``nucflow plan`` (times in s, sizes in MiB)."""
+
+    stack: io.Stack
+    params: Params
+    region: tuple[slice, ...]
+    halo: tuple[int, ...]
+    n_blocks: int
+    padded_voxels: int
+    overlap: float
+    n_tasks: int
+    graph_seconds: float
+    block_voxels: int
+    block_timings: dict[str, float]
+    block_peak_mib: float
+    threads: int
+
+    @property
+    def block_seconds(self) -> float:
+        return sum(self.block_timings.values())
+
+    @property
+    def estimate_seconds(self) -> float:
+        """The calibrated rates times the voxels each stage reads, spread over ``threads``.
+
+        Segmentation (and writing its results) reads every block with its halo; the other
+        stages read the data region once (their halos are small).
+        """
+        per_block = sum(self.block_timings.get(s, 0.0) for s in _PER_PADDED_BLOCK)
+        rest = self.block_seconds - per_block
+        region = math.prod(s.stop - s.start for s in self.region)
+        voxels = rest * region + per_block * self.padded_voxels
+        return voxels / self.block_voxels / self.threads
+
+    def __str__(self) -> str:
+        shape = tuple(self.stack.data.shape)
+        region_shape = tuple(s.stop - s.start for s in self.region)
+        share = math.prod(region_shape) / math.prod(shape)
+        box = ", ".join(f"{s.start}:{s.stop}" for s in self.region)
+        return "\n".join(
+            [
+                f"input      {self.stack.path}: shape {shape}, {self.stack.data.dtype}, "
+                f"voxel {self.params.voxel_size} µm",
+                f"data       [{box}] ({share:.2%} of the stack; unwritten chunks are skipped)",
+                f"blocks     {self.n_blocks} of {self.params.chunks} voxels",
+                f"halo       {self.halo} voxels (segmentation; from diameter "
+                f"{self.params.diameter:g})",
+                f"overlap    {self.overlap:.2f}x the data is read while segmenting",
+                f"tasks      {self.n_tasks} (graph built in {self.graph_seconds:.1f} s)",
+                f"one block  {self.block_seconds:.1f} s on one thread, peak "
+                f"{self.block_peak_mib:.0f} MiB (measured on the central block and its halo)",
+                f"memory     at most {self.block_peak_mib:.0f} MiB per busy worker thread",
+                f"time       about {_duration(self.estimate_seconds)} on {self.threads} "
+                "worker thread(s); divide by the threads you give it",
+            ]
+        )
+
+
+def make_plan(
+    stack: io.Stack,
+    params: Params,
+    config: dict[str, Any],
+    flow: Callable[[pipeline.Run], Any],
+    *,
+    threads: int | None = None,
+) -> Plan:
+    """Measure what a run of ``flow`` on ``stack`` will cost.
+
+    Parameters
+    ----------
+    stack : io.Stack
+    params : Params
+    config : dict
+        The loaded configuration (recorded in the scratch run).
+    flow : callable
+        The flow's ``run(job)``, run once on a single block to calibrate.
+    threads : int, optional
+        Worker threads the estimate assumes; default: this machine's cores.
+
+    Returns
+    -------
+    Plan
+    """
+    region = pipeline.data_region(stack, params.chunks)
+    shape = tuple(s.stop - s.start for s in region)
+    halo = pipeline.segment_halo(params)
+    blocks = list(pipeline.blocks_of(shape, params.chunks))
+    padded = sum(math.prod(_padded_shape(core, halo, shape)) for _, core in blocks)
+    start = time.perf_counter()
+    n_tasks = _graph_size(stack, params, region)
+    graph_seconds = time.perf_counter() - start
+    box, timings, peak = _calibrate(stack, params, config, flow, region, halo)
+    return Plan(
+        stack=stack,
+        params=params,
+        region=region,
+        halo=halo,
+        n_blocks=len(blocks),
+        padded_voxels=padded,
+        overlap=padded / math.prod(shape),
+        n_tasks=n_tasks,
+        graph_seconds=graph_seconds,
+        block_voxels=math.prod(s.stop - s.start for s in box),
+        block_timings=timings,
+        block_peak_mib=peak,
+        threads=threads or os.cpu_count() or 1,
+    )
+
+
+def _padded_shape(core: tuple[slice, ...], halo: tuple[int, ...], shape: tuple[int, ...]) -> list:
+    return [
+        min(n, c.stop + h) - max(0, c.start - h) for c, h, n in zip(core, halo, shape, strict=True)
+    ]
+
+
+def _graph_size(stack: io.Stack, params: Params, region: tuple[slice, ...]) -> int:
+    """Tasks of the per-block stages: preprocess, mask clean-up and segmentation."""
+    with tempfile.TemporaryDirectory(prefix="nucflow-plan-") as scratch:
+        run = pipeline.Run(stack, params, _scratch(scratch), None, {}, region=region)
+        image = pipeline.preprocess(run)
+        mask = image > 0
+        if params.opening_radius > 0:
+            mask = filters.opening(
+                mask, filters.ellipsoid(params.opening_radius, params.voxel_size)
+            )
+        if params.fill_holes:
+            mask = filters.fill_holes(mask)
+        keys = set(_flat_keys(image, mask))
+        graph = HighLevelGraph.merge(image.dask, mask.dask).cull(keys)
+        n_blocks = math.prod(len(c) for c in image.rechunk(params.chunks).chunks)
+        # small-object removal repeats the hole filling's two passes; segmentation is one
+        # task per block
+        return len(graph) + (3 * n_blocks if params.min_volume > 0 else 0) + n_blocks
+
+
+def _flat_keys(*arrays: Any) -> list:
+    return [k for a in arrays for k in dask.core.flatten(a.__dask_keys__())]
+
+
+def _scratch(path: str) -> Any:
+    from pathlib import Path
+
+    out = Path(path) / "run"
+    (out / pipeline.WORK).mkdir(parents=True)
+    return out
+
+
+def _calibrate(
+    stack: io.Stack,
+    params: Params,
+    config: dict[str, Any],
+    flow: Callable[[pipeline.Run], Any],
+    region: tuple[slice, ...],
+    halo: tuple[int, ...],
+) -> tuple[tuple[slice, ...], dict[str, float], float]:
+    """Run the flow on the central block with its halo, as one block, on one thread.
+
+    Returns the box, the flow's stage timings (s) and the peak memory (MiB) it needed.
+    """
+    shape = tuple(s.stop - s.start for s in region)
+    core = tuple(
+        slice(s.start + (n // 2 // c) * c, s.start + min(n, (n // 2 // c + 1) * c))
+        for s, n, c in zip(region, shape, params.chunks, strict=True)
+    )
+    box = tuple(
+        slice(max(r.start, c.start - h), min(r.stop, c.stop + h))
+        for c, h, r in zip(core, halo, region, strict=True)
+    )
+    one_block = dataclasses.replace(params, chunks=tuple(s.stop - s.start for s in box), qc=False)
+    runner = Runner("sync", scheduler="sync", progress=False)
+    before = _peak_mib()
+    with tempfile.TemporaryDirectory(prefix="nucflow-plan-") as scratch:
+        run = pipeline.Run(stack, one_block, _scratch(scratch), runner, config, region=box)
+        with dask.config.set(scheduler="sync"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the block's own findings are not the run's
+            flow(run)
+    return box, run.timings, max(_peak_mib() - before, 0.0) + _BASELINE_MIB
+
+
+# Memory a worker holds besides the block: interpreter, numpy/scipy/dask imports.
+_BASELINE_MIB = 150
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
