@@ -95,6 +95,12 @@ class Stack:
     n_channels: int
     _selection: Any = field(default=None, repr=False, compare=False)
 
+    @property
+    def reader(self) -> Any:
+        """A small picklable object: ``reader[region]`` reads those voxels of ``data`` from the
+        file directly (as each task of ``data`` does), as a numpy array, without a dask graph."""
+        return self._selection if self._selection is not None else _Computing(self.data)
+
     def data_region(self) -> tuple[slice, ...] | None:
         """The bounding box of the stored chunks, in voxels of ``data``.
 
@@ -148,6 +154,16 @@ class _ZarrSource:
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         return np.asarray(self.array[key])
+
+
+@dataclass(frozen=True)
+class _Computing:
+    """``reader`` of a Stack built around an arbitrary dask array."""
+
+    data: da.Array
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        return np.asarray(self.data[key].compute(scheduler="sync"))
 
 
 def _stored_chunk_coords(arr: zarr.Array) -> np.ndarray:

@@ -71,6 +71,7 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
     region: tuple[slice, ...] = ()
+    stored: dict[str, Path] = field(default_factory=dict)  # dask name -> .work zarr of persist
 
     @property
     def work(self) -> Path:
@@ -357,7 +358,9 @@ def persist(run: Run, array: da.Array, name: str, *, label: str) -> da.Array:
         store = da.to_zarr(array.rechunk(run.params.chunks), str(path), compute=False)
         run.runner.compute(store, label=label)
         done.touch()
-    return da.from_zarr(str(path))
+    stored = da.from_zarr(str(path))
+    run.stored[stored.name] = path
+    return stored
 
 
 def global_threshold(run: Run, image: da.Array) -> float:
@@ -426,6 +429,10 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
     p = run.params
     shape = tuple(mask.shape)
     full_shape = tuple(run.stack.data.shape)
+    if mask.name not in run.stored:
+        mask = persist(run, mask, "mask", label="mask")
+    # Tasks read their blocks themselves: a graph of one task per block, no pixels in it.
+    mask_store = zarr.open_array(str(run.stored[mask.name]), mode="r")
     labels_path = run.output / "labels.ome.zarr"
     if run.resume and labels_path.exists():
         labels = zarr.open_array(str(labels_path / "0"), mode="r+")
@@ -435,7 +442,7 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
         )
     parts_dir = run.work / "blocks"
     parts_dir.mkdir(exist_ok=True)
-    channels = _intensity_channels(run)
+    readers = _intensity_readers(run)
     halo = run.segment_params.halo()
     tasks, part_files = [], []
     for index, core in blocks_of(shape, p.chunks):
@@ -447,11 +454,10 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
             slice(max(0, c.start - h), min(n, c.stop + h))
             for c, h, n in zip(core, halo, shape, strict=True)
         )
-        intensities = {suffix: data[core] for suffix, data in channels.items()}
         tasks.append(
             dask.delayed(_segment_task, pure=False)(
-                mask[padded],
-                intensities,
+                mask_store,
+                readers,
                 labels,
                 run.segment_params,
                 padded=padded,
@@ -471,23 +477,21 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
         shape=shape,
         origin=run.offset,
         max_radius=p.max_radius,
-        channel_suffixes=list(channels),
+        channel_suffixes=list(readers),
     )
 
 
-def _intensity_channels(run: Run) -> dict[str, da.Array]:
-    """Suffix -> intensities: the segmentation channel first, then ``measure.channels``."""
-    p = run.params
-    channels = {"": run.data}
-    for c in p.channels:
-        other = io.open_stack(run.stack.path, channel=c)
-        channels[f"_c{c}"] = other.data[run.region].rechunk(p.chunks)
-    return channels
+def _intensity_readers(run: Run) -> dict[str, Any]:
+    """Suffix -> reader: the segmentation channel first, then ``measure.channels``."""
+    readers = {"": run.stack.reader}
+    for c in run.params.channels:
+        readers[f"_c{c}"] = io.open_stack(run.stack.path, channel=c).reader
+    return readers
 
 
 def _segment_task(
-    mask: np.ndarray,
-    intensities: dict[str, np.ndarray],
+    mask_store: zarr.Array,
+    readers: dict[str, Any],
     labels: zarr.Array,
     params: SegmentParams,
     *,
@@ -497,9 +501,12 @@ def _segment_task(
     shape: tuple[int, ...],
     part: str,
 ) -> int:
-    """Segment one block; ``padded`` and ``core`` are relative to ``offset`` in the stack."""
+    """Segment one block; ``padded`` and ``core`` index the mask, which starts at ``offset``."""
+    mask_region = padded
     padded, core = _shifted(padded, offset), _shifted(core, offset)
     try:
+        mask = np.asarray(mask_store[mask_region], dtype=bool)
+        intensities = {suffix: reader[core] for suffix, reader in readers.items()}
         return _segment_core(mask, intensities, labels, params, padded, core, shape, part)
     except NucflowError as e:
         raise type(e)(f"block {_fmt_region(core)}: {e}") from e
@@ -531,7 +538,7 @@ def _segment_core(
     origin = tuple(s.start for s in padded)
     local_core = tuple(slice(c.start - o, c.stop - o) for c, o in zip(core, origin, strict=True))
     lab, seed_distance = segment_block(
-        mask.astype(bool), params, origin=origin, global_shape=shape, core=local_core
+        mask, params, origin=origin, global_shape=shape, core=local_core
     )
     if lab.any():
         labels[core] = lab
