@@ -150,6 +150,16 @@ BAD_INPUTS = {
         "plan --input {nuclei} --diameter 30",
         r"`diameter` 30 is larger than the stack \(24 along its longest axis\)",
     ),
+    "background_downsample 0": (
+        "run --input {u16} --output {out} --set preprocess.background_downsample=0",
+        r"config `preprocess.background_downsample` must be null, an integer > 0 or 2-3 "
+        r"integers > 0, got 0$",
+    ),
+    "background_downsample per axis, wrong length": (
+        "run --input {u16} --output {out} --set preprocess.background_downsample=[1,2]",
+        r"`preprocess.background_downsample` has 2 values but the stack has 3 axes; pass one "
+        r"integer or one per axis$",
+    ),
     "chunks 0": (
         "run --input {u16} --output {out} --chunks 0 10 10",
         r"config `chunks` must be null or 2-3 integers > 0, got \[0, 10, 10\]$",

@@ -12,7 +12,7 @@ import skimage.morphology as morph
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nucflow import filters
+from nucflow import filters, resample
 from nucflow.errors import DtypeError, ParameterError, ShapeError
 
 SHAPE_3D = (23, 41, 37)
@@ -231,6 +231,73 @@ def test_subtract_background(method):
         expected = np.maximum(xf - ndi.gaussian_filter(xf, (1.0, 4.0, 4.0)), 0)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out.compute(), expected)
+
+
+def _pooled_reference(x: np.ndarray, factors) -> np.ndarray:
+    """Cell minima with numpy: edge-pad to whole cells, reshape, min."""
+    pad = [(0, -n % f) for n, f in zip(x.shape, factors, strict=True)]
+    padded = np.pad(x, pad, mode="edge")
+    split = [v for n, f in zip(padded.shape, factors, strict=True) for v in (n // f, f)]
+    return padded.reshape(split).min(axis=tuple(range(1, 2 * x.ndim, 2)))
+
+
+def _upsampled_reference(low: np.ndarray, factors, shape) -> np.ndarray:
+    grid = [
+        np.clip((np.arange(n) + 0.5) / f - 0.5, 0, m - 1)
+        for n, f, m in zip(shape, factors, low.shape, strict=True)
+    ]
+    coords = np.meshgrid(*grid, indexing="ij")
+    return ndi.map_coordinates(low.astype(np.float64), coords, order=1, mode="nearest")
+
+
+@pytest.mark.parametrize(("shape", "chunks"), CASES, ids=IDS)
+def test_min_pool_and_linear_upsampling(shape, chunks):
+    factors = (2, 4, 3)[-len(shape) :]
+    x = _noise(shape)
+    low = resample.min_pool(da.from_array(x, chunks=chunks), factors)
+    expected_low = _pooled_reference(x, factors)
+    np.testing.assert_array_equal(low.compute(), expected_low)
+    up = resample.upsample_linear(low, factors, shape)
+    assert up.shape == shape and up.dtype == np.float32
+    expected = _upsampled_reference(expected_low, factors, shape)
+    np.testing.assert_allclose(up.compute(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["tophat", "median", "gaussian"])
+def test_subtract_background_at_reduced_resolution(method):
+    """Equals the whole-array recipe (numpy pooling, skimage/scipy filter, map_coordinates)
+    and is bit-identical on every chunking."""
+    x = _noise(SHAPE_3D, np.uint16).astype(np.float32)
+    voxel, radius, factors = (2.0, 0.5, 0.5), 4.0, (1, 3, 3)
+    outs = [
+        filters.subtract_background(
+            da.from_array(x, chunks=c),
+            method=method,
+            radius=radius,
+            voxel_size=voxel,
+            downsample=factors,
+        ).compute()
+        for c in CHUNKS_3D
+    ]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+    cells = _pooled_reference(x, factors)
+    cell_size = [v * f for v, f in zip(voxel, factors, strict=True)]
+    radii = [radius / c for c in cell_size]
+    if method == "tophat":
+        fp = filters.ellipsoid(radius, [radius / r for r in radii], decomposition="sequence")
+        low = morph.opening(cells, fp)
+    elif method == "median":
+        low = ndi.median_filter(cells, [2 * int(r) + 1 for r in radii])
+    else:
+        low = ndi.gaussian_filter(cells, radii)
+    expected = np.maximum(x - _upsampled_reference(low, factors, x.shape), 0)
+    np.testing.assert_allclose(outs[0], expected, rtol=1e-5, atol=1e-3)
+
+
+def test_downsample_must_be_positive_integers():
+    with pytest.raises(ParameterError, match="`downsample` must be a positive integer per axis"):
+        filters.subtract_background(da.zeros((8, 8), chunks=4), radius=2.0, downsample=(0, 2))
 
 
 # --------------------------------------------------------------------------- global masks

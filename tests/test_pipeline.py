@@ -48,6 +48,18 @@ def test_any_chunking_gives_the_one_block_result(stack3d, one_block, tmp_path, c
     pd.testing.assert_frame_equal(table, expected_table, check_exact=False, rtol=1e-12)
 
 
+def test_full_resolution_background_is_seam_free_too(stack3d, tmp_path):
+    """With ``background_downsample=1`` the exact top-hat runs inside the one overlap pass."""
+    source, made = stack3d
+    exact = ["--set", "preprocess.background_downsample=1"]
+    whole = run_flow(source, tmp_path / "whole", "--chunks", *map(str, made.image.shape), *exact)
+    split = run_flow(source, tmp_path / "split", "--chunks", "13", "37", "41", *exact)
+    np.testing.assert_array_equal(split[1], whole[1])
+    pd.testing.assert_frame_equal(split[0], whole[0], check_exact=False, rtol=1e-12)
+    record = json.loads((tmp_path / "split" / "run.json").read_text())
+    assert record["derived"]["background_downsample"] == [1, 1, 1]
+
+
 def test_accuracy_3d(stack3d, one_block):
     _, made = stack3d
     table, labels = one_block
@@ -86,6 +98,11 @@ def test_run_directory_is_complete_and_readable(stack3d, tmp_path):
     assert record["status"] == "complete"
     assert record["counts"] == {"nuclei": len(table), "truncated": int(table["truncated"].sum())}
     assert not (out / ".work").exists()
+    # background cells: background_radius (0.75 x diameter) / voxel / 3, at least 1
+    radius = 0.75 * 8.0
+    assert record["derived"]["background_downsample"] == [
+        max(1, int(radius / v / 3)) for v in made.voxel_size
+    ]
     csv = pd.read_csv(out / "nuclei.csv")
     np.testing.assert_array_equal(csv["label"].to_numpy(np.uint64), table["label"].to_numpy())
     import pyarrow.parquet as pq
