@@ -153,6 +153,9 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     config = config_module.load(args.config, options=_options(args), overrides=args.set)
     stack = io.open_stack(args.input, channel=config["channel"])
     params = config_module.resolve(config, shape=stack.data.shape, voxel_size=stack.voxel_size)
+    # Reopen on the run's blocks: the default (~128 MiB blocks, shaped by the stack) would make
+    # each task's memory depend on the stack's shape.
+    stack = io.open_stack(args.input, channel=config["channel"], chunks=params.chunks)
     for c in params.channels:
         if not 0 <= c < stack.n_channels:
             raise ParameterError(

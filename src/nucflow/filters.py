@@ -26,6 +26,8 @@ import numpy as np
 import scipy.ndimage as ndi
 import skimage.filters
 import skimage.morphology
+from dask.base import tokenize
+from dask.graph_manipulation import bind
 
 from nucflow import resample
 from nucflow.components import select_components
@@ -631,7 +633,9 @@ def subtract_background(
         cell_size = [v * f for v, f in zip(spacing, factors, strict=True)]
         low = _background(cells, method, radius, cell_size)
         background = resample.upsample_linear(low, factors, data.shape)
-        data = data.rechunk(background.chunks)
+        # Recompute the image blocks for the subtraction once the background is known,
+        # rather than hold every block of the image until then (memory would grow with it).
+        data = bind(data, low, seed=tokenize(data, "background")).rechunk(background.chunks)
     else:
         background = _background(data, method, radius, spacing)
     return da.maximum(data - background, np.float32(0))

@@ -118,8 +118,9 @@ def distance_squared(mask: np.ndarray, params: SegmentParams) -> np.ndarray:
         0 on the background.
     """
     cap = params.squared_units(params.max_radius)
-    squared = edt.edtsq(mask.astype(np.uint8), anisotropy=params.distance_weights)
-    return np.rint(np.minimum(squared, cap)).astype(_smallest_int(cap))
+    squared = edt.edtsq(mask.view(np.uint8), anisotropy=params.distance_weights)
+    np.minimum(squared, cap, out=squared)  # in place: a block's float copies add up
+    return np.rint(squared, out=squared).astype(_smallest_int(cap))
 
 
 def find_seeds(
