@@ -14,8 +14,12 @@ from nucflow.synth import make_nuclei
 
 def _blockwise_table(labels, intensity, voxel, chunks):
     parts = []
-    for starts in itertools.product(*(range(0, n, c) for n, c in zip(labels.shape, chunks))):
-        box = tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, chunks, labels.shape))
+    for starts in itertools.product(
+        *(range(0, n, c) for n, c in zip(labels.shape, chunks, strict=True))
+    ):
+        box = tuple(
+            slice(s, min(s + c, n)) for s, c, n in zip(starts, chunks, labels.shape, strict=True)
+        )
         parts.append(
             block_stats(
                 labels[box],

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from nucflow import segment
 from nucflow.errors import ParameterError
 from nucflow.segment import SegmentParams, distance_squared, find_seeds, segment_block
 from nucflow.synth import make_nuclei
@@ -19,16 +20,18 @@ def _params(voxel_size, diameter=8.0) -> SegmentParams:
 def _tiled(mask: np.ndarray, params: SegmentParams, chunks) -> np.ndarray:
     out = np.zeros(mask.shape, np.uint64)
     halo = params.halo()
-    for starts in itertools.product(*(range(0, n, c) for n, c in zip(mask.shape, chunks))):
-        stop = [min(n, s + c) for s, c, n in zip(starts, chunks, mask.shape)]
-        lo = [max(0, s - h) for s, h in zip(starts, halo)]
-        hi = [min(n, e + h) for e, h, n in zip(stop, halo, mask.shape)]
-        padded = mask[tuple(slice(a, b) for a, b in zip(lo, hi))]
-        core = tuple(slice(s - a, e - a) for s, e, a in zip(starts, stop, lo))
+    for starts in itertools.product(
+        *(range(0, n, c) for n, c in zip(mask.shape, chunks, strict=True))
+    ):
+        stop = [min(n, s + c) for s, c, n in zip(starts, chunks, mask.shape, strict=True)]
+        lo = [max(0, s - h) for s, h in zip(starts, halo, strict=True)]
+        hi = [min(n, e + h) for e, h, n in zip(stop, halo, mask.shape, strict=True)]
+        padded = mask[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+        core = tuple(slice(s - a, e - a) for s, e, a in zip(starts, stop, lo, strict=True))
         labels, _ = segment_block(
             padded, params, origin=tuple(lo), global_shape=mask.shape, core=core
         )
-        out[tuple(slice(s, e) for s, e in zip(starts, stop))] = labels
+        out[tuple(slice(s, e) for s, e in zip(starts, stop, strict=True))] = labels
     return out
 
 
@@ -69,6 +72,20 @@ def test_plateau_ties_break_by_global_index():
     first = plateau[np.lexsort(plateau.T[::-1])][0]  # lowest row-major position
     np.testing.assert_array_equal(coords[0], first)
     assert ids[0] == np.ravel_multi_index(tuple(first + (5, 100)), (20, 200))
+
+
+def test_tie_breaking_by_pairs_equals_the_minimum_filter(stack3d, monkeypatch):
+    """The k-d tree shortcut and the minimum-filter fallback pick the same seeds."""
+    made = stack3d[1]
+    params = _params(made.voxel_size)
+    # A coarse voxel grid makes many plateaus (ties) among the candidates.
+    dist_sq = distance_squared(made.truth[:, ::2, ::2] > 0, params)
+    seeds = find_seeds(dist_sq, params, origin=(3, 4, 5), global_shape=(99, 99, 99))
+    monkeypatch.setattr(segment, "_MAX_PAIRWISE", -1)
+    fallback = find_seeds(dist_sq, params, origin=(3, 4, 5), global_shape=(99, 99, 99))
+    assert len(seeds[1]) > 20
+    np.testing.assert_array_equal(seeds[0], fallback[0])
+    np.testing.assert_array_equal(seeds[1], fallback[1])
 
 
 def test_touching_spheres_split_at_their_contact_plane():

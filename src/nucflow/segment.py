@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import edt
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from nucflow.errors import ParameterError
 
@@ -153,15 +154,34 @@ def find_seeds(
     peak = ndimage.maximum_filter(dist_sq, size=box, mode="reflect")
     min_sq = params.squared_units(params.min_radius)
     candidate = (dist_sq > 0) & (dist_sq == peak) & (dist_sq >= min_sq)
-    # C-order linear indices compare like coordinates (lexicographically), so the local index
-    # breaks ties exactly as the global one would, in a narrower integer type.
-    no_seed = dist_sq.size  # above every local index
-    order = np.full(dist_sq.shape, no_seed, _smallest_int(no_seed))
-    local = np.nonzero(candidate)
-    order[local] = np.ravel_multi_index(local, dist_sq.shape)
-    is_seed = candidate & (order == ndimage.minimum_filter(order, size=box, mode="reflect"))
-    coords = np.argwhere(is_seed)  # C order, so already sorted by global id
+    # Two candidates in each other's box are both box maxima, so they tie; the first in C order
+    # (the order of global linear indices: they compare like coordinates) keeps the seed.
+    coords = np.argwhere(candidate)  # C order, so already sorted by global id
+    half = params.voxels(params.peak_radius)
+    if len(coords) <= _MAX_PAIRWISE:
+        coords = coords[~_tied_with_earlier(coords, half)]
+    else:  # plateaus everywhere: a minimum filter of the order costs less than the pairs
+        no_seed = dist_sq.size  # above every local index
+        order = np.full(dist_sq.shape, no_seed, _smallest_int(no_seed))
+        order[tuple(coords.T)] = np.arange(len(coords))
+        is_seed = candidate & (order == ndimage.minimum_filter(order, size=box, mode="reflect"))
+        coords = np.argwhere(is_seed)
     return coords, global_ids(tuple(coords.T), origin, global_shape)
+
+
+# Candidates up to which ties are found by pairs (a k-d tree) instead of a minimum filter.
+_MAX_PAIRWISE = 20_000
+
+
+def _tied_with_earlier(coords: np.ndarray, half: tuple[int, ...]) -> np.ndarray:
+    """Per candidate (C-ordered rows): is an earlier one within ``half`` on every axis?"""
+    # Scale each axis to a common integer box half-width, so the Chebyshev test is exact.
+    width = math.lcm(*half)
+    scaled = coords * np.array([width // n for n in half])
+    pairs = cKDTree(scaled).query_pairs(width, p=np.inf, output_type="ndarray")
+    tied = np.zeros(len(coords), bool)
+    tied[pairs.max(axis=1)] = True  # rows are in C order: the later of a pair loses
+    return tied
 
 
 def global_ids(local: tuple[np.ndarray, ...], origin, global_shape) -> np.ndarray:
