@@ -1,4 +1,4 @@
-"""Block sums combine into the same measurements as scikit-image's regionprops on the whole image."""
+"""Block sums combine into the measurements of scikit-image regionprops on the whole image."""
 
 from __future__ import annotations
 
