@@ -1,15 +1,26 @@
-"""Shared fixtures: small synthetic stacks written to disk as OME-Zarr."""
+"""Shared fixtures: small synthetic stacks written to disk as OME-Zarr, whole CLI runs on them
+(in this process or another), and real Slurm."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
+import dask
+import numpy as np
+import pandas as pd
 import pytest
+import zarr
 
 from nucflow import io, synth
+from nucflow.cli import main
+
+#: The block grid of the fault and resume tests: 5 x 4 x 4 = 80 blocks of the 40x128x128
+#: ``stack3d``, so a run has many blocks in flight when something is done to it.
+FINE_CHUNKS = (8, 32, 32)
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +38,63 @@ def stack2d(tmp_path_factory) -> tuple[Path, synth.SyntheticStack]:
     path = tmp_path_factory.mktemp("data") / "nuclei2d.ome.zarr"
     io.write_ome_zarr(path, made.image, made.voxel_size, labels={"truth": made.truth})
     return path, made
+
+
+# --- whole runs through the CLI ---------------------------------------------------------
+
+
+class CliRunner:
+    """``nucflow run`` on the block grid ``chunks``, in this process or as argv for another."""
+
+    def __init__(self, chunks: tuple[int, ...] = FINE_CHUNKS) -> None:
+        self.chunks = chunks
+
+    def args(self, source: str | os.PathLike, out: str | os.PathLike, *extra: str) -> list[str]:
+        """``run --input SOURCE --output OUT --chunks Z Y X EXTRA...``"""
+        chunks = [str(c) for c in self.chunks]
+        return ["run", "--input", str(source), "--output", str(out), "--chunks", *chunks, *extra]
+
+    def start(
+        self,
+        source: str | os.PathLike,
+        out: str | os.PathLike,
+        *extra: str,
+        stderr: str | os.PathLike | None = None,
+    ) -> subprocess.Popen:
+        """Start the run in a fresh interpreter, in a session of its own (so that
+        ``os.killpg(proc.pid, SIGKILL)`` takes its worker processes too); stdout is
+        discarded, stderr too unless a file is given."""
+        code = "from nucflow.cli import main; raise SystemExit(main())"
+        with open(stderr or os.devnull, "wb") as err:
+            return subprocess.Popen(
+                [sys.executable, "-c", code, *self.args(source, out, *extra)],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
+
+    def __call__(
+        self, source: str | os.PathLike, out: str | os.PathLike, *extra: str
+    ) -> tuple[pd.DataFrame, np.ndarray]:
+        """Run in this process; require exit code 0; return the table and the label image."""
+        argv = self.args(source, out, *extra)
+        code = main(argv)
+        assert code == 0, f"nucflow {' '.join(argv)} exited {code}"
+        labels = np.asarray(zarr.open_array(str(Path(out) / "labels.ome.zarr" / "0"), mode="r"))
+        return pd.read_parquet(Path(out) / "nuclei.parquet"), labels
+
+
+@pytest.fixture(scope="session")
+def run_cli() -> CliRunner:
+    """``run_cli(source, out, *extra)`` runs the CLI on ``FINE_CHUNKS`` (80 blocks of
+    ``stack3d``); ``run_cli.args(...)`` is the same command line, for a subprocess."""
+    return CliRunner()
+
+
+@pytest.fixture(scope="session")
+def reference_run(stack3d, tmp_path_factory) -> tuple[pd.DataFrame, np.ndarray]:
+    """Table and labels of an uninterrupted threaded run of ``stack3d`` on ``FINE_CHUNKS``."""
+    return CliRunner()(stack3d[0], tmp_path_factory.mktemp("reference") / "out")
 
 
 # --- real Slurm (started by .ci/slurm-up.sh) ---------------------------------------------
@@ -55,3 +123,24 @@ def slurm_cluster() -> None:
         pytest.fail(f"NUCFLOW_REQUIRE_SLURM=1 but {reason}")
     if reason:
         pytest.skip(reason)
+
+
+@pytest.fixture
+def slurm_jobqueue(tmp_path) -> Path:
+    """dask-jobqueue set up the conventional way, as a user's ~/.config/dask/jobqueue.yaml
+    would (DASK_JOBQUEUE__SLURM__* variables are read when dask is imported): one core and
+    2 GiB per worker job, this interpreter, job logs in the yielded folder."""
+    # Registers dask-jobqueue's defaults first: a dask.config.set of jobqueue.slurm.* before
+    # that would, on exit, drop the whole `jobqueue` section, defaults included.
+    import dask_jobqueue  # noqa: F401
+
+    logs = tmp_path / "logs"
+    jobqueue = {
+        "cores": 1,
+        "memory": "2GiB",
+        "walltime": "00:20:00",
+        "log-directory": str(logs),
+        "python": sys.executable,
+    }
+    with dask.config.set({f"jobqueue.slurm.{k}": v for k, v in jobqueue.items()}):
+        yield logs

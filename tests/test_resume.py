@@ -5,49 +5,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
-import zarr
-
-from nucflow.cli import main
-
-CLI = [sys.executable, "-c", "from nucflow.cli import main; raise SystemExit(main())"]
 
 
 @pytest.mark.timeout(300)
-def test_resume_after_kill_redoes_only_unfinished_blocks(stack3d, tmp_path):
+def test_resume_after_kill_redoes_only_unfinished_blocks(stack3d, reference_run, run_cli, tmp_path):
     source, made = stack3d
-    chunks = ["8", "32", "32"]
-    reference = tmp_path / "reference"
-    assert (
-        main(["run", "--input", str(source), "--output", str(reference), "--chunks", *chunks]) == 0
-    )
-
     out = tmp_path / "killed"
-    args = [
-        "run",
-        "--input",
-        str(source),
-        "--output",
-        str(out),
-        "--chunks",
-        *chunks,
-        "--cluster",
-        "processes",
-    ]
-    # A session of its own, so the kill takes the worker processes too: otherwise a worker that
-    # outlives the driver can still finish a block after the count below.
-    proc = subprocess.Popen(
-        [*CLI, *args],
-        stderr=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    # The kill takes the run's whole process group (start() gives it a session of its own):
+    # otherwise a worker that outlives the driver can still finish a block after the count below.
+    proc = run_cli.start(source, out, "--cluster", "processes")
     blocks = out / ".work" / "blocks"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(blocks.glob("*.parquet"))) < 5:
@@ -60,13 +31,9 @@ def test_resume_after_kill_redoes_only_unfinished_blocks(stack3d, tmp_path):
     assert json.loads((out / "run.json").read_text())["status"] == "running"  # never looks complete
     assert not (out / "nuclei.parquet").exists()
 
-    assert main([*args[:-2], "--resume"]) == 0
+    table, labels = run_cli(source, out, "--resume")
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "complete"
     assert record["blocks"] == {"total": total, "computed": total - done_before}
-    pd.testing.assert_frame_equal(
-        pd.read_parquet(out / "nuclei.parquet"), pd.read_parquet(reference / "nuclei.parquet")
-    )
-    labels = zarr.open_array(str(out / "labels.ome.zarr" / "0"), mode="r")
-    expected = zarr.open_array(str(reference / "labels.ome.zarr" / "0"), mode="r")
-    np.testing.assert_array_equal(np.asarray(labels), np.asarray(expected))
+    pd.testing.assert_frame_equal(table, reference_run[0])
+    np.testing.assert_array_equal(labels, reference_run[1])
