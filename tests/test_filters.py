@@ -295,6 +295,17 @@ def test_subtract_background_at_reduced_resolution(method):
     np.testing.assert_allclose(outs[0], expected, rtol=1e-5, atol=1e-3)
 
 
+def test_reduced_resolution_background_recomputed_for_large_images(monkeypatch):
+    """Above the hold size the image blocks are recomputed after the background: same result."""
+    x = da.from_array(_noise(SHAPE_3D, np.uint16), chunks=(7, 13, 11))
+    kwargs = {"radius": 4.0, "voxel_size": (2.0, 0.5, 0.5), "downsample": (1, 3, 3)}
+    held = filters.subtract_background(x, **kwargs)
+    monkeypatch.setattr(filters, "_HOLD_BYTES", 0)
+    recomputed = filters.subtract_background(x, **kwargs)
+    assert len(recomputed.dask) > len(held.dask)  # the image's graph appears twice
+    np.testing.assert_array_equal(recomputed.compute(), held.compute())
+
+
 def test_downsample_must_be_positive_integers():
     with pytest.raises(ParameterError, match="`downsample` must be a positive integer per axis"):
         filters.subtract_background(da.zeros((8, 8), chunks=4), radius=2.0, downsample=(0, 2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -40,11 +41,21 @@ def write(folder: Path, image: da.Array, labels_path: Path, table: pd.DataFrame)
 
     folder.mkdir(parents=True, exist_ok=True)
     labels = da.from_zarr(zarr.open_array(str(labels_path / "0"), mode="r"))
-    written = []
-    for i, region in enumerate(_regions(image.shape, table)):
-        written.append(_outline_picture(plt, folder / f"outlines_{i}.png", image, labels, region))
+    windows = _regions(image.shape, table)
+    # every projection in one pass, so overlapping windows read their blocks once
+    flat = dask.compute(*[(_project(image, w), _project(labels, w)) for w in windows])
+    written = [
+        _outline_picture(plt, folder / f"outlines_{i}.png", picture, outlines, window)
+        for i, ((picture, outlines), window) in enumerate(zip(flat, windows, strict=True))
+    ]
     written.append(_histograms(plt, folder / "distributions.png", table))
     return written
+
+
+def _project(data: da.Array, window: tuple[slice, ...]) -> da.Array:
+    """Maximum projection along z of a y-x window (the window itself in 2D)."""
+    region = data[(slice(None),) * (data.ndim - 2) + tuple(window)]
+    return region.max(axis=0) if data.ndim == 3 else region
 
 
 def _regions(shape: tuple[int, ...], table: pd.DataFrame) -> list[tuple[slice, ...]]:
@@ -67,12 +78,11 @@ def _regions(shape: tuple[int, ...], table: pd.DataFrame) -> list[tuple[slice, .
     return regions
 
 
-def _outline_picture(plt, path: Path, image: da.Array, labels: da.Array, window) -> Path:
+def _outline_picture(
+    plt, path: Path, picture: np.ndarray, flat: np.ndarray, window: tuple[slice, ...]
+) -> Path:
     from skimage.segmentation import find_boundaries
 
-    region = (slice(None),) * (image.ndim - 2) + tuple(window)
-    picture = image[region].max(axis=0).compute() if image.ndim == 3 else image[region].compute()
-    flat = labels[region].max(axis=0).compute() if labels.ndim == 3 else labels[region].compute()
     low, high = np.percentile(picture, (1, 99.8))
     fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
     ax.imshow(picture, cmap="gray", vmin=low, vmax=max(high, low + 1))
