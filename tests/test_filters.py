@@ -12,7 +12,7 @@ import skimage.morphology as morph
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nucflow import filters, resample
+from nucflow import components, filters, resample
 from nucflow.errors import DtypeError, ParameterError, ShapeError
 
 SHAPE_3D = (23, 41, 37)
@@ -300,10 +300,21 @@ def test_reduced_resolution_background_recomputed_for_large_images(monkeypatch):
     x = da.from_array(_noise(SHAPE_3D, np.uint16), chunks=(7, 13, 11))
     kwargs = {"radius": 4.0, "voxel_size": (2.0, 0.5, 0.5), "downsample": (1, 3, 3)}
     held = filters.subtract_background(x, **kwargs)
-    monkeypatch.setattr(filters, "_HOLD_BYTES", 0)
+    monkeypatch.setattr(components, "HOLD_BYTES", 0)
     recomputed = filters.subtract_background(x, **kwargs)
     assert len(recomputed.dask) > len(held.dask)  # the image's graph appears twice
     np.testing.assert_array_equal(recomputed.compute(), held.compute())
+
+
+def test_global_masks_recomputed_for_large_masks(monkeypatch):
+    """Above the hold size, the second pass recomputes the mask after the join: same result."""
+    mask = da.from_array(_blobs(SHAPE_3D), chunks=(12, 21, 19)) > 0
+    held = (filters.fill_holes(mask), filters.remove_small_objects(mask, 30))
+    monkeypatch.setattr(components, "HOLD_BYTES", 0)
+    recomputed = (filters.fill_holes(mask), filters.remove_small_objects(mask, 30))
+    for a, b in zip(held, recomputed, strict=True):
+        assert len(b.dask) > len(a.dask)
+        np.testing.assert_array_equal(b.compute(), a.compute())
 
 
 def test_downsample_must_be_positive_integers():

@@ -94,9 +94,7 @@ def _plan(source, capsys) -> dict[str, str]:
     return dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
 
 
-def test_plan_covers_only_the_data_region_and_calibrates_on_a_block(
-    sparse_stack, stack3d, capsys
-):
+def test_plan_covers_only_the_data_region_and_calibrates_on_a_block(sparse_stack, stack3d, capsys):
     path, region = sparse_stack
     lines = _plan(path, capsys)
     share = np.prod([s.stop - s.start for s in region]) / np.prod(LARGE)

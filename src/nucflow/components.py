@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import dask
 import dask.array as da
@@ -21,7 +22,24 @@ from dask.base import tokenize
 from dask.graph_manipulation import bind
 from scipy import ndimage, sparse
 
-__all__ = ["select_components"]
+__all__ = ["select_components", "after", "HOLD_BYTES"]
+
+#: Up to this size a stack's blocks may wait in memory for a global step (a join, a
+#: background) that a second pass needs; larger stacks have them recomputed after it, so
+#: memory does not grow with the stack (:func:`after`).
+HOLD_BYTES = 512 * 2**20
+
+
+def after(array: da.Array, dependency: Any, name: str) -> da.Array:
+    """``array`` for use once ``dependency`` is computed: itself if small, else a recomputed clone.
+
+    Holding every block of a large array until a global step is done would make memory grow
+    with the stack; a clone bound to the dependency is computed block by block afterwards.
+    """
+    if array.nbytes <= HOLD_BYTES:
+        return array
+    return bind(array, dependency, seed=tokenize(array, name))
+
 
 # decide(sizes, touches_border) -> keep flags, one per global component
 Decision = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -144,10 +162,8 @@ def select_components(mask: da.Array, decide: Decision, *, connectivity: int = 1
         meta=np.empty((0,) * ndim, object),
     )
     tables = dask.delayed(_join, pure=True)(summaries, grid, connectivity, decide)
-    # The second pass recomputes each block after the join (a clone of the mask's graph bound
-    # to it) instead of holding every block in memory until the join is done: memory stays
-    # one block per worker whatever the stack size.
-    again = bind(mask, tables, seed=tokenize(mask, "select_components"))
+    # The second pass needs the join: large masks are recomputed block by block after it.
+    again = after(mask, tables, "select_components")
     return again.map_blocks(
         _apply, tables, connectivity=connectivity, dtype=bool, meta=np.empty((0,) * ndim, bool)
     )

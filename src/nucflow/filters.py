@@ -26,11 +26,9 @@ import numpy as np
 import scipy.ndimage as ndi
 import skimage.filters
 import skimage.morphology
-from dask.base import tokenize
-from dask.graph_manipulation import bind
 
 from nucflow import resample
-from nucflow.components import select_components
+from nucflow.components import after, select_components
 from nucflow.errors import DtypeError, ParameterError, ShapeError
 
 __all__ = [
@@ -67,9 +65,6 @@ _TWICE = {"opening", "closing", "white_tophat", "black_tophat"}
 _THRESHOLDS = ("otsu", "yen", "triangle", "li", "percentile")
 _BACKGROUNDS = ("tophat", "median", "gaussian")
 _BINS = 256
-# Up to this size an image's blocks may wait in memory for its reduced-resolution background;
-# larger ones are recomputed after it (see subtract_background).
-_HOLD_BYTES = 512 * 2**20
 
 
 # --------------------------------------------------------------------------- validation
@@ -636,11 +631,7 @@ def subtract_background(
         cell_size = [v * f for v, f in zip(spacing, factors, strict=True)]
         low = _background(cells, method, radius, cell_size)
         background = resample.upsample_linear(low, factors, data.shape)
-        if data.nbytes > _HOLD_BYTES:
-            # Recompute the image blocks for the subtraction once the background is known,
-            # rather than hold every block until then: memory would grow with the image.
-            data = bind(data, low, seed=tokenize(data, "background"))
-        data = data.rechunk(background.chunks)
+        data = after(data, low, "background").rechunk(background.chunks)
     else:
         background = _background(data, method, radius, spacing)
     return da.maximum(data - background, np.float32(0))

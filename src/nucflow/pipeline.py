@@ -34,7 +34,7 @@ import pandas as pd
 import zarr
 
 import nucflow
-from nucflow import filters, io, measure
+from nucflow import components, filters, io, measure
 from nucflow.config import Params
 from nucflow.errors import BlockError, ConfigError, NucflowError, OutputError, ParameterError
 from nucflow.segment import SegmentParams, segment_block
@@ -391,8 +391,8 @@ def clean_mask(run: Run, image: da.Array, threshold: float) -> da.Array:
     """Foreground mask: threshold, opening, hole filling, small-object removal (lazy bool).
 
     Hole filling and small-object removal are global: a hole or an object may span blocks.
-    Each recomputes its input block by block after its global join, so when both run the
-    filled mask is persisted first (otherwise the second would redo the first's join).
+    Each recomputes a large input block by block after its global join, so for a large stack
+    the filled mask is persisted first (otherwise the second would redo the first's join).
     """
     p = run.params
     mask = image > threshold
@@ -401,7 +401,7 @@ def clean_mask(run: Run, image: da.Array, threshold: float) -> da.Array:
     min_voxels = int(p.min_volume / math.prod(p.voxel_size))
     if p.fill_holes:
         mask = filters.fill_holes(mask)
-        if min_voxels > 0:
+        if min_voxels > 0 and mask.nbytes > components.HOLD_BYTES:
             mask = persist(run, mask, "filled", label="fill holes")
     if min_voxels > 0:
         mask = filters.remove_small_objects(mask, min_voxels)
