@@ -27,7 +27,7 @@ __all__ = ["select_components", "after", "HOLD_BYTES"]
 #: Up to this size a stack's blocks may wait in memory for a global step (a join, a
 #: background) that a second pass needs; larger stacks have them recomputed after it, so
 #: memory does not grow with the stack (:func:`after`).
-HOLD_BYTES = 512 * 2**20
+HOLD_BYTES = 160 * 2**20
 
 
 def after(array: da.Array, dependency: Any, name: str) -> da.Array:

@@ -49,6 +49,7 @@ __all__ = [
     "threshold",
     "ellipsoid",
     "chain",
+    "chain_read",
     "depth_of",
     "STEPS",
 ]
@@ -450,14 +451,95 @@ def chain(image: da.Array, steps: Sequence[Step]) -> da.Array:
         steps' :func:`depth_of`.
     """
     image = _as_image(image, kinds="buif")
+    return _overlap(image, _checked_steps(steps, image.ndim))
+
+
+def _checked_steps(steps: Sequence[Step], ndim: int) -> list[tuple[str, dict]]:
     if not steps:
         raise ParameterError("`steps` must contain at least one (name, params) pair, got none")
     checked = []
     for step in steps:
         if not (isinstance(step, tuple | list) and len(step) == 2):
             raise ParameterError(f"`steps` entries must be (name, params) pairs, got {step!r}")
-        checked.append((step[0], _checked(step[0], image.ndim, step[1])))
-    return _overlap(image, checked)
+        checked.append((step[0], _checked(step[0], ndim, step[1])))
+    return checked
+
+
+def chain_read(
+    source: Any,
+    steps: Sequence[Step],
+    *,
+    chunks: Sequence[int],
+    region: Sequence[slice] | None = None,
+    check: Callable[[np.ndarray, tuple[slice, ...]], None] | None = None,
+) -> da.Array:
+    """:func:`chain` on a stored image, each block reading its own halo from the source.
+
+    Equal to ``chain(da.from_array(source)[region], steps)``, but every block is one task that
+    reads its core plus the summed depth (clipped at the region's edges, where the filters'
+    edge modes then apply as on the whole region): no block waits in memory for its
+    neighbours, whatever the number of blocks.
+
+    Parameters
+    ----------
+    source : array-like
+        ``shape``, ``dtype`` and ``source[tuple of slices] -> ndarray``, e.g.
+        :attr:`nucflow.io.Stack.reader`; picklable when computed on other processes.
+    steps : sequence of (str, dict)
+        As for :func:`chain`.
+    chunks : sequence of int
+        Block shape of the result.
+    region : sequence of slice, optional
+        The part of ``source`` to filter (default: all of it).
+    check : callable, optional
+        Called as ``check(core_voxels, core_slices_in_source)`` on each block's own voxels
+        before filtering (to refuse bad input naming the block).
+
+    Returns
+    -------
+    out : dask array, shaped like ``region``
+    """
+    ndim = len(source.shape)
+    region = tuple(region or (slice(0, n) for n in source.shape))
+    checked = _checked_steps(steps, ndim)
+    depth = tuple(sum(d) for d in zip(*(_step_depth(n, ndim, p) for n, p in checked), strict=True))
+    func = partial(_run_steps, steps=tuple(checked))
+    dtype = func(np.zeros((1,) * ndim, source.dtype)).dtype
+    shape = tuple(r.stop - r.start for r in region)
+    return da.map_blocks(
+        _read_and_run,
+        source=source,
+        region=region,
+        depth=depth,
+        steps=func,
+        check=check,
+        chunks=da.core.normalize_chunks(tuple(chunks), shape),
+        dtype=dtype,
+        meta=np.empty((0,) * ndim, dtype),
+    )
+
+
+def _read_and_run(
+    *,
+    source: Any,
+    region: tuple,
+    depth: tuple,
+    steps: Callable,
+    check: Callable | None,
+    block_info: dict,
+) -> np.ndarray:
+    core = block_info[None]["array-location"]
+    lo = [max(0, a - d) for (a, _), d in zip(core, depth, strict=True)]
+    hi = [min(r.stop - r.start, b + d) for (_, b), d, r in zip(core, depth, region, strict=True)]
+    padded = tuple(slice(r.start + a, r.start + b) for r, a, b in zip(region, lo, hi, strict=True))
+    data = np.asarray(source[padded])
+    inner = tuple(slice(a - p, b - p) for (a, b), p in zip(core, lo, strict=True))
+    if check is not None:
+        check(
+            data[inner],
+            tuple(slice(r.start + a, r.start + b) for r, (a, b) in zip(region, core, strict=True)),
+        )
+    return steps(data)[inner]
 
 
 def normalized_convolution(

@@ -162,6 +162,14 @@ class _Computing:
 
     data: da.Array
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
     def __getitem__(self, key: tuple) -> np.ndarray:
         return np.asarray(self.data[key].compute(scheduler="sync"))
 

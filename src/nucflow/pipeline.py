@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -246,33 +247,41 @@ def fail(run: Run, error: BaseException) -> None:
 
 
 def preprocess(run: Run) -> da.Array:
-    """Smoothing and background subtraction as one fused overlap pass (lazy, float32).
+    """Smoothing and background subtraction (lazy, float32).
 
     Gaussian of ``sigma`` µm (or, with a tissue mask, normalized convolution inside it), then the
-    configured background subtraction with ``background_radius`` µm.
+    configured background subtraction with ``background_radius`` µm. Each block reads its own
+    halo from the input (:func:`nucflow.filters.chain_read`) and refuses NaN/inf voxels.
     """
     p = run.params
-    image = _refuse_non_finite(run.data, run.stack.path)
     sigma = tuple(p.sigma / v for v in p.voxel_size)
-    if p.tissue_mask:
-        tissue = io.open_stack(p.tissue_mask).data[run.region].rechunk(p.chunks) > 0
-        image = filters.normalized_convolution(image, tissue, sigma)
-        steps: list[tuple[str, dict[str, Any]]] = []
-    else:
-        steps = [("gaussian", {"sigma": sigma})]
-    if p.background == "tophat" and max(p.background_downsample) == 1:
+    steps: list[tuple[str, dict[str, Any]]] = []
+    if not p.tissue_mask:
+        steps.append(("gaussian", {"sigma": sigma}))
+    exact_tophat = p.background == "tophat" and max(p.background_downsample) == 1
+    if exact_tophat:  # the full-resolution top-hat joins the Gaussian's pass
         footprint = filters.ellipsoid(p.background_radius, p.voxel_size, decomposition="sequence")
         steps.append(("white_tophat", {"footprint": footprint}))
-    elif p.background != "none":
+    if p.tissue_mask:
+        tissue = io.open_stack(p.tissue_mask).data[run.region].rechunk(p.chunks) > 0
+        image = filters.normalized_convolution(
+            _refuse_non_finite(run.data, run.stack.path), tissue, sigma
+        )
         smoothed = filters.chain(image, steps) if steps else image
-        return filters.subtract_background(
-            smoothed,
-            method=p.background,
-            radius=p.background_radius,
-            voxel_size=p.voxel_size,
-            downsample=p.background_downsample,
-        ).rechunk(p.chunks)
-    return filters.chain(image, steps) if steps else image.astype(np.float32)
+    else:
+        check = partial(_check_finite, path=run.stack.path) if run.data.dtype.kind == "f" else None
+        smoothed = filters.chain_read(
+            run.stack.reader, steps, chunks=p.chunks, region=run.region, check=check
+        )
+    if exact_tophat or p.background == "none":
+        return smoothed.astype(np.float32)
+    return filters.subtract_background(
+        smoothed,
+        method=p.background,
+        radius=p.background_radius,
+        voxel_size=p.voxel_size,
+        downsample=p.background_downsample,
+    ).rechunk(p.chunks)
 
 
 _FOOTPRINT_STEPS = {"erosion", "dilation", "opening", "closing", "white_tophat", "black_tophat"}
@@ -331,20 +340,22 @@ def _refuse_non_finite(image: da.Array, path: str) -> da.Array:
     """
     if image.dtype.kind != "f":
         return image
-    return image.map_blocks(_check_finite, path=path, dtype=image.dtype, meta=image._meta)
+    return image.map_blocks(_check_finite_block, path=path, dtype=image.dtype, meta=image._meta)
 
 
-def _check_finite(block: np.ndarray, *, path: str, block_info: dict | None = None) -> np.ndarray:
+def _check_finite_block(block: np.ndarray, *, path: str, block_info: dict) -> np.ndarray:
+    where = tuple(slice(a, b) for a, b in block_info[0]["array-location"])
+    _check_finite(block, where, path=path)
+    return block
+
+
+def _check_finite(block: np.ndarray, where: tuple[slice, ...], *, path: str) -> None:
     bad = block.size - int(np.count_nonzero(np.isfinite(block)))
     if bad:
-        where = ", ".join(
-            f"{a}:{b}" for a, b in (block_info or {0: {}})[0].get("array-location", [])
-        )
         raise ParameterError(
-            f"input {path} has {bad} NaN or infinite voxel(s) in block [{where}]; "
+            f"input {path} has {bad} NaN or infinite voxel(s) in block {_fmt_region(where)}; "
             "replace them (e.g. with 0) before running nucflow"
         )
-    return block
 
 
 def persist(run: Run, array: da.Array, name: str, *, label: str) -> da.Array:
