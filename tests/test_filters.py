@@ -172,6 +172,38 @@ def test_chain_equals_sequential(shape, chunks):
     )
 
 
+@pytest.mark.parametrize(("shape", "chunks"), CASES, ids=IDS)
+def test_chain_read_equals_chain_on_the_region(shape, chunks):
+    """Blocks that read their own halo from the source give the chained whole-array result,
+    on the whole image and on a region of it (whose edges act as the image edges)."""
+    x = _noise(shape, np.uint16)
+    fp = filters.ellipsoid(2.0, _aniso(len(shape)), decomposition="sequence")
+    steps = [("gaussian", {"sigma": 1.0}), ("white_tophat", {"footprint": fp})]
+    region = tuple(slice(2, n - 3) for n in shape)
+    for where in (None, region):
+        part = x if where is None else x[where]
+        expected = filters.chain(da.from_array(part, chunks=part.shape), steps).compute()
+        out = filters.chain_read(x, steps, chunks=chunks, region=where)
+        assert out.chunks == da.core.normalize_chunks(chunks, part.shape)
+        np.testing.assert_array_equal(out.compute(), expected)
+
+
+def test_chain_read_checks_each_blocks_own_voxels():
+    x = _noise(SHAPE_2D)
+    x[20, 30] = np.nan
+    seen = []
+
+    def refuse_nan(core, where):
+        seen.append(where)
+        if np.isnan(core).any():
+            raise ParameterError(f"NaN in {where}")
+
+    out = filters.chain_read(x, [("gaussian", {"sigma": 1.0})], chunks=(13, 11), check=refuse_nan)
+    with pytest.raises(ParameterError, match=r"NaN in \(slice\(13, 26, None\), slice\(22, 33"):
+        out.compute(scheduler="sync")
+    assert all(w[0].stop - w[0].start <= 13 and w[1].stop - w[1].start <= 11 for w in seen)
+
+
 def test_depth_of():
     assert filters.depth_of("gaussian", sigma=(0.5, 1.0, 2.2)) == (2, 4, 9)
     assert filters.depth_of("gaussian", sigma=2, truncate=3.0, ndim=2) == (6, 6)
