@@ -61,8 +61,8 @@ def test_full_resolution_background_is_seam_free_too(stack3d, tmp_path):
 
 
 def test_large_stack_memory_path_gives_the_same_outputs(stack3d, one_block, tmp_path, monkeypatch):
-    """Stacks above components.HOLD_BYTES recompute blocks after global steps and persist the
-    filled mask; forcing that path here must not change a voxel or a row."""
+    """Stacks above components.HOLD_BYTES recompute blocks after global steps (the background,
+    the component joins); forcing that path here must not change a voxel or a row."""
     from nucflow import components
 
     monkeypatch.setattr(components, "HOLD_BYTES", 0)

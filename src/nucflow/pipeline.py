@@ -35,7 +35,7 @@ import pandas as pd
 import zarr
 
 import nucflow
-from nucflow import components, filters, io, measure
+from nucflow import filters, io, measure
 from nucflow.config import Params
 from nucflow.errors import BlockError, ConfigError, NucflowError, OutputError, ParameterError
 from nucflow.segment import SegmentParams, segment_block
@@ -403,10 +403,10 @@ def _scheduler_for(run: Run) -> Any:
 def clean_mask(run: Run, image: da.Array, threshold: float) -> da.Array:
     """Foreground mask: threshold, opening, hole filling, small-object removal (bool).
 
-    The thresholded, opened mask is stored in ``.work`` and the rest returned lazily. Hole
-    filling and small-object removal are global (a hole or an object may span blocks); each
-    recomputes a large input block by block after its global join, so for a large stack the
-    filled mask is stored too (otherwise the second would redo the first's join).
+    The thresholded, opened mask and the filled mask are stored in ``.work`` (compressed bool
+    stacks are cheap to write and read back); without that, dask fuses each step into every
+    pass of the global steps after it and computes it several times. Hole filling and
+    small-object removal are global: a hole or an object may span blocks.
     """
     p = run.params
     mask = image > threshold
@@ -418,7 +418,7 @@ def clean_mask(run: Run, image: da.Array, threshold: float) -> da.Array:
     min_voxels = int(p.min_volume / math.prod(p.voxel_size))
     if p.fill_holes:
         mask = filters.fill_holes(mask)
-        if min_voxels > 0 and mask.nbytes > components.HOLD_BYTES:
+        if min_voxels > 0:
             mask = persist(run, mask, "filled", label="fill holes")
     if min_voxels > 0:
         mask = filters.remove_small_objects(mask, min_voxels)
