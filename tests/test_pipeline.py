@@ -123,7 +123,7 @@ def test_run_directory_is_complete_and_readable(stack3d, tmp_path):
     nodes = list(Reader(parse_url(str(out / "labels.ome.zarr")))())
     assert "image-label" in nodes[0].zarr.root_attrs
     np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), labels)
-    assert sorted(p.name for p in (out / "qc").iterdir()) == ["distributions.png", "outlines_0.png"]
+    assert sorted(p.name for p in (out / "qc").iterdir()) == ["distributions.png", "outlines.png"]
 
 
 def test_measures_other_channels(tmp_path):

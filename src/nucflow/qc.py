@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import dask
@@ -16,7 +17,8 @@ _REGION = 256  # side of a QC region in y and x, voxels
 
 
 def write(folder: Path, image: da.Array, labels_path: Path, table: pd.DataFrame) -> list[Path]:
-    """Write outline overlays of up to three regions and histograms of volume and intensity.
+    """Write ``outlines.png`` (label outlines on max projections of up to three regions, side
+    by side) and ``distributions.png`` (histograms of volume and mean intensity).
 
     Parameters
     ----------
@@ -44,12 +46,10 @@ def write(folder: Path, image: da.Array, labels_path: Path, table: pd.DataFrame)
     windows = _regions(image.shape, table)
     # every projection in one pass, so overlapping windows read their blocks once
     flat = dask.compute(*[(_project(image, w), _project(labels, w)) for w in windows])
-    written = [
-        _outline_picture(plt, folder / f"outlines_{i}.png", picture, outlines, window)
-        for i, ((picture, outlines), window) in enumerate(zip(flat, windows, strict=True))
+    return [
+        _outline_picture(plt, folder / "outlines.png", flat, windows),
+        _histograms(plt, folder / "distributions.png", table),
     ]
-    written.append(_histograms(plt, folder / "distributions.png", table))
-    return written
 
 
 def _project(data: da.Array, window: tuple[slice, ...]) -> da.Array:
@@ -79,21 +79,23 @@ def _regions(shape: tuple[int, ...], table: pd.DataFrame) -> list[tuple[slice, .
 
 
 def _outline_picture(
-    plt, path: Path, picture: np.ndarray, flat: np.ndarray, window: tuple[slice, ...]
+    plt, path: Path, projections: Sequence[tuple[np.ndarray, np.ndarray]], windows: list
 ) -> Path:
+    """One panel per window: the image projection in grey, label outlines in colour."""
     from skimage.segmentation import find_boundaries
 
-    low, high = np.percentile(picture, (1, 99.8))
-    fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
-    ax.imshow(picture, cmap="gray", vmin=low, vmax=max(high, low + 1))
-    edges = np.ma.masked_where(~find_boundaries(flat, mode="inner"), np.ones(flat.shape))
-    ax.imshow(edges, cmap="autumn", alpha=0.9, interpolation="nearest")
-    ax.set_title(
-        f"label outlines on max projection, y {window[0].start}:{window[0].stop}, "
-        f"x {window[1].start}:{window[1].stop}",
-        fontsize=8,
-    )
-    ax.set_axis_off()
+    fig, axes = plt.subplots(1, len(windows), figsize=(5 * len(windows), 5), dpi=100)
+    for ax, (picture, flat), window in zip(np.atleast_1d(axes), projections, windows, strict=True):
+        low, high = np.percentile(picture, (1, 99.8))
+        ax.imshow(picture, cmap="gray", vmin=low, vmax=max(high, low + 1))
+        edges = np.ma.masked_where(~find_boundaries(flat, mode="inner"), np.ones(flat.shape))
+        ax.imshow(edges, cmap="autumn", alpha=0.9, interpolation="nearest")
+        ax.set_title(
+            f"outlines on max projection, y {window[0].start}:{window[0].stop}, "
+            f"x {window[1].start}:{window[1].stop}",
+            fontsize=8,
+        )
+        ax.set_axis_off()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
