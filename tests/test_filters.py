@@ -414,6 +414,9 @@ def test_threshold_exact(method, dtype):
     value = filters.threshold(da.from_array(x, chunks=(7, 41)), method)
     assert isinstance(value, float)
     assert value == float(getattr(skimage.filters, f"threshold_{method}")(x))
+    # a known range, passed as Python numbers (as the pipeline keeps it in JSON), changes nothing
+    known = (x.min().item(), x.max().item())
+    assert filters.threshold(da.from_array(x, chunks=(7, 41)), method, value_range=known) == value
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int16])

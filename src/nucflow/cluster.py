@@ -277,7 +277,7 @@ class Runner:
         *,
         client: Any = None,
         cluster: Any = None,
-        scheduler: str | None = None,
+        scheduler: Any = None,
         num_workers: int | None = None,
         progress: bool = True,
     ) -> None:
@@ -292,6 +292,11 @@ class Runner:
 
     def __repr__(self) -> str:
         return f"Runner(spec={self.spec!r}, client={self.client!r})"
+
+    @property
+    def scheduler(self) -> Any:
+        """What ``dask.config.set(scheduler=...)`` takes: the client, else the scheduler."""
+        return self.client if self.client is not None else self._scheduler
 
     def compute(self, *collections: Any, label: str = "", retries: int = 2) -> tuple:
         """Compute dask collections, with a progress bar on stderr.
@@ -426,12 +431,25 @@ def connect(
 def _pool_runner(kind: str, options: dict, progress: bool, stack: contextlib.ExitStack) -> Runner:
     _check_keys(options, _POOL_KEYS, kind)
     num_workers = options.get("num_workers")
-    config: dict[str, Any] = {"scheduler": kind}
+    # The scheduler function itself, not its name: for a name, dask imports distributed
+    # (0.1 s) to look for a Client first.
+    scheduler = _pool_scheduler(kind)
+    config: dict[str, Any] = {"scheduler": scheduler}
     if num_workers is not None:
         config["num_workers"] = int(num_workers)
     # Plain .compute() calls inside the context go to the same scheduler.
     stack.enter_context(dask.config.set(config))
-    return Runner(kind, scheduler=kind, num_workers=num_workers, progress=progress)
+    return Runner(kind, scheduler=scheduler, num_workers=num_workers, progress=progress)
+
+
+def _pool_scheduler(kind: str) -> Any:
+    if kind == "processes":
+        import dask.multiprocessing
+
+        return dask.multiprocessing.get
+    import dask.threaded
+
+    return dask.threaded.get
 
 
 def _local_options(options: dict, jobs: int | None) -> dict[str, Any]:

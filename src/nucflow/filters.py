@@ -856,7 +856,13 @@ def _histogram(image: da.Array, low: Any, high: Any) -> tuple[np.ndarray, np.nda
     return counts, (edges[:-1] + edges[1:]) / 2.0
 
 
-def threshold(image: da.Array, method: str = "otsu", **kwargs: Any) -> float:
+def threshold(
+    image: da.Array,
+    method: str = "otsu",
+    *,
+    value_range: tuple[Any, Any] | None = None,
+    **kwargs: Any,
+) -> float:
     """Global threshold, equal to ``skimage.filters.threshold_<method>`` on the whole array.
 
     Parameters
@@ -873,6 +879,9 @@ def threshold(image: da.Array, method: str = "otsu", **kwargs: Any) -> float:
         tolerance. percentile: ``np.percentile(image, percentile)`` (kwarg ``percentile=``,
         in [0, 100]) from exact order statistics (histogram refinement, then only the
         values in one narrow bin are gathered).
+    value_range : (low, high), optional
+        The image's minimum and maximum when already known (e.g. computed while the image
+        was written): saves the min/max pass. Must be exact, or the result is not.
     **kwargs
         ``percentile`` for ``"percentile"``; ``tolerance`` for ``"li"``.
 
@@ -893,7 +902,10 @@ def threshold(image: da.Array, method: str = "otsu", **kwargs: Any) -> float:
         percentile = kwargs.get("percentile")
         if percentile is None or not _is_real(percentile) or not 0 <= percentile <= 100:
             raise ParameterError(f"`percentile` must be a number in [0, 100], got {percentile!r}")
-    low, high = dask.compute(image.min(), image.max())
+    if value_range is None:
+        low, high = dask.compute(image.min(), image.max())
+    else:
+        low, high = np.asarray(value_range, dtype=image.dtype)
     if low == high:
         return float(low)
     if method == "percentile":

@@ -32,6 +32,8 @@ import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import zarr
 
 import nucflow
@@ -73,6 +75,7 @@ class Run:
     facts: dict[str, Any] = field(default_factory=dict)
     region: tuple[slice, ...] = ()
     stored: dict[str, Path] = field(default_factory=dict)  # dask name -> .work zarr of persist
+    value_ranges: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # of persisted stacks
 
     @property
     def work(self) -> Path:
@@ -324,7 +327,7 @@ def write_stack(run: Run, image: da.Array, name: str) -> Path:
     partial = run.work / name
     if partial.exists():
         shutil.rmtree(partial)
-    with dask.config.set(scheduler=_scheduler_for(run)):
+    with dask.config.set(scheduler=run.runner.scheduler):
         io.write_ome_zarr(partial, image, run.params.voxel_size, chunks=run.params.chunks)
     if path.exists():
         shutil.rmtree(path)
@@ -359,20 +362,38 @@ def _check_finite(block: np.ndarray, where: tuple[slice, ...], *, path: str) -> 
 
 
 def persist(run: Run, array: da.Array, name: str, *, label: str) -> da.Array:
-    """Write an intermediate stack to ``.work/<name>.zarr`` (once) and read it back lazily."""
+    """Write an intermediate stack to ``.work/<name>.zarr`` (once) and read it back lazily.
+
+    A numeric (non-bool) stack's minimum and maximum ride on the same pass and are kept in
+    ``run.value_ranges`` (and in ``<name>.done``, for ``--resume``): the threshold needs them
+    and would otherwise read the whole stack once more.
+    """
     path = run.work / f"{name}.zarr"
     done = run.work / f"{name}.done"
-    if not (run.resume and done.exists()):
+    if run.resume and done.exists():
+        value_range = json.loads(done.read_text() or "null")
+    else:
         if path.exists():
             shutil.rmtree(path)
         # filters may have grown small chunks to fit their halo; store on the run's block grid.
         # Float intermediates are stored raw: compressing noise costs 3x the write for ~20%.
-        raw = {"compressors": None} if array.dtype.kind == "f" else {}
-        store = da.to_zarr(array.rechunk(run.params.chunks), str(path), compute=False, **raw)
-        run.runner.compute(store, label=label)
-        done.touch()
+        # Every chunk is written: testing each for emptiness costs more than it saves here.
+        options: dict[str, Any] = {"config": {"write_empty_chunks": True}}
+        if array.dtype.kind == "f":
+            options["compressors"] = None
+        array = array.rechunk(run.params.chunks)
+        store = da.to_zarr(array, str(path), compute=False, **options)
+        if array.dtype == bool:
+            run.runner.compute(store, label=label)
+            value_range = None
+        else:
+            _, low, high = run.runner.compute(store, array.min(), array.max(), label=label)
+            value_range = [low.item(), high.item()]
+        _write_atomic(done, json.dumps(value_range).encode())
     stored = da.from_zarr(str(path))
     run.stored[stored.name] = path
+    if value_range is not None:
+        run.value_ranges[stored.name] = tuple(value_range)
     return stored
 
 
@@ -387,17 +408,16 @@ def global_threshold(run: Run, image: da.Array) -> float:
             raise ConfigError("`threshold.method` is value but `threshold.value` is null; set both")
         value = float(p.threshold_value)
     else:
-        with dask.config.set(scheduler=_scheduler_for(run)):
-            value = float(filters.threshold(image, method=p.threshold_method))
+        with dask.config.set(scheduler=run.runner.scheduler):
+            value = float(
+                filters.threshold(
+                    image, method=p.threshold_method, value_range=run.value_ranges.get(image.name)
+                )
+            )
         value *= p.threshold_factor
     _write_atomic(done, json.dumps({"threshold": value}).encode())
     run.facts["threshold"] = value
     return value
-
-
-def _scheduler_for(run: Run) -> Any:
-    client = getattr(run.runner, "client", None)
-    return client if client is not None else getattr(run.runner, "spec", "threads")
 
 
 def clean_mask(run: Run, image: da.Array, threshold: float) -> da.Array:
@@ -487,7 +507,8 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
     run.facts["blocks"] = {"total": len(part_files), "computed": len(tasks)}
     if tasks:
         run.runner.compute(*tasks, label="segment")
-    totals = measure.combine([pd.read_parquet(f) for f in part_files])
+    # ParquetFile, not pd.read_parquet: that imports pyarrow.dataset (0.3 s)
+    totals = measure.combine([pq.ParquetFile(f).read().to_pandas() for f in part_files])
     return measure.finalize(
         totals,
         voxel_size=p.voxel_size,
@@ -583,7 +604,10 @@ def finish(run: Run, table: pd.DataFrame) -> dict[str, Any]:
         if p.qc:
             from nucflow import qc
 
-            qc.write(run.output / "qc", run.stack.data, run.output / "labels.ome.zarr", table)
+            windows = qc.write(
+                run.output / "qc", run.stack.data, run.output / "labels.ome.zarr", table
+            )
+            run.facts["qc_outline_windows_yx"] = [[[s.start, s.stop] for s in w] for w in windows]
     truncated = int(table["truncated"].sum()) if len(table) else 0
     counts = {"nuclei": len(table), "truncated": truncated}
     if truncated:
@@ -598,9 +622,6 @@ def finish(run: Run, table: pd.DataFrame) -> dict[str, Any]:
 
 
 def _write_table(run: Run, table: pd.DataFrame) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     unit = "micrometer" if run.stack.voxel_size_known or run.config.get("voxel_size") else "pixel"
     meta = {"voxel_size": list(run.params.voxel_size), "unit": unit, "nucflow": nucflow.__version__}
     arrow = pa.Table.from_pandas(table, preserve_index=False)

@@ -201,11 +201,11 @@ def _calibrate(
         for c, h, r in zip(core, halo, region, strict=True)
     )
     one_block = dataclasses.replace(params, chunks=tuple(s.stop - s.start for s in box), qc=False)
-    runner = Runner("sync", scheduler="sync", progress=False)
+    runner = Runner("sync", scheduler=dask.local.get_sync, progress=False)
     before = _peak_mib()
     with tempfile.TemporaryDirectory(prefix="nucflow-plan-") as scratch:
         run = pipeline.Run(stack, one_block, _scratch(scratch), runner, config, region=box)
-        with dask.config.set(scheduler="sync"), warnings.catch_warnings():
+        with dask.config.set(scheduler=runner.scheduler), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the block's own findings are not the run's
             flow(run)
     return box, run.timings, max(_peak_mib() - before, 0.0) + _BASELINE_MIB
