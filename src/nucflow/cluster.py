@@ -169,6 +169,21 @@ class _LabelledProgressBar(ProgressBar):
     def __init__(self, label: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._label = f"{label}: " if label else ""
+        self._wake = threading.Event()
+
+    def _timer_func(self) -> None:
+        # dask's timer sleeps a whole interval, and the end of every computation waits for
+        # it (0.05 s on average, per computation); waiting on an event ends at once.
+        while self._running:
+            elapsed = time.perf_counter() - self._start_time
+            if elapsed > self._minimum:
+                self._update_bar(elapsed)
+            self._wake.wait(self._dt)
+
+    def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
+        self._running = False
+        self._wake.set()
+        super()._finish(dsk, state, errored)
 
     def _draw_bar(self, frac: float, elapsed: float) -> None:
         from dask.utils import format_time
