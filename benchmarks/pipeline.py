@@ -57,6 +57,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -286,8 +287,12 @@ def read_level0(path: Path) -> np.ndarray:
     return zarr.open_array(str(path / "0"), mode="r")[...]
 
 
-def run_nucflow(source: Path, folder: Path, chunks: tuple[int, ...]) -> tuple[dict, dict]:
+def run_nucflow(
+    source: Path, folder: Path, chunks: tuple[int, ...], settings: list[str]
+) -> tuple[dict, dict]:
     output = folder / "nucflow"
+    if output.exists():  # an earlier repeat's
+        shutil.rmtree(output)
     code = "from nucflow.cli import main; raise SystemExit(main())"
     cmd = [
         sys.executable,
@@ -300,6 +305,7 @@ def run_nucflow(source: Path, folder: Path, chunks: tuple[int, ...]) -> tuple[di
         str(output),
         "--chunks",
         *map(str, chunks),
+        *[arg for setting in settings for arg in ("--set", setting)],
     ]
     measured = run_measured(cmd, folder / "nucflow.log")
     record = json.loads((output / "run.json").read_text())
@@ -362,6 +368,7 @@ def report(args, n_true, ours, record, ref, ref_summary, scores) -> str:
         f"{sum(ref_summary['timings_s'].values()):11.2f}",
         f"{'process wall':12s} {ours['wall']:9.2f} {ref['wall']:11.2f}  "
         f"{_ratio(ref['wall'], ours['wall'])}  (interpreter start, imports, I/O included)",
+        f"  median run of {args.repeat} each; its stage times are shown above",
         "",
         f"{'peak RSS MiB':12s} {ours['rss'] / MIB:9.0f} {ref['rss'] / MIB:11.0f}  "
         f"nf/ref {ours['rss'] / ref['rss']:.2f}x",
@@ -400,6 +407,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunks", type=int, nargs=3, default=[64, 256, 256], metavar=zyx)
     parser.add_argument("--quick", action="store_true", help="64x256x256 stack")
     parser.add_argument("--keep", type=Path, help="work in this (new) folder and keep it")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to nucflow run (the reference reads the derived values from its run.json)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each pipeline, alternating; medians shown"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.shape = list(DEMO_SHAPE)
@@ -411,13 +428,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def benchmark(args: argparse.Namespace, folder: Path) -> str:
     print(f"drawing {tuple(args.shape)} with {args.nuclei} nuclei in {folder} ...", flush=True)
     source = make_input(folder, tuple(args.shape), args.nuclei, tuple(args.chunks))
-    print("running nucflow ...", flush=True)
-    ours, record = run_nucflow(source, folder, tuple(args.chunks))
-    print("running the whole-array reference ...", flush=True)
-    ref, ref_summary = run_reference(source, folder)
+    runs: dict[str, list] = {"nucflow": [], "reference": []}
+    for i in range(args.repeat):
+        print(f"run {i + 1}/{args.repeat}: nucflow ...", flush=True)
+        runs["nucflow"].append(run_nucflow(source, folder, tuple(args.chunks), args.set))
+        print(f"run {i + 1}/{args.repeat}: whole-array reference ...", flush=True)
+        runs["reference"].append(run_reference(source, folder))
+    walls = {name: [m["wall"] for m, _ in done] for name, done in runs.items()}
+    (ours, record), (ref, ref_summary) = (_median_run(runs[n]) for n in ("nucflow", "reference"))
     truth = read_level0(source / "labels" / "truth")
     scores = score(folder, truth)
-    return report(args, int(truth.max()), ours, record, ref, ref_summary, scores)
+    text = report(args, int(truth.max()), ours, record, ref, ref_summary, scores)
+    each = "  ".join(
+        f"{name} {' '.join(f'{w:.2f}' for w in values)}" for name, values in walls.items()
+    )
+    return f"{text}\nwall of each run, s: {each}"
+
+
+def _median_run(runs: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    """The run with the median process wall time (the lower middle one of an even count)."""
+    ordered = sorted(runs, key=lambda run: run[0]["wall"])
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def main(argv: list[str] | None = None) -> None:
