@@ -6,8 +6,8 @@ Run ``python benchmarks/pipeline.py`` (128x512x512, blocks of 64x256x256) or add
 1. draws a seeded synthetic stack (``nucflow.synth.make_nuclei``; by default as many nuclei per
    voxel as the demo: 150 in 64x256x256 at voxel (1, 0.5, 0.5) µm, diameter 8 µm) and writes it
    as OME-Zarr in a temporary directory;
-2. runs ``nucflow run`` in a subprocess (threaded scheduler, all cores) and reads the per-stage
-   timings and the derived parameters from its run.json;
+2. runs ``nucflow run`` in a subprocess (threaded scheduler, all cores, default settings plus
+   any ``--set``) and reads the per-stage timings and the derived parameters from its run.json;
 3. runs the same steps with the same parameters on the whole array with scipy/scikit-image in a
    second subprocess (Gaussian, white top-hat with nucflow's footprint, Otsu, opening, hole
    filling, small-object removal, anisotropic EDT, ``peak_local_max`` markers, watershed,
@@ -20,35 +20,9 @@ sampled from /proc every 0.1 s (may miss a peak shorter than 0.1 s), and (b) the
 high-water mark ``ru_maxrss`` of the largest single process of the tree, from ``os.wait4``
 (exact for that process, a lower bound for the tree). Both are printed.
 
-Output of ``python benchmarks/pipeline.py`` (full size, 1 min 17 s in all) on the 2-core
-development machine (a shared one: stage times varied up to 2x between runs; one run during a
-test suite gave nucflow preprocess 11.3 s):
-
-    drawing (128, 512, 512) with 1200 nuclei in /tmp/nb_full ...
-    running nucflow ...
-    running the whole-array reference ...
-    stack (128, 512, 512) uint16, voxel (1.0, 0.5, 0.5) µm, diameter 8 µm
-    truth: 1200 nuclei (asked 1200, seed 0)
-    nucflow: blocks (64, 256, 256), halo (21, 41, 41), threads, 2 cores
-    reference: whole array, scikit-image 0.26.0
-
-    stage        nucflow s reference s   ref/nf  reference steps, s
-    preprocess        8.19        8.41    1.03x  read 0.31 gaussian 0.89 tophat 7.21
-    threshold         0.40        0.21    0.52x  otsu 0.21
-    mask              0.92        2.42    2.62x  opening 0.40 fill_holes 1.02 remove_small 1.00
-    segment           3.54       12.77    3.60x  edt 9.38 peaks 1.47 watershed 1.49 regionprops 0.43
-    write             1.51        0.02    0.01x  save 0.02
-    stages sum       14.56       23.82
-    process wall     16.52       24.64    1.49x  (interpreter start, imports, I/O included)
-
-    peak RSS MiB      1059        1770  nf/ref 0.60x
-      sampled tree 1053 / 1767, ru_maxrss 1059 / 1770 (nucflow / reference)
-    threshold       341.73      341.73
-    nuclei found      1200        1186  (nucflow truncated: 0)
-    F1 @ IoU 0.5     0.998       0.989
-    precision        0.998       0.995
-    recall           0.998       0.983
-    mean IoU         0.865       0.858
+Each pipeline runs ``--repeat`` times (default 3), alternating, and the run with the median
+wall time is reported. Its output on the 2-core development machine is in
+``benchmarks/README.md``.
 """
 
 from __future__ import annotations
