@@ -124,6 +124,26 @@ def test_run_directory_is_complete_and_readable(stack3d, tmp_path):
     assert "image-label" in nodes[0].zarr.root_attrs
     np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), labels)
     assert sorted(p.name for p in (out / "qc").iterdir()) == ["distributions.png", "outlines.png"]
+    _check_outlines(out / "qc" / "outlines.png", record["qc_outline_windows_yx"], labels)
+
+
+def _check_outlines(path, windows, labels):
+    """outlines.png: one panel per recorded window, outlines exactly where the labels' max
+    projection has boundaries."""
+    import imagecodecs
+    from skimage.segmentation import find_boundaries
+
+    picture = imagecodecs.png_decode(path.read_bytes())
+    widths = [x1 - x0 for _, (x0, x1) in windows]
+    height = max(y1 - y0 for (y0, y1), _ in windows)
+    assert picture.shape == (height, sum(widths) + 4 * (len(windows) - 1), 3)
+    left = 0
+    for ((y0, y1), (x0, x1)), width in zip(windows, widths, strict=True):
+        panel = picture[: y1 - y0, left : left + width]
+        edges = find_boundaries(labels[:, y0:y1, x0:x1].max(axis=0), mode="inner")
+        assert edges.any()
+        np.testing.assert_array_equal((panel == (255, 140, 0)).all(axis=-1), edges)
+        left += width + 4
 
 
 def test_measures_other_channels(tmp_path):

@@ -51,7 +51,7 @@ def test_the_store_holds_only_the_data_region(sparse_stack, stack3d):
 
 def test_sparse_stack_gives_the_table_of_its_data_region_alone(sparse_stack, stack3d, tmp_path):
     path, region = sparse_stack
-    alone, alone_labels, _ = _run(stack3d[0], tmp_path / "alone")
+    alone, alone_labels, alone_record = _run(stack3d[0], tmp_path / "alone")
     table, labels, record = _run(path, tmp_path / "sparse")
 
     assert record["data_region"] == [[s.start, s.stop] for s in region]
@@ -77,6 +77,12 @@ def test_sparse_stack_gives_the_table_of_its_data_region_alone(sparse_stack, sta
     assert all(
         w.start >= r.start and w.stop <= r.stop for w, r in zip(written, region, strict=True)
     )
+    # QC pictures show the data region: the windows are the region-alone run's, shifted
+    dy, dx = OFFSET[1:]
+    assert record["qc_outline_windows_yx"] == [
+        [[y0 + dy, y1 + dy], [x0 + dx, x1 + dx]]
+        for (y0, y1), (x0, x1) in alone_record["qc_outline_windows_yx"]
+    ]
 
 
 def test_a_store_without_any_chunk_gives_an_empty_table(tmp_path):

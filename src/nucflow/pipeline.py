@@ -604,9 +604,8 @@ def finish(run: Run, table: pd.DataFrame) -> dict[str, Any]:
         if p.qc:
             from nucflow import qc
 
-            windows = qc.write(
-                run.output / "qc", run.stack.data, run.output / "labels.ome.zarr", table
-            )
+            labels = da.from_zarr(str(run.output / "labels.ome.zarr" / "0"))[run.region]
+            windows = qc.write(run.output / "qc", run.data, labels, table, origin=run.offset)
             run.facts["qc_outline_windows_yx"] = [[[s.start, s.stop] for s in w] for w in windows]
     truncated = int(table["truncated"].sum()) if len(table) else 0
     counts = {"nuclei": len(table), "truncated": truncated}

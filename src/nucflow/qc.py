@@ -10,7 +10,6 @@ import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
-import zarr
 
 __all__ = ["write"]
 
@@ -20,7 +19,12 @@ _OUTLINE_RGB = (255, 140, 0)
 
 
 def write(
-    folder: Path, image: da.Array, labels_path: Path, table: pd.DataFrame
+    folder: Path,
+    image: da.Array,
+    labels: da.Array,
+    table: pd.DataFrame,
+    *,
+    origin: Sequence[int] | None = None,
 ) -> list[tuple[slice, ...]]:
     """Write ``outlines.png`` (label outlines on max projections of up to three regions, side
     by side) and ``distributions.png`` (histograms of volume and mean intensity).
@@ -33,28 +37,30 @@ def write(
     ----------
     folder : Path
         Created if missing.
-    image : (Z, Y, X) or (Y, X) dask array
-        The segmentation channel.
-    labels_path : Path
-        The run's ``labels.ome.zarr``.
+    image, labels : (Z, Y, X) or (Y, X) dask arrays
+        The segmentation channel and the label image, over the same region of the stack.
     table : pandas.DataFrame
-        The run's table.
+        The run's table (coordinates in the stack).
+    origin : sequence of int, optional
+        Stack coordinates of ``image[0, 0(, 0)]``; default all zero.
 
     Returns
     -------
     list of tuple of slice
-        The y-x windows of ``outlines.png``, left to right.
+        The y-x windows of ``outlines.png``, left to right, in stack coordinates.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    y0, x0 = (0, 0) if origin is None else tuple(origin)[-2:]
     with ThreadPoolExecutor(1) as helper:
         drawn = helper.submit(_histograms, folder / "distributions.png", table)
-        labels = da.from_zarr(zarr.open_array(str(labels_path / "0"), mode="r"))
-        windows = regions(image.shape, table)
+        windows = regions(image.shape, table, origin=(y0, x0))
         # every projection in one pass, so overlapping windows read their blocks once
         flat = dask.compute(*[(_project(image, w), _project(labels, w)) for w in windows])
         _outline_picture(folder / "outlines.png", flat)
         drawn.result()
-    return windows
+    return [
+        (slice(y.start + y0, y.stop + y0), slice(x.start + x0, x.stop + x0)) for y, x in windows
+    ]
 
 
 def _project(data: da.Array, window: tuple[slice, ...]) -> da.Array:
@@ -63,15 +69,21 @@ def _project(data: da.Array, window: tuple[slice, ...]) -> da.Array:
     return region.max(axis=0) if data.ndim == 3 else region
 
 
-def regions(shape: tuple[int, ...], table: pd.DataFrame) -> list[tuple[slice, ...]]:
-    """The y-x windows of ``outlines.png``, left to right: up to three, centred on the first,
-    middle and last nucleus of the table (the whole image when it is small)."""
-    y_col, x_col = "centroid_y", "centroid_x"
+def regions(
+    shape: tuple[int, ...], table: pd.DataFrame, *, origin: tuple[int, int] = (0, 0)
+) -> list[tuple[slice, ...]]:
+    """The y-x windows of ``outlines.png`` in an image of ``shape``, left to right: up to
+    three, centred on the first, middle and last nucleus of the table (the whole image when it
+    is small). The table's coordinates are those of the image shifted by ``origin``."""
     centres = [(shape[-2] // 2, shape[-1] // 2)]
     if len(table):
         picks = np.unique(np.linspace(0, len(table) - 1, 3).astype(int))
         centres = list(
-            zip(table[y_col].to_numpy()[picks], table[x_col].to_numpy()[picks], strict=True)
+            zip(
+                table["centroid_y"].to_numpy()[picks] - origin[0],
+                table["centroid_x"].to_numpy()[picks] - origin[1],
+                strict=True,
+            )
         )
     windows = []
     for cy, cx in centres:
