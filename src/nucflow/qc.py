@@ -53,7 +53,7 @@ def write(
     y0, x0 = (0, 0) if origin is None else tuple(origin)[-2:]
     with ThreadPoolExecutor(1) as helper:
         drawn = helper.submit(_histograms, folder / "distributions.png", table)
-        windows = regions(image.shape, table, origin=(y0, x0))
+        windows = _regions(image.shape, table, origin=(y0, x0))
         # every projection in one pass, so overlapping windows read their blocks once
         flat = dask.compute(*[(_project(image, w), _project(labels, w)) for w in windows])
         _outline_picture(folder / "outlines.png", flat)
@@ -69,7 +69,7 @@ def _project(data: da.Array, window: tuple[slice, ...]) -> da.Array:
     return region.max(axis=0) if data.ndim == 3 else region
 
 
-def regions(
+def _regions(
     shape: tuple[int, ...], table: pd.DataFrame, *, origin: tuple[int, int] = (0, 0)
 ) -> list[tuple[slice, ...]]:
     """The y-x windows of ``outlines.png`` in an image of ``shape``, left to right: up to
