@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import dask
 import dask.array as da
 import numpy as np
@@ -347,6 +349,24 @@ def test_global_masks_recomputed_for_large_masks(monkeypatch):
     for a, b in zip(held, recomputed, strict=True):
         assert len(b.dask) > len(a.dask)
         np.testing.assert_array_equal(b.compute(), a.compute())
+
+
+def test_global_masks_summarize_each_block_once(monkeypatch):
+    """The join's inputs (components, face pairs) come from one summary per block: no block is
+    labelled twice in the first pass."""
+    calls = []
+    summarize = components._summarize
+
+    def counted(block, *, grid, connectivity, block_id):
+        calls.append(block_id)
+        return summarize(block, grid=grid, connectivity=connectivity, block_id=block_id)
+
+    monkeypatch.setattr(components, "_summarize", counted)
+    mask = _blobs(SHAPE_3D) > 0
+    chunked = da.from_array(mask, chunks=(12, 21, 19))
+    out = filters.remove_small_objects(chunked, 30).compute(scheduler="sync")
+    np.testing.assert_array_equal(out, morph.remove_small_objects(mask, max_size=30))
+    assert sorted(calls) == sorted(itertools.product(*map(range, chunked.numblocks)))
 
 
 def test_downsample_must_be_positive_integers():

@@ -1,25 +1,28 @@
-"""Global connected components of a chunked binary mask with a graph of two tasks per block.
+"""Global connected components of a chunked binary mask, exact on any chunking.
 
 ``dask_image.ndmeasure.label`` builds a graph whose size grows with every block face and relabels
 the whole array; for keep-or-drop decisions on whole components (small objects, holes) we need
 much less. Each block is labelled locally with scipy (one task), reporting its component sizes,
-its faces and which components touch the image border; one small task joins components across
-block faces (sparse connected components); a second pass per block recomputes the block after
-the join, relabels it locally (scipy's labelling is deterministic) and keeps the components the
-decision selected. Exact on any chunking.
+its faces and which components touch the image border; one task per pair of neighbouring blocks
+matches the labels that touch across their face; one small task joins the components across
+faces (sparse connected components) from the sizes and matched pairs alone, so no task holds
+all faces; a second pass per block recomputes the block after the join, relabels it locally
+(scipy's labelling is deterministic) and keeps the components the decision selected.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
+from dask.delayed import Delayed
 from dask.graph_manipulation import bind
+from dask.highlevelgraph import HighLevelGraph
 from scipy import ndimage, sparse
 
 __all__ = ["select_components", "after", "HOLD_BYTES"]
@@ -52,7 +55,7 @@ def _structure(ndim: int, connectivity: int) -> np.ndarray:
 def _summarize(
     block: np.ndarray, *, grid: tuple[int, ...], connectivity: int, block_id: tuple[int, ...]
 ) -> np.ndarray:
-    """One block's summary, in a one-element object array (one element per block)."""
+    """One block's components and faces, in a one-element object array (one per block)."""
     index = block_id
     labels, count = ndimage.label(block, structure=_structure(block.ndim, connectivity))
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
@@ -71,37 +74,55 @@ def _summarize(
     return summary
 
 
+def _components(summary: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """A summary without its faces: what the join needs from every block."""
+    count, sizes, border, _ = summary.item()
+    return count, sizes, border
+
+
+def _face_pairs(low: np.ndarray, high: np.ndarray, *, axis: int, connectivity: int) -> np.ndarray:
+    """(n, 2) local labels of two neighbouring blocks (low, high along ``axis``) that touch
+    across their face."""
+    low_face = low.item()[3][axis][1]
+    high_face = high.item()[3][axis][0]
+    pairs = np.array(sorted(_touching(low_face, high_face, connectivity)), np.int64)
+    return pairs.reshape(-1, 2)
+
+
 def _join(
-    summaries: np.ndarray, grid: tuple[int, ...], connectivity: int, decide: Decision
+    components: list[tuple],
+    pairs: list[np.ndarray],
+    *,
+    blocks: list[tuple[int, ...]],
+    where: list[tuple[int, tuple[int, ...]]],
+    decide: Decision,
 ) -> dict:
-    """Per block, a lookup local label -> keep (index 0 is the block's background)."""
+    """Per block, a lookup local label -> keep (index 0 is the block's background).
+
+    ``components[k]`` is (count, sizes, touches border) of block ``blocks[k]``; ``pairs[k]``
+    holds the local labels of block ``where[k][1]`` and of its neighbour along axis
+    ``where[k][0]`` that touch across their face.
+    """
     offsets, start = {}, 0
-    for index in itertools.product(*map(range, grid)):
+    for index, (count, _, _) in zip(blocks, components, strict=True):
         offsets[index] = start
-        start += summaries[index][0]
-    sizes = np.concatenate([summaries[i][1] for i in offsets]) if start else np.zeros(0, np.int64)
-    border = np.concatenate([summaries[i][2] for i in offsets]) if start else np.zeros(0, bool)
-    rows, cols = [], []
-    for index in offsets:
-        for axis in range(len(grid)):
-            if index[axis] + 1 >= grid[axis]:
-                continue
-            after = tuple(i + (a == axis) for a, i in enumerate(index))
-            low = summaries[index][3][axis][1]
-            high = summaries[after][3][axis][0]
-            for a, b in _touching(low, high, connectivity):
-                rows.append(a + offsets[index] - 1)
-                cols.append(b + offsets[after] - 1)
+        start += count
+    sizes = np.concatenate([c[1] for c in components]) if start else np.zeros(0, np.int64)
+    border = np.concatenate([c[2] for c in components]) if start else np.zeros(0, bool)
+    rows, cols = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for (axis, index), touching in zip(where, pairs, strict=True):
+        neighbour = tuple(i + (a == axis) for a, i in enumerate(index))
+        rows.append(touching[:, 0] + offsets[index] - 1)
+        cols.append(touching[:, 1] + offsets[neighbour] - 1)
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
     graph = sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(start, start))
     _, component = sparse.csgraph.connected_components(graph, directed=False)
     total_size = np.bincount(component, weights=sizes, minlength=component.max(initial=-1) + 1)
     touches = np.bincount(component, weights=border, minlength=total_size.size) > 0
     keep = np.asarray(decide(total_size.astype(np.int64), touches), bool)
     return {
-        index: np.concatenate(
-            [[False], keep[component[offsets[index] : offsets[index] + summaries[index][0]]]]
-        )
-        for index in offsets
+        index: np.concatenate([[False], keep[component[offsets[index] : offsets[index] + c[0]]]])
+        for index, c in zip(blocks, components, strict=True)
     }
 
 
@@ -132,6 +153,37 @@ def _apply(
     return tables[block_id][labels]
 
 
+def _join_task(summaries: da.Array, connectivity: int, decide: Decision) -> Delayed:
+    """The join, fed only what it needs: each block's components without its faces, and the
+    labels that touch across each face, matched by one task per pair of neighbouring blocks
+    (so no task holds all faces).
+
+    Written as one graph layer by hand: with array operations dask fused the summaries into
+    their first use and computed them again for the other, and delayed calls per pair made
+    the graph quadratic to build.
+    """
+    grid, ndim = summaries.shape, summaries.ndim
+    token = tokenize(summaries.name, connectivity, decide)
+    name = f"join-components-{token}"
+    layer: dict = {}
+    blocks, where = list(itertools.product(*map(range, grid))), []
+    for index in blocks:
+        summary = (summaries.name, *index)
+        layer[(f"components-{token}", *index)] = (_components, summary)
+        for axis in range(ndim):
+            if index[axis] + 1 < grid[axis]:
+                neighbour = (summaries.name, *(i + (a == axis) for a, i in enumerate(index)))
+                match = partial(_face_pairs, axis=axis, connectivity=connectivity)
+                layer[(f"face-pairs-{token}", len(where))] = (match, summary, neighbour)
+                where.append((axis, index))
+    layer[name] = (
+        partial(_join, blocks=blocks, where=where, decide=decide),
+        [(f"components-{token}", *index) for index in blocks],
+        [(f"face-pairs-{token}", k) for k in range(len(where))],
+    )
+    return Delayed(name, HighLevelGraph.from_collections(name, layer, dependencies=[summaries]))
+
+
 def select_components(mask: da.Array, decide: Decision, *, connectivity: int = 1) -> da.Array:
     """Keep the connected components of ``mask`` that ``decide`` selects, lazily.
 
@@ -151,17 +203,21 @@ def select_components(mask: da.Array, decide: Decision, *, connectivity: int = 1
     """
     grid = tuple(len(c) for c in mask.chunks)
     ndim = mask.ndim
+    one_per_block = tuple((1,) * n for n in grid)
+    meta = np.empty((0,) * ndim, object)
     # Blockwise layers, not one delayed call per block: those each carry a copy of their
     # block's upstream graph, which made the graph grow with the square of the block count.
     summaries = mask.map_blocks(
         _summarize,
         grid=grid,
         connectivity=connectivity,
-        chunks=tuple((1,) * n for n in grid),
+        chunks=one_per_block,
         dtype=object,
-        meta=np.empty((0,) * ndim, object),
+        meta=meta,
     )
-    tables = dask.delayed(_join, pure=True)(summaries, grid, connectivity, decide)
+    # Faces are matched next to their blocks, one task per pair of neighbours; the join only
+    # gathers component sizes and the matched pairs, so it does not grow with the faces.
+    tables = _join_task(summaries, connectivity, decide)
     # The second pass needs the join: large masks are recomputed block by block after it.
     again = after(mask, tables, "select_components")
     return again.map_blocks(
