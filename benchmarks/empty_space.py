@@ -1,5 +1,8 @@
 """Empty space costs nothing: a terabyte-sized zarr store holding data in one small region.
 
+(Not named ``sparse.py``: scripts here put this folder first on ``sys.path``, and dask imports
+the ``sparse`` package.)
+
 The script writes a zarr v3 array of ``--shape`` (default 2048x16384x16384 uint16, 1.1 TB
 nominal, chunks 64x512x512) whose only written chunks hold a synthetic stack of
 ``--region`` (default 64x512x1024, 600 nuclei) at ``--at``; the same region is also written
@@ -14,8 +17,8 @@ run's coordinates are shifted by ``--at`` (labels differ: they are seed indices 
 
 Usage::
 
-    python benchmarks/sparse.py            # ~1 min; the large store takes ~70 MB on disk
-    python benchmarks/sparse.py --keep /tmp/nucflow-sparse
+    python benchmarks/empty_space.py            # ~30 s; the large store takes ~70 MB on disk
+    python benchmarks/empty_space.py --keep /tmp/nucflow-sparse
 
 Output on the 2-core development machine: see ``benchmarks/README.md``.
 """
