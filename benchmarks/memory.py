@@ -1,14 +1,17 @@
 """Bounded memory: peak RSS of a whole ``nucflow run`` on a stack and on one 16x larger.
 
-The larger stack tiles the smaller one 2 x 4 x 2 (z, y, x), so both have the same density of
-nuclei; both runs use the default settings (blocks, threaded scheduler on every core). Peak RSS
+The larger stack tiles the smaller one 1 x 4 x 4 (z, y, x), so both have the same density of
+nuclei and the same depth; both runs use the default settings (blocks of 64x256x256, threaded
+scheduler on every core). The smaller stack has 2 x 3 x 3 blocks, so it holds blocks of every
+kind the larger one holds, down to those whose halo reaches into both neighbours along y and x
+(the largest): a stack of only border blocks would compare a smaller per-block working set. Peak RSS
 is the larger of the summed VmRSS of the process tree sampled every 0.1 s and the largest
 process's ``ru_maxrss`` (see ``pipeline.py``). Targets (issue 5): the 16x stack needs at most
 1.5x the memory, and the default settings stay under 3 GB.
 
 Usage::
 
-    python benchmarks/memory.py            # 64x512x512 and 128x2048x1024 (~3 min)
+    python benchmarks/memory.py            # 128x768x768 and 128x3072x3072 (~5 min)
     python benchmarks/memory.py --cluster local --keep /tmp/nucflow-memory
 """
 
@@ -25,14 +28,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import DIAMETER, MIB, SEED, default_nuclei, run_measured  # noqa: E402
 
-BASE = (64, 512, 512)  # 4 default blocks: both threads busy, as in the larger run
-TILES = (2, 4, 2)
+BASE = (128, 768, 768)  # 2 x 3 x 3 default blocks
+TILES = (1, 4, 4)
 TARGET_RATIO = 1.5
 TARGET_BYTES = 3 * 2**30
 
 
 def make_stacks_main(folder: str) -> None:
-    """Draw the base stack and write it, and its 2x2x4 tiling, as OME-Zarr (subprocess)."""
+    """Draw the base stack and write it, and its tiling, as OME-Zarr (subprocess)."""
     import dask.array as da
 
     from nucflow import io, synth

@@ -7,7 +7,10 @@ Exit codes: 0 success; 2 bad input or usage (one line on stderr naming the thing
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import importlib.util
+import os
 import shutil
 import sys
 import time
@@ -100,10 +103,27 @@ def _version() -> str:
     return __version__
 
 
+def _one_malloc_arena() -> None:
+    """Have glibc serve every thread from one heap (unless MALLOC_ARENA_MAX says otherwise).
+
+    By default each worker thread gets heaps of its own, and the block-sized arrays freed in
+    them stay mapped: on ``benchmarks/memory.py`` peak RSS fell from 938 to 660 MiB with one
+    arena, at the same speed (numpy kernels, not allocations, take the time).
+    """
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
+        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 1)
+
+
+_M_ARENA_MAX = -8  # glibc malloc.h
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nucflow`` console script."""
     args = _parser().parse_args(argv)
     handler = {"demo": _demo, "synth": _synth, "run": _run, "plan": _plan}[args.command]
+    _one_malloc_arena()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
