@@ -21,11 +21,11 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 from dask.delayed import Delayed
-from dask.graph_manipulation import bind
+from dask.graph_manipulation import bind, clone
 from dask.highlevelgraph import HighLevelGraph
 from scipy import ndimage, sparse
 
-__all__ = ["select_components", "after", "HOLD_BYTES"]
+__all__ = ["select_components", "after", "again", "HOLD_BYTES"]
 
 #: Up to this size a stack's blocks may wait in memory for a global step (a join, a
 #: background) that a second pass needs; larger stacks have them recomputed after it, so
@@ -42,6 +42,18 @@ def after(array: da.Array, dependency: Any, name: str) -> da.Array:
     if array.nbytes <= HOLD_BYTES:
         return array
     return bind(array, dependency, seed=tokenize(array, name))
+
+
+def again(array: da.Array, name: str) -> da.Array:
+    """``array`` for a second, local use: itself if small, else a clone computed anew.
+
+    For steps whose blocks need only nearby blocks of an earlier result (not a global one):
+    the clone's blocks are computed next to their use, so neither the first blocks nor the
+    whole earlier result wait in memory.
+    """
+    if array.nbytes <= HOLD_BYTES:
+        return array
+    return clone(array, seed=tokenize(array, name))
 
 
 # decide(sizes, touches_border) -> keep flags, one per global component

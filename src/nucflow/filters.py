@@ -28,7 +28,7 @@ import skimage.filters
 import skimage.morphology
 
 from nucflow import resample
-from nucflow.components import after, select_components
+from nucflow.components import again, select_components
 from nucflow.errors import DtypeError, ParameterError, ShapeError
 
 __all__ = [
@@ -713,7 +713,8 @@ def subtract_background(
         cell_size = [v * f for v, f in zip(spacing, factors, strict=True)]
         low = _background(cells, method, radius, cell_size)
         background = resample.upsample_linear(low, factors, data.shape)
-        data = after(data, low, "background").rechunk(background.chunks)
+        # A block's background needs its neighbours' cells only: no need to wait for all of it.
+        data = again(data, "background").rechunk(background.chunks)
     else:
         background = _background(data, method, radius, spacing)
     return da.maximum(data - background, np.float32(0))
