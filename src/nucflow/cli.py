@@ -107,7 +107,7 @@ def _one_malloc_arena() -> None:
     """Have glibc serve every thread from one heap (unless MALLOC_ARENA_MAX says otherwise).
 
     By default each worker thread gets heaps of its own, and the block-sized arrays freed in
-    them stay mapped: on ``benchmarks/memory.py`` peak RSS fell from 938 to 660 MiB with one
+    them stay mapped: on ``benchmarks/memory.py`` peak RSS fell from 938 to 623 MiB with one
     arena, at the same speed (numpy kernels, not allocations, take the time).
     """
     if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):

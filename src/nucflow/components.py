@@ -27,9 +27,9 @@ from scipy import ndimage, sparse
 
 __all__ = ["select_components", "after", "again", "HOLD_BYTES"]
 
-#: Up to this size a stack's blocks may wait in memory for a global step (a join, a
-#: background) that a second pass needs; larger stacks have them recomputed after it, so
-#: memory does not grow with the stack (:func:`after`).
+#: Up to this size a stack's blocks may wait in memory for a second use (after a global join,
+#: or next to a reduced-resolution background); larger stacks have them recomputed for it, so
+#: memory does not grow with the stack (:func:`after`, :func:`again`).
 HOLD_BYTES = 160 * 2**20
 
 
@@ -231,7 +231,7 @@ def select_components(mask: da.Array, decide: Decision, *, connectivity: int = 1
     # gathers component sizes and the matched pairs, so it does not grow with the faces.
     tables = _join_task(summaries, connectivity, decide)
     # The second pass needs the join: large masks are recomputed block by block after it.
-    again = after(mask, tables, "select_components")
-    return again.map_blocks(
+    second = after(mask, tables, "select_components")
+    return second.map_blocks(
         _apply, tables, connectivity=connectivity, dtype=bool, meta=np.empty((0,) * ndim, bool)
     )
