@@ -1,4 +1,4 @@
-"""The nuclei flow (`nucflow run`): preprocess, global threshold, clean mask, seam-free segmentation.
+"""The nuclei flow (`nucflow run`): preprocess, global threshold, mask, seam-free segmentation.
 
 Each intermediate stack is persisted under the output's `.work/` so global passes read it once and
 `--resume` skips finished stages; segmentation writes labels and table parts block by block.
