@@ -408,3 +408,25 @@ def test_degenerate_stacks_complete(capsys, tmp_path, shape, n_nuclei):
     labels = zarr.open_array(str(out / "labels.ome.zarr" / "0"), mode="r")
     assert labels.shape == shape
     assert set(table["label"]) == set(np.unique(labels[:])) - {0}
+
+
+def test_demo_scores_itself_and_keeps_earlier_folders(capsys, tmp_path):
+    """The README's first command: a full run on a synthetic stack, scored against its truth."""
+    folder = tmp_path / "demo"
+    assert main(["demo", "--output", str(folder)]) == 0
+    out = capsys.readouterr().out
+    found = int(re.search(r"found\s+(\d+) nuclei", out).group(1))
+    f1 = float(re.search(r"accuracy\s+F1 ([\d.]+)", out).group(1))
+    assert f1 >= 0.95
+    table = pd.read_parquet(folder / "run" / "nuclei.parquet")
+    assert len(table) == found
+    assert json.loads((folder / "run" / "run.json").read_text())["status"] == "complete"
+
+    assert main(["demo", "--output", str(folder)]) == 2  # an earlier demo is kept...
+    assert "pass --overwrite or another --output" in capsys.readouterr().err
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    assert main(["demo", "--output", str(foreign), "--overwrite"]) == 2  # ...and so is this
+    assert "is not a nucflow demo folder" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep"
