@@ -70,20 +70,19 @@ def block_stats(
     n = np.diff(np.r_[starts, len(flat)]).astype(np.int64)
     columns: dict[str, np.ndarray] = {"n": n}
     # Coordinates relative to the block keep every sum small; shifted to the stack exactly.
-    local = np.unravel_index(flat, labels.shape)
+    local = [c.astype(np.int64, copy=False) for c in np.unravel_index(flat, labels.shape)]
     shift = np.asarray(origin, np.int64)
-    sums = {a: grouped(c.astype(np.int64), np.add) for a, c in zip(axes, local, strict=True)}
+    sums = {a: grouped(c, np.add) for a, c in zip(axes, local, strict=True)}
     for i, a in enumerate(axes):
         columns[f"s_{a}"] = sums[a] + n * shift[i]
     for pair in _products(axes):
         i, j = axes.index(pair[0]), axes.index(pair[1])
-        product = grouped(local[i].astype(np.int64) * local[j], np.add)
+        product = grouped(local[i] * local[j], np.add)
         columns[f"s_{pair}"] = (
             product + shift[j] * sums[pair[0]] + shift[i] * sums[pair[1]] + n * shift[i] * shift[j]
         )
-    for how in ("min", "max"):
+    for how, ufunc in (("min", np.minimum), ("max", np.maximum)):
         for i, a in enumerate(axes):
-            ufunc = np.minimum if how == "min" else np.maximum
             columns[f"{how}_{a}"] = grouped(local[i], ufunc).astype(np.int64) + shift[i]
     del local
     columns["seed_distance"] = grouped(seed_distance.ravel()[flat], np.maximum)

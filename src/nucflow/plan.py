@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import dask
+import dask.local
 from dask.highlevelgraph import HighLevelGraph
 
 from nucflow import filters, io, pipeline
