@@ -1,6 +1,7 @@
 """The nuclei flow (`nucflow run`): preprocess, global threshold, mask, seam-free segmentation.
 
-Each intermediate stack is persisted under the output's `.work/` so global passes read it once and
+Every stage is a pass (or a few) from stored inputs to stored outputs under the output's
+`.work/`: each task holds one block and its halo, so memory does not grow with the stack, and
 `--resume` skips finished stages; segmentation writes labels and table parts block by block.
 """
 
@@ -13,13 +14,11 @@ from nucflow import pipeline
 
 def run(job: pipeline.Run) -> dict[str, Any]:
     with job.stage("preprocess"):
-        image = pipeline.persist(job, pipeline.preprocess(job), "preprocessed", label="preprocess")
+        image = pipeline.preprocess(job)
     with job.stage("threshold"):
         threshold = pipeline.global_threshold(job, image)
     with job.stage("mask"):
-        mask = pipeline.persist(
-            job, pipeline.clean_mask(job, image, threshold), "mask", label="mask"
-        )
+        mask = pipeline.clean_mask(job, image, threshold)
     with job.stage("segment"):
         table = pipeline.segment(job, mask)
     return pipeline.finish(job, table)

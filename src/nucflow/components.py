@@ -25,7 +25,15 @@ from dask.graph_manipulation import bind, clone
 from dask.highlevelgraph import HighLevelGraph
 from scipy import ndimage, sparse
 
-__all__ = ["select_components", "after", "again", "HOLD_BYTES"]
+__all__ = [
+    "select_components",
+    "after",
+    "again",
+    "HOLD_BYTES",
+    "BlockComponents",
+    "face_pairs",
+    "join",
+]
 
 #: Up to this size a stack's blocks may wait in memory for a second use (after a global join,
 #: or next to a reduced-resolution background); larger stacks have them recomputed for it, so
@@ -101,7 +109,7 @@ def _face_pairs(low: np.ndarray, high: np.ndarray, *, axis: int, connectivity: i
     return pairs.reshape(-1, 2)
 
 
-def _join(
+def join(
     components: list[tuple],
     pairs: list[np.ndarray],
     *,
@@ -189,7 +197,7 @@ def _join_task(summaries: da.Array, connectivity: int, decide: Decision) -> Dela
                 layer[(f"face-pairs-{token}", len(where))] = (match, summary, neighbour)
                 where.append((axis, index))
     layer[name] = (
-        partial(_join, blocks=blocks, where=where, decide=decide),
+        partial(join, blocks=blocks, where=where, decide=decide),
         [(f"components-{token}", *index) for index in blocks],
         [(f"face-pairs-{token}", k) for k in range(len(where))],
     )
@@ -235,3 +243,67 @@ def select_components(mask: da.Array, decide: Decision, *, connectivity: int = 1
     return second.map_blocks(
         _apply, tables, connectivity=connectivity, dtype=bool, meta=np.empty((0,) * ndim, bool)
     )
+
+
+# ------------------------------------------------------------------ stored passes (pipeline)
+
+
+class BlockComponents:
+    """One block's connected components, split into those the block decides alone and those
+    that cross a face shared with a neighbouring block (the only ones the global join needs).
+
+    A component that touches no shared face lies wholly in the block: its size and whether
+    it touches the image border are exact, so an elementwise decision on it is final. Only
+    crossing components are renumbered ``1..n_crossing`` ("joined ids") and reported.
+
+    Parameters
+    ----------
+    block : ndarray of bool
+    edges : sequence of (bool, bool)
+        Per axis, whether the block's low and high faces lie on the image border.
+    connectivity : int
+    """
+
+    def __init__(
+        self, block: np.ndarray, edges: list[tuple[bool, bool]], connectivity: int
+    ) -> None:
+        self.edges = edges
+        self.labels, count = ndimage.label(block, structure=_structure(block.ndim, connectivity))
+        self.sizes = np.bincount(self.labels.ravel(), minlength=count + 1)
+        self.border = np.zeros(count + 1, bool)
+        self.crossing = np.zeros(count + 1, bool)
+        for axis, sides in enumerate(edges):
+            for side, on_image_border in zip((0, -1), sides, strict=True):
+                face = np.take(self.labels, side, axis=axis)
+                (self.border if on_image_border else self.crossing)[face] = True
+        self.border[0] = self.crossing[0] = False
+        self.joined = np.zeros(count + 1, np.int64)  # local label -> joined id (0: not crossing)
+        self.joined[self.crossing] = np.arange(1, int(self.crossing.sum()) + 1)
+
+    def summary(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """(count, sizes, touches border) of the crossing components, as :func:`join` takes."""
+        return int(self.crossing.sum()), self.sizes[self.crossing], self.border[self.crossing]
+
+    def faces(self) -> dict[str, np.ndarray]:
+        """Joined ids on each shared face: ``"{axis}lo"``/``"{axis}hi"`` -> 2D (or 1D) array."""
+        out = {}
+        for axis, (low_edge, high_edge) in enumerate(self.edges):
+            for side, name, on_border in ((0, "lo", low_edge), (-1, "hi", high_edge)):
+                if not on_border:
+                    out[f"{axis}{name}"] = self.joined[np.take(self.labels, side, axis=axis)]
+        return out
+
+    def kept(self, joined_keep: np.ndarray, decide: Decision) -> np.ndarray:
+        """The block's voxels of kept components: ``decide`` for the block's own components
+        (it must be elementwise), the join's ``joined_keep`` (by joined id) for crossing ones."""
+        keep = np.asarray(decide(self.sizes, self.border), bool)
+        keep[self.crossing] = joined_keep[self.joined[self.crossing]]
+        keep[0] = False
+        return keep[self.labels]
+
+
+def face_pairs(low_face: np.ndarray, high_face: np.ndarray, connectivity: int) -> np.ndarray:
+    """(n, 2) joined ids of two facing faces (the low block's high face, the high block's low
+    face) that touch under ``connectivity``."""
+    pairs = np.array(sorted(_touching(low_face, high_face, connectivity)), np.int64)
+    return pairs.reshape(-1, 2)

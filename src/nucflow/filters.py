@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -501,45 +502,82 @@ def chain_read(
     """
     ndim = len(source.shape)
     region = tuple(region or (slice(0, n) for n in source.shape))
-    checked = _checked_steps(steps, ndim)
-    depth = tuple(sum(d) for d in zip(*(_step_depth(n, ndim, p) for n, p in checked), strict=True))
-    func = partial(_run_steps, steps=tuple(checked))
-    dtype = func(np.zeros((1,) * ndim, source.dtype)).dtype
+    block = BlockFilter.of(steps, ndim, source.dtype)
     shape = tuple(r.stop - r.start for r in region)
     return da.map_blocks(
         _read_and_run,
         source=source,
         region=region,
-        depth=depth,
-        steps=func,
+        block=block,
         check=check,
         chunks=da.core.normalize_chunks(tuple(chunks), shape),
-        dtype=dtype,
-        meta=np.empty((0,) * ndim, dtype),
+        dtype=block.dtype,
+        meta=np.empty((0,) * ndim, block.dtype),
     )
+
+
+@dataclass(frozen=True)
+class BlockFilter:
+    """A checked chain of steps, run on one block read with its halo from a stored source.
+
+    Build with :meth:`of`; call :meth:`read` in a task. Picklable (plain steps and arrays).
+    """
+
+    steps: tuple[tuple[str, dict], ...]
+    depth: tuple[int, ...]
+    dtype: np.dtype
+
+    @classmethod
+    def of(cls, steps: Sequence[Step], ndim: int, dtype: Any) -> BlockFilter:
+        """Check ``steps`` (as :func:`chain`; none: read as is) for ``ndim``-D ``dtype`` input."""
+        checked = tuple(_checked_steps(steps, ndim)) if steps else ()
+        depths = [_step_depth(n, ndim, p) for n, p in checked] or [(0,) * ndim]
+        depth = tuple(sum(d) for d in zip(*depths, strict=True))
+        # The output dtype comes from a 1-voxel trial run so it always matches the kernels.
+        out = _run_steps(np.zeros((1,) * ndim, dtype), steps=checked).dtype
+        return cls(checked, depth, out)
+
+    def read(
+        self,
+        source: Any,
+        core: tuple[slice, ...],
+        *,
+        region: tuple[slice, ...] | None = None,
+        check: Callable[[np.ndarray, tuple[slice, ...]], None] | None = None,
+    ) -> np.ndarray:
+        """The filtered voxels of ``core`` (coordinates within ``region`` of ``source``).
+
+        Reads ``core`` plus :attr:`depth`, clipped to ``region`` (default: all of
+        ``source``), where the filters' own edge modes then act as on the whole region.
+        """
+        region = tuple(region or (slice(0, n) for n in source.shape))
+        lo = [max(0, c.start - d) for c, d in zip(core, self.depth, strict=True)]
+        hi = [
+            min(r.stop - r.start, c.stop + d)
+            for c, d, r in zip(core, self.depth, region, strict=True)
+        ]
+        box = tuple(slice(r.start + a, r.start + b) for r, a, b in zip(region, lo, hi, strict=True))
+        data = np.asarray(source[box])
+        inner = tuple(slice(c.start - p, c.stop - p) for c, p in zip(core, lo, strict=True))
+        if check is not None:
+            where = tuple(
+                slice(r.start + c.start, r.start + c.stop)
+                for r, c in zip(region, core, strict=True)
+            )
+            check(data[inner], where)
+        return _run_steps(data, steps=self.steps)[inner]
 
 
 def _read_and_run(
     *,
     source: Any,
     region: tuple,
-    depth: tuple,
-    steps: Callable,
+    block: BlockFilter,
     check: Callable | None,
     block_info: dict,
 ) -> np.ndarray:
-    core = block_info[None]["array-location"]
-    lo = [max(0, a - d) for (a, _), d in zip(core, depth, strict=True)]
-    hi = [min(r.stop - r.start, b + d) for (_, b), d, r in zip(core, depth, region, strict=True)]
-    padded = tuple(slice(r.start + a, r.start + b) for r, a, b in zip(region, lo, hi, strict=True))
-    data = np.asarray(source[padded])
-    inner = tuple(slice(a - p, b - p) for (a, b), p in zip(core, lo, strict=True))
-    if check is not None:
-        check(
-            data[inner],
-            tuple(slice(r.start + a, r.start + b) for r, (a, b) in zip(region, core, strict=True)),
-        )
-    return steps(data)[inner]
+    core = tuple(slice(a, b) for a, b in block_info[None]["array-location"])
+    return block.read(source, core, region=region, check=check)
 
 
 def normalized_convolution(
@@ -722,13 +760,32 @@ def subtract_background(
 
 def _background(data: da.Array, method: str, radius: float, spacing: Sequence[float]) -> da.Array:
     """The background estimate of ``subtract_background`` (float32 in, float32 out)."""
-    radii = _voxel_radii(radius, spacing, data.ndim)
+    return chain(data, background_steps(method, radius, spacing))
+
+
+def background_steps(method: str, radius: float, spacing: Sequence[float]) -> list[Step]:
+    """The :func:`chain` steps estimating the background of ``subtract_background``.
+
+    Parameters
+    ----------
+    method : {"tophat", "median", "gaussian"}
+        As :func:`subtract_background` (``"tophat"`` gives the opening it subtracts).
+    radius : float
+        Background scale in the units of ``spacing``.
+    spacing : sequence of float
+        Voxel (or cell) size per axis.
+
+    Returns
+    -------
+    list of (str, dict)
+    """
+    radii = _voxel_radii(radius, spacing, len(spacing))
     if method == "tophat":
         unit = [radius / r for r in radii]
-        return opening(data, ellipsoid(radius, unit, decomposition="sequence"))
+        return [("opening", {"footprint": ellipsoid(radius, unit, decomposition="sequence")})]
     if method == "median":
-        return median(data, tuple(2 * math.floor(r + 1e-9) + 1 for r in radii))
-    return gaussian(data, radii)
+        return [("median", {"size": tuple(2 * math.floor(r + 1e-9) + 1 for r in radii)})]
+    return [("gaussian", {"sigma": tuple(radii)})]
 
 
 # --------------------------------------------------------------------------- global masks

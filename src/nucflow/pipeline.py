@@ -13,7 +13,6 @@ arrays and return lazy arrays or small results.
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import json
 import math
 import os
@@ -21,7 +20,7 @@ import platform
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,7 +36,8 @@ import pyarrow.parquet as pq
 import zarr
 
 import nucflow
-from nucflow import filters, io, measure
+from nucflow import components, filters, io, measure, resample
+from nucflow.blockpass import Grid, Region, fmt_region, padded, pass_graph
 from nucflow.config import Params
 from nucflow.errors import BlockError, ConfigError, NucflowError, OutputError, ParameterError
 from nucflow.segment import SegmentParams, segment_block
@@ -46,7 +46,8 @@ __all__ = [
     "Run",
     "open_run",
     "preprocess",
-    "persist",
+    "filter_pass",
+    "select_components",
     "global_threshold",
     "clean_mask",
     "segment",
@@ -74,8 +75,6 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
     region: tuple[slice, ...] = ()
-    stored: dict[str, Path] = field(default_factory=dict)  # dask name -> .work zarr of persist
-    value_ranges: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # of persisted stacks
 
     @property
     def work(self) -> Path:
@@ -249,12 +248,15 @@ def fail(run: Run, error: BaseException) -> None:
 # ----------------------------------------------------------------------------- stages
 
 
-def preprocess(run: Run) -> da.Array:
-    """Smoothing and background subtraction (lazy, float32).
+def preprocess(run: Run) -> zarr.Array:
+    """Smoothing and background subtraction, stored as ``.work/preprocessed.zarr`` (float32).
 
     Gaussian of ``sigma`` µm (or, with a tissue mask, normalized convolution inside it), then the
-    configured background subtraction with ``background_radius`` µm. Each block reads its own
-    halo from the input (:func:`nucflow.filters.chain_read`) and refuses NaN/inf voxels.
+    configured background subtraction with ``background_radius`` µm, equal on every chunking
+    to :func:`nucflow.filters.subtract_background` of the Gaussian. Each pass reads its block
+    and halo from the stored result of the pass before (the first from the input, refusing
+    NaN/inf voxels) and writes its block: the reduced-resolution background runs as three
+    such passes (cell minima, the background on the cells, interpolation and subtraction).
     """
     p = run.params
     sigma = tuple(p.sigma / v for v in p.voxel_size)
@@ -265,26 +267,94 @@ def preprocess(run: Run) -> da.Array:
     if exact_tophat:  # the full-resolution top-hat joins the Gaussian's pass
         footprint = filters.ellipsoid(p.background_radius, p.voxel_size, decomposition="sequence")
         steps.append(("white_tophat", {"footprint": footprint}))
+    final = exact_tophat or p.background == "none"
+    name = "preprocessed" if final else "smoothed"
     if p.tissue_mask:
-        tissue = io.open_stack(p.tissue_mask).data[run.region].rechunk(p.chunks) > 0
-        image = filters.normalized_convolution(
-            _refuse_non_finite(run.data, run.stack.path), tissue, sigma
-        )
-        smoothed = filters.chain(image, steps) if steps else image
+        smoothed = _store_lazy(run, _tissue_smoothed(run), name, label="preprocess", ranged=final)
     else:
         check = partial(_check_finite, path=run.stack.path) if run.data.dtype.kind == "f" else None
-        smoothed = filters.chain_read(
-            run.stack.reader, steps, chunks=p.chunks, region=run.region, check=check
+        grid = Grid(_region_shape(run.region), p.chunks)
+        smoothed = filter_pass(
+            run,
+            name,
+            run.stack.reader,
+            steps,
+            grid,
+            region=run.region,
+            check=check,
+            label="preprocess",
+            ranged=final,
         )
-    if exact_tophat or p.background == "none":
-        return smoothed.astype(np.float32)
-    return filters.subtract_background(
-        smoothed,
-        method=p.background,
-        radius=p.background_radius,
-        voxel_size=p.voxel_size,
-        downsample=p.background_downsample,
-    ).rechunk(p.chunks)
+    if final:
+        return smoothed
+    return _subtract_background(run, smoothed)
+
+
+def _tissue_smoothed(run: Run) -> da.Array:
+    """Normalized convolution inside the tissue mask (a lazy graph: an option for small
+    stacks; its memory is not bounded by construction)."""
+    p = run.params
+    tissue = io.open_stack(p.tissue_mask).data[run.region].rechunk(p.chunks) > 0
+    sigma = tuple(p.sigma / v for v in p.voxel_size)
+    data = _refuse_non_finite(run.data, run.stack.path)
+    return filters.normalized_convolution(data, tissue, sigma).astype(np.float32)
+
+
+def _region_shape(region: Sequence[slice]) -> tuple[int, ...]:
+    return tuple(s.stop - s.start for s in region)
+
+
+def _subtract_background(run: Run, smoothed: zarr.Array) -> zarr.Array:
+    """``max(smoothed - background, 0)``, the background estimated on cells of
+    ``background_downsample`` voxels (as :func:`nucflow.filters.subtract_background`).
+
+    The cells are 1/prod(downsample) of the stack (1/32 with the defaults) and stored, not held.
+    """
+    p = run.params
+    factors = tuple(p.background_downsample)
+    cell_chunks = tuple(max(1, c // f) for c, f in zip(p.chunks, factors, strict=True))
+    cell_grid = Grid(resample.pooled_shape(smoothed.shape, factors), cell_chunks)
+    cells = _reuse(run, "cells")
+    if cells is None:
+        cells = _create(run, "cells", cell_grid, np.float32)
+        tasks = [
+            partial(_pool_task, core, source=smoothed, target=cells, factors=factors)
+            for _, core in cell_grid.blocks()
+        ]
+        run.runner.compute(pass_graph(tasks, "cells"), label="background cells")
+        _mark_done(run, "cells")
+    cell_size = [v * f for v, f in zip(p.voxel_size, factors, strict=True)]
+    steps = filters.background_steps(p.background, p.background_radius, cell_size)
+    background = filter_pass(run, "background", cells, steps, cell_grid, label="background")
+    grid = Grid(smoothed.shape, p.chunks)
+    return _store_blocks(
+        run,
+        "preprocessed",
+        grid,
+        np.float32,
+        partial(_subtract_task, smoothed=smoothed, background=background, factors=factors),
+        label="subtract background",
+        ranged=True,
+    )
+
+
+def _pool_task(core: Region, *, source: zarr.Array, target: zarr.Array, factors: tuple) -> None:
+    voxels = tuple(
+        slice(c.start * f, min(c.stop * f, n))
+        for c, f, n in zip(core, factors, source.shape, strict=True)
+    )
+    target[core] = resample.min_pool_block(np.asarray(source[voxels]), factors=factors)
+
+
+def _subtract_task(
+    core: Region, *, smoothed: zarr.Array, background: zarr.Array, factors: tuple
+) -> np.ndarray:
+    need = resample.cells_needed(core, factors, background.shape)
+    cells = np.asarray(background[need])
+    low = resample.interpolate_cells(
+        cells, [s.start for s in need], factors, core, background.shape
+    )
+    return np.maximum(np.asarray(smoothed[core]) - low, np.float32(0))
 
 
 _FOOTPRINT_STEPS = {"erosion", "dilation", "opening", "closing", "white_tophat", "black_tophat"}
@@ -356,48 +426,127 @@ def _check_finite(block: np.ndarray, where: tuple[slice, ...], *, path: str) -> 
     bad = block.size - int(np.count_nonzero(np.isfinite(block)))
     if bad:
         raise ParameterError(
-            f"input {path} has {bad} NaN or infinite voxel(s) in block {_fmt_region(where)}; "
+            f"input {path} has {bad} NaN or infinite voxel(s) in block {fmt_region(where)}; "
             "replace them (e.g. with 0) before running nucflow"
         )
 
 
-def persist(run: Run, array: da.Array, name: str, *, label: str) -> da.Array:
-    """Write an intermediate stack to ``.work/<name>.zarr`` (once) and read it back lazily.
+# ----------------------------------------------------------------------------- stored passes
 
-    A numeric (non-bool) stack's minimum and maximum ride on the same pass and are kept in
-    ``run.value_ranges`` (and in ``<name>.done``, for ``--resume``): the threshold needs them
-    and would otherwise read the whole stack once more.
+
+def _path(run: Run, name: str) -> Path:
+    return run.work / f"{name}.zarr"
+
+
+def _reuse(run: Run, name: str) -> zarr.Array | None:
+    """The stored result ``name`` of an earlier attempt, if ``--resume`` may reuse it."""
+    if run.resume and (run.work / f"{name}.done").exists():
+        return zarr.open_array(str(_path(run, name)), mode="r")
+    return None
+
+
+def _mark_done(run: Run, name: str) -> None:
+    _write_atomic(run.work / f"{name}.done", b"")
+
+
+def _create(run: Run, name: str, grid: Grid, dtype: Any) -> zarr.Array:
+    """A fresh ``.work/<name>.zarr`` whose chunks are the pass's blocks (no two tasks share a
+    chunk). Float stacks are stored raw: compressing noise costs 3x the write for ~20%.
+    Every chunk is written: testing each for emptiness costs more than it saves here."""
+    dtype = np.dtype(dtype)
+    return zarr.create_array(
+        str(_path(run, name)),
+        shape=grid.shape,
+        chunks=grid.chunks,
+        dtype=dtype,
+        fill_value=0,
+        compressors=None if dtype.kind == "f" else "auto",
+        config={"write_empty_chunks": True},
+        overwrite=True,
+    )
+
+
+def _store_blocks(
+    run: Run,
+    name: str,
+    grid: Grid,
+    dtype: Any,
+    compute: Callable[[Region], np.ndarray],
+    *,
+    label: str,
+    ranged: bool = False,
+) -> zarr.Array:
+    """One pass writing ``compute(core)`` for every block of ``grid`` to ``.work/<name>.zarr``.
+
+    With ``ranged``, the stored stack's minimum and maximum ride on the pass (the threshold
+    needs them and would otherwise read the whole stack once more) and are kept in its
+    attributes as ``value_range``.
     """
-    path = run.work / f"{name}.zarr"
-    done = run.work / f"{name}.done"
-    if run.resume and done.exists():
-        value_range = json.loads(done.read_text() or "null")
+    stored = _reuse(run, name)
+    if stored is not None:
+        return stored
+    target = _create(run, name, grid, dtype)
+    tasks = [
+        partial(_write_task, core, compute=compute, target=target, ranged=ranged)
+        for _, core in grid.blocks()
+    ]
+    (ranges,) = run.runner.compute(pass_graph(tasks, name), label=label)
+    if ranged:
+        found = [r for r in ranges if r is not None]
+        low = min((r[0] for r in found), default=0)
+        high = max((r[1] for r in found), default=0)
+        target.attrs["value_range"] = [low, high]
+    _mark_done(run, name)
+    return target
+
+
+def _write_task(
+    core: Region, *, compute: Callable, target: zarr.Array, ranged: bool
+) -> tuple[Any, Any] | None:
+    out = compute(core)
+    target[core] = out
+    if ranged and out.size:
+        return out.min().item(), out.max().item()
+    return None
+
+
+def filter_pass(
+    run: Run,
+    name: str,
+    source: Any,
+    steps: Sequence[filters.Step],
+    grid: Grid,
+    *,
+    region: tuple[slice, ...] | None = None,
+    check: Callable | None = None,
+    label: str,
+    ranged: bool = False,
+) -> zarr.Array:
+    """``filters.chain(source[region], steps)`` stored as ``.work/<name>.zarr``, each task
+    reading its block and halo from ``source`` (anything with shape, dtype and slicing)."""
+    block = filters.BlockFilter.of(steps, len(grid.shape), source.dtype)
+    compute = partial(block.read, source, region=region, check=check)
+    return _store_blocks(run, name, grid, block.dtype, compute, label=label, ranged=ranged)
+
+
+def _store_lazy(run: Run, array: da.Array, name: str, *, label: str, ranged: bool) -> zarr.Array:
+    """A lazy dask array stored as ``.work/<name>.zarr`` (for paths not written as passes)."""
+    stored = _reuse(run, name)
+    if stored is not None:
+        return stored
+    grid = Grid(tuple(array.shape), run.params.chunks)
+    target = _create(run, name, grid, array.dtype)
+    store = da.store(array.rechunk(grid.chunks), target, lock=False, compute=False)
+    if ranged:
+        _, low, high = run.runner.compute(store, array.min(), array.max(), label=label)
+        target.attrs["value_range"] = [low.item(), high.item()]
     else:
-        if path.exists():
-            shutil.rmtree(path)
-        # filters may have grown small chunks to fit their halo; store on the run's block grid.
-        # Float intermediates are stored raw: compressing noise costs 3x the write for ~20%.
-        # Every chunk is written: testing each for emptiness costs more than it saves here.
-        options: dict[str, Any] = {"config": {"write_empty_chunks": True}}
-        if array.dtype.kind == "f":
-            options["compressors"] = None
-        array = array.rechunk(run.params.chunks)
-        store = da.to_zarr(array, str(path), compute=False, **options)
-        if array.dtype == bool:
-            run.runner.compute(store, label=label)
-            value_range = None
-        else:
-            _, low, high = run.runner.compute(store, array.min(), array.max(), label=label)
-            value_range = [low.item(), high.item()]
-        _write_atomic(done, json.dumps(value_range).encode())
-    stored = da.from_zarr(str(path))
-    run.stored[stored.name] = path
-    if value_range is not None:
-        run.value_ranges[stored.name] = tuple(value_range)
-    return stored
+        run.runner.compute(store, label=label)
+    _mark_done(run, name)
+    return target
 
 
-def global_threshold(run: Run, image: da.Array) -> float:
+def global_threshold(run: Run, image: zarr.Array) -> float:
     """The foreground threshold of the whole stack, from one global histogram pass."""
     p = run.params
     done = run.work / "threshold.json"
@@ -408,10 +557,13 @@ def global_threshold(run: Run, image: da.Array) -> float:
             raise ConfigError("`threshold.method` is value but `threshold.value` is null; set both")
         value = float(p.threshold_value)
     else:
+        value_range = image.attrs.get("value_range")
         with dask.config.set(scheduler=run.runner.scheduler):
             value = float(
                 filters.threshold(
-                    image, method=p.threshold_method, value_range=run.value_ranges.get(image.name)
+                    da.from_zarr(image),
+                    method=p.threshold_method,
+                    value_range=None if value_range is None else tuple(value_range),
                 )
             )
         value *= p.threshold_factor
@@ -420,43 +572,139 @@ def global_threshold(run: Run, image: da.Array) -> float:
     return value
 
 
-def clean_mask(run: Run, image: da.Array, threshold: float) -> da.Array:
+class Above:
+    """``source > threshold`` as a readable stack (for a pass reading it with a halo)."""
+
+    def __init__(self, source: Any, threshold: float) -> None:
+        self.source, self.threshold = source, threshold
+        self.shape, self.dtype = tuple(source.shape), np.dtype(bool)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        return np.asarray(self.source[key]) > self.threshold
+
+
+def clean_mask(run: Run, image: zarr.Array, threshold: float) -> zarr.Array:
     """Foreground mask: threshold, opening, hole filling, small-object removal (bool).
 
-    The thresholded, opened mask and the filled mask are stored in ``.work`` (compressed bool
-    stacks are cheap to write and read back); without that, dask fuses each step into every
-    pass of the global steps after it and computes it several times. Hole filling and
-    small-object removal are global: a hole or an object may span blocks.
+    Thresholding and the opening are one pass; hole filling and small-object removal are
+    global (a hole or an object may span blocks) and each runs as three passes over the
+    stored mask before it (:func:`select_components`).
     """
     p = run.params
-    mask = image > threshold
+    steps: list[tuple[str, dict[str, Any]]] = []
     if p.opening_radius > 0:
-        mask = filters.opening(mask, filters.ellipsoid(p.opening_radius, p.voxel_size))
-    # Stored once (a compressed bool stack is cheap to read back): dask would otherwise fuse
-    # the read, threshold and opening into every pass of the global steps below.
-    mask = persist(run, mask, "opened", label="threshold")
-    min_voxels = int(p.min_volume / math.prod(p.voxel_size))
+        steps.append(("opening", {"footprint": filters.ellipsoid(p.opening_radius, p.voxel_size)}))
+    grid = Grid(tuple(image.shape), p.chunks)
+    mask = filter_pass(run, "opened", Above(image, threshold), steps, grid, label="threshold")
     if p.fill_holes:
-        mask = filters.fill_holes(mask)
-        if min_voxels > 0:
-            mask = persist(run, mask, "filled", label="fill holes")
+        mask = select_components(run, "filled", mask, _touches_border, invert=True)
+    min_voxels = int(p.min_volume / math.prod(p.voxel_size))
     if min_voxels > 0:
-        mask = filters.remove_small_objects(mask, min_voxels)
+        mask = select_components(run, "mask", mask, partial(_larger, limit=min_voxels))
     return mask
+
+
+def _touches_border(_sizes: np.ndarray, touches_border: np.ndarray) -> np.ndarray:
+    return touches_border
+
+
+def _larger(sizes: np.ndarray, _touches_border: np.ndarray, *, limit: int) -> np.ndarray:
+    return sizes > limit
+
+
+def select_components(
+    run: Run,
+    name: str,
+    source: zarr.Array,
+    decide: components.Decision,
+    *,
+    invert: bool = False,
+) -> zarr.Array:
+    """The components of a stored mask that ``decide`` keeps, stored as ``.work/<name>.zarr``.
+
+    Three passes (see :class:`nucflow.components.BlockComponents`): each block labels itself,
+    decides the components that lie wholly inside it, reports the others' sizes and stores
+    its faces in ``.work/<name>.faces/``; each block matches its faces with its upper
+    neighbours'; the driver joins the crossing components (its memory grows with their
+    number: ~40 bytes each, those touching a block face); each block writes what is kept.
+    With ``invert``, the components of ``~source`` are selected and the result is inverted
+    (hole filling keeps the background that touches the image border).
+    """
+    stored = _reuse(run, name)
+    if stored is not None:
+        return stored
+    grid = Grid(tuple(source.shape), run.params.chunks)
+    faces = run.work / f"{name}.faces"
+    faces.mkdir(exist_ok=True)
+    common = {"source": source, "grid": grid, "invert": invert}
+    blocks = [index for index, _ in grid.blocks()]
+    tasks = [partial(_summarize_task, index, faces=faces, **common) for index in blocks]
+    (summaries,) = run.runner.compute(pass_graph(tasks, f"{name}-summaries"), label=name)
+    tasks = [partial(_match_task, index, faces=faces, grid=grid) for index in blocks]
+    (matched,) = run.runner.compute(pass_graph(tasks, f"{name}-faces"), label=name)
+    where = [(axis, index) for index in blocks for axis, _ in grid.neighbours_above(index)]
+    pairs = [p for per_block in matched for p in per_block]
+    keep = components.join(summaries, pairs, blocks=blocks, where=where, decide=decide)
+    compute = partial(_kept_task, keep=keep, decide=decide, **common)
+    kept = _store_blocks(run, name, grid, bool, compute, label=name)
+    shutil.rmtree(faces, ignore_errors=True)
+    return kept
+
+
+def _edges(grid: Grid, index: tuple[int, ...]) -> list[tuple[bool, bool]]:
+    return [(i == 0, i == n - 1) for i, n in zip(index, grid.counts, strict=True)]
+
+
+def _block_components(
+    index: tuple[int, ...], source: zarr.Array, grid: Grid, invert: bool
+) -> components.BlockComponents:
+    block = np.asarray(source[grid.core(index)], dtype=bool)
+    return components.BlockComponents(~block if invert else block, _edges(grid, index), 1)
+
+
+def _face_file(faces: Path, index: tuple[int, ...]) -> Path:
+    return faces / ("_".join(map(str, index)) + ".npz")
+
+
+def _summarize_task(
+    index: tuple[int, ...], *, source: zarr.Array, grid: Grid, invert: bool, faces: Path
+) -> tuple[int, np.ndarray, np.ndarray]:
+    found = _block_components(index, source, grid, invert)
+    np.savez_compressed(_face_file(faces, index), **found.faces())
+    return found.summary()
+
+
+def _match_task(index: tuple[int, ...], *, faces: Path, grid: Grid) -> list[np.ndarray]:
+    with np.load(_face_file(faces, index)) as own:
+        out = []
+        for axis, above in grid.neighbours_above(index):
+            with np.load(_face_file(faces, above)) as other:
+                out.append(components.face_pairs(own[f"{axis}hi"], other[f"{axis}lo"], 1))
+    return out
+
+
+def _kept_task(
+    core: Region,
+    *,
+    source: zarr.Array,
+    grid: Grid,
+    invert: bool,
+    keep: dict,
+    decide: components.Decision,
+) -> np.ndarray:
+    index = tuple(s.start // c for s, c in zip(core, grid.chunks, strict=True))
+    kept = _block_components(index, source, grid, invert).kept(keep[index], decide)
+    return ~kept if invert else kept
 
 
 def blocks_of(
     shape: Sequence[int], chunks: Sequence[int]
 ) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
     """(grid index, core slices) of every block of ``chunks`` tiling ``shape``."""
-    grid = [range(0, n, c) for n, c in zip(shape, chunks, strict=True)]
-    for starts in itertools.product(*grid):
-        index = tuple(s // c for s, c in zip(starts, chunks, strict=True))
-        core = tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, chunks, shape, strict=True))
-        yield index, core
+    return Grid(tuple(shape), tuple(chunks)).blocks()
 
 
-def segment(run: Run, mask: da.Array) -> pd.DataFrame:
+def segment(run: Run, mask: zarr.Array) -> pd.DataFrame:
     """Label every block's core with its halo, write the label image, gather the table.
 
     Each task reads its padded mask block and its core's intensities, writes its core of
@@ -466,10 +714,6 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
     p = run.params
     shape = tuple(mask.shape)
     full_shape = tuple(run.stack.data.shape)
-    if mask.name not in run.stored:
-        mask = persist(run, mask, "mask", label="mask")
-    # Tasks read their blocks themselves: a graph of one task per block, no pixels in it.
-    mask_store = zarr.open_array(str(run.stored[mask.name]), mode="r")
     labels_path = run.output / "labels.ome.zarr"
     if run.resume and labels_path.exists():
         labels = zarr.open_array(str(labels_path / "0"), mode="r+")
@@ -487,17 +731,14 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
         part_files.append(part)
         if run.resume and part.exists():
             continue
-        padded = tuple(
-            slice(max(0, c.start - h), min(n, c.stop + h))
-            for c, h, n in zip(core, halo, shape, strict=True)
-        )
         tasks.append(
-            dask.delayed(_segment_task, pure=False)(
-                mask_store,
+            partial(
+                _segment_task,
+                mask,
                 readers,
                 labels,
                 run.segment_params,
-                padded=padded,
+                padded=padded(core, halo, shape),
                 core=core,
                 offset=run.offset,
                 shape=full_shape,
@@ -506,7 +747,7 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
         )
     run.facts["blocks"] = {"total": len(part_files), "computed": len(tasks)}
     if tasks:
-        run.runner.compute(*tasks, label="segment")
+        run.runner.compute(pass_graph(tasks, "segment"), label="segment")
     # ParquetFile, not pd.read_parquet: that imports pyarrow.dataset (0.3 s)
     totals = measure.combine([pq.ParquetFile(f).read().to_pandas() for f in part_files])
     return measure.finalize(
@@ -547,20 +788,16 @@ def _segment_task(
         intensities = {suffix: reader[core] for suffix, reader in readers.items()}
         return _segment_core(mask, intensities, labels, params, padded, core, shape, part)
     except NucflowError as e:
-        raise type(e)(f"block {_fmt_region(core)}: {e}") from e
+        raise type(e)(f"block {fmt_region(core)}: {e}") from e
     except Exception as e:
         raise BlockError(
-            f"block {_fmt_region(core)} failed: {type(e).__name__}: {e}; if it ran out of "
+            f"block {fmt_region(core)} failed: {type(e).__name__}: {e}; if it ran out of "
             "memory, rerun with smaller --chunks"
         ) from e
 
 
 def _shifted(region: tuple[slice, ...], offset: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(s.start + o, s.stop + o) for s, o in zip(region, offset, strict=True))
-
-
-def _fmt_region(region: tuple[slice, ...]) -> str:
-    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in region) + "]"
 
 
 def _segment_core(

@@ -16,7 +16,14 @@ from collections.abc import Sequence
 import dask.array as da
 import numpy as np
 
-__all__ = ["min_pool", "upsample_linear", "pooled_shape"]
+__all__ = [
+    "min_pool",
+    "upsample_linear",
+    "pooled_shape",
+    "min_pool_block",
+    "cells_needed",
+    "interpolate_cells",
+]
 
 
 def pooled_shape(shape: Sequence[int], factors: Sequence[int]) -> tuple[int, ...]:
@@ -54,11 +61,12 @@ def min_pool(image: da.Array, factors: Sequence[int]) -> da.Array:
         for axis, f in zip(aligned.chunks, factors, strict=True)
     )
     return aligned.map_blocks(
-        _pool_block, factors=factors, chunks=out_chunks, dtype=image.dtype, meta=image._meta
+        min_pool_block, factors=factors, chunks=out_chunks, dtype=image.dtype, meta=image._meta
     )
 
 
-def _pool_block(block: np.ndarray, *, factors: tuple[int, ...]) -> np.ndarray:
+def min_pool_block(block: np.ndarray, *, factors: tuple[int, ...]) -> np.ndarray:
+    """:func:`min_pool` of one numpy block whose origin is a cell corner."""
     cells = pooled_shape(block.shape, factors)
     # Pad a partial last cell with its own edge values: they never lower the minimum.
     pad = [(0, c * f - n) for c, f, n in zip(cells, factors, block.shape, strict=True)]
@@ -129,14 +137,46 @@ def _upsample_block(
     low_shape: tuple[int, ...],
     block_id: tuple[int, ...],
 ) -> np.ndarray:
+    voxels = []
     for axis, (f, i) in enumerate(zip(factors, block_id, strict=True)):
-        first_cell = starts[axis][i]
-        first_voxel = first_cell * f
-        x = np.arange(first_voxel, first_voxel + out_chunks[axis][i], dtype=np.float64)
+        first_voxel = starts[axis][i] * f
+        voxels.append(slice(first_voxel, first_voxel + out_chunks[axis][i]))
+    # the block starts one halo cell before its first cell
+    first_cells = [starts[axis][i] - 1 for axis, i in enumerate(block_id)]
+    return interpolate_cells(block, first_cells, factors, tuple(voxels), low_shape)
+
+
+def cells_needed(voxels: Sequence[slice], factors: Sequence[int], low_shape: Sequence[int]):
+    """The cells that :func:`interpolate_cells` needs for the voxels ``voxels``."""
+    out = []
+    for v, f, n in zip(voxels, factors, low_shape, strict=True):
+        first = math.floor(min(max((v.start + 0.5) / f - 0.5, 0), n - 1))
+        last = math.floor(min(max((v.stop - 0.5) / f - 0.5, 0), n - 1))
+        out.append(slice(first, min(n, last + 2)))
+    return tuple(out)
+
+
+def interpolate_cells(
+    cells: np.ndarray,
+    first_cells: Sequence[int],
+    factors: Sequence[int],
+    voxels: Sequence[slice],
+    low_shape: Sequence[int],
+) -> np.ndarray:
+    """:func:`upsample_linear` of the voxels ``voxels``, from the cells it needs.
+
+    ``cells`` holds the cell grid from ``first_cells`` on (at least :func:`cells_needed`;
+    a cell index below 0 or past the grid stands for the nearest edge cell). Computed in
+    ``cells.dtype``, separably and in the same order as :func:`upsample_linear`, so the
+    voxels are bit-identical to it.
+    """
+    block = cells
+    for axis, (f, v) in enumerate(zip(factors, voxels, strict=True)):
+        x = np.arange(v.start, v.stop, dtype=np.float64)
         u = np.clip((x + 0.5) / f - 0.5, 0, low_shape[axis] - 1)
         below = np.floor(u).astype(np.intp)
         weight = (u - below).astype(block.dtype)
-        local = below - (first_cell - 1)  # the block starts one halo cell before its first cell
+        local = below - first_cells[axis]
         shape = [1] * block.ndim
         shape[axis] = -1
         lo = np.take(block, local, axis=axis)
