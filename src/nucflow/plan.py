@@ -16,13 +16,14 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import dask
 import dask.local
-from dask.highlevelgraph import HighLevelGraph
 
-from nucflow import filters, io, pipeline
+from nucflow import io, pipeline, resample
+from nucflow.blockpass import Grid, pass_graph
 from nucflow.cluster import Runner
 from nucflow.config import Params
 
@@ -81,7 +82,8 @@ class Plan:
                 f"halo       {self.halo} voxels (segmentation; from diameter "
                 f"{self.params.diameter:g})",
                 f"overlap    {self.overlap:.2f}x the data is read while segmenting",
-                f"tasks      {self.n_tasks} (graph built in {self.graph_seconds:.1f} s)",
+                f"tasks      {self.n_tasks} in passes of at most {self.n_blocks + 1} (a pass's "
+                f"graph built in {self.graph_seconds:.1f} s)",
                 f"one block  {self.block_seconds:.1f} s on one thread, peak "
                 f"{self.block_peak_mib:.0f} MiB (measured on the central block and its halo)",
                 f"memory     at most {self.block_peak_mib:.0f} MiB per busy worker thread",
@@ -121,9 +123,8 @@ def make_plan(
     halo = pipeline.segment_halo(params)
     blocks = list(pipeline.blocks_of(shape, params.chunks))
     padded = sum(math.prod(_padded_shape(core, halo, shape)) for _, core in blocks)
-    start = time.perf_counter()
-    n_tasks = _graph_size(stack, params, region)
-    graph_seconds = time.perf_counter() - start
+    n_tasks = sum(pass_tasks(params, shape).values())
+    graph_seconds = _graph_seconds(shape, params)
     box, timings, peak = _calibrate(stack, params, config, flow, region, halo)
     return Plan(
         stack=stack,
@@ -148,28 +149,35 @@ def _padded_shape(core: tuple[slice, ...], halo: tuple[int, ...], shape: tuple[i
     ]
 
 
-def _graph_size(stack: io.Stack, params: Params, region: tuple[slice, ...]) -> int:
-    """Tasks of the per-block stages: preprocess, mask clean-up and segmentation."""
-    with tempfile.TemporaryDirectory(prefix="nucflow-plan-") as scratch:
-        run = pipeline.Run(stack, params, _scratch(scratch), None, {}, region=region)
-        image = pipeline.preprocess(run)
-        mask = image > 0
-        if params.opening_radius > 0:
-            mask = filters.opening(
-                mask, filters.ellipsoid(params.opening_radius, params.voxel_size)
-            )
-        if params.fill_holes:
-            mask = filters.fill_holes(mask)
-        keys = set(_flat_keys(image, mask))
-        graph = HighLevelGraph.merge(image.dask, mask.dask).cull(keys)
-        n_blocks = math.prod(len(c) for c in image.rechunk(params.chunks).chunks)
-        # small-object removal repeats the hole filling's two passes; segmentation is one
-        # task per block
-        return len(graph) + (3 * n_blocks if params.min_volume > 0 else 0) + n_blocks
+def pass_tasks(params: Params, shape: tuple[int, ...]) -> dict[str, int]:
+    """Tasks per stage of the nuclei flow on a region of ``shape``, from its passes.
+
+    Every pass is one task per block plus one that gathers the blocks' small results; the
+    threshold's histogram pass adds dask's reduction tree (a task per 8 partial sums).
+    """
+    blocks = len(Grid(shape, params.chunks))
+    tasks = {"preprocess": blocks + 1}
+    factors = tuple(params.background_downsample)
+    if params.background != "none" and max(factors) > 1:
+        cell_chunks = tuple(max(1, c // f) for c, f in zip(params.chunks, factors, strict=True))
+        cells = len(Grid(resample.pooled_shape(shape, factors), cell_chunks))
+        tasks["preprocess"] += 2 * (cells + 1) + blocks + 1
+    tasks["threshold"] = blocks + math.ceil(blocks / 7) + 1
+    min_voxels = int(params.min_volume / math.prod(params.voxel_size))
+    tasks["mask"] = (blocks + 1) * (1 + 3 * params.fill_holes + 3 * (min_voxels > 0))
+    tasks["segment"] = blocks + 1
+    return tasks
 
 
-def _flat_keys(*arrays: Any) -> list:
-    return [k for a in arrays for k in dask.core.flatten(a.__dask_keys__())]
+def _graph_seconds(shape: tuple[int, ...], params: Params) -> float:
+    """Time to build the graph of one pass over every block (the stages build one per pass)."""
+    start = time.perf_counter()
+    pass_graph([partial(_noop, core) for _, core in Grid(shape, params.chunks).blocks()])
+    return time.perf_counter() - start
+
+
+def _noop(core: tuple[slice, ...]) -> None:
+    return None
 
 
 def _scratch(path: str) -> Any:
