@@ -60,15 +60,53 @@ def test_full_resolution_background_is_seam_free_too(stack3d, tmp_path):
     assert record["derived"]["background_downsample"] == [1, 1, 1]
 
 
-def test_large_stack_memory_path_gives_the_same_outputs(stack3d, one_block, tmp_path, monkeypatch):
-    """Stacks above components.HOLD_BYTES recompute blocks after global steps (the background,
-    the component joins); forcing that path here must not change a voxel or a row."""
-    from nucflow import components
+def _stages_on(source, out, chunks, *overrides):
+    """Preprocess and mask stages of a run on ``chunks``, on threads; the stored stacks."""
+    from nucflow import cluster, config, pipeline
 
-    monkeypatch.setattr(components, "HOLD_BYTES", 0)
-    table, labels = run_flow(stack3d[0], tmp_path / "out", "--chunks", "13", "37", "41")
-    np.testing.assert_array_equal(labels, one_block[1])
-    pd.testing.assert_frame_equal(table, one_block[0], check_exact=False, rtol=1e-12)
+    conf = config.load(None, options={"chunks": list(chunks)}, overrides=list(overrides))
+    stack = io.open_stack(source)
+    params = config.resolve(conf, shape=stack.data.shape, voxel_size=stack.voxel_size)
+    with cluster.connect("threads", progress=False) as runner:
+        run = pipeline.open_run(stack, params, out, runner=runner, config=conf)
+        image = pipeline.preprocess(run)
+        threshold = pipeline.global_threshold(run, image)
+        mask = pipeline.clean_mask(run, image, threshold)
+        return params, np.asarray(image), threshold, np.asarray(mask)
+
+
+@pytest.mark.parametrize("background", ["tophat", "median", "gaussian"])
+def test_stored_passes_equal_the_whole_array_steps(stack3d, tmp_path, background):
+    """Each stage's passes read blocks and halos from the stage before: the stored stacks equal
+    the whole-array scipy/scikit-image steps (the reduced-resolution background as
+    ``filters.subtract_background`` on one block, itself tested against scipy)."""
+    import math
+
+    import dask.array as da
+    import skimage.morphology as morph
+
+    from nucflow import filters
+
+    source, made = stack3d
+    setting = f"preprocess.background={background}"
+    params, image, threshold, mask = _stages_on(source, tmp_path / "a", (13, 37, 41), setting)
+    whole = da.from_array(made.image, chunks=made.image.shape)
+    sigma = tuple(params.sigma / v for v in params.voxel_size)
+    expected = filters.subtract_background(
+        filters.gaussian(whole, sigma),
+        method=background,
+        radius=params.background_radius,
+        voxel_size=params.voxel_size,
+        downsample=params.background_downsample,
+    ).compute()
+    np.testing.assert_array_equal(image, expected)
+    assert threshold == pytest.approx(float(filters.threshold(da.from_array(expected))))
+    opened = morph.opening(
+        expected > threshold, filters.ellipsoid(params.opening_radius, params.voxel_size)
+    )
+    min_voxels = int(params.min_volume / math.prod(params.voxel_size))
+    clean = morph.remove_small_objects(ndimage.binary_fill_holes(opened), max_size=min_voxels)
+    np.testing.assert_array_equal(mask, clean)
 
 
 def test_accuracy_3d(stack3d, one_block):

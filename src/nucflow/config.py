@@ -20,9 +20,24 @@ import yaml
 
 from nucflow.errors import ConfigError, ParameterError
 
-__all__ = ["Params", "load", "resolve", "resource_path", "DEFAULT_CHUNKS"]
+__all__ = ["Params", "load", "resolve", "resource_path", "DEFAULT_CHUNKS", "default_chunks"]
 
 DEFAULT_CHUNKS = {2: (1024, 1024), 3: (64, 256, 256)}
+#: Above this many default blocks, blocks grow twofold per axis (at most once): a pass is one
+#: task per block and a distributed scheduler spends ~1 ms per task, so a dense terabyte of
+#: 64x256x256 blocks (131,072 blocks, ~1.7 M tasks over all passes) would spend half an hour
+#: scheduling; with 128x512x512 it has 16,384 blocks and ~0.2 M tasks.
+MAX_DEFAULT_BLOCKS = 20_000
+
+
+def default_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The block shape when none is configured: :data:`DEFAULT_CHUNKS`, doubled per axis for
+    stacks of more than :data:`MAX_DEFAULT_BLOCKS` such blocks."""
+    chunks = DEFAULT_CHUNKS[len(shape)]
+    blocks = math.prod(math.ceil(n / c) for n, c in zip(shape, chunks, strict=True))
+    if blocks > MAX_DEFAULT_BLOCKS:
+        chunks = tuple(2 * c for c in chunks)
+    return chunks
 
 
 def resource_path(kind: str, name: str) -> Path:
@@ -268,7 +283,7 @@ def resolve(
         raise ParameterError(
             f"`voxel_size` has {len(voxel)} values but the stack has {ndim} axes; pass {axes}"
         )
-    chunks = tuple(config["chunks"] or DEFAULT_CHUNKS[ndim])
+    chunks = tuple(config["chunks"] or default_chunks(tuple(shape)))
     if len(chunks) != ndim:
         axes = "Z Y X" if ndim == 3 else "Y X"
         raise ParameterError(

@@ -744,6 +744,7 @@ def subtract_background(
         raise ParameterError(f"`method` must be one of {_BACKGROUNDS}, got {method!r}")
     radius = _positive(radius, "radius")
     factors = _per_axis(downsample, image.ndim, "downsample", integer=True)
+    _voxel_radii(radius, voxel_size, image.ndim)  # validates `voxel_size`
     spacing = (1.0,) * image.ndim if voxel_size is None else tuple(voxel_size)
     data = image.astype(np.float32)
     if max(factors) > 1:

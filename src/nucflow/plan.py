@@ -49,6 +49,7 @@ class Plan:
     block_voxels: int
     block_timings: dict[str, float]
     block_peak_mib: float
+    block_nuclei: int
     threads: int
 
     @property
@@ -68,6 +69,18 @@ class Plan:
         voxels = rest * region + per_block * self.padded_voxels
         return voxels / self.block_voxels / self.threads
 
+    @property
+    def nuclei_estimate(self) -> float:
+        """Nuclei in the data region, from their density in the calibration block."""
+        region = math.prod(s.stop - s.start for s in self.region)
+        return self.block_nuclei / self.block_voxels * region
+
+    def seconds_per_tb(self, threads: int) -> float:
+        """Estimated wall time for 10^12 bytes of this stack's dtype on ``threads`` threads."""
+        region = math.prod(s.stop - s.start for s in self.region)
+        voxels = 1e12 / self.stack.data.dtype.itemsize
+        return self.estimate_seconds * self.threads / threads * voxels / region
+
     def __str__(self) -> str:
         shape = tuple(self.stack.data.shape)
         region_shape = tuple(s.stop - s.start for s in self.region)
@@ -86,9 +99,17 @@ class Plan:
                 f"graph built in {self.graph_seconds:.1f} s)",
                 f"one block  {self.block_seconds:.1f} s on one thread, peak "
                 f"{self.block_peak_mib:.0f} MiB (measured on the central block and its halo)",
-                f"memory     at most {self.block_peak_mib:.0f} MiB per busy worker thread",
+                f"memory     at most {self.block_peak_mib:.0f} MiB per busy worker thread "
+                "(each task holds one block and its halo, whatever the stack's size)",
+                f"driver     the table: ~{self.nuclei_estimate:,.0f} nuclei x "
+                f"{_ROW_BYTES} B = {self.nuclei_estimate * _ROW_BYTES / 2**20:,.0f} MiB; "
+                f"scheduler ~{(self.n_blocks + 1) * _TASK_KIB / 1024:,.0f} MiB "
+                f"({_TASK_KIB} KiB per task of a pass)",
                 f"time       about {_duration(self.estimate_seconds)} on {self.threads} "
                 "worker thread(s); divide by the threads you give it",
+                f"per TB     about {_duration(self.seconds_per_tb(self.threads))} on "
+                f"{self.threads} thread(s), {_duration(self.seconds_per_tb(640))} on 640 "
+                "(e.g. 20 nodes x 32 cores; compute only, the file system assumed to keep up)",
             ]
         )
 
@@ -125,7 +146,7 @@ def make_plan(
     padded = sum(math.prod(_padded_shape(core, halo, shape)) for _, core in blocks)
     n_tasks = sum(pass_tasks(params, shape).values())
     graph_seconds = _graph_seconds(shape, params)
-    box, timings, peak = _calibrate(stack, params, config, flow, region, halo)
+    box, timings, peak, nuclei = _calibrate(stack, params, config, flow, region, halo)
     return Plan(
         stack=stack,
         params=params,
@@ -139,6 +160,7 @@ def make_plan(
         block_voxels=math.prod(s.stop - s.start for s in box),
         block_timings=timings,
         block_peak_mib=peak,
+        block_nuclei=nuclei,
         threads=threads or os.cpu_count() or 1,
     )
 
@@ -195,10 +217,11 @@ def _calibrate(
     flow: Callable[[pipeline.Run], Any],
     region: tuple[slice, ...],
     halo: tuple[int, ...],
-) -> tuple[tuple[slice, ...], dict[str, float], float]:
+) -> tuple[tuple[slice, ...], dict[str, float], float, int]:
     """Run the flow on the central block with its halo, as one block, on one thread.
 
-    Returns the box, the flow's stage timings (s) and the peak memory (MiB) it needed.
+    Returns the box, the flow's stage timings (s), the peak memory (MiB) it needed and the
+    nuclei it found.
     """
     shape = tuple(s.stop - s.start for s in region)
     core = tuple(
@@ -216,9 +239,15 @@ def _calibrate(
         run = pipeline.Run(stack, one_block, _scratch(scratch), runner, config, region=box)
         with dask.config.set(scheduler=runner.scheduler), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the block's own findings are not the run's
-            flow(run)
-    return box, run.timings, max(_peak_mib() - before, 0.0) + _BASELINE_MIB
+            counts = flow(run)
+    peak = max(_peak_mib() - before, 0.0) + _BASELINE_MIB
+    return box, run.timings, peak, int(counts.get("nuclei", 0))
 
+
+# A table row in pandas (~25 float64/int64 columns) and a task's scheduler state (dask's
+# rule of thumb): what the driver and the scheduler hold that grows with the stack.
+_ROW_BYTES = 200
+_TASK_KIB = 1
 
 # Memory a worker holds besides the block: interpreter, numpy/scipy/dask imports.
 _BASELINE_MIB = 150

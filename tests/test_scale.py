@@ -1,0 +1,76 @@
+"""Scale: a dense terabyte store plans within bounds; passes hold one block whatever the size.
+
+The dense store is 2048 x 16384 x 16384 uint16 (1.1 TB nominal) with every chunk present: one
+real chunk of synthetic nuclei is written and hard-linked to every other chunk key, so the
+store costs a few MB and `nucflow plan` sees what it would see on a real dense terabyte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from nucflow import config, synth
+
+DENSE_SHAPE = (2048, 16384, 16384)
+STORE_CHUNKS = (64, 512, 512)
+
+
+@pytest.fixture(scope="module")
+def dense_terabyte(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dense") / "dense.zarr"
+    made = synth.make_nuclei(STORE_CHUNKS, n_nuclei=400, diameter=8.0, seed=11)
+    array = zarr.create_array(
+        str(path), shape=DENSE_SHAPE, chunks=STORE_CHUNKS, dtype="uint16", fill_value=0
+    )
+    array.attrs["voxel_size_um"] = list(made.voxel_size)
+    array[tuple(slice(0, c) for c in STORE_CHUNKS)] = made.image
+    first = path / "c" / "0" / "0" / "0"
+    assert first.is_file()
+    grid = [n // c for n, c in zip(DENSE_SHAPE, STORE_CHUNKS, strict=True)]
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            folder = path / "c" / str(i) / str(j)
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(grid[2]):
+                if (i, j, k) != (0, 0, 0):
+                    os.link(first, folder / str(k))
+    return path
+
+
+def test_default_blocks_grow_for_large_stacks():
+    assert config.default_chunks((192, 3072, 3072)) == (64, 256, 256)
+    assert config.default_chunks(DENSE_SHAPE) == (128, 512, 512)
+    assert config.default_chunks((4096, 4096)) == (1024, 1024)
+
+
+@pytest.mark.slow
+def test_dense_terabyte_plans_in_bounded_memory(dense_terabyte):
+    code = "from nucflow.cli import main; raise SystemExit(main())"
+    cmd = [sys.executable, "-c", code, "plan", "--input", str(dense_terabyte), "--diameter", "8"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    out, err = proc.stdout.read(), proc.stderr.read()
+    assert os.waitstatus_to_exitcode(status) == 0, err
+    peak_gib = usage.ru_maxrss / 2**20
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "of (128, 512, 512) voxels" in lines["blocks"]
+    n_blocks = int(re.search(r"blocks\s+(\d+)", lines["blocks"]).group(1))
+    assert n_blocks == 16 * 32 * 32
+    n_tasks = int(re.search(r"tasks\s+(\d+)", lines["tasks"]).group(1))
+    assert n_tasks < 1_000_000
+    assert "per TB" in out
+    assert peak_gib < 2.0, (peak_gib, out)
+    print(json.dumps({"wall_s": round(wall, 1), "peak_gib": round(peak_gib, 2), "tasks": n_tasks}))
+    assert np.isfinite(wall)
