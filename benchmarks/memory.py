@@ -95,7 +95,9 @@ def report(rows: dict[str, dict], cluster: str, settings: list[str]) -> str:
     ]
     for row in rows.values():
         voxels = math.prod(row["shape"])
-        blocks = "x".join(str(math.ceil(n / c)) for n, c in zip(row["shape"], (64, 256, 256)))
+        blocks = "x".join(
+            str(math.ceil(n / c)) for n, c in zip(row["shape"], (64, 256, 256), strict=True)
+        )
         lines.append(
             f"{'x'.join(map(str, row['shape'])):<18}{blocks:>9}{voxels:>15,}{row['nuclei']:>8}"
             f"{row['wall']:>8.1f}{voxels / row['wall'] / 1e6:>8.2f}{row['rss'] / MIB:>10.0f}"

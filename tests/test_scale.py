@@ -49,7 +49,7 @@ def dense_terabyte(tmp_path_factory) -> Path:
 
 def test_default_blocks_grow_for_large_stacks():
     assert config.default_chunks((192, 3072, 3072)) == (64, 256, 256)
-    assert config.default_chunks(DENSE_SHAPE) == (128, 512, 512)
+    assert config.default_chunks(DENSE_SHAPE) == (64, 512, 512)
     assert config.default_chunks((4096, 4096)) == (1024, 1024)
 
 
@@ -65,9 +65,9 @@ def test_dense_terabyte_plans_in_bounded_memory(dense_terabyte):
     assert os.waitstatus_to_exitcode(status) == 0, err
     peak_gib = usage.ru_maxrss / 2**20
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
-    assert "of (128, 512, 512) voxels" in lines["blocks"]
+    assert "of (64, 512, 512) voxels" in lines["blocks"]
     n_blocks = int(re.search(r"blocks\s+(\d+)", lines["blocks"]).group(1))
-    assert n_blocks == 16 * 32 * 32
+    assert n_blocks == 32 * 32 * 32
     n_tasks = int(re.search(r"tasks\s+(\d+)", lines["tasks"]).group(1))
     assert n_tasks < 1_000_000
     assert "per TB" in out

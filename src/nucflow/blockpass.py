@@ -30,15 +30,28 @@ Region = tuple[slice, ...]
 
 @dataclass(frozen=True)
 class Grid:
-    """Blocks of ``chunks`` voxels tiling ``shape`` (the last block of an axis may be short)."""
+    """Blocks of ``chunks`` voxels tiling ``shape`` (the last block of an axis may be short).
+
+    With ``phase``, block boundaries fall where ``coordinate + phase`` is a multiple of the
+    chunk (the first block of an axis is short): a region of a stack starting at ``offset``
+    then has the blocks of the stack's own grid, ``phase = offset % chunks``, so a pass writing
+    a stack-sized array chunked like the grid writes whole chunks only (no two tasks share one).
+    """
 
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
+    phase: tuple[int, ...] | None = None
+
+    def _phase(self) -> tuple[int, ...]:
+        return self.phase or (0,) * len(self.shape)
 
     @property
     def counts(self) -> tuple[int, ...]:
         """Blocks per axis."""
-        return tuple(math.ceil(n / c) for n, c in zip(self.shape, self.chunks, strict=True))
+        return tuple(
+            math.ceil((n + p) / c)
+            for n, c, p in zip(self.shape, self.chunks, self._phase(), strict=True)
+        )
 
     def __len__(self) -> int:
         return math.prod(self.counts)
@@ -51,8 +64,14 @@ class Grid:
     def core(self, index: Sequence[int]) -> Region:
         """The voxels block ``index`` owns."""
         return tuple(
-            slice(i * c, min((i + 1) * c, n))
-            for i, c, n in zip(index, self.chunks, self.shape, strict=True)
+            slice(max(0, i * c - p), min((i + 1) * c - p, n))
+            for i, c, n, p in zip(index, self.chunks, self.shape, self._phase(), strict=True)
+        )
+
+    def index_of(self, core: Region) -> tuple[int, ...]:
+        """The grid index of the block whose core is ``core``."""
+        return tuple(
+            (s.start + p) // c for s, c, p in zip(core, self.chunks, self._phase(), strict=True)
         )
 
     def neighbours_above(self, index: Sequence[int]) -> Iterator[tuple[int, tuple[int, ...]]]:

@@ -23,20 +23,21 @@ from nucflow.errors import ConfigError, ParameterError
 __all__ = ["Params", "load", "resolve", "resource_path", "DEFAULT_CHUNKS", "default_chunks"]
 
 DEFAULT_CHUNKS = {2: (1024, 1024), 3: (64, 256, 256)}
-#: Above this many default blocks, blocks grow twofold per axis (at most once): a pass is one
+#: Above this many default blocks, blocks grow twofold along y and x (once): a pass is one
 #: task per block and a distributed scheduler spends ~1 ms per task, so a dense terabyte of
 #: 64x256x256 blocks (131,072 blocks, ~1.7 M tasks over all passes) would spend half an hour
-#: scheduling; with 128x512x512 it has 16,384 blocks and ~0.2 M tasks.
+#: scheduling; with 64x512x512 it has 32,768 blocks and ~0.43 M tasks, and a task still holds
+#: about 1 GiB (segmentation needs ~34 bytes per voxel of a block and its halo).
 MAX_DEFAULT_BLOCKS = 20_000
 
 
 def default_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The block shape when none is configured: :data:`DEFAULT_CHUNKS`, doubled per axis for
-    stacks of more than :data:`MAX_DEFAULT_BLOCKS` such blocks."""
+    """The block shape when none is configured: :data:`DEFAULT_CHUNKS`, doubled along y and x
+    for stacks of more than :data:`MAX_DEFAULT_BLOCKS` such blocks."""
     chunks = DEFAULT_CHUNKS[len(shape)]
     blocks = math.prod(math.ceil(n / c) for n, c in zip(shape, chunks, strict=True))
     if blocks > MAX_DEFAULT_BLOCKS:
-        chunks = tuple(2 * c for c in chunks)
+        chunks = (*chunks[:-2], 2 * chunks[-2], 2 * chunks[-1])
     return chunks
 
 

@@ -7,6 +7,8 @@ their region, so the graph pickles and runs on process, LocalCluster and SLURM w
 
 from __future__ import annotations
 
+import dataclasses
+
 __all__ = [
     "SUPPORTED_DTYPES",
     "SUPPORTED_FORMATS",
@@ -101,6 +103,22 @@ class Stack:
         file directly (as each task of ``data`` does), as a numpy array, without a dask graph."""
         return self._selection if self._selection is not None else _Computing(self.data)
 
+    def crop(self, box: Sequence[slice]) -> Stack:
+        """The part ``box`` of this stack as a stack of its own (coordinates start at 0).
+
+        Parameters
+        ----------
+        box : sequence of slice
+            One slice with explicit start and stop per spatial axis.
+
+        Returns
+        -------
+        Stack
+            Lazy and picklable as this one; ``data_region()`` is all of it.
+        """
+        box = tuple(box)
+        return dataclasses.replace(self, data=self.data[box], _selection=_Cropped(self.reader, box))
+
     def data_region(self) -> tuple[slice, ...] | None:
         """The bounding box of the stored chunks, in voxels of ``data``.
 
@@ -154,6 +172,29 @@ class _ZarrSource:
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         return np.asarray(self.array[key])
+
+
+@dataclass(frozen=True)
+class _Cropped:
+    """``reader`` of a cropped Stack: reads ``box`` of ``source`` in the crop's coordinates."""
+
+    source: Any
+    box: tuple[slice, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b.stop - b.start for b in self.box)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.source.dtype)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        shifted = []
+        for k, b, n in zip(key, self.box, self.shape, strict=True):
+            start, stop, _ = k.indices(n)
+            shifted.append(slice(b.start + start, b.start + stop))
+        return self.source[tuple(shifted)]
 
 
 @dataclass(frozen=True)

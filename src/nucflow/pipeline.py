@@ -692,7 +692,7 @@ def _kept_task(
     keep: dict,
     decide: components.Decision,
 ) -> np.ndarray:
-    index = tuple(s.start // c for s, c in zip(core, grid.chunks, strict=True))
+    index = grid.index_of(core)
     kept = _block_components(index, source, grid, invert).kept(keep[index], decide)
     return ~kept if invert else kept
 
@@ -725,8 +725,10 @@ def segment(run: Run, mask: zarr.Array) -> pd.DataFrame:
     parts_dir.mkdir(exist_ok=True)
     readers = _intensity_readers(run)
     halo = run.segment_params.halo()
+    # blocks of the stack's own grid, so each task writes whole chunks of labels.ome.zarr
+    phase = tuple(o % c for o, c in zip(run.offset, p.chunks, strict=True))
     tasks, part_files = [], []
-    for index, core in blocks_of(shape, p.chunks):
+    for index, core in Grid(shape, p.chunks, phase).blocks():
         part = parts_dir / ("_".join(map(str, index)) + ".parquet")
         part_files.append(part)
         if run.resume and part.exists():

@@ -236,7 +236,11 @@ def _calibrate(
     runner = Runner("sync", scheduler=dask.local.get_sync, progress=False)
     before = _peak_mib()
     with tempfile.TemporaryDirectory(prefix="nucflow-plan-") as scratch:
-        run = pipeline.Run(stack, one_block, _scratch(scratch), runner, config, region=box)
+        # the box as a stack of its own: its one block then fills one chunk of every output
+        whole = tuple(slice(0, s.stop - s.start) for s in box)
+        run = pipeline.Run(
+            stack.crop(box), one_block, _scratch(scratch), runner, config, region=whole
+        )
         with dask.config.set(scheduler=runner.scheduler), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the block's own findings are not the run's
             counts = flow(run)
