@@ -46,3 +46,33 @@ def test_slurm_run_gives_identical_outputs_from_real_jobs(
     assert any(
         "Start worker" in (logs / n).read_text() for n in job_logs if os.path.getsize(logs / n)
     )
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.usefixtures("slurm_cluster")
+def test_slurm_run_longer_than_a_walltime_completes(
+    stack3d, reference_run, run_cli, slurm_jobqueue, tmp_path
+):
+    """Worker jobs with a one-minute walltime retire gracefully before Slurm would kill them;
+    adaptive scaling replaces them and the run, several walltimes long, equals the local one."""
+    import time
+
+    import dask
+
+    logs = slurm_jobqueue
+    start = time.monotonic()
+    with dask.config.set({"jobqueue.slurm.walltime": "00:01:00"}):
+        # small blocks: many tasks, so that one worker job needs several walltimes
+        fine = ("--chunks", "5", "16", "16")
+        table, labels = run_cli(stack3d[0], tmp_path / "out", "--cluster", "slurm", *fine)
+    elapsed = time.monotonic() - start
+    pd.testing.assert_frame_equal(table, reference_run[0], check_exact=False, rtol=1e-12)
+    np.testing.assert_array_equal(labels, reference_run[1])
+    job_logs = {p.stem: p.read_text() for p in logs.glob("dask-worker-*.err")}
+    retired = [job for job, text in job_logs.items() if "worker-lifetime-reached" in text]
+    # several worker jobs, one after another, each leaving before its walltime
+    assert len(job_logs) >= 2 and retired, (elapsed, sorted(job_logs))
+    assert not any("DUE TO TIME LIMIT" in text for text in job_logs.values())
+    print(f"walltime run: {elapsed:.0f} s, {len(job_logs)} jobs, {len(retired)} retired")

@@ -217,7 +217,11 @@ def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     stack, params, config = _prepare(args)
     flow = _load_flow(args.flow)
     with cluster.connect(
-        args.cluster, scheduler_file=args.scheduler_file, jobs=args.jobs, adapt=_adapt(args.adapt)
+        args.cluster,
+        scheduler_file=args.scheduler_file,
+        jobs=args.jobs,
+        adapt=_adapt(args.adapt),
+        settings=config["cluster"],
     ) as runner:
         job = pipeline.open_run(
             stack,
@@ -253,10 +257,14 @@ def _plan(args: argparse.Namespace) -> None:
     from nucflow.plan import make_plan
 
     stack, params, config = _prepare(args)
-    print(make_plan(stack, params, config, _load_flow("nuclei").run))
-    where = cluster.describe(
-        args.cluster, scheduler_file=args.scheduler_file, jobs=args.jobs, adapt=_adapt(args.adapt)
+    where = cluster.describe(  # checks the cluster options before the calibration runs
+        args.cluster,
+        scheduler_file=args.scheduler_file,
+        jobs=args.jobs,
+        adapt=_adapt(args.adapt),
+        settings=config["cluster"],
     )
+    print(make_plan(stack, params, config, _load_flow("nuclei").run))
     print(f"cluster    {where}")
 
 

@@ -606,7 +606,43 @@ def _slurm_options(options: dict, jobqueue: Any) -> dict[str, Any]:
     # In dask-jobqueue, config key `name` is the job name; the `name` kwarg names a worker.
     if "name" in kwargs:
         kwargs["job_name"] = kwargs.pop("name")
+    walltime = kwargs.get("walltime") or dask.config.get("jobqueue.slurm.walltime", None)
+    if walltime:
+        extra = kwargs.get("worker_extra_args")
+        if extra is None:
+            extra = dask.config.get("jobqueue.slurm.worker-extra-args", None) or []
+        if "--lifetime" not in extra:
+            kwargs["worker_extra_args"] = [*extra, *lifetime_args(walltime)]
     return kwargs
+
+
+def walltime_seconds(walltime: str | int) -> int:
+    """Slurm's ``--time`` (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``) in seconds."""
+    text = str(walltime).strip()
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if not days and len(parts) == 1:
+        seconds = parts[0] * 60
+    elif not days:
+        seconds = sum(p * 60**i for i, p in enumerate(reversed(parts)))
+    else:
+        seconds = sum(p * 60**i for i, p in enumerate(reversed(parts + [0] * (3 - len(parts)))))
+    return int(days or 0) * 86400 + seconds
+
+
+def lifetime_args(walltime: str | int) -> list[str]:
+    """dask-worker options that retire a worker gracefully before Slurm kills its job.
+
+    The worker stops taking tasks and hands over what it holds a margin before the walltime
+    (10 % of it, at least 30 s, at most 5 min); lifetimes are staggered by up to half the
+    margin so that the jobs of one submission do not all leave at once. Adaptive scaling
+    submits a job to replace each one that ends, and the scheduler reruns only the tasks that
+    were running on it: each task writes its own block, so a rerun rewrites the same bytes.
+    """
+    total = walltime_seconds(walltime)
+    margin = min(max(total // 10, 30), 300, total // 2)
+    stagger = margin // 2
+    return ["--lifetime", f"{total - margin}s", "--lifetime-stagger", f"{stagger}s"]
 
 
 def _slurm_runner(

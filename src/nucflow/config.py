@@ -214,9 +214,16 @@ def _merge(
         if isinstance(base[key], dict):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config `{dotted}` ({source}) must be a mapping of keys")
-            _merge(base[key], value, source=source, prefix=f"{dotted}.")
+            if dotted in _FREE_SECTIONS:  # keys checked by their user (nucflow.cluster)
+                base[key].update(copy.deepcopy(dict(value)))
+            else:
+                _merge(base[key], value, source=source, prefix=f"{dotted}.")
         else:
             base[key] = copy.deepcopy(value)
+
+
+# Sections whose keys belong to another component, which checks them.
+_FREE_SECTIONS = frozenset({"cluster"})
 
 
 def _unknown_key(dotted: str, base: Mapping[str, Any], prefix: str, source: str) -> str:
