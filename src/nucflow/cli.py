@@ -54,6 +54,11 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
         "--cluster", default="threads", help="threads, processes, local, slurm or tcp://HOST:PORT"
     )
     parser.add_argument("--scheduler-file", help="connect to the scheduler described by this file")
+    parser.add_argument(
+        "--dashboard-address",
+        metavar="HOST:PORT",
+        help="local/slurm: where the dask dashboard listens (default 127.0.0.1:0, this machine)",
+    )
     parser.add_argument("--jobs", type=int, help="SLURM: number of worker jobs")
     parser.add_argument("--adapt", metavar="MIN:MAX", help="SLURM: adaptive number of worker jobs")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -217,7 +222,11 @@ def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     stack, params, config = _prepare(args)
     flow = _load_flow(args.flow)
     with cluster.connect(
-        args.cluster, scheduler_file=args.scheduler_file, jobs=args.jobs, adapt=_adapt(args.adapt)
+        args.cluster,
+        scheduler_file=args.scheduler_file,
+        jobs=args.jobs,
+        adapt=_adapt(args.adapt),
+        dashboard_address=args.dashboard_address,
     ) as runner:
         job = pipeline.open_run(
             stack,
@@ -255,7 +264,11 @@ def _plan(args: argparse.Namespace) -> None:
     stack, params, config = _prepare(args)
     print(make_plan(stack, params, config, _load_flow("nuclei").run))
     where = cluster.describe(
-        args.cluster, scheduler_file=args.scheduler_file, jobs=args.jobs, adapt=_adapt(args.adapt)
+        args.cluster,
+        scheduler_file=args.scheduler_file,
+        jobs=args.jobs,
+        adapt=_adapt(args.adapt),
+        dashboard_address=args.dashboard_address,
     )
     print(f"cluster    {where}")
 
