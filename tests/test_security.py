@@ -224,6 +224,26 @@ def test_cli_bad_dashboard_address_is_one_line_exit_2(stack2d, capsys, extra, me
     assert re.search(message, err), err
 
 
+def test_cli_warns_in_one_line_when_the_dashboard_is_opened(stack2d):
+    # In a fresh interpreter: inside pytest, warnings go to pytest's recorder, not stderr.
+    def plan(*extra: str) -> subprocess.CompletedProcess:
+        code = "from nucflow.cli import main; raise SystemExit(main())"
+        argv = ["plan", "--input", str(stack2d[0]), "--cluster", "local", *extra]
+        return subprocess.run(
+            [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120
+        )
+
+    opened = plan("--dashboard-address", "0.0.0.0:8787")
+    assert opened.returncode == 0
+    assert opened.stderr == (
+        "nucflow: warning: the dask dashboard on 0.0.0.0:8787 is open to the network with no "
+        "authentication; leave out --dashboard-address to keep it on 127.0.0.1 and view it "
+        "through ssh -L\n"
+    )
+    kept = plan("--dashboard-address", "127.0.0.1:8787")
+    assert (kept.returncode, kept.stderr) == (0, "")
+
+
 # --- existing schedulers -------------------------------------------------------------------
 
 
