@@ -5,7 +5,9 @@ credentials. It tries a plain TCP client, a TLS connection without a certificate
 client with a valid certificate of its own (``Security.temporary()``); every try must be
 refused. The control test shows the same script connecting, and running code, where nothing
 protects the scheduler. Dashboards are probed with a TCP connect on this machine's
-non-loopback address. The Slurm test needs the one-node cluster of .ci/slurm-up.sh.
+non-loopback address. The Slurm test needs the one-node cluster of .ci/slurm-up.sh. Workers
+scratch in the test's own folder: purging the machine-wide /tmp/dask-scratch-space, which
+other runs share, can take long enough for distributed to warn (an error under pytest).
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ def _owner_only(path: Path, mode: int) -> None:
 def test_stranger_script_works_where_nothing_protects_the_scheduler(tmp_path):
     # The control: LocalCluster's default binds to loopback with plain TCP, which any user
     # of this machine can reach; the stranger's plain TCP client gets in and runs code.
-    with connect("local", settings={"n_workers": 1}, progress=False) as runner:
+    settings = {"n_workers": 1, "local_directory": str(tmp_path / "scratch")}
+    with connect("local", settings=settings, progress=False) as runner:
         address = runner.client.scheduler.address
         outcome = _stranger(address, tmp_path)
     assert address.startswith("tcp://127.0.0.1:")
@@ -152,6 +155,7 @@ def test_local_beyond_loopback_speaks_tls_and_refuses_strangers(tmp_path):
     host = _external_ip()
     values, _ = _array()
     settings = {"n_workers": 2, "threads_per_worker": 1, "host": host}
+    settings["local_directory"] = str(tmp_path / "scratch")
     with connect("local", settings=settings) as runner:
         address = runner.client.scheduler.address
         outcome = _stranger(address, tmp_path)
@@ -286,7 +290,11 @@ def tls_scheduler(tmp_path):
         "distributed.comm.tls.client.key": str(files["key.pem"]),
     }
     with LocalCluster(
-        n_workers=1, threads_per_worker=1, security=security, dashboard_address=None
+        n_workers=1,
+        threads_per_worker=1,
+        security=security,
+        dashboard_address=None,
+        local_directory=str(tmp_path / "scratch"),
     ) as cluster:
         yield cluster.scheduler_address, config
 
