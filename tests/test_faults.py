@@ -257,7 +257,10 @@ def damaged_input(stack3d, tmp_path) -> tuple[Path, tuple[slice, ...]]:
 
 
 #: What else a failing run may print on stderr: progress bars and the dashboard address.
-_PROGRESS = re.compile(r"[\w ]+: \[[# ]*\] \| \d+% Completed \| .*|nucflow: dask dashboard at \S+")
+_PROGRESS = re.compile(
+    r"[\w ]+: \[[# ]*\] \| \d+% Completed \| .*"
+    r"|nucflow: dask dashboard at \S+( \(elsewhere: ssh -L [\d:.]+ \S+\))?"
+)
 
 
 @pytest.mark.timeout(120)

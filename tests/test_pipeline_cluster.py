@@ -46,6 +46,11 @@ def test_slurm_run_gives_identical_outputs_from_real_jobs(
     assert any(
         "Start worker" in (logs / n).read_text() for n in job_logs if os.path.getsize(logs / n)
     )
+    # ... over TLS (issue 19), and no key material reached the logs or run.json
+    texts = [(logs / n).read_text() for n in job_logs]
+    texts.append((tmp_path / "out" / "run.json").read_text())
+    assert any("tls://" in text for text in texts)
+    assert not any("PRIVATE KEY" in text or "BEGIN CERTIFICATE" in text for text in texts)
 
 
 @pytest.mark.slurm

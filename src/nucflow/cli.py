@@ -54,6 +54,11 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
         "--cluster", default="threads", help="threads, processes, local, slurm or tcp://HOST:PORT"
     )
     parser.add_argument("--scheduler-file", help="connect to the scheduler described by this file")
+    parser.add_argument(
+        "--dashboard-address",
+        metavar="HOST:PORT",
+        help="local/slurm: where the dask dashboard listens (default 127.0.0.1:0, this machine)",
+    )
     parser.add_argument("--jobs", type=int, help="SLURM: number of worker jobs")
     parser.add_argument("--adapt", metavar="MIN:MAX", help="SLURM: adaptive number of worker jobs")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -222,6 +227,7 @@ def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         jobs=args.jobs,
         adapt=_adapt(args.adapt),
         settings=config["cluster"],
+        dashboard_address=args.dashboard_address,
     ) as runner:
         job = pipeline.open_run(
             stack,
@@ -263,6 +269,7 @@ def _plan(args: argparse.Namespace) -> None:
         jobs=args.jobs,
         adapt=_adapt(args.adapt),
         settings=config["cluster"],
+        dashboard_address=args.dashboard_address,
     )
     print(make_plan(stack, params, config, _load_flow("nuclei").run))
     print(f"cluster    {where}")

@@ -13,8 +13,12 @@ collections with a progress bar. Specs:
     a :class:`dask_jobqueue.SLURMCluster` configured the conventional way, from the user's dask
     config (``jobqueue.slurm.*`` / ``DASK_JOBQUEUE__SLURM__*``), ``settings`` overriding and
     ``configs/cluster/slurm.yaml`` filling what neither sets.
-``tcp://HOST:PORT`` (or ``scheduler_file=``)
+``tcp://HOST:PORT``, ``tls://HOST:PORT`` (or ``scheduler_file=``)
     an existing scheduler, which closing the context leaves running.
+
+Security: a scheduler nucflow starts on a network (``slurm``; ``local`` bound beyond loopback)
+speaks TLS with credentials made for the run, so only the run's own client and workers can
+connect to it; its dashboard listens on 127.0.0.1 unless ``dashboard_address`` says otherwise.
 """
 
 from __future__ import annotations
@@ -22,13 +26,17 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import ipaddress
 import json
 import os
 import re
 import shutil
+import socket
 import sys
+import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from functools import partial
 from importlib import resources
@@ -41,7 +49,7 @@ from dask.diagnostics import ProgressBar
 
 from nucflow.errors import ClusterError
 
-__all__ = ["Runner", "connect", "describe", "CONNECT_TIMEOUT"]
+__all__ = ["Runner", "connect", "describe", "CONNECT_TIMEOUT", "DEFAULT_DASHBOARD"]
 
 #: Seconds to wait for an existing scheduler before giving up with a ClusterError.
 CONNECT_TIMEOUT = 5
@@ -68,6 +76,14 @@ _SLURM_PRIVATE = frozenset(
 
 #: Seconds between updates of the distributed progress bar.
 _BAR_INTERVAL = 0.1
+
+#: Where a started scheduler serves its dashboard unless told otherwise: this machine only
+#: (a free port, so concurrent runs never collide on :8787).
+DEFAULT_DASHBOARD = "127.0.0.1:0"
+_DASHBOARD = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[\w.-]*):(?P<port>\d{1,5})$")
+#: The files dask-jobqueue writes a Security's in-memory credentials to, as attributes of
+#: the cluster holding them open (closing one deletes it).
+_DUMPED_CREDENTIALS = ("_job_ca_file", "_job_cert", "_job_key")
 
 
 # --- parsing ---------------------------------------------------------------------------
@@ -138,6 +154,117 @@ def _check_keys(settings: Mapping[str, Any], allowed: frozenset[str], kind: str)
             f"unknown setting(s) {', '.join(unknown)} for --cluster {kind}; "
             f"valid: {', '.join(sorted(allowed)) or 'none'}"
         )
+
+
+# --- security --------------------------------------------------------------------------
+
+
+def _is_loopback(host: str | None) -> bool:
+    """True if ``host`` names only loopback addresses, i.e. only this machine can reach it."""
+    host = (host or "").strip("[]")
+    if not host:
+        return False  # "" and None bind every interface
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False  # unknown: assume the worst
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def _address_host(address: str) -> str:
+    """HOST of ``proto://HOST:PORT`` (brackets of an IPv6 HOST removed)."""
+    rest = address.split("://", 1)[-1]
+    host = rest.rsplit(":", 1)[0] if rest.count(":") == 1 or rest.startswith("[") else rest
+    return host.strip("[]")
+
+
+def _check_dashboard(address: Any, *, default_host: str = "") -> str:
+    """Validate a dashboard ``HOST:PORT``; warn (one line) when it is served to the network.
+
+    ``default_host`` is where ``:PORT`` binds: the LocalCluster's host, every interface
+    for a jobqueue scheduler.
+    """
+    text = str(address).strip()
+    match = _DASHBOARD.match(text)
+    if not match or int(match["port"]) > 65535:
+        raise ClusterError(
+            f"--dashboard-address {address!r} must be HOST:PORT or :PORT (port 0 picks a free "
+            "one), e.g. --dashboard-address 127.0.0.1:8787"
+        )
+    if not _is_loopback(match["host"] or default_host):
+        warnings.warn(
+            f"the dask dashboard on {text} is open to the network with no authentication; "
+            f"leave out --dashboard-address to keep it on {DEFAULT_DASHBOARD.split(':')[0]} "
+            "and view it through ssh -L",
+            UserWarning,
+            stacklevel=4,
+        )
+    return text
+
+
+def _warn_unauthenticated(address: str) -> None:
+    """One line when a tcp:// scheduler is on another machine (anyone on the way can use it)."""
+    if address.startswith("tcp://") and not _is_loopback(_address_host(address)):
+        warnings.warn(
+            f"{address} is a plain tcp:// scheduler on the network: the connection is neither "
+            "encrypted nor authenticated; use tls:// with your dask TLS config",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _temporary_security() -> Any:
+    """A Security with a fresh self-signed key and certificate, held in memory for one run."""
+    from distributed.security import Security
+
+    try:
+        return Security.temporary()
+    except ImportError as exc:  # cryptography: a nucflow dependency, but may be removed
+        raise ClusterError(
+            "nucflow secures its schedulers with TLS, which needs the cryptography package; "
+            "pip install cryptography"
+        ) from exc
+
+
+class _CredentialFolder:
+    """A 0700 folder for the worker jobs' copy of the run's TLS credentials.
+
+    dask-jobqueue writes in-memory credentials to files (0600, by ``tempfile``) in the
+    cluster's ``shared_temp_directory``, where the worker jobs read them; this folder is
+    that directory, made for one run and removed with everything in it at the end.
+    """
+
+    def __init__(self, parent: str | os.PathLike[str]) -> None:
+        base = Path(os.path.expandvars(os.fspath(parent))).expanduser()
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = Path(tempfile.mkdtemp(prefix="nucflow-tls-", dir=base))  # mode 0700
+        self.cluster: Any = None
+
+    def remove(self) -> None:
+        # Close dask-jobqueue's open temporary files first (each deletes its file), or they
+        # would fail to delete files already gone when the cluster is garbage collected.
+        for name in _DUMPED_CREDENTIALS:
+            handle = getattr(self.cluster, name, None)
+            if handle is not None:
+                with contextlib.suppress(OSError):
+                    handle.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _credential_parent(options: dict) -> str:
+    """Where the per-run credential folder goes: a directory the worker jobs also see.
+
+    ``shared_temp_directory`` from settings or the dask config (dask-jobqueue's key), else
+    ``~/.cache/nucflow``: home directories are shared with the compute nodes on clusters.
+    """
+    configured = options.pop("shared_temp_directory", None) or dask.config.get(
+        "jobqueue.slurm.shared-temp-directory", default=None
+    )
+    return configured or str(Path.home() / ".cache" / "nucflow")
 
 
 # --- packaged defaults -----------------------------------------------------------------
@@ -285,6 +412,11 @@ class Runner:
         The dashboard address, when the scheduler serves one.
     cluster : object or None
         The cluster object :func:`connect` created (LocalCluster, SLURMCluster), else None.
+
+    Notes
+    -----
+    ``dashboard_local=True`` (a dashboard bound to loopback) makes the link name
+    127.0.0.1, where the dashboard really listens, not the scheduler's network address.
     """
 
     def __init__(
@@ -296,11 +428,12 @@ class Runner:
         scheduler: Any = None,
         num_workers: int | None = None,
         progress: bool = True,
+        dashboard_local: bool = False,
     ) -> None:
         self.spec = spec
         self.client = client
         self.cluster = cluster
-        self.dashboard_link = _dashboard_link(client)
+        self.dashboard_link = _dashboard_link(client, dashboard_local)
         self._scheduler = scheduler
         self._num_workers = num_workers
         self._progress = progress
@@ -364,14 +497,23 @@ class Runner:
             return dask.compute(*collections, **kwargs)
 
 
-def _dashboard_link(client: Any) -> str | None:
+def _dashboard_link(client: Any, local: bool = False) -> str | None:
     if client is None:
         return None
     try:
         link = client.dashboard_link
-    except (KeyError, AttributeError, OSError):  # no dashboard service (bokeh not installed)
+        port = client.scheduler_info()["services"]["dashboard"] if local else None
+    except (KeyError, AttributeError, OSError):  # no dashboard service
         return None
+    if port:
+        return f"http://127.0.0.1:{port}/status"
     return link or None
+
+
+def _dashboard_note(link: str) -> str:
+    """How to open a loopback dashboard from another machine: an ssh tunnel to this one."""
+    port = link.split(":")[2].split("/")[0]
+    return f" (elsewhere: ssh -L {port}:127.0.0.1:{port} {socket.gethostname()})"
 
 
 # --- connect ---------------------------------------------------------------------------
@@ -386,6 +528,7 @@ def connect(
     adapt: tuple[int, int] | None = None,
     settings: Mapping[str, Any] | None = None,
     progress: bool = True,
+    dashboard_address: str | None = None,
 ) -> Iterator[Runner]:
     """Connect to (or create) the scheduler named by ``spec`` and yield a :class:`Runner`.
 
@@ -393,7 +536,8 @@ def connect(
     ----------
     spec : str, optional
         ``threads`` (default), ``processes``, ``local``, ``slurm`` or a scheduler address
-        ``tcp://HOST:PORT``.
+        ``tcp://HOST:PORT`` / ``tls://HOST:PORT`` (TLS credentials from the dask config
+        ``distributed.comm.tls.*``).
     scheduler_file : path, optional
         A scheduler file written by ``dask scheduler --scheduler-file`` or dask-jobqueue's
         SLURMRunner; replaces ``spec``.
@@ -409,6 +553,10 @@ def connect(
         ``job-extra-directives``, ``local-directory``, ``log-directory``, …).
     progress : bool, optional
         Draw a progress bar on stderr for each ``compute``.
+    dashboard_address : str, optional
+        ``local`` and ``slurm``: where the scheduler serves its dashboard, ``HOST:PORT``
+        (default :data:`DEFAULT_DASHBOARD`, this machine only); a warning says when it is
+        reachable from the network.
 
     Yields
     ------
@@ -419,14 +567,24 @@ def connect(
     ClusterError
         The spec is unknown, the scheduler unreachable, or Slurm / dask-jobqueue missing.
 
+    Warns
+    -----
+    UserWarning
+        The dashboard is open to the network, or a ``tcp://`` scheduler is on another host.
+
     Notes
     -----
     Leaving the context closes what ``connect`` created (client, LocalCluster, Slurm jobs),
-    never a scheduler it merely connected to.
+    never a scheduler it merely connected to. ``slurm``, and ``local`` with a ``host`` that
+    is not loopback, use TLS with credentials made for this run (the worker jobs read them
+    from a 0700 folder of 0600 files, removed on leaving); others cannot connect.
     """
     kind, target = _parse(spec, None if scheduler_file is None else os.fspath(scheduler_file))
     _check_scaling(kind, jobs, adapt)
+    _check_dashboard_kind(kind, dashboard_address)
     options = _normalize(settings)
+    if dashboard_address is not None:
+        options["dashboard_address"] = dashboard_address
     label = os.fspath(scheduler_file) if kind == "file" else spec
     with contextlib.ExitStack() as stack:
         if kind in ("threads", "processes"):
@@ -439,9 +597,19 @@ def connect(
             runner = _remote_runner(kind, target, options, progress, stack)
         runner.spec = label
         stack.callback(runner._settle)  # runs first on exit, before anything is closed
-        if runner.dashboard_link:
-            print(f"nucflow: dask dashboard at {runner.dashboard_link}", file=sys.stderr)
+        link = runner.dashboard_link
+        if link:
+            note = _dashboard_note(link) if link.startswith("http://127.0.0.1:") else ""
+            print(f"nucflow: dask dashboard at {link}{note}", file=sys.stderr)
         yield runner
+
+
+def _check_dashboard_kind(kind: str, dashboard_address: str | None) -> None:
+    if dashboard_address is not None and kind not in ("local", "slurm"):
+        raise ClusterError(
+            f"--dashboard-address applies only to --cluster local or slurm (nucflow starts "
+            f"no scheduler for {kind!r}); leave it out"
+        )
 
 
 def _pool_runner(kind: str, options: dict, progress: bool, stack: contextlib.ExitStack) -> Runner:
@@ -505,7 +673,7 @@ def _local_runner(
     from distributed import Client, LocalCluster
 
     kwargs = _local_options(options, jobs)
-    kwargs.setdefault("dashboard_address", ":0")  # never fight another run for :8787
+    kwargs = _secure_local(kwargs)
     try:
         cluster = stack.enter_context(LocalCluster(**kwargs))
     except (TypeError, ValueError) as exc:
@@ -513,7 +681,24 @@ def _local_runner(
     if adapt is not None:
         cluster.adapt(minimum=adapt[0], maximum=adapt[1])
     client = stack.enter_context(Client(cluster))
-    return Runner("local", client=client, cluster=cluster, progress=progress)
+    local = _is_loopback(kwargs["dashboard_address"].rpartition(":")[0])
+    return Runner("local", client=client, cluster=cluster, progress=progress, dashboard_local=local)
+
+
+def _secure_local(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """LocalCluster keywords with a loopback dashboard, and TLS when it binds beyond loopback.
+
+    LocalCluster binds to 127.0.0.1 unless given a ``host``; a ``:PORT`` dashboard binds
+    to that same host, so it is spelled out here for the check.
+    """
+    host = "127.0.0.1" if kwargs.get("host") is None else _address_host(str(kwargs["host"]))
+    dashboard = str(kwargs.get("dashboard_address") or DEFAULT_DASHBOARD)
+    if dashboard.startswith(":"):
+        dashboard = f"{host}{dashboard}" if ":" not in host else f"[{host}]{dashboard}"
+    kwargs = {**kwargs, "dashboard_address": _check_dashboard(dashboard)}
+    if not _is_loopback(host):
+        kwargs["security"] = _temporary_security()
+    return kwargs
 
 
 def _remote_runner(
@@ -528,8 +713,13 @@ def _remote_runner(
         kwargs: dict[str, Any] = {"scheduler_file": target}
     else:
         address, source, kwargs = target, "", {"address": target}
+    _warn_unauthenticated(address)
     try:
         client = Client(timeout=CONNECT_TIMEOUT, **kwargs)
+    except TypeError as exc:
+        if "ssl_context" not in str(exc):
+            raise
+        raise ClusterError(_no_tls_message(address)) from exc
     except (OSError, TimeoutError) as exc:
         raise ClusterError(
             f"cannot reach scheduler {address}{source} within {CONNECT_TIMEOUT} s; "
@@ -541,6 +731,15 @@ def _remote_runner(
         ) from exc
     stack.enter_context(client)
     return Runner(target, client=client, progress=progress)
+
+
+def _no_tls_message(address: str) -> str:
+    # distributed's Client reads its TLS credentials from the dask config by default.
+    return (
+        f"{address} needs TLS credentials: set distributed.comm.tls.ca-file, "
+        "distributed.comm.tls.client.cert and distributed.comm.tls.client.key in your dask "
+        "config (or DASK_DISTRIBUTED__COMM__TLS__CA_FILE, ...)"
+    )
 
 
 def _read_scheduler_file(path: str) -> str:
@@ -606,13 +805,40 @@ def _slurm_options(options: dict, jobqueue: Any) -> dict[str, Any]:
     # In dask-jobqueue, config key `name` is the job name; the `name` kwarg names a worker.
     if "name" in kwargs:
         kwargs["job_name"] = kwargs.pop("name")
+    kwargs = _secure_slurm(kwargs)
     walltime = kwargs.get("walltime") or dask.config.get("jobqueue.slurm.walltime", None)
-    if walltime:
-        extra = kwargs.get("worker_extra_args")
-        if extra is None:
-            extra = dask.config.get("jobqueue.slurm.worker-extra-args", None) or []
-        if "--lifetime" not in extra:
-            kwargs["worker_extra_args"] = [*extra, *lifetime_args(walltime)]
+    extra = kwargs["worker_extra_args"]
+    if walltime and "--lifetime" not in extra:
+        kwargs["worker_extra_args"] = [*extra, *lifetime_args(walltime)]
+    return kwargs
+
+
+def _configured(kwargs: dict[str, Any], key: str, default: Any) -> Any:
+    """A SLURMCluster keyword as dask-jobqueue would resolve it: kwargs, then the dask config."""
+    if key in kwargs:
+        return kwargs[key]
+    value = dask.config.get(f"jobqueue.slurm.{key.replace('_', '-')}", default=None)
+    return default if value is None else value
+
+
+def _secure_slurm(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler's dashboard on loopback unless asked otherwise; no worker dashboards.
+
+    dask-jobqueue's own default is :8787 on every interface, and every worker job would
+    serve a dashboard of its own on its node's address.
+    """
+    kwargs = dict(kwargs)
+    dashboard = kwargs.pop("dashboard_address", None)
+    scheduler = dict(_configured(kwargs, "scheduler_options", {}))
+    if dashboard is not None:
+        scheduler["dashboard_address"] = dashboard
+    scheduler.setdefault("dashboard_address", DEFAULT_DASHBOARD)
+    scheduler["dashboard_address"] = _check_dashboard(scheduler["dashboard_address"])
+    kwargs["scheduler_options"] = scheduler
+    extra = list(_configured(kwargs, "worker_extra_args", []))
+    if not any(arg in ("--dashboard", "--no-dashboard") for arg in extra):
+        extra.append("--no-dashboard")
+    kwargs["worker_extra_args"] = extra
     return kwargs
 
 
@@ -661,6 +887,13 @@ def _slurm_runner(
     from distributed import Client
 
     kwargs = _slurm_options(options, jobqueue)
+    credentials = None
+    if "security" not in kwargs:  # a Security given in settings is the user's choice
+        credentials = _CredentialFolder(_credential_parent(kwargs))
+        stack.callback(credentials.remove)  # after the cluster closes (stacks unwind LIFO)
+        kwargs["security"] = _temporary_security()
+        kwargs["shared_temp_directory"] = str(credentials.path)
+    _private_log_directory(kwargs)
     try:
         cluster = stack.enter_context(jobqueue.SLURMCluster(**kwargs))
     except (TypeError, ValueError) as exc:
@@ -672,8 +905,20 @@ def _slurm_runner(
     # Adaptive even for a fixed count: cluster.scale(jobs=N) never replaces a job that
     # Slurm ended (walltime, preemption, scancel), and the computation would wait forever.
     cluster.adapt(minimum_jobs=low, maximum_jobs=high)
+    if credentials is not None:
+        credentials.cluster = cluster
     client = stack.enter_context(Client(cluster))
-    return Runner("slurm", client=client, cluster=cluster, progress=progress)
+    local = _is_loopback(kwargs["scheduler_options"]["dashboard_address"].rpartition(":")[0])
+    return Runner("slurm", client=client, cluster=cluster, progress=progress, dashboard_local=local)
+
+
+def _private_log_directory(kwargs: dict[str, Any]) -> None:
+    """Create the job log folder owner-only: worker logs name the scheduler's address."""
+    folder = _configured(kwargs, "log_directory", None)
+    if folder:
+        Path(os.path.expandvars(os.fspath(folder))).expanduser().mkdir(
+            parents=True, exist_ok=True, mode=0o700
+        )
 
 
 # --- describe --------------------------------------------------------------------------
@@ -686,6 +931,7 @@ def describe(
     jobs: int | None = None,
     adapt: tuple[int, int] | None = None,
     settings: Mapping[str, Any] | None = None,
+    dashboard_address: str | None = None,
 ) -> str:
     """One line telling where :func:`connect` with the same arguments would compute.
 
@@ -703,7 +949,10 @@ def describe(
     """
     kind, target = _parse(spec, None if scheduler_file is None else os.fspath(scheduler_file))
     _check_scaling(kind, jobs, adapt)
+    _check_dashboard_kind(kind, dashboard_address)
     options = _normalize(settings)
+    if dashboard_address is not None:
+        options["dashboard_address"] = dashboard_address
     if kind in ("threads", "processes"):
         _check_keys(options, _POOL_KEYS, kind)
         n = options.get("num_workers") or os.cpu_count()
@@ -711,6 +960,9 @@ def describe(
         return f"{kind}: dask {what} scheduler, {n} {kind} on this machine"
     if kind == "local":
         kw = _local_options(options, jobs)
+        if "dashboard_address" in options:
+            host = "127.0.0.1" if kw.get("host") is None else str(kw["host"])
+            _check_dashboard(options["dashboard_address"], default_host=host)
         workers = kw.get("n_workers", "auto")
         scale = f"adapting {adapt[0]}-{adapt[1]} workers" if adapt else f"{workers} workers"
         return (
