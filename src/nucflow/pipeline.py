@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import zarr
 
 import nucflow
-from nucflow import filters, io, measure
+from nucflow import filters, fingerprint, io, lock, measure
 from nucflow.config import Params
 from nucflow.errors import BlockError, ConfigError, NucflowError, OutputError, ParameterError
 from nucflow.segment import SegmentParams, segment_block
@@ -76,6 +76,8 @@ class Run:
     region: tuple[slice, ...] = ()
     stored: dict[str, Path] = field(default_factory=dict)  # dask name -> .work zarr of persist
     value_ranges: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # of persisted stacks
+    lock: lock.OutputLock | None = None  # held from open_run to finish/fail
+    lineage: fingerprint.Lineage | None = None  # what --resume may reuse (fingerprint.start)
 
     @property
     def work(self) -> Path:
@@ -118,23 +120,62 @@ def open_run(
 ) -> Run:
     """Claim the output directory and mark the run as running.
 
+    One run at a time writes to a directory: the run takes its lock (:mod:`nucflow.lock`)
+    before changing anything in it, and :func:`finish` or :func:`fail` releases it.
+
     Raises
     ------
     OutputError
         The directory exists without ``resume``/``overwrite``, is not a nucflow output
-        directory, or lies inside the input.
+        directory, lies inside the input, or another run holds its lock.
+    InputChangedError
+        ``resume`` and the input is not the one the stored run read.
     """
     out = Path(output).resolve()
     _check_not_inside_input(out, Path(stack.path).resolve())
     if out.exists():
         _claim_existing(out, resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    (out / WORK).mkdir(exist_ok=True)
-    run = Run(stack, params, out, runner, config, resume=resume and (out / RUN_JSON).exists())
-    run.region = data_region(stack, params.chunks)
-    run.facts["data_region"] = [[s.start, s.stop] for s in run.region]
-    write_run_json(run, "running")
+    held = lock.acquire(out)
+    try:
+        if overwrite:
+            _clear(out)
+        (out / WORK).mkdir(exist_ok=True)
+        before = _read_run_json(out)
+        run = Run(stack, params, out, runner, config, resume=resume and before is not None)
+        run.lock = held
+        run.region = data_region(stack, params.chunks)
+        run.facts["data_region"] = [[s.start, s.stop] for s in run.region]
+        fingerprint.start(run, before)
+        write_run_json(run, "running")
+    except BaseException:
+        held.release()
+        raise
     return run
+
+
+def _read_run_json(out: Path) -> dict[str, Any] | None:
+    try:
+        found = json.loads((out / RUN_JSON).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _clear(out: Path) -> None:
+    """Empty an output directory for --overwrite, keeping this run's lock."""
+    for entry in out.iterdir():
+        if entry.name == lock.LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _release(run: Run) -> None:
+    if run.lock is not None:
+        run.lock.release()
 
 
 def _segment_params(p: Params) -> SegmentParams:
@@ -171,8 +212,13 @@ def _check_not_inside_input(out: Path, source: Path) -> None:
 def _claim_existing(out: Path, *, resume: bool, overwrite: bool) -> None:
     if not out.is_dir():
         raise OutputError(f"--output {out} exists and is not a directory; choose another path")
-    is_ours = (out / RUN_JSON).is_file()
-    empty = not any(out.iterdir())
+    if holder := lock.holder_of(out):  # say who, whatever else is wrong with the directory
+        raise OutputError(
+            f"output directory {out} is in use by {holder}; wait for that run to end, or stop "
+            "it, or choose another --output"
+        )
+    is_ours = (out / RUN_JSON).is_file() or (out / lock.LOCK_NAME).is_file()
+    empty = not any(p.name != lock.LOCK_NAME for p in out.iterdir())
     if empty:
         return
     if not (resume or overwrite):
@@ -185,8 +231,6 @@ def _claim_existing(out: Path, *, resume: bool, overwrite: bool) -> None:
             f"output directory {out} exists and is not a nucflow output (no run.json); "
             "nucflow will not delete it: choose another --output"
         )
-    if overwrite:
-        shutil.rmtree(out)
 
 
 def write_run_json(run: Run, status: str, **extra: Any) -> None:
@@ -242,8 +286,10 @@ def _write_atomic(path: Path, payload: bytes) -> None:
 
 
 def fail(run: Run, error: BaseException) -> None:
-    """Mark the run as failed (never complete) with the reason."""
-    write_run_json(run, "failed", error=f"{type(error).__name__}: {error}")
+    """Mark the run as failed (never complete) with the reason; release the output."""
+    if run.lock is None or run.lock.lost is None:  # else run.json is another run's now
+        write_run_json(run, "failed", error=f"{type(error).__name__}: {error}")
+    _release(run)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -370,7 +416,7 @@ def persist(run: Run, array: da.Array, name: str, *, label: str) -> da.Array:
     """
     path = run.work / f"{name}.zarr"
     done = run.work / f"{name}.done"
-    if run.resume and done.exists():
+    if fingerprint.reusable(run, name, path, done):
         value_range = json.loads(done.read_text() or "null")
     else:
         if path.exists():
@@ -390,6 +436,7 @@ def persist(run: Run, array: da.Array, name: str, *, label: str) -> da.Array:
             _, low, high = run.runner.compute(store, array.min(), array.max(), label=label)
             value_range = [low.item(), high.item()]
         _write_atomic(done, json.dumps(value_range).encode())
+        fingerprint.record(run, name)
     stored = da.from_zarr(str(path))
     run.stored[stored.name] = path
     if value_range is not None:
@@ -401,7 +448,7 @@ def global_threshold(run: Run, image: da.Array) -> float:
     """The foreground threshold of the whole stack, from one global histogram pass."""
     p = run.params
     done = run.work / "threshold.json"
-    if run.resume and done.exists():
+    if fingerprint.reusable(run, "threshold", done):
         value = json.loads(done.read_text())["threshold"]
     elif p.threshold_method == "value":
         if p.threshold_value is None:
@@ -416,6 +463,7 @@ def global_threshold(run: Run, image: da.Array) -> float:
             )
         value *= p.threshold_factor
     _write_atomic(done, json.dumps({"threshold": value}).encode())
+    fingerprint.record(run, "threshold")
     run.facts["threshold"] = value
     return value
 
@@ -471,13 +519,17 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
     # Tasks read their blocks themselves: a graph of one task per block, no pixels in it.
     mask_store = zarr.open_array(str(run.stored[mask.name]), mode="r")
     labels_path = run.output / "labels.ome.zarr"
-    if run.resume and labels_path.exists():
+    parts_dir = run.work / "blocks"
+    # Labels and block parts are reused only with the fingerprint they were made with.
+    reuse = fingerprint.reusable(run, "segment", labels_path, parts_dir)
+    if reuse:
         labels = zarr.open_array(str(labels_path / "0"), mode="r+")
     else:
+        shutil.rmtree(parts_dir, ignore_errors=True)
         labels = io.create_label_zarr(
             labels_path, full_shape, p.chunks, p.voxel_size, overwrite=True
         )
-    parts_dir = run.work / "blocks"
+    fingerprint.record(run, "segment")  # before any block: every part from now on is of it
     parts_dir.mkdir(exist_ok=True)
     readers = _intensity_readers(run)
     halo = run.segment_params.halo()
@@ -485,7 +537,7 @@ def segment(run: Run, mask: da.Array) -> pd.DataFrame:
     for index, core in blocks_of(shape, p.chunks):
         part = parts_dir / ("_".join(map(str, index)) + ".parquet")
         part_files.append(part)
-        if run.resume and part.exists():
+        if reuse and part.exists():
             continue
         padded = tuple(
             slice(max(0, c.start - h), min(n, c.stop + h))
@@ -590,9 +642,12 @@ def _segment_core(
 
 def finish_stack(run: Run, path: Path) -> dict[str, Any]:
     """Mark a filter-only run complete."""
+    if run.lock is not None:
+        run.lock.check()  # never "complete" over another run's output
     shutil.rmtree(run.work, ignore_errors=True)
     counts = {"stack": path.name}
     write_run_json(run, "complete", counts=counts)
+    _release(run)
     return counts
 
 
@@ -615,8 +670,11 @@ def finish(run: Run, table: pd.DataFrame) -> dict[str, Any]:
             f"rerun with --set segment.max_radius={1.5 * p.max_radius:g} (or a larger --diameter)",
             stacklevel=2,
         )
+    if run.lock is not None:
+        run.lock.check()  # never "complete" over another run's output
     shutil.rmtree(run.work, ignore_errors=True)
     write_run_json(run, "complete", counts=counts)
+    _release(run)
     return counts
 
 
