@@ -123,7 +123,7 @@ def acquire(
     """
     path = output / LOCK_NAME
     record = _my_record()
-    for _ in range(5):  # each turn either claims, refuses, or removes a stale lock
+    for _ in range(20):  # each turn claims, refuses, or tries to remove a stale lock
         if _create(path, record):
             lock = OutputLock(path, record, interval=heartbeat)
             lock.start_heartbeat()
@@ -225,24 +225,31 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _remove_if_unchanged(path: Path, held: dict[str, Any]) -> bool:
-    """Remove the stale lock ``held``, unless another run replaced it meanwhile.
+    """Remove the stale lock ``held``, unless it changed since it was judged.
 
-    The lock is renamed to a unique name first (only one of several racing runs gets it);
-    if what was moved is not the stale lock we judged, it is put back.
+    Only the run that holds ``<lock>.takeover`` (created like the lock) may remove a lock, so
+    two runs that judged the same lock stale cannot remove the new holder's lock in turn. A
+    takeover guard left by a run that died while taking over is removed after
+    :data:`_GUARD_STALE_S` seconds.
     """
-    aside = path.with_name(f"{path.name}.stale.{uuid.uuid4().hex}")
+    guard = path.with_name(f"{path.name}.takeover")
+    if not _create(guard, _my_record()):
+        found = _read(guard)
+        if found is None or time.time() - float(found.get("heartbeat", 0)) > _GUARD_STALE_S:
+            guard.unlink(missing_ok=True)
+        time.sleep(0.05)  # let the other run finish its takeover
+        return False
     try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return False
-    moved = _read(aside)
-    if moved is not None and moved.get("token") != held.get("token"):
-        with contextlib.suppress(FileExistsError):
-            os.link(aside, path)  # a live lock taken meanwhile: give it back
-        aside.unlink(missing_ok=True)
-        return False
-    aside.unlink(missing_ok=True)
-    return True
+        current = _read(path)
+        if current is None or current.get("token") != held.get("token"):
+            return False
+        path.unlink()
+        return True
+    finally:
+        guard.unlink(missing_ok=True)
+
+
+_GUARD_STALE_S = 30.0
 
 
 def _pid_alive(pid: int) -> bool:
