@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import stat
 import subprocess
@@ -12,9 +14,13 @@ import threading
 import time
 import warnings
 
+import numpy as np
+import pandas as pd
 import pytest
+import zarr
 
 from nucflow import lock
+from nucflow.cli import main
 from nucflow.errors import OutputError
 
 
@@ -140,3 +146,51 @@ def test_racing_claims_give_exactly_one_holder(tmp_path):
     assert json.loads((tmp_path / lock.LOCK_NAME).read_text())["token"] == won[0].record["token"]
     won[0].release()
     assert not any(tmp_path.iterdir())  # no guard or private file left behind
+
+
+# --- whole runs: a second run on a running output ---------------------------------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("spec", ["threads", "local"])
+def test_second_run_on_a_running_output_is_refused_and_the_first_is_unharmed(
+    stack3d, reference_run, run_cli, tmp_path, capsys, spec
+):
+    out, log = tmp_path / "out", tmp_path / "first.log"
+    extra = ["--cluster", spec, *(["--jobs", "2"] if spec == "local" else [])]
+    first = run_cli.start(stack3d[0], out, *extra, stderr=log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None and not (out / "run.json").exists():
+        time.sleep(0.02)
+    # Stopped, the first run is a run that stalls but lives: its lock must hold. (Stopping it
+    # also makes sure it is still running while the others try.)
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        assert (out / "run.json").exists(), log.read_text()[-2000:]
+        for again in (["--resume"], ["--overwrite"], []):
+            capsys.readouterr()
+            code = main(run_cli.args(stack3d[0], out, *again, *extra))
+            err = capsys.readouterr().err
+            assert code == 2, err
+            assert "Traceback" not in err
+            ours = [line for line in err.splitlines() if line.startswith("nucflow run:")]
+            assert len(ours) == 1, err
+            assert re.fullmatch(
+                rf"nucflow run: error: output directory {re.escape(str(out))} is in use by "
+                rf"nucflow run \(PID {first.pid} on {re.escape(socket.gethostname())}, "
+                r"started [^)]+\); wait for that run to end, or stop it, or choose another "
+                "--output",
+                ours[0],
+            ), ours[0]
+            assert json.loads((out / "run.json").read_text())["status"] == "running"
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=180) == 0, log.read_text()[-2000:]
+
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "complete"
+    assert not (out / lock.LOCK_NAME).exists()  # released at the end
+    table = pd.read_parquet(out / "nuclei.parquet")
+    labels = np.asarray(zarr.open_array(str(out / "labels.ome.zarr" / "0"), mode="r"))
+    pd.testing.assert_frame_equal(table, reference_run[0], check_exact=True)
+    np.testing.assert_array_equal(labels, reference_run[1])
