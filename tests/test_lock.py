@@ -152,7 +152,7 @@ def test_racing_claims_give_exactly_one_holder(tmp_path):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("spec", ["threads", "local"])
+@pytest.mark.parametrize("spec", ["threads", pytest.param("local", marks=pytest.mark.slow)])
 def test_second_run_on_a_running_output_is_refused_and_the_first_is_unharmed(
     stack3d, reference_run, run_cli, tmp_path, capsys, spec
 ):

@@ -52,6 +52,7 @@ def test_resume_after_kill_redoes_only_unfinished_blocks(stack3d, reference_run,
 # --- resuming with other parameters or another input: the fresh result, or a refusal -------
 
 CHUNK_GRID = 5 * 4 * 4  # blocks of stack3d on the run_cli grid
+STAGES = ("preprocessed", "threshold", "opened", "filled", "mask", "segment")  # in flow order
 
 
 def _record(out: Path) -> dict:
@@ -99,7 +100,7 @@ def fresh_diameter_10(stack3d, run_cli, tmp_path_factory) -> tuple[pd.DataFrame,
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("spec", ["threads", "local"])
+@pytest.mark.parametrize("spec", ["threads", pytest.param("local", marks=pytest.mark.slow)])
 def test_resume_with_another_diameter_recomputes_everything(
     killed_in_segmentation, fresh_diameter_10, stack3d, run_cli, tmp_path, capsys, recwarn, spec
 ):
@@ -126,9 +127,9 @@ def test_resume_with_another_diameter_recomputes_everything(
     ), said[0]
     record = _record(out)
     assert record["status"] == "complete"
-    assert {k: v["action"] for k, v in record["stages"].items()} == {
-        k: "computed" for k in ("preprocessed", "threshold", "opened", "filled", "mask", "segment")
-    }
+    assert {k: v["action"] for k, v in record["stages"].items()} == dict.fromkeys(
+        STAGES, "computed"
+    )
     assert record["blocks"] == {"total": CHUNK_GRID, "computed": CHUNK_GRID}
     table = pd.read_parquet(out / "nuclei.parquet")
     labels = np.asarray(zarr.open_array(str(out / "labels.ome.zarr" / "0"), mode="r"))
@@ -137,27 +138,35 @@ def test_resume_with_another_diameter_recomputes_everything(
 
 
 @pytest.mark.timeout(300)
-def test_resume_with_another_threshold_method_reuses_only_the_preprocessing(
-    killed_in_segmentation, stack3d, run_cli, tmp_path, capsys, recwarn
+@pytest.mark.parametrize(
+    ("setting", "first", "change"),
+    [
+        ("threshold.method=li", "threshold", "threshold_method 'otsu' -> 'li'"),
+        ("segment.max_radius=10", "segment", "max_radius 8.0 -> 10.0"),
+    ],
+    ids=["threshold", "segment"],
+)
+def test_resume_with_another_later_parameter_reuses_the_stages_before(
+    killed_in_segmentation, stack3d, run_cli, tmp_path, capsys, recwarn, setting, first, change
 ):
     out = tmp_path / "out"
     shutil.copytree(killed_in_segmentation[0], out)
     capsys.readouterr()
-    code = main(run_cli.args(stack3d[0], out, "--resume", "--set", "threshold.method=li"))
+    code = main(run_cli.args(stack3d[0], out, "--resume", "--set", setting))
     err = capsys.readouterr().err
 
     assert code == 0, err
     assert _said(recwarn, "--resume: recomputing") == [
-        "--resume: recomputing threshold and every stage after it: "
-        "parameters changed: threshold_method 'otsu' -> 'li'"
+        f"--resume: recomputing {first} and every stage after it: parameters changed: {change}"
     ]
     stages = _record(out)["stages"]
-    assert stages["preprocessed"]["action"] == "reused"
-    for later in ("threshold", "opened", "filled", "mask", "segment"):
-        assert stages[later]["action"] == "computed", stages
-    assert stages["mask"]["reason"] == "threshold was recomputed"
+    before, after = STAGES[: STAGES.index(first)], STAGES[STAGES.index(first) :]
+    assert [stages[s]["action"] for s in before] == ["reused"] * len(before)
+    assert [stages[s]["action"] for s in after] == ["computed"] * len(after)
+    assert all(stages[s]["reason"] == f"{first} was recomputed" for s in after[1:])
+    # the killed run's block parts and labels were of the old parameters: all redone
     assert _record(out)["blocks"] == {"total": CHUNK_GRID, "computed": CHUNK_GRID}
-    fresh = run_cli(stack3d[0], tmp_path / "fresh", "--set", "threshold.method=li")
+    fresh = run_cli(stack3d[0], tmp_path / "fresh", "--set", setting)
     assert _record(out)["threshold"] == _record(tmp_path / "fresh")["threshold"]
     pd.testing.assert_frame_equal(pd.read_parquet(out / "nuclei.parquet"), fresh[0])
     labels = np.asarray(zarr.open_array(str(out / "labels.ome.zarr" / "0"), mode="r"))
