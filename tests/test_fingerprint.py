@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import tifffile
@@ -77,3 +78,27 @@ def test_tiff_identity_sees_changed_bytes_under_an_unchanged_time(tmp_path):
     path.write_bytes(bytes(data))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert fingerprint.input_identity(io.open_stack(path))["files"] != first["files"]
+
+
+def test_a_changed_tissue_mask_changes_the_preprocessing_fingerprint(tmp_path):
+    image, mask = tmp_path / "image.zarr", tmp_path / "mask.zarr"
+    for path in (image, mask):
+        zarr.create_array(str(path), shape=(16, 64, 64), chunks=(8, 32, 32), dtype="uint8")[:] = 1
+    stack = io.open_stack(image)
+
+    def preprocessed() -> str:
+        params = config.resolve(
+            config.load(
+                None, options={"diameter": 8.0}, overrides=[f"preprocess.tissue_mask={mask}"]
+            ),
+            shape=stack.data.shape,
+            voxel_size=stack.voxel_size,
+        )
+        run = SimpleNamespace(stack=stack, params=params, config={}, resume=False, facts={})
+        fingerprint.start(run, None)
+        return run.lineage.fingerprint("preprocessed")
+
+    first = preprocessed()
+    assert preprocessed() == first
+    zarr.open_array(str(mask), mode="r+")[0:8, 0:32, 0:32] = 0
+    assert preprocessed() != first

@@ -12,7 +12,8 @@ The input's identity: its absolute path, shape, dtype, chunk layout, the channel
 content of every zarr metadata file, the names of all its files, the modification times of its
 directories (zarr replaces a chunk by renaming, which changes its directory's time) and the size
 and modification time of up to :data:`SAMPLED_FILES` of its files (for a TIFF file: also the
-first and last 64 KiB of its content).
+first and last 64 KiB of its content). A ``preprocess.tissue_mask`` file is identified the
+same way, as part of the preprocessing's parameters.
 """
 
 from __future__ import annotations
@@ -171,7 +172,11 @@ def start(run: Any, previous_record: dict[str, Any] | None) -> None:
                 f"--resume: the input {run.stack.path} is not the one the run in {run.output} "
                 f"read ({what}); rerun with --overwrite to start over"
             )
-    run.lineage = Lineage(identity, _plain(vars(run.params)))
+    params = _plain(vars(run.params))
+    if run.params.tissue_mask:  # preprocessing reads it: its content matters like the input's
+        mask = run.params.tissue_mask
+        params["tissue_mask"] = {"path": os.path.abspath(mask), "files": _files_digest(mask)}
+    run.lineage = Lineage(identity, params)
     run.facts["input_identity"] = identity
     run.facts["stages"] = run.lineage.stages
 
