@@ -100,6 +100,17 @@ def test_live_lock_of_another_host_is_respected(tmp_path):
         lock.acquire(tmp_path)
 
 
+def test_unreadable_lock_counts_as_held_until_its_file_is_old(tmp_path):
+    path = tmp_path / lock.LOCK_NAME
+    path.write_bytes(b"\x00garbage")
+    with pytest.raises(OutputError, match=r"in use by another nucflow run \(its lock file cannot"):
+        lock.acquire(tmp_path)
+    old = time.time() - lock.STALE_AFTER_S - 5
+    os.utime(path, (old, old))
+    with pytest.warns(UserWarning, match="taking over the lock .* sent no heartbeat"):
+        lock.acquire(tmp_path).release()
+
+
 def test_heartbeat_is_refreshed_while_the_run_lives(tmp_path):
     held = lock.acquire(tmp_path, heartbeat=0.05)
     try:

@@ -124,13 +124,20 @@ def acquire(
     path = output / LOCK_NAME
     record = _my_record()
     for _ in range(20):  # each turn claims, refuses, or tries to remove a stale lock
-        if _create(path, record):
+        try:
+            created = _create(path, record)
+        except OSError as e:
+            raise OutputError(
+                f"cannot create the lock {path} ({e.strerror or e}); check that the output "
+                "directory is writable, or choose another --output"
+            ) from e
+        if created:
             lock = OutputLock(path, record, interval=heartbeat)
             lock.start_heartbeat()
             return lock
-        held = _read(path)
+        held = _read_held(path)
         if held is None:
-            continue  # released (or half-written) between our attempt and the read: retry
+            continue  # released between our attempt and the read: retry
         why = stale_reason(held, stale_after=stale_after)
         if why is None:
             raise OutputError(
@@ -147,7 +154,7 @@ def acquire(
 
 def holder_of(output: Path, *, stale_after: float = STALE_AFTER_S) -> str | None:
     """Who holds a live lock on ``output`` (one phrase), or None if it is free or stale."""
-    held = _read(output / LOCK_NAME)
+    held = _read_held(output / LOCK_NAME)
     if held is None or stale_reason(held, stale_after=stale_after) is not None:
         return None
     return describe(held)
@@ -165,8 +172,8 @@ def stale_reason(held: dict[str, Any], *, stale_after: float = STALE_AFTER_S) ->
 
 def describe(held: dict[str, Any] | None) -> str:
     """``nucflow run (PID 123 on host, SLURM job 45, started 2026-…)``."""
-    if not held:
-        return "another nucflow run"
+    if not held or "pid" not in held:
+        return "another nucflow run (its lock file cannot be read)"
     job = f", SLURM job {held['slurm_job_id']}" if held.get("slurm_job_id") else ""
     return (
         f"nucflow run (PID {held.get('pid')} on {held.get('host')}{job}, "
@@ -224,6 +231,31 @@ def _read(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def _read_held(path: Path) -> dict[str, Any] | None:
+    """The record of an existing lock, None if there is none.
+
+    A lock that cannot be parsed (damaged, or caught half-replaced) counts as held by an
+    unknown run whose heartbeat is the file's modification time: it turns stale like any other.
+    """
+    try:
+        found = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except PermissionError as e:
+        raise OutputError(
+            f"the lock {path} belongs to another user ({e.strerror}); their run holds this "
+            "output directory: choose another --output"
+        ) from e
+    except (OSError, ValueError):
+        found = None
+    if isinstance(found, dict) and "token" in found:
+        return found
+    try:
+        return {"token": None, "heartbeat": path.stat().st_mtime}
+    except FileNotFoundError:
+        return None
+
+
 def _remove_if_unchanged(path: Path, held: dict[str, Any]) -> bool:
     """Remove the stale lock ``held``, unless it changed since it was judged.
 
@@ -240,7 +272,7 @@ def _remove_if_unchanged(path: Path, held: dict[str, Any]) -> bool:
         time.sleep(0.05)  # let the other run finish its takeover
         return False
     try:
-        current = _read(path)
+        current = _read_held(path)
         if current is None or current.get("token") != held.get("token"):
             return False
         path.unlink()
