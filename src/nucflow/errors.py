@@ -11,6 +11,7 @@ __all__ = [
     "ParameterError",
     "ConfigError",
     "OutputError",
+    "InputChangedError",
     "ClusterError",
     "CorruptDataError",
     "BlockError",
@@ -47,6 +48,10 @@ class ConfigError(NucflowError):
 
 class OutputError(NucflowError):
     """The output location is unusable (exists, inside the input, ...)."""
+
+
+class InputChangedError(NucflowError):
+    """``--resume`` on an output whose input has changed since (or is another input)."""
 
 
 class ClusterError(NucflowError):

@@ -18,8 +18,10 @@ __all__ = [
     "write_ome_zarr",
 ]
 
+import contextlib
 import glob
 import json
+import logging
 import numbers
 import os
 import re
@@ -28,7 +30,7 @@ import threading
 import warnings
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -507,6 +509,9 @@ def _check_level(level: int, n_levels: int, path: str) -> None:
 # ---- zarr / OME-Zarr
 
 
+_MALFORMED = (TypeError, ValueError, KeyError, AttributeError, IndexError)
+
+
 def _read_zarr(path: str, level: int) -> _Image:
     try:
         node = zarr.open(path, mode="r")
@@ -515,6 +520,18 @@ def _read_zarr(path: str, level: int) -> _Image:
             f"{path} has zarr metadata but cannot be opened ({_one_line(e)}); "
             "check that it is a complete zarr v2/v3 store"
         ) from e
+    try:
+        return _read_zarr_node(node, path, level)
+    except NucflowError:
+        raise
+    except _MALFORMED as e:  # metadata of an unexpected type or shape: damaged, not a bug
+        raise FormatError(
+            f"{path} has malformed zarr/OME-Zarr metadata ({type(e).__name__}: {_one_line(e)}); "
+            "the store is damaged: re-copy or re-export it"
+        ) from e
+
+
+def _read_zarr_node(node: Any, path: str, level: int) -> _Image:
     if isinstance(node, zarr.Array):
         return _dataset_of_ome_zarr(node, path, level) or _plain_zarr(node, path, level)
     attrs = node.attrs.asdict()
@@ -603,6 +620,16 @@ def _ome_zarr(group: zarr.Group, ms: Mapping, path: str, level: int) -> _Image:
             f"{path} lists dataset {ds_path!r} in its multiscales metadata but it is missing; "
             "the OME-Zarr is incomplete"
         ) from e
+    except Exception as e:  # its metadata cannot be parsed: zarr raises many kinds of error
+        raise FormatError(
+            f"{os.path.join(path, str(ds_path))} cannot be opened ({type(e).__name__}: "
+            f"{_one_line(e)}); the OME-Zarr is damaged: re-copy or re-export it"
+        ) from e
+    if not isinstance(arr, zarr.Array):
+        raise FormatError(
+            f"{os.path.join(path, str(ds_path))} is a group, not an array; the OME-Zarr "
+            "multiscales metadata is damaged: re-export it"
+        )
     roles, units = _ngff_axes(ms.get("axes"), arr.ndim, path)
     scale = [1.0] * arr.ndim
     # Dataset scale times the optional multiscale-wide scale (NGFF applies both in order).
@@ -648,7 +675,7 @@ def _ngff_axes(axes: Any, ndim: int, path: str) -> tuple[str | None, list[str | 
 
 def _read_tiff_file(path: str, level: int) -> _Image:
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _tiff_log(path), tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             _check_level(level, len(series.levels), path)
             s = series.levels[level]
@@ -671,6 +698,41 @@ def _read_tiff_file(path: str, level: int) -> _Image:
 
 
 _TIFF_ROLES = {"T": "t", "C": "c", "S": "c", "Z": "s", "Y": "s", "X": "s"}
+# tifffile logs these and goes on with the pages it could read: the stack would come out
+# silently shorter (a truncated 3D file opens as one 2D page).
+_TIFF_DAMAGE = ("invalid page offset", "failed to reshape", "invalid tag", "invalid value offset")
+
+
+class _TiffLog(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(_one_line(record.getMessage()))
+
+
+@contextlib.contextmanager
+def _tiff_log(path: str) -> Iterator[None]:
+    """Turn what tifffile logs while opening ``path`` into a FormatError (a damaged page
+    structure) or one warning line each, instead of logging records on stderr."""
+    logger = logging.getLogger("tifffile")
+    handler, propagate = _TiffLog(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+    damage = [m for m in handler.messages if any(d in m for d in _TIFF_DAMAGE)]
+    if damage:
+        raise FormatError(
+            f"{path} is damaged or truncated (tifffile: {damage[0]}); check that the file is "
+            "complete: re-copy or re-export it"
+        )
+    for message in handler.messages:
+        warnings.warn(f"{path}: tifffile: {message}", stacklevel=3)
 
 
 def _tiff_scale(
@@ -756,6 +818,11 @@ def _read_slices(files: Sequence[str], path: str, level: int) -> _Image:
 
 def _to_stack(image: _Image, path: str, channel: int | None, chunks: Any) -> Stack:
     shape, dtype = tuple(image.source.shape), np.dtype(image.source.dtype)
+    if 0 in shape:
+        raise ShapeError(
+            f"{path} has shape {shape}: an axis of length 0 holds no image; its metadata is "
+            "damaged or the image is empty: re-export it"
+        )
     if not (dtype.kind in "ui" or dtype in (np.float32, np.float64)):
         raise DtypeError(
             f"{path} has dtype {dtype}, which nucflow cannot process; supported: "

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import zarr
 
 import nucflow
-from nucflow import components, filters, io, measure, resample
+from nucflow import components, filters, fingerprint, io, lock, measure, resample
 from nucflow.blockpass import Grid, Region, fmt_region, padded, pass_graph
 from nucflow.config import Params
 from nucflow.errors import BlockError, ConfigError, NucflowError, OutputError, ParameterError
@@ -75,6 +75,8 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
     region: tuple[slice, ...] = ()
+    lock: lock.OutputLock | None = None  # held from open_run to finish/fail
+    lineage: fingerprint.Lineage | None = None  # what --resume may reuse (fingerprint.start)
 
     @property
     def work(self) -> Path:
@@ -117,23 +119,62 @@ def open_run(
 ) -> Run:
     """Claim the output directory and mark the run as running.
 
+    One run at a time writes to a directory: the run takes its lock (:mod:`nucflow.lock`)
+    before changing anything in it, and :func:`finish` or :func:`fail` releases it.
+
     Raises
     ------
     OutputError
         The directory exists without ``resume``/``overwrite``, is not a nucflow output
-        directory, or lies inside the input.
+        directory, lies inside the input, or another run holds its lock.
+    InputChangedError
+        ``resume`` and the input is not the one the stored run read.
     """
     out = Path(output).resolve()
     _check_not_inside_input(out, Path(stack.path).resolve())
     if out.exists():
         _claim_existing(out, resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    (out / WORK).mkdir(exist_ok=True)
-    run = Run(stack, params, out, runner, config, resume=resume and (out / RUN_JSON).exists())
-    run.region = data_region(stack, params.chunks)
-    run.facts["data_region"] = [[s.start, s.stop] for s in run.region]
-    write_run_json(run, "running")
+    held = lock.acquire(out)
+    try:
+        if overwrite:
+            _clear(out)
+        (out / WORK).mkdir(exist_ok=True)
+        before = _read_run_json(out)
+        run = Run(stack, params, out, runner, config, resume=resume and before is not None)
+        run.lock = held
+        run.region = data_region(stack, params.chunks)
+        run.facts["data_region"] = [[s.start, s.stop] for s in run.region]
+        fingerprint.start(run, before)
+        write_run_json(run, "running")
+    except BaseException:
+        held.release()
+        raise
     return run
+
+
+def _read_run_json(out: Path) -> dict[str, Any] | None:
+    try:
+        found = json.loads((out / RUN_JSON).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _clear(out: Path) -> None:
+    """Empty an output directory for --overwrite, keeping this run's lock."""
+    for entry in out.iterdir():
+        if entry.name == lock.LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _release(run: Run) -> None:
+    if run.lock is not None:
+        run.lock.release()
 
 
 def _segment_params(p: Params) -> SegmentParams:
@@ -170,8 +211,13 @@ def _check_not_inside_input(out: Path, source: Path) -> None:
 def _claim_existing(out: Path, *, resume: bool, overwrite: bool) -> None:
     if not out.is_dir():
         raise OutputError(f"--output {out} exists and is not a directory; choose another path")
-    is_ours = (out / RUN_JSON).is_file()
-    empty = not any(out.iterdir())
+    if holder := lock.holder_of(out):  # say who, whatever else is wrong with the directory
+        raise OutputError(
+            f"output directory {out} is in use by {holder}; wait for that run to end, or stop "
+            "it, or choose another --output"
+        )
+    is_ours = (out / RUN_JSON).is_file() or (out / lock.LOCK_NAME).is_file()
+    empty = not any(p.name != lock.LOCK_NAME for p in out.iterdir())
     if empty:
         return
     if not (resume or overwrite):
@@ -184,8 +230,6 @@ def _claim_existing(out: Path, *, resume: bool, overwrite: bool) -> None:
             f"output directory {out} exists and is not a nucflow output (no run.json); "
             "nucflow will not delete it: choose another --output"
         )
-    if overwrite:
-        shutil.rmtree(out)
 
 
 def write_run_json(run: Run, status: str, **extra: Any) -> None:
@@ -241,8 +285,10 @@ def _write_atomic(path: Path, payload: bytes) -> None:
 
 
 def fail(run: Run, error: BaseException) -> None:
-    """Mark the run as failed (never complete) with the reason."""
-    write_run_json(run, "failed", error=f"{type(error).__name__}: {error}")
+    """Mark the run as failed (never complete) with the reason; release the output."""
+    if run.lock is None or run.lock.lost is None:  # else run.json is another run's now
+        write_run_json(run, "failed", error=f"{type(error).__name__}: {error}")
+    _release(run)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -439,14 +485,17 @@ def _path(run: Run, name: str) -> Path:
 
 
 def _reuse(run: Run, name: str) -> zarr.Array | None:
-    """The stored result ``name`` of an earlier attempt, if ``--resume`` may reuse it."""
-    if run.resume and (run.work / f"{name}.done").exists():
-        return zarr.open_array(str(_path(run, name)), mode="r")
+    """The stored result ``name`` of an earlier attempt, if ``--resume`` may reuse it (same
+    fingerprint: :func:`nucflow.fingerprint.reusable`). Call once per stored result."""
+    path, done = _path(run, name), run.work / f"{name}.done"
+    if fingerprint.reusable(run, name, path, done):
+        return zarr.open_array(str(path), mode="r")
     return None
 
 
 def _mark_done(run: Run, name: str) -> None:
     _write_atomic(run.work / f"{name}.done", b"")
+    fingerprint.record(run, name)
 
 
 def _create(run: Run, name: str, grid: Grid, dtype: Any) -> zarr.Array:
@@ -485,6 +534,20 @@ def _store_blocks(
     stored = _reuse(run, name)
     if stored is not None:
         return stored
+    return _write_blocks(run, name, grid, dtype, compute, label=label, ranged=ranged)
+
+
+def _write_blocks(
+    run: Run,
+    name: str,
+    grid: Grid,
+    dtype: Any,
+    compute: Callable[[Region], np.ndarray],
+    *,
+    label: str,
+    ranged: bool = False,
+) -> zarr.Array:
+    """The pass of :func:`_store_blocks`, after the caller decided not to reuse ``name``."""
     target = _create(run, name, grid, dtype)
     tasks = [
         partial(_write_task, core, compute=compute, target=target, ranged=ranged)
@@ -550,7 +613,7 @@ def global_threshold(run: Run, image: zarr.Array) -> float:
     """The foreground threshold of the whole stack, from one global histogram pass."""
     p = run.params
     done = run.work / "threshold.json"
-    if run.resume and done.exists():
+    if fingerprint.reusable(run, "threshold", done):
         value = json.loads(done.read_text())["threshold"]
     elif p.threshold_method == "value":
         if p.threshold_value is None:
@@ -568,6 +631,7 @@ def global_threshold(run: Run, image: zarr.Array) -> float:
             )
         value *= p.threshold_factor
     _write_atomic(done, json.dumps({"threshold": value}).encode())
+    fingerprint.record(run, "threshold")
     run.facts["threshold"] = value
     return value
 
@@ -646,7 +710,7 @@ def select_components(
     pairs = [p for per_block in matched for p in per_block]
     keep = components.join(summaries, pairs, blocks=blocks, where=where, decide=decide)
     compute = partial(_kept_task, keep=keep, decide=decide, **common)
-    kept = _store_blocks(run, name, grid, bool, compute, label=name)
+    kept = _write_blocks(run, name, grid, bool, compute, label=name)
     shutil.rmtree(faces, ignore_errors=True)
     return kept
 
@@ -715,13 +779,17 @@ def segment(run: Run, mask: zarr.Array) -> pd.DataFrame:
     shape = tuple(mask.shape)
     full_shape = tuple(run.stack.data.shape)
     labels_path = run.output / "labels.ome.zarr"
-    if run.resume and labels_path.exists():
+    parts_dir = run.work / "blocks"
+    # Labels and block parts are reused only with the fingerprint they were made with.
+    reuse = fingerprint.reusable(run, "segment", labels_path, parts_dir)
+    if reuse:
         labels = zarr.open_array(str(labels_path / "0"), mode="r+")
     else:
+        shutil.rmtree(parts_dir, ignore_errors=True)
         labels = io.create_label_zarr(
             labels_path, full_shape, p.chunks, p.voxel_size, overwrite=True
         )
-    parts_dir = run.work / "blocks"
+    fingerprint.record(run, "segment")  # before any block: every part from now on is of it
     parts_dir.mkdir(exist_ok=True)
     readers = _intensity_readers(run)
     halo = run.segment_params.halo()
@@ -731,7 +799,7 @@ def segment(run: Run, mask: zarr.Array) -> pd.DataFrame:
     for index, core in Grid(shape, p.chunks, phase).blocks():
         part = parts_dir / ("_".join(map(str, index)) + ".parquet")
         part_files.append(part)
-        if run.resume and part.exists():
+        if reuse and part.exists():
             continue
         tasks.append(
             partial(
@@ -829,9 +897,12 @@ def _segment_core(
 
 def finish_stack(run: Run, path: Path) -> dict[str, Any]:
     """Mark a filter-only run complete."""
+    if run.lock is not None:
+        run.lock.check()  # never "complete" over another run's output
     shutil.rmtree(run.work, ignore_errors=True)
     counts = {"stack": path.name}
     write_run_json(run, "complete", counts=counts)
+    _release(run)
     return counts
 
 
@@ -854,8 +925,11 @@ def finish(run: Run, table: pd.DataFrame) -> dict[str, Any]:
             f"rerun with --set segment.max_radius={1.5 * p.max_radius:g} (or a larger --diameter)",
             stacklevel=2,
         )
+    if run.lock is not None:
+        run.lock.check()  # never "complete" over another run's output
     shutil.rmtree(run.work, ignore_errors=True)
     write_run_json(run, "complete", counts=counts)
+    _release(run)
     return counts
 
 

@@ -1,0 +1,294 @@
+"""What ``--resume`` may reuse: the input's identity and a fingerprint per stored stage.
+
+A stage's fingerprint is a hash of the input's identity, the resolved parameters the stage
+depends on (all of them for a stage not listed in :data:`STAGE_PARAMS`), the fingerprint of the
+stage before it, and nucflow's version. It is written next to the stage's stored output
+(``.work/<stage>.fingerprint.json``) once that output is complete. ``--resume`` reuses a stage
+only if its stored fingerprint equals the one this run computes; otherwise it recomputes that
+stage and every stage after it, saying which and why in one line. A run on a changed input is
+refused (:func:`start`): nothing stored from the old input is worth keeping.
+
+The input's identity: its absolute path, shape, dtype, chunk layout, the channel read, the
+content of every zarr metadata file, the names of all its files, the modification times of its
+directories (zarr replaces a chunk by renaming, which changes its directory's time) and the size
+and modification time of up to :data:`SAMPLED_FILES` of its files (for a TIFF file: also the
+first and last 64 KiB of its content). A ``preprocess.tissue_mask`` file is identified the
+same way, as part of the preprocessing's parameters.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nucflow
+from nucflow.errors import InputChangedError
+
+__all__ = ["STAGE_PARAMS", "SAMPLED_FILES", "Lineage", "input_identity", "start", "reusable",
+           "record"]  # fmt: skip
+
+#: Resolved parameters (fields of :class:`nucflow.config.Params`) that each stage of the nuclei
+#: flow depends on besides the stages before it. A stage not named here depends on all of them.
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    # the Gaussian pass; with the exact top-hat or no background it is the preprocessing
+    "smoothed": (
+        "voxel_size", "chunks", "sigma", "background", "background_radius",
+        "background_downsample", "tissue_mask",
+    ),
+    "cells": ("chunks", "background_downsample"),
+    "background": ("voxel_size", "background", "background_radius", "background_downsample"),
+    "preprocessed": (
+        "voxel_size", "chunks", "sigma", "background", "background_radius",
+        "background_downsample", "tissue_mask",
+    ),
+    "threshold": ("threshold_method", "threshold_value", "threshold_factor"),
+    "opened": ("opening_radius",),
+    "filled": ("fill_holes", "min_volume"),
+    "mask": ("opening_radius", "fill_holes", "min_volume"),
+}  # fmt: skip
+#: At most this many files of a directory input have their size and time in the identity.
+SAMPLED_FILES = 1024
+_ZARR_METADATA = {"zarr.json", ".zarray", ".zattrs", ".zgroup"}
+_EDGE_BYTES = 1 << 16
+SUFFIX = ".fingerprint.json"
+
+
+@dataclass
+class Lineage:
+    """The fingerprint chain of one run, stage by stage, in the order the flow asks."""
+
+    identity: dict[str, Any]
+    params: dict[str, Any]
+    version: str = nucflow.__version__
+    previous: str = ""  # fingerprint of the last stage asked about
+    broken: str | None = None  # first stage recomputed on --resume: every later one is too
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # run.json "stages"
+
+    def fingerprint(self, stage: str) -> str:
+        """The fingerprint ``stage`` has in this run if asked about next."""
+        keys = STAGE_PARAMS.get(stage, tuple(self.params))
+        payload = {
+            "stage": stage,
+            "input": self.identity,
+            "params": {k: self.params.get(k) for k in keys},
+            "previous": self.previous,
+            "nucflow": self.version,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- input identity
+
+
+def input_identity(stack: Any, *, channel: int | None = None) -> dict[str, Any]:
+    """Identity of the stack's input file(s): changes whenever the input does.
+
+    Parameters
+    ----------
+    stack : nucflow.io.Stack
+        The opened input.
+    channel : int, optional
+        The channel read (None: the only one).
+
+    Returns
+    -------
+    dict
+        JSON-able: ``path``, ``shape``, ``dtype``, ``channel``, ``layout`` (the stored chunk
+        shape of a zarr input), ``files`` (a digest of the files, see the module docstring).
+    """
+    array = getattr(getattr(stack.reader, "source", None), "array", None)
+    layout = None if array is None else list(getattr(array, "shards", None) or array.chunks)
+    return {
+        "path": os.path.abspath(stack.path),
+        "shape": list(stack.data.shape),
+        "dtype": str(stack.data.dtype),
+        "channel": channel,
+        "layout": layout,
+        "files": _files_digest(stack.path),
+    }
+
+
+def _files_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    if os.path.isfile(path):
+        _add_file(digest, path, content=True)
+    elif os.path.isdir(path):
+        _add_tree(digest, path)
+    else:  # a glob pattern of TIFF slices
+        for name in sorted(glob.glob(path)):
+            _add_file(digest, name, content=False)
+    return digest.hexdigest()
+
+
+def _add_file(digest: Any, path: str, *, content: bool) -> None:
+    st = os.stat(path)
+    digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    if content:  # a file rewritten within the clock's resolution keeps its time
+        with open(path, "rb") as f:
+            digest.update(f.read(_EDGE_BYTES))
+            f.seek(max(0, st.st_size - _EDGE_BYTES))
+            digest.update(f.read(_EDGE_BYTES))
+
+
+def _add_tree(digest: Any, root: str) -> None:
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        digest.update(f"{os.path.relpath(folder, root)}\0{os.stat(folder).st_mtime_ns}\0".encode())
+        files.extend(os.path.join(folder, n) for n in sorted(names))
+    step = max(1, math.ceil(len(files) / SAMPLED_FILES))
+    for i, path in enumerate(files):
+        digest.update(f"{os.path.relpath(path, root)}\0".encode())
+        if os.path.basename(path) in _ZARR_METADATA:
+            digest.update(Path(path).read_bytes())
+        elif i % step == 0:
+            _add_file(digest, path, content=False)
+
+
+# ----------------------------------------------------------------------------- the hooks
+
+
+def start(run: Any, previous_record: dict[str, Any] | None) -> None:
+    """Set up the run's fingerprint chain; refuse to resume on a changed input.
+
+    Parameters
+    ----------
+    run : nucflow.pipeline.Run
+        The run being opened (``run.lineage`` is set here).
+    previous_record : dict or None
+        The run.json found in the output directory before this run, if any.
+
+    Raises
+    ------
+    InputChangedError
+        ``run.resume`` and the input differs from the one the stored run read.
+    """
+    identity = input_identity(run.stack, channel=run.config.get("channel"))
+    if run.resume and previous_record is not None:
+        before = previous_record.get("input_identity")
+        if before != identity:
+            what = _input_change(before, identity)
+            raise InputChangedError(
+                f"--resume: the input {run.stack.path} is not the one the run in {run.output} "
+                f"read ({what}); rerun with --overwrite to start over"
+            )
+    params = _plain(vars(run.params))
+    if run.params.tissue_mask:  # preprocessing reads it: its content matters like the input's
+        mask = run.params.tissue_mask
+        params["tissue_mask"] = {"path": os.path.abspath(mask), "files": _files_digest(mask)}
+    run.lineage = Lineage(identity, params)
+    run.facts["input_identity"] = identity
+    run.facts["stages"] = run.lineage.stages
+
+
+def reusable(run: Any, stage: str, *outputs: Path) -> bool:
+    """Whether ``--resume`` may reuse the stored output of ``stage`` (else: recompute it).
+
+    Call once per stage, in the flow's order, before computing it; when the stage's output is
+    stored, call :func:`record`. A stage is reused only if every path in ``outputs`` exists and
+    its stored fingerprint matches this run's, and no stage before it was recomputed. A stage
+    that is not reused loses its stored fingerprint now, so a run killed while recomputing it
+    never leaves old output looking current. The first stage recomputed for a reason other
+    than being unfinished is reported in one warning line.
+    """
+    lineage: Lineage | None = getattr(run, "lineage", None)
+    if lineage is None:  # a run not opened by open_run (nucflow plan): nothing is stored
+        return False
+    if run.lock is not None:
+        run.lock.check()
+    fp = lineage.fingerprint(stage)
+    lineage.previous = fp
+    stored = _read(_path(run, stage))
+    reason = None
+    if not run.resume:
+        reason = "new run"
+    elif lineage.broken is not None:
+        reason = f"{lineage.broken} was recomputed"
+    elif stored is None or not all(Path(p).exists() for p in outputs):
+        reason = "not finished"
+    elif stored.get("fingerprint") != fp:
+        reason = _explain(stored, lineage, stage)
+        warnings.warn(
+            f"--resume: recomputing {stage} and every stage after it: {reason}", stacklevel=3
+        )
+    entry: dict[str, Any] = {
+        "action": "reused" if reason is None else "computed",
+        "fingerprint": fp,
+    }
+    if reason is not None:
+        entry["reason"] = reason
+        if run.resume and lineage.broken is None:
+            lineage.broken = stage
+        _path(run, stage).unlink(missing_ok=True)
+    lineage.stages[stage] = entry
+    return reason is None
+
+
+def record(run: Any, stage: str) -> None:
+    """Write ``stage``'s fingerprint next to its stored output (call once it is complete)."""
+    lineage: Lineage | None = getattr(run, "lineage", None)
+    if lineage is None:
+        return
+    keys = STAGE_PARAMS.get(stage, tuple(lineage.params))
+    payload = {
+        "stage": stage,
+        "fingerprint": lineage.stages[stage]["fingerprint"],
+        "params": {k: lineage.params.get(k) for k in keys},
+        "input": lineage.identity,
+        "nucflow": lineage.version,
+    }
+    target = _path(run, stage)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_text(json.dumps(payload, indent=1))
+    os.replace(partial, target)
+
+
+def _path(run: Any, stage: str) -> Path:
+    return Path(run.work) / f"{stage}{SUFFIX}"
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        found = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _explain(stored: dict[str, Any], lineage: Lineage, stage: str) -> str:
+    """Why a stored fingerprint differs, as one phrase."""
+    if stored.get("nucflow") != lineage.version:
+        return f"it was stored by nucflow {stored.get('nucflow')}, this is {lineage.version}"
+    if stored.get("input") != lineage.identity:
+        return "the input changed"
+    before = stored.get("params") or {}
+    changed = [
+        f"{k} {before.get(k)!r} -> {lineage.params.get(k)!r}"
+        for k in STAGE_PARAMS.get(stage, tuple(lineage.params))
+        if before.get(k) != lineage.params.get(k)
+    ]
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        return "parameters changed: " + ", ".join(changed[:3]) + more
+    return "the stages before it changed"
+
+
+def _input_change(before: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    if not before:
+        return "the stored run.json does not identify its input"
+    for key in ("path", "shape", "dtype", "channel", "layout"):
+        if before.get(key) != now.get(key):
+            return f"{key} was {before.get(key)}, is {now.get(key)}"
+    return "its files were modified since"
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of ``value`` (tuples become lists), so stored and current compare equal."""
+    return json.loads(json.dumps(value, default=str))
