@@ -74,3 +74,49 @@ def test_dense_terabyte_plans_in_bounded_memory(dense_terabyte):
     assert peak_gib < 2.0, (peak_gib, out)
     print(json.dumps({"wall_s": round(wall, 1), "peak_gib": round(peak_gib, 2), "tasks": n_tasks}))
     assert np.isfinite(wall)
+
+
+_MEMORY_TROUBLE = (
+    "Pausing worker",
+    "Memory use is high",
+    "Unmanaged memory use is high",
+    "Restarting worker",
+    "exceeded",
+    "was killed",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.filterwarnings("ignore:.*reached segment.max_radius:UserWarning")
+def test_memory_limited_local_cluster_never_pauses_spills_or_restarts(tmp_path):
+    """Two workers of 450 MiB each (178 MiB of it the interpreter and imports) run a stack
+    whose float32 intermediates are 134 MiB each: each task holds one 32x128x128 block and
+    its halo, so no worker spills, pauses or is restarted by its nanny."""
+    from nucflow import cli, cluster, io, pipeline
+    from nucflow import config as config_module
+
+    made = synth.make_nuclei((128, 512, 512), n_nuclei=1200, diameter=8.0, seed=5)
+    source = tmp_path / "stack.ome.zarr"
+    io.write_ome_zarr(source, made.image, made.voxel_size)
+    conf = config_module.load(None, options={"chunks": [32, 128, 128]})
+    stack = io.open_stack(source, chunks=(32, 128, 128))
+    params = config_module.resolve(conf, shape=stack.data.shape, voxel_size=stack.voxel_size)
+    settings = {"n_workers": 2, "threads_per_worker": 1, "memory_limit": "450MiB"}
+    with cluster.connect("local", settings=settings, progress=False) as runner:
+        client = runner.client
+        workers = set(client.scheduler_info()["workers"])
+        job = pipeline.open_run(stack, params, tmp_path / "out", runner=runner, config=conf)
+        counts = cli._load_flow("nuclei").run(job)
+        assert set(client.scheduler_info()["workers"]) == workers  # none restarted
+        spilled = client.run(lambda dask_worker: dask_worker.data.spilled_total.disk)
+        logs = [
+            message
+            for nanny in (False, True)
+            for entries in client.get_worker_logs(nanny=nanny).values()
+            for _, message in entries
+        ]
+    assert counts["nuclei"] > 1000
+    assert set(spilled.values()) == {0}, spilled
+    trouble = [m for m in logs if any(t in m for t in _MEMORY_TROUBLE)]
+    assert not trouble, trouble
