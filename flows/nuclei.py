@@ -1,8 +1,10 @@
-"""The nuclei flow (`nucflow run`): preprocess, global threshold, mask, seam-free segmentation.
+"""The nuclei flow (`nucflow run`): preprocess, global threshold, mask, seam-free segmentation,
+the table.
 
 Every stage is a pass (or a few) from stored inputs to stored outputs under the output's
 `.work/`: each task holds one block and its halo, so memory does not grow with the stack, and
-`--resume` skips finished stages; segmentation writes labels and table parts block by block.
+`--resume` skips finished stages; segmentation writes labels and per-block sums block by block,
+and each nucleus' row is made by the block that owns its seed.
 """
 
 from __future__ import annotations
@@ -20,5 +22,7 @@ def run(job: pipeline.Run) -> dict[str, Any]:
     with job.stage("mask"):
         mask = pipeline.clean_mask(job, image, threshold)
     with job.stage("segment"):
-        table = pipeline.segment(job, mask)
+        pipeline.segment(job, mask)
+    with job.stage("table"):
+        table = pipeline.table(job)
     return pipeline.finish(job, table)

@@ -120,6 +120,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "segment.min_radius": (_optional(_positive), "null or a number > 0"),
     "segment.max_radius": (_optional(_positive), "null or a number > 0"),
     "measure.channels": (lambda v: isinstance(v, list) and all(map(_count, v)), "a list of ints"),
+    "measure.single_file_rows": (lambda v: _count(v), "an integer >= 0"),
     "qc.enabled": (lambda v: isinstance(v, bool), "true or false"),
     "filter.steps": (
         lambda v: (
@@ -262,6 +263,7 @@ class Params:
     min_radius: float
     max_radius: float
     channels: tuple[int, ...]
+    single_file_rows: int
     qc: bool
     filter_steps: tuple[tuple[str, dict[str, Any]], ...] = ()
 
@@ -331,6 +333,7 @@ def resolve(
         min_radius=derived(seg["min_radius"], 0.15),
         max_radius=derived(seg["max_radius"], 1.0),
         channels=tuple(config["measure"]["channels"]),
+        single_file_rows=config["measure"]["single_file_rows"],
         qc=config["qc"]["enabled"],
         filter_steps=tuple(
             (name, dict(p)) for step in config["filter"]["steps"] for name, p in step.items()

@@ -31,12 +31,11 @@ import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 
 import nucflow
 from nucflow import components, filters, fingerprint, io, lock, measure, resample
+from nucflow import table as table_stage
 from nucflow.blockpass import Grid, Region, fmt_region, padded, pass_graph
 from nucflow.config import Params
 from nucflow.errors import BlockError, ConfigError, NucflowError, OutputError, ParameterError
@@ -51,6 +50,7 @@ __all__ = [
     "global_threshold",
     "clean_mask",
     "segment",
+    "table",
     "finish",
     "fail",
     "data_region",
@@ -768,12 +768,13 @@ def blocks_of(
     return Grid(tuple(shape), tuple(chunks)).blocks()
 
 
-def segment(run: Run, mask: zarr.Array) -> pd.DataFrame:
-    """Label every block's core with its halo, write the label image, gather the table.
+def segment(run: Run, mask: zarr.Array) -> None:
+    """Label every block's core with its halo and write the label image.
 
     Each task reads its padded mask block and its core's intensities, writes its core of
-    ``labels.ome.zarr`` (only if it holds a nucleus) and its part of the table to
-    ``.work/blocks/``; finished blocks are skipped on ``--resume``.
+    ``labels.ome.zarr`` (only if it holds a nucleus) and the mergeable sums of its core's
+    labels to ``.work/blocks/`` (:func:`table` makes the rows); finished blocks are skipped on
+    ``--resume``.
     """
     p = run.params
     shape = tuple(mask.shape)
@@ -793,11 +794,9 @@ def segment(run: Run, mask: zarr.Array) -> pd.DataFrame:
     parts_dir.mkdir(exist_ok=True)
     readers = _intensity_readers(run)
     halo = run.segment_params.halo()
-    # blocks of the stack's own grid, so each task writes whole chunks of labels.ome.zarr
-    phase = tuple(o % c for o, c in zip(run.offset, p.chunks, strict=True))
     tasks, part_files = [], []
-    for index, core in Grid(shape, p.chunks, phase).blocks():
-        part = parts_dir / ("_".join(map(str, index)) + ".parquet")
+    for index, core in _segment_grid(run, shape).blocks():
+        part = parts_dir / table_stage.part_name(index)
         part_files.append(part)
         if reuse and part.exists():
             continue
@@ -818,16 +817,43 @@ def segment(run: Run, mask: zarr.Array) -> pd.DataFrame:
     run.facts["blocks"] = {"total": len(part_files), "computed": len(tasks)}
     if tasks:
         run.runner.compute(pass_graph(tasks, "segment"), label="segment")
-    # ParquetFile, not pd.read_parquet: that imports pyarrow.dataset (0.3 s)
-    totals = measure.combine([pq.ParquetFile(f).read().to_pandas() for f in part_files])
-    return measure.finalize(
-        totals,
-        voxel_size=p.voxel_size,
-        shape=shape,
-        origin=run.offset,
-        max_radius=p.max_radius,
-        channel_suffixes=list(readers),
+
+
+def _segment_grid(run: Run, shape: tuple[int, ...]) -> Grid:
+    """Blocks of the stack's own grid, so each task writes whole chunks of labels.ome.zarr."""
+    chunks = run.params.chunks
+    return Grid(shape, chunks, tuple(o % c for o, c in zip(run.offset, chunks, strict=True)))
+
+
+def table(run: Run) -> table_stage.Table:
+    """One row per nucleus, made final by the block owning its seed (:mod:`nucflow.table`).
+
+    The driver holds counts and a sample of at most ``table.QC_SAMPLE_ROWS`` rows.
+    """
+    p = run.params
+    shape = _region_shape(run.region)
+    return table_stage.gather(
+        run.runner,
+        _segment_grid(run, shape),
+        sums=run.work / "blocks",
+        out=run.work / "table",
+        offset=run.offset,
+        full_shape=tuple(run.stack.data.shape),
+        reach=run.segment_params.voxels(p.max_radius),
+        finalize={
+            "voxel_size": p.voxel_size,
+            "shape": shape,
+            "origin": run.offset,
+            "max_radius": p.max_radius,
+            "channel_suffixes": list(_channel_suffixes(run)),
+        },
+        metadata=_table_metadata(run),
     )
+
+
+def _channel_suffixes(run: Run) -> list[str]:
+    """Column suffixes of the measured channels: the segmentation channel first."""
+    return ["", *(f"_c{c}" for c in run.params.channels)]
 
 
 def _intensity_readers(run: Run) -> dict[str, Any]:
@@ -906,23 +932,35 @@ def finish_stack(run: Run, path: Path) -> dict[str, Any]:
     return counts
 
 
-def finish(run: Run, table: pd.DataFrame) -> dict[str, Any]:
+def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
     """Write the table, QC pictures and the final run.json; remove the intermediates."""
     p = run.params
     with run.stage("write"):
-        _write_table(run, table)
+        empty = measure.empty_table(len(run.region), _channel_suffixes(run))
+        written = table_stage.write(
+            table, run.output, single_file_rows=p.single_file_rows, empty=empty
+        )
+        if written == "dataset":
+            run.facts["table"] = (
+                f"nuclei.parquet/ is a partitioned dataset of {len(table.parts)} part(s), rows "
+                f"grouped by block; no nuclei.csv above measure.single_file_rows = "
+                f"{p.single_file_rows:,} rows"
+            )
         if p.qc:
             from nucflow import qc
 
             labels = da.from_zarr(str(run.output / "labels.ome.zarr" / "0"))[run.region]
-            windows = qc.write(run.output / "qc", run.data, labels, table, origin=run.offset)
+            sample = table.sample
+            windows = qc.write(run.output / "qc", run.data, labels, sample, origin=run.offset)
             run.facts["qc_outline_windows_yx"] = [[[s.start, s.stop] for s in w] for w in windows]
-    truncated = int(table["truncated"].sum()) if len(table) else 0
-    counts = {"nuclei": len(table), "truncated": truncated}
-    if truncated:
+            if len(sample) < table.rows:
+                run.facts["qc_sample_rows"] = len(sample)
+    counts = {"nuclei": table.rows, "truncated": table.truncated}
+    if table.truncated:
         warnings.warn(
-            f"{truncated} nuclei reached segment.max_radius = {p.max_radius:g}; they may be cut: "
-            f"rerun with --set segment.max_radius={1.5 * p.max_radius:g} (or a larger --diameter)",
+            f"{table.truncated} nuclei reached segment.max_radius = {p.max_radius:g}; they may be "
+            f"cut: rerun with --set segment.max_radius={1.5 * p.max_radius:g} (or a larger "
+            "--diameter)",
             stacklevel=2,
         )
     if run.lock is not None:
@@ -933,14 +971,7 @@ def finish(run: Run, table: pd.DataFrame) -> dict[str, Any]:
     return counts
 
 
-def _write_table(run: Run, table: pd.DataFrame) -> None:
+def _table_metadata(run: Run) -> dict[str, Any]:
+    """What the table's Parquet schema metadata says (``b"nucflow"``): voxel size and unit."""
     unit = "micrometer" if run.stack.voxel_size_known or run.config.get("voxel_size") else "pixel"
-    meta = {"voxel_size": list(run.params.voxel_size), "unit": unit, "nucflow": nucflow.__version__}
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
-    arrow = arrow.replace_schema_metadata(
-        {**(arrow.schema.metadata or {}), b"nucflow": json.dumps(meta).encode()}
-    )
-    sink = pa.BufferOutputStream()
-    pq.write_table(arrow, sink)
-    _write_atomic(run.output / "nuclei.parquet", sink.getvalue().to_pybytes())
-    _write_atomic(run.output / "nuclei.csv", table.to_csv(index=False).encode())
+    return {"voxel_size": list(run.params.voxel_size), "unit": unit, "nucflow": nucflow.__version__}
