@@ -81,7 +81,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"running nucflow on {name} ...", flush=True)
             source, out = folder / f"{name}.ome.zarr", folder / f"{name}-{args.cluster}-out"
             rows[name] = run(source, out, args.cluster, extra)
-            print(f"  {rows[name]['wall']:.1f} s, {rows[name]['rss'] / MIB:.0f} MiB", flush=True)
+            row = rows[name]
+            print(
+                f"  {row['wall']:.1f} s, {row['rss'] / MIB:.0f} MiB (driver "
+                f"{row['rss_driver'] / MIB:.0f}, largest worker {row['rss_worker'] / MIB:.0f})",
+                flush=True,
+            )
     print(report(rows, args.cluster, args.set))
 
 
@@ -91,7 +96,7 @@ def report(rows: dict[str, dict], cluster: str, settings: list[str]) -> str:
         f"nucflow run, default settings{' + ' + ' '.join(settings) if settings else ''}, "
         f"--cluster {cluster}, blocks 64x256x256",
         f"{'stack':<18}{'blocks':>9}{'voxels':>15}{'nuclei':>8}{'wall s':>8}"
-        f"{'Mvox/s':>8}{'peak MiB':>10}{'vs 1x':>7}",
+        f"{'Mvox/s':>8}{'peak MiB':>10}{'vs 1x':>7}{'driver':>8}{'worker':>8}",
     ]
     for row in rows.values():
         voxels = math.prod(row["shape"])
@@ -101,7 +106,8 @@ def report(rows: dict[str, dict], cluster: str, settings: list[str]) -> str:
         lines.append(
             f"{'x'.join(map(str, row['shape'])):<18}{blocks:>9}{voxels:>15,}{row['nuclei']:>8}"
             f"{row['wall']:>8.1f}{voxels / row['wall'] / 1e6:>8.2f}{row['rss'] / MIB:>10.0f}"
-            f"{row['rss'] / smallest['rss']:>7.2f}"
+            f"{row['rss'] / smallest['rss']:>7.2f}{row['rss_driver'] / MIB:>8.0f}"
+            f"{row['rss_worker'] / MIB:>8.0f}"
         )
     largest = max(rows.values(), key=lambda r: math.prod(r["shape"]))
     span = math.prod(largest["shape"]) / math.prod(smallest["shape"])

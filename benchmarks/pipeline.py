@@ -98,16 +98,25 @@ def tree_rss(pid: int) -> int:
 
 
 class PeakSampler(threading.Thread):
-    """Keep the largest :func:`tree_rss` of a process, sampled every ``interval`` seconds."""
+    """Keep the largest :func:`tree_rss` of a process, sampled every ``interval`` seconds, and
+    the largest RSS of the process itself (``driver``) and of any one descendant (``worker``)."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         super().__init__(daemon=True)
         self.pid, self.interval, self.peak = pid, interval, 0
+        self.driver = self.worker = 0
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
             self.peak = max(self.peak, tree_rss(self.pid))
+            self.driver = max(self.driver, _vm_rss(self.pid))
+            children = _children_map()
+            todo = list(children.get(self.pid, []))
+            while todo:
+                child = todo.pop()
+                self.worker = max(self.worker, _vm_rss(child))
+                todo.extend(children.get(child, []))
             self._stop_event.wait(self.interval)
 
     def stop(self) -> int:
@@ -130,7 +139,14 @@ def run_measured(cmd: list[str], log: Path) -> dict[str, float]:
     if proc.returncode != 0:
         sys.exit(f"{cmd[:4]} failed with exit code {proc.returncode}:\n{log.read_text()[-3000:]}")
     maxrss = usage.ru_maxrss * 1024  # kB on Linux
-    return {"wall": wall, "rss_sampled": sampled, "rss_maxrss": maxrss, "rss": max(sampled, maxrss)}
+    return {
+        "wall": wall,
+        "rss_sampled": sampled,
+        "rss_maxrss": maxrss,
+        "rss": max(sampled, maxrss),
+        "rss_driver": sampler.driver,
+        "rss_worker": sampler.worker,
+    }
 
 
 # ----------------------------------------------------------------------------- reference

@@ -55,7 +55,7 @@ def test_slurm_run_gives_identical_outputs_from_real_jobs(
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 @pytest.mark.usefixtures("slurm_cluster")
 def test_slurm_run_longer_than_a_walltime_completes(
     stack3d, reference_run, run_cli, slurm_jobqueue, tmp_path
@@ -68,9 +68,14 @@ def test_slurm_run_longer_than_a_walltime_completes(
 
     logs = slurm_jobqueue
     start = time.monotonic()
-    with dask.config.set({"jobqueue.slurm.walltime": "00:01:00"}):
+    # A job whose worker left is dropped from the cluster (and replaced) after this delay.
+    settings = {
+        "jobqueue.slurm.walltime": "00:01:00",
+        "distributed.deploy.lost-worker-timeout": "2s",
+    }
+    with dask.config.set(settings):
         # small blocks: many tasks, so that one worker job needs several walltimes
-        fine = ("--chunks", "5", "16", "16")
+        fine = ("--chunks", "8", "16", "16")
         table, labels = run_cli(stack3d[0], tmp_path / "out", "--cluster", "slurm", *fine)
     elapsed = time.monotonic() - start
     pd.testing.assert_frame_equal(table, reference_run[0], check_exact=False, rtol=1e-12)

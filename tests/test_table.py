@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
@@ -60,6 +61,9 @@ def test_a_large_table_is_a_partitioned_dataset_with_the_same_rows(
     by_label = rows.sort_values("label", ignore_index=True)
     pd.testing.assert_frame_equal(by_label, single_file, check_exact=False, rtol=1e-12)
     assert ds.dataset(dataset, format="parquet").count_rows() == len(single_file)
+    lazy = dd.read_parquet(dataset)
+    assert list(lazy.columns) == list(single_file.columns)
+    assert len(lazy.compute(scheduler="sync")) == len(single_file)
     meta = json.loads(pq.read_schema(dataset / "_common_metadata").metadata[b"nucflow"])
     assert meta["voxel_size"] == list(stack3d[1].voxel_size) and meta["unit"] == "micrometer"
 

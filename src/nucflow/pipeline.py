@@ -524,30 +524,18 @@ def _store_blocks(
     *,
     label: str,
     ranged: bool = False,
+    reusable: bool = True,
 ) -> zarr.Array:
     """One pass writing ``compute(core)`` for every block of ``grid`` to ``.work/<name>.zarr``.
 
     With ``ranged``, the stored stack's minimum and maximum ride on the pass (the threshold
     needs them and would otherwise read the whole stack once more) and are kept in its
-    attributes as ``value_range``.
+    attributes as ``value_range``. With ``reusable`` (default), a result an earlier attempt
+    stored is reused when ``--resume`` may (pass False when the caller has checked already).
     """
-    stored = _reuse(run, name)
+    stored = _reuse(run, name) if reusable else None
     if stored is not None:
         return stored
-    return _write_blocks(run, name, grid, dtype, compute, label=label, ranged=ranged)
-
-
-def _write_blocks(
-    run: Run,
-    name: str,
-    grid: Grid,
-    dtype: Any,
-    compute: Callable[[Region], np.ndarray],
-    *,
-    label: str,
-    ranged: bool = False,
-) -> zarr.Array:
-    """The pass of :func:`_store_blocks`, after the caller decided not to reuse ``name``."""
     target = _create(run, name, grid, dtype)
     tasks = [
         partial(_write_task, core, compute=compute, target=target, ranged=ranged)
@@ -710,7 +698,7 @@ def select_components(
     pairs = [p for per_block in matched for p in per_block]
     keep = components.join(summaries, pairs, blocks=blocks, where=where, decide=decide)
     compute = partial(_kept_task, keep=keep, decide=decide, **common)
-    kept = _write_blocks(run, name, grid, bool, compute, label=name)
+    kept = _store_blocks(run, name, grid, bool, compute, label=name, reusable=False)
     shutil.rmtree(faces, ignore_errors=True)
     return kept
 
