@@ -22,7 +22,7 @@ from typing import Any
 import dask
 import dask.local
 
-from nucflow import io, pipeline, resample
+from nucflow import io, pipeline, resample, table
 from nucflow.blockpass import Grid, pass_graph
 from nucflow.cluster import Runner
 from nucflow.config import Params
@@ -75,6 +75,21 @@ class Plan:
         region = math.prod(s.stop - s.start for s in self.region)
         return self.block_nuclei / self.block_voxels * region
 
+    @property
+    def crossing_estimate(self) -> float:
+        """Nuclei cut by a block face: those within a diameter of one (the driver joins them)."""
+        diameter = [self.params.diameter / v for v in self.params.voxel_size]
+        inside = math.prod(
+            max(0.0, 1 - d / c) for d, c in zip(diameter, self.params.chunks, strict=True)
+        )
+        return self.nuclei_estimate * (1 - inside)
+
+    @property
+    def _table_form(self) -> str:
+        if self.nuclei_estimate <= self.params.single_file_rows:
+            return "one nuclei.parquet and nuclei.csv"
+        return "a partitioned nuclei.parquet/, no CSV"
+
     def seconds_per_tb(self, threads: int) -> float:
         """Estimated wall time for 10^12 bytes of this stack's dtype on ``threads`` threads."""
         region = math.prod(s.stop - s.start for s in self.region)
@@ -101,10 +116,13 @@ class Plan:
                 f"{self.block_peak_mib:.0f} MiB (measured on the central block and its halo)",
                 f"memory     at most {self.block_peak_mib:.0f} MiB per busy worker thread "
                 "(each task holds one block and its halo, whatever the stack's size)",
-                f"driver     the table: ~{self.nuclei_estimate:,.0f} nuclei x "
-                f"{_ROW_BYTES} B = {self.nuclei_estimate * _ROW_BYTES / 2**20:,.0f} MiB; "
-                f"scheduler ~{(self.n_blocks + 1) * _TASK_KIB / 1024:,.0f} MiB "
-                f"({_TASK_KIB} KiB per task of a pass)",
+                f"driver     ~{self.nuclei_estimate:,.0f} nuclei, written by the workers ("
+                f"{self._table_form}); the driver holds a QC sample of at most "
+                f"{table.QC_SAMPLE_ROWS:,} rows (~{table.QC_SAMPLE_ROWS * _ROW_BYTES / 2**20:.0f} "
+                f"MiB) and the mask components crossing block faces (~"
+                f"{self.crossing_estimate * _COMPONENT_BYTES / 2**20:,.0f} MiB); scheduler "
+                f"~{(self.n_blocks + 1) * _TASK_KIB / 1024:,.0f} MiB ({_TASK_KIB} KiB per task of "
+                "a pass)",
                 f"time       about {_duration(self.estimate_seconds)} on {self.threads} "
                 "worker thread(s); divide by the threads you give it",
                 f"per TB     about {_duration(self.seconds_per_tb(self.threads))} on "
@@ -248,9 +266,10 @@ def _calibrate(
     return box, run.timings, peak, int(counts.get("nuclei", 0))
 
 
-# A table row in pandas (~25 float64/int64 columns) and a task's scheduler state (dask's
-# rule of thumb): what the driver and the scheduler hold that grows with the stack.
+# A table row in pandas (~25 float64/int64 columns), a face-crossing component in the join
+# (size, border flag, matched pairs) and a task's scheduler state (dask's rule of thumb).
 _ROW_BYTES = 200
+_COMPONENT_BYTES = 40
 _TASK_KIB = 1
 
 # Memory a worker holds besides the block: interpreter, numpy/scipy/dask imports.
