@@ -43,15 +43,16 @@ def make_stacks_main(folder: str) -> None:
 
     from nucflow import io, synth
 
-    made = synth.make_nuclei(BASE, n_nuclei=default_nuclei(BASE), diameter=DIAMETER, seed=SEED)
     base = Path(folder) / "1x.ome.zarr"
     if not base.exists():
+        made = synth.make_nuclei(BASE, n_nuclei=default_nuclei(BASE), diameter=DIAMETER, seed=SEED)
         io.write_ome_zarr(base, made.image, made.voxel_size)
+    voxel_size = io.open_stack(base).voxel_size
     for name, tiles in TILINGS.items():
         path = Path(folder) / f"{name}.ome.zarr"
         if not path.exists():
             tiled = da.tile(da.from_zarr(str(base / "0")), tiles)
-            io.write_ome_zarr(path, tiled, made.voxel_size)
+            io.write_ome_zarr(path, tiled, voxel_size)
 
 
 def run(source: Path, output: Path, cluster: str, extra: list[str]) -> dict:
