@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import zarr
 
 import nucflow
-from nucflow import components, filters, io, measure, resample
+from nucflow import components, filters, io, measure, progress, resample
 from nucflow.blockpass import Grid, Region, fmt_region, padded, pass_graph
 from nucflow.config import Params
 from nucflow.errors import BlockError, ConfigError, NucflowError, OutputError, ParameterError
@@ -75,6 +75,7 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
     region: tuple[slice, ...] = ()
+    progress: Any = field(default=None, repr=False, compare=False)  # nucflow.progress.attach
 
     @property
     def work(self) -> Path:
@@ -96,9 +97,10 @@ class Run:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time a stage into run.json's timings."""
+        """Time a stage into run.json's timings; report its progress (nucflow.progress)."""
         start = time.perf_counter()
-        yield
+        with progress.stage(self, name):
+            yield
         self.timings[name] = round(time.perf_counter() - start, 3)
 
 
@@ -133,6 +135,7 @@ def open_run(
     run.region = data_region(stack, params.chunks)
     run.facts["data_region"] = [[s.start, s.stop] for s in run.region]
     write_run_json(run, "running")
+    progress.attach(run, partial(write_run_json, run, "running"))
     return run
 
 
