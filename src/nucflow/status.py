@@ -68,11 +68,12 @@ def status(output: str | os.PathLike[str]) -> Report:
     lines = [_headline(out, state, progress, age)]
     lines += _now(record, progress, age, state)
     lines += _field("stages", _stages(progress))
-    lines += _field("on disk", _on_disk(out, record))
+    disk = _Disk.read(out, record)  # counted once: both lines below tell the same moment
+    lines += _field("on disk", _on_disk(out, disk))
     if state == "failed":
         lines += _field("error", record.get("error", "unknown (run.json names none)"))
     if state != "complete":
-        lines += _field("resume", "would redo " + _redo(out, record, progress))
+        lines += _field("resume", "would redo " + _redo(disk, progress))
     return Report(state, "\n".join(lines))
 
 
@@ -221,35 +222,41 @@ def _chunk_count(store: Path) -> int | None:
     return math.prod(math.ceil(n / c) for n, c in zip(shape, chunks, strict=True))
 
 
-def _segment_blocks(out: Path, record: dict[str, Any]) -> tuple[int, int | None]:
-    """Segmentation parts on disk and the number of blocks (None before segmentation)."""
-    done = len(list((out / ".work" / "blocks").glob("*.parquet")))
-    total = (record.get("blocks") or {}).get("total")
-    return done, total
+@dataclass(frozen=True)
+class _Disk:
+    """What the run stored: its passes and its segmentation parts."""
+
+    passes: list[tuple[str, int, int, bool]]
+    parts: int
+    blocks: int | None  # None before segmentation started
+
+    @classmethod
+    def read(cls, out: Path, record: dict[str, Any]) -> _Disk:
+        work = out / ".work"
+        passes = _stored_passes(work) if work.is_dir() else []
+        parts = len(list((work / "blocks").glob("*.parquet")))
+        return cls(passes, parts, (record.get("blocks") or {}).get("total"))
 
 
-def _on_disk(out: Path, record: dict[str, Any]) -> str:
-    work = out / ".work"
-    if not work.is_dir():
+def _on_disk(out: Path, disk: _Disk) -> str:
+    if not (out / ".work").is_dir():
         outputs = [n for n in ("nuclei.parquet", "labels.ome.zarr") if (out / n).exists()]
         return ", ".join(outputs) if outputs else "no intermediates"
     parts = [
         f"{name} {written}/{total} chunks" + (" done" if finished else "")
-        for name, written, total, finished in _stored_passes(work)
+        for name, written, total, finished in disk.passes
     ]
-    done, total = _segment_blocks(out, record)
-    if total is not None or done:
-        parts.append(f"segment blocks {done}/{total if total is not None else '?'}")
+    if disk.blocks is not None or disk.parts:
+        parts.append(f"segment blocks {disk.parts}/{disk.blocks if disk.blocks else '?'}")
     return ", ".join(parts) or "nothing stored yet"
 
 
-def _redo(out: Path, record: dict[str, Any], progress: dict[str, Any]) -> str:
+def _redo(disk: _Disk, progress: dict[str, Any]) -> str:
     """What ``--resume`` would compute again: passes without ``.done`` (whole), segmentation
     blocks without their part, the stages not finished, and the writing."""
-    work = out / ".work"
     partial = [
         f"{name} ({written}/{total} chunks)"
-        for name, written, total, finished in (_stored_passes(work) if work.is_dir() else [])
+        for name, written, total, finished in disk.passes
         if not finished
     ]
     stages = progress.get("stages") or {}
@@ -258,10 +265,8 @@ def _redo(out: Path, record: dict[str, Any], progress: dict[str, Any]) -> str:
     for name in names:
         if (stages.get(name) or {}).get("state") == "done":
             continue
-        if name == "segment":
-            done, total = _segment_blocks(out, record)
-            if total is not None:
-                name = f"segment ({total - done} of {total} blocks)"
+        if name == "segment" and disk.blocks is not None:
+            name = f"segment ({disk.blocks - disk.parts} of {disk.blocks} blocks)"
         todo.append(name)
     text = ", ".join(todo) or "the remaining stages"
     if partial:
