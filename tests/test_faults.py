@@ -260,7 +260,7 @@ def damaged_input(stack3d, tmp_path) -> tuple[Path, tuple[slice, ...]]:
 #: otherwise) and the dashboard address.
 _PROGRESS = re.compile(
     r"[\w ]+: \[[# ]*\] \| \d+% Completed \| .*"
-    r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d nucflow: ([\w ]+ (failed at )?\d+/\d+ blocks|stage \w+ ).*"
+    r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d nucflow: ([\w ]+ \d+/\d+ blocks|stage \w+ done ).*"
     r"|nucflow: dask dashboard at \S+( \(elsewhere: ssh -L [\d:.]+ \S+\))?"
 )
 

@@ -225,7 +225,8 @@ class PassProgress:
                 self.record.done = self.record.total
             self.record.failed = failed
             self.record.end = time.monotonic()
-        if not self._draw:
+        # A failure is told by the error line that follows (one line for bad input, exit 2).
+        if not self._draw or (failed and not self._tty):
             return
         if self._tty:
             if self._drawn:
@@ -272,8 +273,6 @@ class PassProgress:
 
 def _blocks(record: PassRecord) -> str:
     percent = int(100 * record.fraction)
-    if record.failed:
-        return f"{record.label} failed at {record.done}/{record.total} blocks ({percent}%)"
     return f"{record.label} {record.done}/{record.total} blocks ({percent}%)"
 
 
@@ -451,7 +450,7 @@ class RunProgress(Reporter):
             self._stop_heartbeat()
             record = self.stages[name]
             record.end, record.state = time.monotonic(), state
-            if self.draw and not _interactive(self.stream):
+            if self.draw and state == "done" and not _interactive(self.stream):
                 _write(self.stream, f"{_stamp()} nucflow: {self._stage_line(record)}\n")
             self.save()
 
@@ -462,9 +461,8 @@ class RunProgress(Reporter):
         elif record is self.current and record.state == "done":
             later = [n for n in self.plan if n not in self.stages]
             run_left = run_left if later else 0.0
-        what = "done" if record.state == "done" else "failed"
         return (
-            f"stage {record.name} {what} in {fmt_seconds(record.elapsed)} | "
+            f"stage {record.name} done in {fmt_seconds(record.elapsed)} | "
             f"run {fmt_seconds(self.elapsed)}, ETA {fmt_seconds(run_left)}"
         )
 
