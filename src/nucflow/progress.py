@@ -39,6 +39,7 @@ __all__ = [
     "expect",
     "nuclei_passes",
     "fmt_seconds",
+    "fmt_rate",
 ]
 
 #: Seconds between redraws of a terminal bar, and between checks of a log line.
@@ -88,6 +89,15 @@ def fmt_seconds(seconds: float | None) -> str:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def fmt_rate(mvoxel_s: float) -> str:
+    """Mvoxel/s with enough digits to tell a slow pass from a stalled one."""
+    if mvoxel_s >= 100:
+        return f"{mvoxel_s:.0f}"
+    if mvoxel_s >= 1:
+        return f"{mvoxel_s:.2f}"
+    return f"{mvoxel_s:.3f}" if mvoxel_s >= 0.01 else f"{mvoxel_s:.5f}"
 
 
 def _stamp() -> str:
@@ -392,7 +402,7 @@ class RunProgress(Reporter):
             where = f"stage {self.current.name} (pass {count}) "
         stage_elapsed = self.current.elapsed if self.current is not None else record.elapsed
         return (
-            f"{_blocks(record)}, {rate:.2f} Mvoxel/s | {where}{fmt_seconds(stage_elapsed)}, "
+            f"{_blocks(record)}, {fmt_rate(rate)} Mvoxel/s | {where}{fmt_seconds(stage_elapsed)}, "
             f"ETA {fmt_seconds(stage_left)} | run {fmt_seconds(self.elapsed)}, "
             f"ETA {fmt_seconds(run_left)}"
         )
@@ -505,7 +515,7 @@ class RunProgress(Reporter):
             "elapsed_s": round(self.elapsed, 3),
             "stage": self.current.name if self.current else None,
             "pass": current.as_json() if current else None,
-            "rate_mvoxel_s": round(self._rate(current), 3) if current else None,
+            "rate_mvoxel_s": round(self._rate(current), 6) if current else None,
             "eta_s": {"stage": _rounded(stage_left), "run": _rounded(run_left)},
             "plan": dict(self.plan),
             "stages": stages,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nucflow.errors import OutputError
-from nucflow.progress import fmt_seconds
+from nucflow.progress import fmt_rate, fmt_seconds
 
 __all__ = ["Report", "status", "EXIT_CODES"]
 
@@ -176,7 +176,7 @@ def _stage_line(progress: dict[str, Any], age: float) -> str:
         percent = int(100 * current["done"] / current["total"])
         text += f": {current['label']} {current['done']}/{current['total']} blocks ({percent}%)"
     if progress.get("rate_mvoxel_s") is not None:
-        text += f", {progress['rate_mvoxel_s']:.2f} Mvoxel/s"
+        text += f", {fmt_rate(progress['rate_mvoxel_s'])} Mvoxel/s"
     eta = (progress.get("eta_s") or {}).get("stage")
     return text + f", stage ETA {_minus(eta, age)}"
 
