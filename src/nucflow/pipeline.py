@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 import zarr
 
 import nucflow
-from nucflow import components, filters, io, measure, progress, resample
+from nucflow import components, filters, io, measure, resample
+from nucflow import progress as progress_report
 from nucflow.blockpass import Grid, Region, fmt_region, padded, pass_graph
 from nucflow.config import Params
 from nucflow.errors import BlockError, ConfigError, NucflowError, OutputError, ParameterError
@@ -99,7 +100,7 @@ class Run:
     def stage(self, name: str) -> Iterator[None]:
         """Time a stage into run.json's timings; report its progress (nucflow.progress)."""
         start = time.perf_counter()
-        with progress.stage(self, name):
+        with progress_report.stage(self, name):
             yield
         self.timings[name] = round(time.perf_counter() - start, 3)
 
@@ -135,7 +136,7 @@ def open_run(
     run.region = data_region(stack, params.chunks)
     run.facts["data_region"] = [[s.start, s.stop] for s in run.region]
     write_run_json(run, "running")
-    progress.attach(run, partial(write_run_json, run, "running"))
+    progress_report.attach(run, partial(write_run_json, run, "running"))
     return run
 
 
