@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from nucflow import pipeline
+from nucflow import pipeline, progress
 
 
 def run(job: pipeline.Run) -> dict[str, Any]:
+    progress.expect(job, progress.nuclei_passes(job.params))  # passes per stage, for the ETA
     with job.stage("preprocess"):
         image = pipeline.preprocess(job)
     with job.stage("threshold"):

@@ -7,8 +7,10 @@ reach a controller, unless NUCFLOW_REQUIRE_SLURM=1 (CI), where they fail instead
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +27,7 @@ import pytest
 
 from nucflow.cluster import connect, describe
 from nucflow.errors import ClusterError
+from nucflow.progress import Reporter
 
 # Workers receive this module's functions by reference (distributed pickles module-level
 # functions with plain pickle), so every worker process must be able to import it:
@@ -236,7 +239,8 @@ def test_created_schedulers_agree_and_close(spec, capsys):
         client, cluster = runner.client, runner.cluster
     assert total == values.sum()
     np.testing.assert_array_equal(out, _expected_map_blocks(values, 137))
-    assert "check: [" in capsys.readouterr().err or spec != "local"
+    # stderr is not a terminal here: the same dated end line on every scheduler
+    assert re.search(r"nucflow: check (\d+)/\1 blocks \(100%\) \| ", capsys.readouterr().err)
     if spec == "local":
         assert client.status == "closed"
         assert cluster.status.name == "closed"
@@ -244,14 +248,41 @@ def test_created_schedulers_agree_and_close(spec, capsys):
         assert client is None and runner.dashboard_link is None
 
 
-def test_progress_bar_is_labelled_on_stderr(capsys):
+def test_progress_is_labelled_lines_on_stderr_that_is_not_a_terminal(capsys):
     slow = da.ones(4, chunks=1).map_blocks(lambda b: (time.sleep(0.3), b)[1], dtype=float)
     with connect("threads") as runner:
         (total,) = runner.compute(slow.sum(), label="histogram")
     captured = capsys.readouterr()
     assert total == 4
-    assert "histogram: [" in captured.err and "100% Completed" in captured.err
+    # one line for the pass (the default 60 s interval allows no line before its end)
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d nucflow: histogram 4/4 blocks \(100%\) \| "
+        r"[\d.]+s, ETA 0\.0s\n",
+        captured.err,
+    ), captured.err
     assert captured.out == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("spec", ["threads", "local"])
+def test_progress_bar_is_redrawn_on_a_terminal(spec):
+    slow = da.ones(8, chunks=1).map_blocks(lambda b: (time.sleep(0.3), b)[1], dtype=float)
+    settings = {"n_workers": 1, "threads_per_worker": 1} if spec == "local" else None
+    with connect(spec, settings=settings) as runner:
+        runner.reporter = Reporter(stream=_Terminal())
+        (total,) = runner.compute(slow.sum(), label="histogram")
+        drawn = runner.reporter.stream.getvalue()
+    assert total == 8
+    frames = drawn.split("\r")[1:]
+    assert len(frames) > 3 and drawn.endswith("\n") and drawn.count("\n") == 1, drawn
+    assert all(
+        re.fullmatch(r"histogram: \[#* *\] \| \d+% Completed \| [\d.]+s\n?", f) for f in frames
+    )
+    assert frames[-1] == f"histogram: [{'#' * 40}] | 100% Completed | {frames[-1].split('| ')[-1]}"
 
 
 def test_local_cluster_respects_settings(capsys):

@@ -256,9 +256,11 @@ def damaged_input(stack3d, tmp_path) -> tuple[Path, tuple[slice, ...]]:
     return copy, region
 
 
-#: What else a failing run may print on stderr: progress bars and the dashboard address.
+#: What else a failing run may print on stderr: progress (bars on a terminal, dated lines
+#: otherwise) and the dashboard address.
 _PROGRESS = re.compile(
     r"[\w ]+: \[[# ]*\] \| \d+% Completed \| .*"
+    r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d nucflow: ([\w ]+ \d+/\d+ blocks|stage \w+ done ).*"
     r"|nucflow: dask dashboard at \S+( \(elsewhere: ssh -L [\d:.]+ \S+\))?"
 )
 

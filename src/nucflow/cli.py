@@ -1,7 +1,8 @@
-"""Command line: ``nucflow demo | synth | run | plan``.
+"""Command line: ``nucflow demo | synth | run | plan | status``.
 
 Exit codes: 0 success; 2 bad input or usage (one line on stderr naming the thing and the fix);
-1 unexpected failure (a traceback only with ``--debug``).
+1 unexpected failure (a traceback only with ``--debug``). ``nucflow status`` says the run's state
+in its exit code: 0 complete, 3 running, 1 failed or stopped (2 as above: not a nucflow output).
 """
 
 from __future__ import annotations
@@ -99,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="blocks, halo, tasks and memory before a run")
     _stack_options(plan)
+
+    status = commands.add_parser(
+        "status",
+        help="what a run is doing or did (exit 0 complete, 3 running, 1 failed)",
+    )
+    status.add_argument("output", help="the run's --output directory")
+    status.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -127,13 +135,15 @@ _M_ARENA_MAX = -8  # glibc malloc.h
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nucflow`` console script."""
     args = _parser().parse_args(argv)
-    handler = {"demo": _demo, "synth": _synth, "run": _run, "plan": _plan}[args.command]
+    handler = {"demo": _demo, "synth": _synth, "run": _run, "plan": _plan, "status": _status}[
+        args.command
+    ]
     _one_malloc_arena()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.formatwarning = _one_line_warning
-            handler(args)
+            code = handler(args)
     except NucflowError as error:
         if args.debug:
             raise
@@ -151,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0
+    return code or 0
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -273,6 +283,14 @@ def _plan(args: argparse.Namespace) -> None:
     )
     print(make_plan(stack, params, config, _load_flow("nuclei").run))
     print(f"cluster    {where}")
+
+
+def _status(args: argparse.Namespace) -> int:
+    from nucflow.status import status
+
+    report = status(args.output)
+    print(report.text)
+    return report.exit_code
 
 
 # ----------------------------------------------------------------------------- synth / demo

@@ -34,7 +34,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -45,8 +44,8 @@ from typing import Any
 
 import dask
 import yaml
-from dask.diagnostics import ProgressBar
 
+from nucflow import progress as _progress
 from nucflow.errors import ClusterError
 
 __all__ = ["Runner", "connect", "describe", "CONNECT_TIMEOUT", "DEFAULT_DASHBOARD"]
@@ -74,8 +73,8 @@ _SLURM_PRIVATE = frozenset(
     {"self", "scheduler", "name", "config_name", "job_cls", "base_class_kwargs", "job_kwargs"}
 )
 
-#: Seconds between updates of the distributed progress bar.
-_BAR_INTERVAL = 0.1
+#: Seconds between polls of a distributed scheduler's task stream for finished blocks.
+_POLL_INTERVAL = 0.5
 
 #: Where a started scheduler serves its dashboard unless told otherwise: this machine only
 #: (a free port, so concurrent runs never collide on :8787).
@@ -287,118 +286,6 @@ def _defaults(name: str) -> dict[str, Any]:
 # --- the runner ------------------------------------------------------------------------
 
 
-def _interactive() -> bool:
-    return sys.stderr.isatty()
-
-
-class _LabelledProgressBar(ProgressBar):
-    """dask.diagnostics.ProgressBar whose line starts with a label."""
-
-    def __init__(self, label: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._label = f"{label}: " if label else ""
-        self._wake = threading.Event()
-
-    def _timer_func(self) -> None:
-        # dask's timer sleeps a whole interval, and the end of every computation waits for
-        # it (0.05 s on average, per computation); waiting on an event ends at once.
-        while self._running:
-            elapsed = time.perf_counter() - self._start_time
-            if elapsed > self._minimum:
-                self._update_bar(elapsed)
-            self._wake.wait(self._dt)
-
-    def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
-        self._running = False
-        self._wake.set()
-        super()._finish(dsk, state, errored)
-
-    def _draw_bar(self, frac: float, elapsed: float) -> None:
-        from dask.utils import format_time
-
-        bar = "#" * int(self._width * frac)
-        # a terminal redraws one line; a log file (batch job, CI) gets a line per 25 %
-        start, end = ("\r", "") if _interactive() else ("", "\n")
-        quarter = int(4 * frac)
-        if not _interactive():
-            if quarter == getattr(self, "_last_quarter", -1):
-                return
-            self._last_quarter = quarter
-        msg = (
-            f"{start}{self._label}[{bar:<{self._width}}] | {int(100 * frac)}% Completed | "
-            f"{format_time(elapsed)}{end}"
-        )
-        with contextlib.suppress(ValueError):  # the file may be closed at interpreter exit
-            self._file.write(msg)
-            self._file.flush()
-
-
-class _ProgressWatcher:
-    """distributed's text progress bar for ``futures``, drawn on stderr from a helper thread.
-
-    The caller waits on the futures itself: the bar alone would wait forever for keys
-    that never reach the scheduler (e.g. a graph the scheduler cannot deserialize).
-    """
-
-    def __init__(self, futures: list[Any], label: str, client: Any) -> None:
-        from distributed.utils import sync
-
-        self._client = client
-        self._bar = _text_bar_class(label)(
-            futures,
-            scheduler=client.scheduler.address,
-            interval=_BAR_INTERVAL,
-            loop=client.loop,
-            start=False,
-        )
-        self._thread = threading.Thread(
-            target=self._listen, args=(sync,), name="nucflow-progress", daemon=True
-        )
-        self._thread.start()
-
-    def _listen(self, sync: Any) -> None:
-        # A failed bar must never fail the computation it only reports on.
-        with contextlib.suppress(Exception):
-            sync(self._client.loop, self._bar.listen)
-
-    def stop(self) -> None:
-        """Wait for the bar's last update; abort it if the scheduler never finishes it."""
-        self._thread.join(timeout=_BAR_INTERVAL * 10)
-        comm = getattr(self._bar, "comm", None)
-        if self._thread.is_alive() and comm is not None:
-            with contextlib.suppress(Exception):
-                self._client.loop.add_callback(comm.abort)
-            self._thread.join(timeout=5)
-
-
-def _text_bar_class(label: str) -> type:
-    """TextProgressBar drawing on stderr, prefixed by ``label``."""
-    from distributed.diagnostics.progress import format_time
-    from distributed.diagnostics.progressbar import TextProgressBar
-
-    prefix = f"{label}: " if label else ""
-
-    class _Bar(TextProgressBar):
-        # distributed.progress draws on stdout; stderr keeps stdout for results.
-        def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:
-            frac = (1 - remaining / all) if all else 1.0
-            bar = "#" * int(self.width * frac)
-            msg = (
-                f"\r{prefix}[{bar:<{self.width}}] | {int(100 * frac)}% Completed | "
-                f"{format_time(self.elapsed)}"
-            )
-            with contextlib.suppress(ValueError):
-                sys.stderr.write(msg)
-                sys.stderr.flush()
-
-        def _draw_stop(self, **kwargs: Any) -> None:
-            with contextlib.suppress(ValueError):
-                sys.stderr.write("\n")
-                sys.stderr.flush()
-
-    return _Bar
-
-
 class Runner:
     """What :func:`connect` yields: computes dask collections where the user asked.
 
@@ -435,9 +322,9 @@ class Runner:
         self.cluster = cluster
         self.dashboard_link = _dashboard_link(client, dashboard_local)
         self._scheduler = scheduler
-        self._num_workers = num_workers
-        self._progress = progress
-        self._bar_ended = 0.0
+        self.num_workers = num_workers
+        #: Draws and counts every pass; a run replaces it with its own (nucflow.progress).
+        self.reporter: _progress.Reporter = _progress.Reporter(draw=progress)
 
     def __repr__(self) -> str:
         return f"Runner(spec={self.spec!r}, client={self.client!r})"
@@ -448,14 +335,14 @@ class Runner:
         return self.client if self.client is not None else self._scheduler
 
     def compute(self, *collections: Any, label: str = "", retries: int = 2) -> tuple:
-        """Compute dask collections, with a progress bar on stderr.
+        """Compute dask collections, reporting their progress on stderr (:attr:`reporter`).
 
         Parameters
         ----------
         *collections : dask collections or plain objects
             What to compute; plain objects pass through, as with :func:`dask.compute`.
         label : str, optional
-            Printed before the progress bar, e.g. ``"histogram"``.
+            Names the pass in the progress report, e.g. ``"histogram"``.
         retries : int, optional
             With a client, how many times a failed task is retried; tasks lost with a
             worker are also rescheduled by the scheduler itself.
@@ -465,36 +352,82 @@ class Runner:
         tuple
             One result per collection, like :func:`dask.compute`.
         """
+        parts = _progress.parts_of(collections)
         if self.client is None:
-            return self._compute_local(collections, label)
-        futures = self.client.compute(list(collections), retries=retries)
-        keyed = [f for f in futures if hasattr(f, "key")]
-        watcher = _ProgressWatcher(keyed, label, self.client) if self._progress and keyed else None
+            return self._compute_local(collections, label, parts)
+        return self._compute_distributed(collections, label, parts, retries)
+
+    def _compute_distributed(
+        self, collections: tuple, label: str, parts: set, retries: int
+    ) -> tuple:
+        counter = _StreamCounter(self.client, parts)
+        watch = self.reporter.begin(label, len(parts), poll=counter.poll)
+        counter.watch = watch
+        failed = True
         try:
-            return tuple(self.client.gather(futures))
+            futures = self.client.compute(list(collections), retries=retries)
+            result = tuple(self.client.gather(futures))
+            failed = False
+            return result
         finally:
-            if watcher is not None:
-                watcher.stop()
-                self._bar_ended = time.monotonic()
+            watch.finish(failed)
 
-    def _settle(self) -> None:
-        """Let the scheduler notice a finished progress bar before it is closed.
+    def _compute_local(self, collections: tuple, label: str, parts: set) -> tuple:
+        from dask.callbacks import Callback
 
-        The scheduler's progress feed sleeps one interval between writes; closing the
-        scheduler inside that window logs a spurious CancelledError traceback.
-        """
-        wait = _BAR_INTERVAL * 2.5 - (time.monotonic() - self._bar_ended)
-        if wait > 0:
-            time.sleep(wait)
-
-    def _compute_local(self, collections: tuple, label: str) -> tuple:
         kwargs: dict[str, Any] = {"scheduler": self._scheduler}
-        if self._num_workers is not None:
-            kwargs["num_workers"] = self._num_workers
-        with contextlib.ExitStack() as stack:
-            if self._progress:
-                stack.enter_context(_LabelledProgressBar(label, out=sys.stderr, minimum=0.5))
-            return dask.compute(*collections, **kwargs)
+        if self.num_workers is not None:
+            kwargs["num_workers"] = self.num_workers
+        watch = self.reporter.begin(label, len(parts))
+        counted = set(parts)
+
+        def start_state(dsk: Any, state: Any) -> None:
+            if counted and counted.isdisjoint(dsk.keys()):  # keys renamed: count every task
+                counted.clear()
+                watch.set_total(len(dsk))
+
+        def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+            if not counted or key in counted:
+                watch.advance()
+
+        failed = True
+        try:
+            with Callback(start_state=start_state, posttask=posttask):
+                result = dask.compute(*collections, **kwargs)
+            failed = False
+            return result
+        finally:
+            watch.finish(failed)
+
+
+class _StreamCounter:
+    """Counts finished blocks from the scheduler's task stream (``Client.get_task_stream``,
+    public): works alike for LocalCluster, SLURM and a scheduler nucflow did not start."""
+
+    def __init__(self, client: Any, parts: set) -> None:
+        self._client = client
+        self._pending = set(parts)
+        self.watch: Any = None
+        self._last = time.monotonic()
+        # The first call starts the stream's recording; "0s" asks for nothing older.
+        with contextlib.suppress(Exception):
+            client.get_task_stream(start="0s")
+
+    def poll(self) -> None:
+        """Count the blocks finished since the last poll (overlapping windows; deduplicated)."""
+        now = time.monotonic()
+        if now - self._last < _POLL_INTERVAL or not self._pending:
+            return
+        # A duration, not a time: the scheduler measures it on its own clock.
+        window = f"{now - self._last + 5 * _POLL_INTERVAL:.3f}s"
+        self._last = now
+        records = self._client.get_task_stream(start=window)
+        done = {
+            r["key"] for r in records if r.get("key") in self._pending and r.get("status") == "OK"
+        }
+        self._pending -= done
+        if done and self.watch is not None:
+            self.watch.advance(len(done))
 
 
 def _dashboard_link(client: Any, local: bool = False) -> str | None:
@@ -596,7 +529,6 @@ def connect(
         else:
             runner = _remote_runner(kind, target, options, progress, stack)
         runner.spec = label
-        stack.callback(runner._settle)  # runs first on exit, before anything is closed
         link = runner.dashboard_link
         if link:
             note = _dashboard_note(link) if link.startswith("http://127.0.0.1:") else ""

@@ -122,6 +122,9 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "measure.channels": (lambda v: isinstance(v, list) and all(map(_count, v)), "a list of ints"),
     "measure.single_file_rows": (lambda v: _count(v), "an integer >= 0"),
     "qc.enabled": (lambda v: isinstance(v, bool), "true or false"),
+    "progress.step_percent": (lambda v: _positive(v) and v <= 100, "a number in (0, 100]"),
+    "progress.interval_s": (_non_negative, "a number of seconds >= 0"),
+    "progress.record_s": (_positive, "a number of seconds > 0"),
     "filter.steps": (
         lambda v: (
             isinstance(v, list)

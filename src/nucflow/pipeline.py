@@ -35,6 +35,7 @@ import zarr
 
 import nucflow
 from nucflow import components, filters, fingerprint, io, lock, measure, resample
+from nucflow import progress as progress_report
 from nucflow import table as table_stage
 from nucflow.blockpass import Grid, Region, fmt_region, padded, pass_graph
 from nucflow.config import Params
@@ -77,6 +78,7 @@ class Run:
     region: tuple[slice, ...] = ()
     lock: lock.OutputLock | None = None  # held from open_run to finish/fail
     lineage: fingerprint.Lineage | None = None  # what --resume may reuse (fingerprint.start)
+    progress: Any = field(default=None, repr=False, compare=False)  # nucflow.progress.attach
 
     @property
     def work(self) -> Path:
@@ -98,9 +100,10 @@ class Run:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time a stage into run.json's timings."""
+        """Time a stage into run.json's timings; report its progress (nucflow.progress)."""
         start = time.perf_counter()
-        yield
+        with progress_report.stage(self, name):
+            yield
         self.timings[name] = round(time.perf_counter() - start, 3)
 
 
@@ -147,6 +150,7 @@ def open_run(
         run.facts["data_region"] = [[s.start, s.stop] for s in run.region]
         fingerprint.start(run, before)
         write_run_json(run, "running")
+        progress_report.attach(run, partial(write_run_json, run, "running"))
     except BaseException:
         held.release()
         raise

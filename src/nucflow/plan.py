@@ -206,6 +206,7 @@ def pass_tasks(params: Params, shape: tuple[int, ...]) -> dict[str, int]:
     min_voxels = int(params.min_volume / math.prod(params.voxel_size))
     tasks["mask"] = (blocks + 1) * (1 + 3 * params.fill_holes + 3 * (min_voxels > 0))
     tasks["segment"] = blocks + 1
+    tasks["table"] = blocks + 1
     return tasks
 
 

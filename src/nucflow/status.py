@@ -1,0 +1,274 @@
+"""``nucflow status OUT``: what a run is doing, or did, from its output directory alone.
+
+Reads ``run.json`` (its ``progress`` record, kept current by :mod:`nucflow.progress`) and counts
+what the run stored (``.work/<name>.zarr`` chunk files and ``.done`` marks, segmentation parts in
+``.work/blocks/``): no scheduler is contacted, so it works from any shell that sees the files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nucflow.errors import OutputError
+from nucflow.progress import fmt_rate, fmt_seconds
+
+__all__ = ["Report", "status", "EXIT_CODES"]
+
+#: Exit code of ``nucflow status`` per state: a script polls it.
+EXIT_CODES = {"complete": 0, "running": 3, "failed": 1, "stopped": 1}
+
+_LABEL = 10  # width of the field names
+
+
+@dataclass(frozen=True)
+class Report:
+    """A run's state (``complete``, ``running``, ``failed`` or ``stopped``) and its text."""
+
+    state: str
+    text: str
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.state]
+
+
+def status(output: str | os.PathLike[str]) -> Report:
+    """Describe the run whose ``--output`` is ``output``.
+
+    Parameters
+    ----------
+    output : path
+        A nucflow output directory.
+
+    Returns
+    -------
+    Report
+        ``stopped`` is a run whose run.json still says running but whose process, on this
+        host, is gone (killed, out of memory, out of walltime).
+
+    Raises
+    ------
+    OutputError
+        ``output`` is not a nucflow output directory.
+    """
+    out = Path(output)
+    record = _read_record(out)
+    progress = record.get("progress") or {}
+    age = _age(record.get("updated"))
+    state = record["status"]
+    if state == "running" and _gone(progress):
+        state = "stopped"
+    lines = [_headline(out, state, progress, age)]
+    lines += _now(record, progress, age, state)
+    lines += _field("stages", _stages(progress))
+    disk = _Disk.read(out, record)  # counted once: both lines below tell the same moment
+    lines += _field("on disk", _on_disk(out, disk))
+    if state == "failed":
+        lines += _field("error", record.get("error", "unknown (run.json names none)"))
+    if state != "complete":
+        lines += _field("resume", "would redo " + _redo(disk, progress))
+    return Report(state, "\n".join(lines))
+
+
+def _read_record(out: Path) -> dict[str, Any]:
+    path = out / "run.json"
+    if not out.is_dir():
+        raise OutputError(f"{out} is not a directory; give the --output directory of a nucflow run")
+    if not path.is_file():
+        raise OutputError(
+            f"{out} is not a nucflow output directory (no run.json); give the --output "
+            "directory of a nucflow run"
+        )
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise OutputError(
+            f"{path} is not readable JSON ({error}); is it a nucflow run.json?"
+        ) from None
+    if not isinstance(record, dict) or record.get("status") not in EXIT_CODES:
+        raise OutputError(f"{path} has no nucflow status; is it a nucflow run.json?")
+    return record
+
+
+def _age(updated: str | None) -> float:
+    """Seconds since run.json was written."""
+    try:
+        then = dt.datetime.fromisoformat(str(updated))
+    except ValueError:
+        return 0.0
+    return max(0.0, (dt.datetime.now(dt.UTC) - then).total_seconds())
+
+
+def _gone(progress: dict[str, Any]) -> bool:
+    """The writing process ran on this host and no longer exists."""
+    pid, host = progress.get("pid"), progress.get("host")
+    if not pid or host != socket.gethostname():
+        return False  # another machine's process: run.json's age is all there is
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def _field(name: str, value: str | None) -> list[str]:
+    return [f"  {name:<{_LABEL}}{value}"] if value else []
+
+
+def _headline(out: Path, state: str, progress: dict[str, Any], age: float) -> str:
+    where = ""
+    if progress.get("pid"):
+        where = f" (pid {progress['pid']} on {progress.get('host', '?')}"
+        where += f", run.json updated {fmt_seconds(age)} ago)"
+    if state == "stopped":
+        return (
+            f"nucflow status {out}: stopped — run.json says running but process "
+            f"{progress.get('pid')} on {progress.get('host')} is gone (killed?)"
+        )
+    return f"nucflow status {out}: {state}{where if state == 'running' else ''}"
+
+
+def _now(record: dict[str, Any], progress: dict[str, Any], age: float, state: str) -> list[str]:
+    """Stage, blocks, rate, elapsed and ETAs; workers while running; counts when complete."""
+    lines: list[str] = []
+    running = state == "running"
+    if progress.get("stage") and state != "complete":
+        lines += _field("stage", _stage_line(progress, age if running else 0.0))
+    elapsed = progress.get("elapsed_s")
+    if elapsed is not None:
+        elapsed += age if running else 0.0
+        eta = (progress.get("eta_s") or {}).get("run") if running else None
+        text = f"{fmt_seconds(elapsed)}" + (f", run ETA {_minus(eta, age)}" if running else "")
+        lines += _field("elapsed", text)
+    if running:
+        workers = progress.get("workers")
+        link = progress.get("dashboard")
+        text = f"{workers if workers is not None else '?'}" + (
+            f", dashboard {link}" if link else ""
+        )
+        lines += _field("workers", text)
+    counts = record.get("counts")
+    if state == "complete" and counts:
+        lines += _field("result", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return lines
+
+
+def _minus(eta: float | None, age: float) -> str:
+    return fmt_seconds(None if eta is None else max(0.0, eta - age))
+
+
+def _stage_line(progress: dict[str, Any], age: float) -> str:
+    name = progress["stage"]
+    stage = (progress.get("stages") or {}).get(name, {})
+    passes, planned = stage.get("passes", []), stage.get("planned_passes")
+    text = f"{name} (pass {len(passes)}/{planned})" if planned else name
+    current = progress.get("pass")
+    if current and current.get("total"):
+        percent = int(100 * current["done"] / current["total"])
+        text += f": {current['label']} {current['done']}/{current['total']} blocks ({percent}%)"
+    if progress.get("rate_mvoxel_s") is not None:
+        text += f", {fmt_rate(progress['rate_mvoxel_s'])} Mvoxel/s"
+    eta = (progress.get("eta_s") or {}).get("stage")
+    return text + f", stage ETA {_minus(eta, age)}"
+
+
+def _stages(progress: dict[str, Any]) -> str:
+    stages = progress.get("stages") or {}
+    names = list(stages) + [n for n in progress.get("plan") or {} if n not in stages]
+    parts = []
+    for name in names:
+        stage = stages.get(name)
+        if stage is None:
+            parts.append(f"{name} -")
+        elif stage["state"] == "running":
+            parts.append(f"{name} running")
+        else:
+            parts.append(f"{name} {stage['state']} {fmt_seconds(stage['elapsed_s'])}")
+    return ", ".join(parts)
+
+
+# --- what the run stored ---------------------------------------------------------------------
+
+
+def _stored_passes(work: Path) -> list[tuple[str, int, int, bool]]:
+    """(name, chunks written, chunks, finished) of every ``.work/<name>.zarr``."""
+    found = []
+    for store in sorted(work.glob("*.zarr")):
+        total = _chunk_count(store)
+        if total is None:
+            continue
+        written = sum(1 for p in (store / "c").rglob("*") if p.is_file())
+        name = store.name.removesuffix(".zarr")
+        found.append((name, written, total, (work / f"{name}.done").exists()))
+    return found
+
+
+def _chunk_count(store: Path) -> int | None:
+    try:
+        meta = json.loads((store / "zarr.json").read_text())
+        shape = meta["shape"]
+        chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return math.prod(math.ceil(n / c) for n, c in zip(shape, chunks, strict=True))
+
+
+@dataclass(frozen=True)
+class _Disk:
+    """What the run stored: its passes and its segmentation parts."""
+
+    passes: list[tuple[str, int, int, bool]]
+    parts: int
+    blocks: int | None  # None before segmentation started
+
+    @classmethod
+    def read(cls, out: Path, record: dict[str, Any]) -> _Disk:
+        work = out / ".work"
+        passes = _stored_passes(work) if work.is_dir() else []
+        parts = len(list((work / "blocks").glob("*.parquet")))
+        return cls(passes, parts, (record.get("blocks") or {}).get("total"))
+
+
+def _on_disk(out: Path, disk: _Disk) -> str:
+    if not (out / ".work").is_dir():
+        outputs = [n for n in ("nuclei.parquet", "labels.ome.zarr") if (out / n).exists()]
+        return ", ".join(outputs) if outputs else "no intermediates"
+    parts = [
+        f"{name} {written}/{total} chunks" + (" done" if finished else "")
+        for name, written, total, finished in disk.passes
+    ]
+    if disk.blocks is not None or disk.parts:
+        parts.append(f"segment blocks {disk.parts}/{disk.blocks if disk.blocks else '?'}")
+    return ", ".join(parts) or "nothing stored yet"
+
+
+def _redo(disk: _Disk, progress: dict[str, Any]) -> str:
+    """What ``--resume`` would compute again: passes without ``.done`` (whole), segmentation
+    blocks without their part, the stages not finished, and the writing."""
+    partial = [
+        f"{name} ({written}/{total} chunks)"
+        for name, written, total, finished in disk.passes
+        if not finished
+    ]
+    stages = progress.get("stages") or {}
+    names = list(stages) + [n for n in progress.get("plan") or {} if n not in stages]
+    todo = []
+    for name in names:
+        if (stages.get(name) or {}).get("state") == "done":
+            continue
+        if name == "segment" and disk.blocks is not None:
+            name = f"segment ({disk.blocks - disk.parts} of {disk.blocks} blocks)"
+        todo.append(name)
+    text = ", ".join(todo) or "the remaining stages"
+    if partial:
+        text += "; unfinished passes redone whole: " + ", ".join(partial)
+    return text

@@ -1,0 +1,233 @@
+"""Progress a person can follow (issue 17): log lines on stderr redirected to a file, on every
+scheduler; run.json as a live record; ``nucflow status`` on running, complete, failed, killed
+and foreign directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nucflow import io
+from nucflow.blockpass import pass_graph
+from nucflow.cli import main
+from nucflow.cluster import connect
+from nucflow.config import load, resolve
+from nucflow.progress import Reporter, Settings, nuclei_passes
+
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d nucflow: "
+TIME = r"(\d+\.\ds|\d+s|\d+m\d\ds|\d+h\d\dm|\?)"
+#: A pass line: pass, blocks done/total, rate; stage, its pass count, elapsed, ETA; run, ETA.
+PASS_LINE = re.compile(
+    STAMP + r"(?P<label>[\w ]+?) (?P<done>\d+)/(?P<total>\d+) blocks \((?P<pct>\d+)%\), "
+    r"[\d.]+ Mvoxel/s \| stage (?P<stage>\w+) \(pass (?P<n>\d+)/(?P<of>\d+)\) "
+    + TIME
+    + r", ETA "
+    + TIME
+    + r" \| run "
+    + TIME
+    + r", ETA "
+    + TIME
+)
+STAGE_LINE = re.compile(
+    STAMP + r"stage (?P<stage>\w+) done in " + TIME + r" \| run " + TIME + r", ETA " + TIME
+)
+STEP = 5
+SEGMENTING = re.compile(r"segment blocks (\d+)/80")
+MAIN = "from nucflow.cli import main; raise SystemExit(main())"
+
+
+def _wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _status(out: Path, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["status", str(out)])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+# --- log lines ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("spec", ["threads", "local"])
+def test_redirected_stderr_gets_few_complete_lines(stack3d, run_cli, tmp_path, spec):
+    """A run with a tiny interval stands for a long one: only the 5 % steps limit the lines."""
+    out, log = tmp_path / "out", tmp_path / "stderr.log"
+    extra = ["--cluster", spec, "--set", "progress.interval_s=0.01"]
+    extra += ["--set", f"progress.step_percent={STEP}", "--set", "progress.record_s=0.5"]
+    extra += ["--jobs", "2"] if spec == "local" else []
+    proc = subprocess.run(
+        [sys.executable, "-c", MAIN, *run_cli.args(stack3d[0], out, *extra)],
+        stdout=subprocess.PIPE,
+        stderr=open(log, "w"),  # noqa: SIM115 - closed with the process
+        text=True,
+        timeout=280,
+    )
+    lines = log.read_text().splitlines()
+    assert proc.returncode == 0, lines[-5:]
+    assert re.fullmatch(
+        r"nucflow run: \d+ nuclei \(\d+ truncated\) in [\d.]+ s -> .*\n", proc.stdout
+    )
+    dashboard = [line for line in lines if line.startswith("nucflow: dask dashboard at ")]
+    passes = [PASS_LINE.fullmatch(line) for line in lines]
+    stages = [STAGE_LINE.fullmatch(line) for line in lines]
+    assert len(dashboard) == (spec == "local")
+    others = [line for line, p, s in zip(lines, passes, stages, strict=True) if not (p or s)]
+    assert others == dashboard, others
+
+    plan = json.loads((out / "run.json").read_text())["progress"]["plan"]
+    assert [s["stage"] for s in stages if s] == list(plan)  # every stage ends with a line
+    ends = [p for p in passes if p and p["pct"] == "100"]
+    assert len(ends) == sum(plan.values())  # every pass ends with a line
+    # the bound: one line per 5 % step of each pass at most, plus its end line
+    assert len(lines) <= sum(plan.values()) * (100 // STEP + 1) + len(plan) + len(dashboard)
+    segment = [p for p in passes if p and p["stage"] == "segment"]
+    assert 3 <= len(segment) <= 100 // STEP + 1  # steps are reported, not only the end
+    percents = [int(p["pct"]) for p in segment]
+    assert percents == sorted(percents) and len({v // STEP for v in percents}) == len(percents)
+    assert all(int(p["total"]) == 80 and int(p["done"]) <= 80 for p in passes if p)
+
+
+def test_lines_follow_the_rarer_of_step_and_interval():
+    tasks = [partial(time.sleep, 0.02) for _ in range(40)]
+    for settings, most in [(Settings(step_percent=5, interval_s=3600), 1), (Settings(50, 0), 2)]:
+        with connect("threads", settings={"num_workers": 2}) as runner:
+            sink = _Log()
+            runner.reporter = Reporter(stream=sink, settings=settings)
+            runner.compute(pass_graph(tasks, "p"), label="p")
+        lines = sink.getvalue().splitlines()
+        assert 1 <= len(lines) <= most, lines
+        assert re.fullmatch(STAMP + r"p 40/40 blocks \(100%\) \| .*", lines[-1])
+
+
+class _Log:
+    """A file that is not a terminal."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.parts.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def getvalue(self) -> str:
+        return "".join(self.parts)
+
+
+def test_pass_plan_matches_the_passes_a_run_makes(stack3d, run_cli, tmp_path):
+    """nuclei_passes (the run's ETA) must count the passes pipeline really runs."""
+    out = tmp_path / "out"
+    run_cli(stack3d[0], out, "--set", "mask.min_volume=0")
+    progress = json.loads((out / "run.json").read_text())["progress"]
+    made = {name: len(stage["passes"]) for name, stage in progress["stages"].items()}
+    config = load(options={"chunks": [8, 32, 32]}, overrides=["mask.min_volume=0"])
+    params = resolve(config, shape=(40, 128, 128), voxel_size=(1.0, 0.5, 0.5))
+    assert made == nuclei_passes(params) == progress["plan"]
+    assert made["mask"] == 4  # thresholding, then three passes of hole filling only
+    assert all(s["state"] == "done" for s in progress["stages"].values())
+    assert progress["eta_s"]["run"] == 0.0
+
+
+# --- nucflow status -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_status_of_a_running_then_complete_run(stack3d, run_cli, tmp_path, capsys):
+    out = tmp_path / "out"
+    proc = run_cli.start(stack3d[0], out, "--set", "progress.record_s=0.2")
+    seen: list[tuple[int, str]] = []
+    try:
+
+        def segmenting() -> bool:
+            if not (out / "run.json").exists():
+                return False
+            seen.append(_status(out, capsys))
+            code, text = seen[-1]
+            return (code == 3 and bool(SEGMENTING.search(text))) or proc.poll() is not None
+
+        _wait_for(segmenting)
+    finally:
+        proc.wait(timeout=240)
+    assert proc.returncode == 0
+    running = [text for code, text in seen if code == 3 and SEGMENTING.search(text)]
+    assert running, seen[-1]  # seen while segmenting
+    text = running[-1]
+    assert re.match(rf"nucflow status {re.escape(str(out))}: running \(pid {proc.pid} on ", text)
+    assert re.search(r"\n  stage     \w+ \(pass \d+/\d+\)", text)
+    assert re.search(r"\n  elapsed   \S+, run ETA \S+\n  workers   \d+", text)
+    assert re.search(r"\n  on disk   .*preprocessed 80/80 chunks done", text)
+    done = int(SEGMENTING.search(text).group(1))
+    assert re.search(rf"\n  resume    would redo .*segment \({80 - done} of 80 blocks\)", text)
+
+    code, text = _status(out, capsys)
+    assert code == 0
+    assert text.startswith(f"nucflow status {out}: complete\n")
+    assert re.search(r"\n  result    nuclei \d+, truncated \d+\n", text)
+    assert "resume" not in text and "workers" not in text
+
+
+@pytest.fixture
+def nan_stack(tmp_path) -> Path:
+    image = np.ones((16, 64, 64), np.float32)
+    image[3, 40, 40] = np.nan
+    path = tmp_path / "nan.ome.zarr"
+    io.write_ome_zarr(path, image, (1.0, 0.5, 0.5))
+    return path
+
+
+def test_status_of_a_failed_run(nan_stack, run_cli, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(run_cli.args(nan_stack, out)) == 2
+    code, text = _status(out, capsys)
+    assert code == 1
+    assert text.startswith(f"nucflow status {out}: failed\n")
+    assert re.search(r"\n  error     ParameterError: input .* NaN or infinite voxel", text)
+    assert re.search(r"\n  stages    preprocess failed \S+, threshold -, mask -", text)
+    assert re.search(r"\n  resume    would redo preprocess, threshold, mask, segment, table, write", text)
+
+
+@pytest.mark.timeout(300)
+def test_status_of_a_killed_run(stack3d, run_cli, tmp_path, capsys):
+    out = tmp_path / "out"
+    proc = run_cli.start(stack3d[0], out)
+    try:
+        _wait_for(lambda: (out / ".work" / "smoothed.done").exists() or proc.poll() is not None)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    code, text = _status(out, capsys)
+    assert code == 1
+    assert f"stopped — run.json says running but process {proc.pid} on " in text
+    assert "smoothed 80/80 chunks done" in text
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "other"])
+def test_status_of_a_directory_that_is_not_a_run(tmp_path, capsys, make):
+    target = tmp_path / "x"
+    if make != "missing":
+        target.mkdir()
+    if make == "other":
+        (target / "run.json").write_text('{"hello": 1}')
+    code, text = _status(target, capsys)
+    assert code == 2
+    assert text.count("\n") == 1 and text.startswith("nucflow status: error: "), text
