@@ -285,3 +285,39 @@ def test_preprocess_flow_equals_whole_array_filters(stack2d, tmp_path):
     np.testing.assert_array_equal(result.data.compute(), expected)
     assert result.voxel_size == made.voxel_size
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_tissue_mask_preprocessing_equals_the_whole_array_steps(stack3d, tmp_path, downsample):
+    """Normalized convolution inside a tissue mask, then the background (the exact top-hat
+    in the same pass, or on cells): equal to the lazy filters on one block."""
+    import dask.array as da
+
+    from nucflow import filters
+
+    source, made = stack3d
+    tissue = np.ones(made.image.shape, bool)
+    tissue[:, :40, :] = False
+    mask_path = tmp_path / "tissue.ome.zarr"
+    io.write_ome_zarr(mask_path, tissue.astype(np.uint8), made.voxel_size)
+    settings = [
+        f"preprocess.tissue_mask={mask_path}",
+        f"preprocess.background_downsample={downsample}",
+    ]
+    params, image, _, _ = _stages_on(source, tmp_path / "a", (13, 37, 41), *settings)
+    whole = da.from_array(made.image, chunks=made.image.shape)
+    sigma = tuple(params.sigma / v for v in params.voxel_size)
+    smoothed = filters.normalized_convolution(whole, da.from_array(tissue), sigma)
+    if downsample == 1:  # the exact top-hat, as skimage.morphology.white_tophat
+        ball = filters.ellipsoid(
+            params.background_radius, params.voxel_size, decomposition="sequence"
+        )
+        expected = filters.white_tophat(smoothed, ball).compute()
+    else:
+        expected = filters.subtract_background(
+            smoothed,
+            radius=params.background_radius,
+            voxel_size=params.voxel_size,
+            downsample=params.background_downsample,
+        ).compute()
+    np.testing.assert_array_equal(image, expected)

@@ -320,7 +320,9 @@ def preprocess(run: Run) -> zarr.Array:
     final = exact_tophat or p.background == "none"
     name = "preprocessed" if final else "smoothed"
     if p.tissue_mask:
-        smoothed = _store_lazy(run, _tissue_smoothed(run), name, label="preprocess", ranged=final)
+        image = _tissue_smoothed(run)
+        image = filters.chain(image, steps) if steps else image  # the exact top-hat, if any
+        smoothed = _store_lazy(run, image, name, label="preprocess", ranged=final)
     else:
         check = partial(_check_finite, path=run.stack.path) if run.data.dtype.kind == "f" else None
         grid = Grid(_region_shape(run.region), p.chunks)
