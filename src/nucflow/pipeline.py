@@ -531,8 +531,12 @@ def _store_blocks(
     label: str,
     ranged: bool = False,
     reusable: bool = True,
+    per_block: dict[tuple[int, ...], dict[str, Any]] | None = None,
 ) -> zarr.Array:
     """One pass writing ``compute(core)`` for every block of ``grid`` to ``.work/<name>.zarr``.
+
+    ``per_block`` maps a block's grid index to keyword arguments of ``compute`` for that block
+    only: each task carries its own (a shared argument would travel with every task).
 
     With ``ranged``, the stored stack's minimum and maximum ride on the pass (the threshold
     needs them and would otherwise read the whole stack once more) and are kept in its
@@ -544,8 +548,14 @@ def _store_blocks(
         return stored
     target = _create(run, name, grid, dtype)
     tasks = [
-        partial(_write_task, core, compute=compute, target=target, ranged=ranged)
-        for _, core in grid.blocks()
+        partial(
+            _write_task,
+            core,
+            compute=partial(compute, **per_block[index]) if per_block else compute,
+            target=target,
+            ranged=ranged,
+        )
+        for index, core in grid.blocks()
     ]
     (ranges,) = run.runner.compute(pass_graph(tasks, name), label=label)
     if ranged:
@@ -703,8 +713,11 @@ def select_components(
     where = [(axis, index) for index in blocks for axis, _ in grid.neighbours_above(index)]
     pairs = [p for per_block in matched for p in per_block]
     keep = components.join(summaries, pairs, blocks=blocks, where=where, decide=decide)
-    compute = partial(_kept_task, keep=keep, decide=decide, **common)
-    kept = _store_blocks(run, name, grid, bool, compute, label=name, reusable=False)
+    compute = partial(_kept_task, decide=decide, **common)
+    per_block = {index: {"keep": table} for index, table in keep.items()}
+    kept = _store_blocks(
+        run, name, grid, bool, compute, label=name, reusable=False, per_block=per_block
+    )
     shutil.rmtree(faces, ignore_errors=True)
     return kept
 
@@ -747,11 +760,10 @@ def _kept_task(
     source: zarr.Array,
     grid: Grid,
     invert: bool,
-    keep: dict,
+    keep: np.ndarray,
     decide: components.Decision,
 ) -> np.ndarray:
-    index = grid.index_of(core)
-    kept = _block_components(index, source, grid, invert).kept(keep[index], decide)
+    kept = _block_components(grid.index_of(core), source, grid, invert).kept(keep, decide)
     return ~kept if invert else kept
 
 
