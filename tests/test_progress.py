@@ -64,7 +64,7 @@ def _status(out: Path, capsys) -> tuple[int, str]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("spec", ["threads", "local"])
+@pytest.mark.parametrize("spec", ["threads", "processes", "local"])
 def test_redirected_stderr_gets_few_complete_lines(stack3d, run_cli, tmp_path, spec):
     """A run with a tiny interval stands for a long one: only the 5 % steps limit the lines."""
     out, log = tmp_path / "out", tmp_path / "stderr.log"

@@ -12,6 +12,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+import nucflow
 from nucflow import table as table_stage
 from nucflow.cli import main
 
@@ -67,6 +68,12 @@ def test_a_large_table_is_a_partitioned_dataset_with_the_same_rows(
     meta = json.loads(pq.read_schema(dataset / "_common_metadata").metadata[b"nucflow"])
     assert meta["voxel_size"] == list(stack3d[1].voxel_size) and meta["unit"] == "micrometer"
 
+    # the Python API reads either form, eagerly or lazily, with the metadata
+    read = nucflow.read_table(out).sort_values("label", ignore_index=True)
+    pd.testing.assert_frame_equal(read, single_file, check_exact=False, rtol=1e-12)
+    assert read.attrs["nucflow"]["unit"] == "micrometer"
+    assert len(nucflow.read_table(out, lazy=True).compute(scheduler="sync")) == len(single_file)
+
     # the driver held a sample of about QC_SAMPLE_ROWS rows (one per block at least)
     n_blocks = int(
         np.prod([-(-n // int(c)) for n, c in zip(stack3d[1].image.shape, CHUNKS, strict=True)])
@@ -81,5 +88,6 @@ def test_a_small_table_is_one_file_sorted_by_label_with_its_csv(stack3d, single_
     assert (out / "nuclei.parquet").is_file()
     rows = pd.read_parquet(out / "nuclei.parquet")
     pd.testing.assert_frame_equal(rows, single_file, check_exact=False, rtol=1e-12)
+    pd.testing.assert_frame_equal(nucflow.read_table(out), rows)
     csv = pd.read_csv(out / "nuclei.csv")
     np.testing.assert_array_equal(csv["label"].to_numpy(np.uint64), rows["label"].to_numpy())

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from nucflow.errors import NucflowError
 
 __version__ = "0.1.0"
-__all__ = ["NucflowError", "__version__"]
+__all__ = ["NucflowError", "__version__", "read_table"]
+
+
+def read_table(output: str | os.PathLike[str], *, lazy: bool = False) -> Any:
+    """The nuclei table of a run's output directory; see :func:`nucflow.table.read_table`."""
+    from nucflow.table import read_table as read
+
+    return read(output, lazy=lazy)

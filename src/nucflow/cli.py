@@ -266,6 +266,8 @@ def _run(args: argparse.Namespace) -> None:
         else result.get("stack", "outputs")
     )
     print(f"nucflow run: {made} in {elapsed:.1f} s -> {job.output}")
+    if "table" in job.facts:  # a partitioned table and no CSV: say so where the user looks
+        print(f"nucflow run: {job.facts['table']}", file=sys.stderr)
 
 
 def _plan(args: argparse.Namespace) -> None:

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from nucflow import measure
 from nucflow.blockpass import Grid, pass_graph
 
-__all__ = ["Table", "part_name", "gather", "write"]
+__all__ = ["Table", "part_name", "gather", "write", "read_table"]
 
 #: Rows of the QC sample the driver holds, whatever the number of nuclei.
 QC_SAMPLE_ROWS = 100_000
@@ -213,3 +213,33 @@ def write(table: Table, output: Path, *, single_file_rows: int, empty: pd.DataFr
     (output / "nuclei.csv").unlink(missing_ok=True)
     os.replace(folder, final)
     return "dataset"
+
+
+def read_table(output: str | os.PathLike[str], *, lazy: bool = False) -> Any:
+    """The nuclei table of a run's output directory, single file or partitioned dataset.
+
+    Parameters
+    ----------
+    output : path
+        The run's ``--output`` directory (or its ``nuclei.parquet`` itself).
+    lazy : bool, optional
+        Return a ``dask.dataframe.DataFrame`` (one partition per part file) instead of
+        reading everything into pandas.
+
+    Returns
+    -------
+    pandas.DataFrame or dask.dataframe.DataFrame
+        A pandas frame's ``.attrs["nucflow"]`` holds the voxel size and unit from the Parquet
+        metadata (dask frames have no ``attrs``: read them from the eager frame, or from
+        ``pyarrow.parquet.read_schema``).
+    """
+    path = Path(output)
+    path = path if path.name == "nuclei.parquet" else path / "nuclei.parquet"
+    if lazy:
+        import dask.dataframe as dd
+
+        return dd.read_parquet(str(path))
+    schema = pq.read_schema(path / "_common_metadata" if path.is_dir() else path)
+    frame = pd.read_parquet(path)
+    frame.attrs["nucflow"] = json.loads((schema.metadata or {}).get(b"nucflow", b"{}"))
+    return frame
