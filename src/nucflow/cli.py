@@ -225,20 +225,24 @@ def _load_flow(name: str) -> ModuleType:
     return module
 
 
+def _cluster_options(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
+    """Keywords of ``cluster.connect`` / ``cluster.describe`` from the command line."""
+    return {
+        "scheduler_file": args.scheduler_file,
+        "jobs": args.jobs,
+        "adapt": _adapt(args.adapt),
+        "settings": config["cluster"],
+        "dashboard_address": args.dashboard_address,
+    }
+
+
 def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """Run a flow for parsed ``run`` arguments; returns the run and the flow's result."""
     from nucflow import cluster, pipeline
 
     stack, params, config = _prepare(args)
     flow = _load_flow(args.flow)
-    with cluster.connect(
-        args.cluster,
-        scheduler_file=args.scheduler_file,
-        jobs=args.jobs,
-        adapt=_adapt(args.adapt),
-        settings=config["cluster"],
-        dashboard_address=args.dashboard_address,
-    ) as runner:
+    with cluster.connect(args.cluster, **_cluster_options(args, config)) as runner:
         job = pipeline.open_run(
             stack,
             params,
@@ -275,14 +279,8 @@ def _plan(args: argparse.Namespace) -> None:
     from nucflow.plan import make_plan
 
     stack, params, config = _prepare(args)
-    where = cluster.describe(  # checks the cluster options before the calibration runs
-        args.cluster,
-        scheduler_file=args.scheduler_file,
-        jobs=args.jobs,
-        adapt=_adapt(args.adapt),
-        settings=config["cluster"],
-        dashboard_address=args.dashboard_address,
-    )
+    # checks the cluster options before the calibration runs
+    where = cluster.describe(args.cluster, **_cluster_options(args, config))
     print(make_plan(stack, params, config, _load_flow("nuclei").run))
     print(f"cluster    {where}")
 
