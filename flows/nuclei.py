@@ -1,5 +1,5 @@
-"""The nuclei flow (`nucflow run`): preprocess, global threshold, mask, seam-free segmentation,
-the table.
+"""The nuclei flow (`nucflow run`): preprocess, detection (local, or a global threshold), mask,
+seam-free segmentation, the table.
 
 Every stage is a pass (or a few) from stored inputs to stored outputs under the output's
 `.work/`: each task holds one block and its halo, so memory does not grow with the stack, and
@@ -19,9 +19,9 @@ def run(job: pipeline.Run) -> dict[str, Any]:
     with job.stage("preprocess"):
         image = pipeline.preprocess(job)
     with job.stage("threshold"):
-        threshold = pipeline.global_threshold(job, image)
+        found = pipeline.foreground(job, image)
     with job.stage("mask"):
-        mask = pipeline.clean_mask(job, image, threshold)
+        mask = pipeline.clean_mask(job, found)
     with job.stage("segment"):
         pipeline.segment(job, mask)
     with job.stage("table"):

@@ -70,9 +70,8 @@ def _stages_on(source, out, chunks, *overrides):
     with cluster.connect("threads", progress=False) as runner:
         run = pipeline.open_run(stack, params, out, runner=runner, config=conf)
         image = pipeline.preprocess(run)
-        threshold = pipeline.global_threshold(run, image)
-        mask = pipeline.clean_mask(run, image, threshold)
-        return params, np.asarray(image), threshold, np.asarray(mask)
+        mask = pipeline.clean_mask(run, pipeline.foreground(run, image))
+        return params, np.asarray(image), run.facts, np.asarray(mask)
 
 
 @pytest.mark.parametrize("background", ["tophat", "median", "gaussian"])
@@ -89,7 +88,10 @@ def test_stored_passes_equal_the_whole_array_steps(stack3d, tmp_path, background
 
     source, made = stack3d
     setting = f"preprocess.background={background}"
-    params, image, threshold, mask = _stages_on(source, tmp_path / "a", (13, 37, 41), setting)
+    params, image, facts, mask = _stages_on(
+        source, tmp_path / "a", (13, 37, 41), setting, "threshold.method=otsu"
+    )
+    threshold = facts["threshold"]
     whole = da.from_array(made.image, chunks=made.image.shape)
     sigma = tuple(params.sigma / v for v in params.voxel_size)
     expected = filters.subtract_background(

@@ -105,9 +105,12 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "preprocess.tissue_mask": (_optional(lambda v: isinstance(v, str)), "null or a path"),
     "threshold.method": (
-        _one_of("otsu", "li", "triangle", "yen", "value"),
-        "otsu, li, triangle, yen or value",
+        _one_of("local", "otsu", "li", "triangle", "yen", "value"),
+        "local, otsu, li, triangle, yen or value",
     ),
+    "detect.blob_radius": (_optional(_positive), "null or a number > 0"),
+    "detect.snr": (_positive, "a number > 0"),
+    "detect.fraction": (lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1"),
     "threshold.value": (
         _optional(_number),
         "null or a finite number",
@@ -259,6 +262,9 @@ class Params:
     threshold_method: str
     threshold_value: float | None
     threshold_factor: float
+    blob_radius: float
+    snr: float
+    fraction: float
     opening_radius: float
     fill_holes: bool
     min_volume: float
@@ -327,6 +333,9 @@ def resolve(
         threshold_method=config["threshold"]["method"],
         threshold_value=config["threshold"]["value"],
         threshold_factor=float(config["threshold"]["factor"]),
+        blob_radius=derived(config["detect"]["blob_radius"], 0.3),
+        snr=float(config["detect"]["snr"]),
+        fraction=float(config["detect"]["fraction"]),
         opening_radius=derived(msk["opening_radius"], 0.1),
         fill_holes=msk["fill_holes"],
         min_volume=float(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
-from scipy import sparse
+from typing import Any
 
-__all__ = ["match_instances"]
+import numpy as np
+from scipy import ndimage, sparse
+
+__all__ = ["accuracy_report", "match_instances"]
 
 
 def match_instances(
@@ -55,3 +57,97 @@ def match_instances(
         "false_negatives": fn,
         "mean_matched_iou": float(scores[matched].mean()) if tp else 0.0,
     }
+
+
+def accuracy_report(
+    predicted: np.ndarray, truth: np.ndarray, brightness: np.ndarray | None = None
+) -> dict[str, Any]:
+    """What users check first: F1 at IoU 0.5 and 0.7, splits, merges, recall per group.
+
+    Parameters
+    ----------
+    predicted, truth : (M, N[, P]) ndarray of int
+        Label images (0 is background).
+    brightness : (n,) ndarray of float, optional
+        Signal of true nucleus ``label`` at ``brightness[label - 1]``; gives recall per
+        brightness tercile (dim, middle, bright).
+
+    Returns
+    -------
+    dict
+        ``f1_iou50``, ``f1_iou70``, ``precision``, ``recall``, ``mean_matched_iou``,
+        ``splits`` (true nuclei of which two or more found objects each lie at least half
+        inside), ``merges`` (found objects holding at least half of two or more true nuclei),
+        ``recall_by_depth`` (thirds along the first axis, top first) and, with ``brightness``,
+        ``recall_by_brightness`` (terciles, dimmest first).
+    """
+    strict = match_instances(predicted, truth, iou=0.7)
+    loose = match_instances(predicted, truth, iou=0.5)
+    overlap, true_ids, true_size, pred_size = _overlaps(predicted, truth)
+    found = _found(overlap, true_size, pred_size, len(true_ids))
+    depth = ndimage.mean(np.indices(truth.shape)[0], labels=truth, index=true_ids) / max(
+        truth.shape[0], 1
+    )
+    report: dict[str, Any] = {
+        "f1_iou50": loose["f1"],
+        "f1_iou70": strict["f1"],
+        "precision": loose["precision"],
+        "recall": loose["recall"],
+        "mean_matched_iou": loose["mean_matched_iou"],
+        "true_nuclei": len(true_ids),
+        "found_nuclei": len(pred_size),
+        "splits": int(
+            np.sum(
+                np.bincount(overlap.row[_most_inside(overlap, pred_size)], minlength=len(true_ids))
+                >= 2
+            )
+        ),
+        "merges": int(
+            np.sum(
+                np.bincount(
+                    overlap.col[_most_inside(overlap, true_size, rows=True)],
+                    minlength=len(pred_size),
+                )
+                >= 2
+            )
+        ),
+        "recall_by_depth": _recall_by(np.floor(np.asarray(depth) * 3).clip(0, 2), found),
+    }
+    if brightness is not None:
+        level = np.asarray(brightness, float)[true_ids - 1]
+        terciles = np.searchsorted(np.quantile(level, [1 / 3, 2 / 3]), level, side="right")
+        report["recall_by_brightness"] = _recall_by(terciles, found)
+    return report
+
+
+def _overlaps(predicted: np.ndarray, truth: np.ndarray):
+    """Sparse overlap (true x found, background dropped), true ids, sizes."""
+    true_ids, true = np.unique(truth.ravel(), return_inverse=True)
+    _, pred = np.unique(predicted.ravel(), return_inverse=True)
+    true_bg = int(true_ids[0] == 0) if true_ids.size else 0
+    pred_bg = int(predicted.min() == 0) if predicted.size else 0
+    overlap = sparse.coo_matrix((np.ones(pred.size), (true, pred))).tocsr()
+    overlap = overlap[true_bg:, pred_bg:].tocoo()
+    return (
+        overlap,
+        true_ids[true_bg:].astype(np.int64),
+        np.bincount(true)[true_bg:],
+        np.bincount(pred)[pred_bg:],
+    )
+
+
+def _most_inside(overlap, size, *, rows: bool = False) -> np.ndarray:
+    """Overlap entries covering at least half of the found (or, with rows, true) object."""
+    return overlap.data >= 0.5 * size[overlap.row if rows else overlap.col]
+
+
+def _found(overlap, true_size, pred_size, n_true) -> np.ndarray:
+    """Per true nucleus: matched at IoU > 0.5."""
+    union = true_size[overlap.row] + pred_size[overlap.col] - overlap.data
+    found = np.zeros(n_true, bool)
+    found[overlap.row[overlap.data / union > 0.5]] = True
+    return found
+
+
+def _recall_by(group: np.ndarray, found: np.ndarray) -> list[float | None]:
+    return [float(found[group == g].mean()) if np.any(group == g) else None for g in range(3)]

@@ -48,7 +48,11 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "voxel_size", "chunks", "sigma", "background", "background_radius",
         "background_downsample", "tissue_mask",
     ),
-    "threshold": ("threshold_method", "threshold_value", "threshold_factor"),
+    # the global threshold, or the noise level and the local detection's rules
+    "threshold": (
+        "threshold_method", "threshold_value", "threshold_factor", "blob_radius", "snr",
+        "fraction", "peak_radius", "max_radius",
+    ),
     "opened": ("opening_radius",),
     "filled": ("fill_holes", "min_volume"),
     "mask": ("opening_radius", "fill_holes", "min_volume"),

@@ -34,11 +34,12 @@ import pandas as pd
 import zarr
 
 import nucflow
-from nucflow import components, filters, fingerprint, io, lock, measure, resample
+from nucflow import components, detect, filters, fingerprint, io, lock, measure, resample
 from nucflow import progress as progress_report
 from nucflow import table as table_stage
 from nucflow.blockpass import Grid, Region, fmt_region, padded, pass_graph
 from nucflow.config import Params
+from nucflow.detect import DetectParams
 from nucflow.errors import BlockError, ConfigError, NucflowError, OutputError, ParameterError
 from nucflow.segment import SegmentParams, segment_block
 
@@ -48,7 +49,7 @@ __all__ = [
     "preprocess",
     "filter_pass",
     "select_components",
-    "global_threshold",
+    "foreground",
     "clean_mask",
     "segment",
     "table",
@@ -613,31 +614,77 @@ def _store_lazy(run: Run, array: da.Array, name: str, *, label: str, ranged: boo
     return target
 
 
-def global_threshold(run: Run, image: zarr.Array) -> float:
-    """The foreground threshold of the whole stack, from one global histogram pass."""
+def foreground(run: Run, image: zarr.Array) -> Above | Detected:
+    """What the mask stage reads: the local detection, or the image above a global threshold.
+
+    Either needs one global pass first: the background noise (a histogram of the stack) or
+    the threshold. Stored in ``.work/threshold.json`` for ``--resume``.
+    """
     p = run.params
+    if p.threshold_method == "local":
+        noise = _stack_value(run, "noise", partial(_noise, run, image))
+        return Detected(image, detect_params(p, noise))
+    return Above(image, _stack_value(run, "threshold", partial(_threshold, run, image)))
+
+
+def detect_params(p: Params, noise: float) -> DetectParams:
+    return DetectParams(
+        voxel_size=p.voxel_size,
+        blob_radius=p.blob_radius,
+        peak_radius=p.peak_radius,
+        max_radius=p.max_radius,
+        snr=p.snr,
+        fraction=p.fraction,
+        noise=noise,
+    )
+
+
+def _stack_value(run: Run, name: str, compute: Callable[[], float]) -> float:
+    """A number computed from the whole stack, reused by ``--resume`` when still valid."""
     done = run.work / "threshold.json"
     if fingerprint.reusable(run, "threshold", done):
-        value = json.loads(done.read_text())["threshold"]
-    elif p.threshold_method == "value":
+        stored = json.loads(done.read_text())
+        if name in stored:
+            run.facts[name] = stored[name]
+            return stored[name]
+    value = compute()
+    _write_atomic(done, json.dumps({name: value}).encode())
+    fingerprint.record(run, "threshold")
+    run.facts[name] = value
+    return value
+
+
+def _threshold(run: Run, image: zarr.Array) -> float:
+    p = run.params
+    if p.threshold_method == "value":
         if p.threshold_value is None:
             raise ConfigError("`threshold.method` is value but `threshold.value` is null; set both")
-        value = float(p.threshold_value)
-    else:
-        value_range = image.attrs.get("value_range")
-        with dask.config.set(scheduler=run.runner.scheduler):
-            value = float(
-                filters.threshold(
-                    da.from_zarr(image),
-                    method=p.threshold_method,
-                    value_range=None if value_range is None else tuple(value_range),
-                )
-            )
-        value *= p.threshold_factor
-    _write_atomic(done, json.dumps({"threshold": value}).encode())
-    fingerprint.record(run, "threshold")
-    run.facts["threshold"] = value
-    return value
+        return float(p.threshold_value)
+    value_range = image.attrs.get("value_range")
+    with dask.config.set(scheduler=run.runner.scheduler):
+        value = filters.threshold(
+            da.from_zarr(image),
+            method=p.threshold_method,
+            value_range=None if value_range is None else tuple(value_range),
+        )
+    return float(value) * p.threshold_factor
+
+
+# Histogram bins of the noise estimate: fine enough for a noise of 1e-4 of the value range.
+_NOISE_BINS = 1 << 16
+
+
+def _noise(run: Run, image: zarr.Array) -> float:
+    """The background noise of the stored image, from one histogram pass over the stack."""
+    low, high = image.attrs.get("value_range") or (0.0, 0.0)
+    if not high > low:
+        return 1.0  # a constant image: no blob passes any positive threshold anyway
+    # Values at the minimum are left out: a top-hat is exactly 0 wherever the opening touches
+    # the image, a spike that is not the noise's mode.
+    above_min = float(np.nextafter(np.float32(low), np.float32(np.inf)))
+    counts, edges = da.histogram(da.from_zarr(image), bins=_NOISE_BINS, range=(above_min, high))
+    (counts,) = run.runner.compute(counts, label="noise")
+    return detect.noise_level(np.asarray(counts), np.asarray(edges))
 
 
 class Above:
@@ -651,10 +698,25 @@ class Above:
         return np.asarray(self.source[key]) > self.threshold
 
 
-def clean_mask(run: Run, image: zarr.Array, threshold: float) -> zarr.Array:
-    """Foreground mask: threshold, opening, hole filling, small-object removal (bool).
+class Detected:
+    """The local detection's foreground as a readable stack; each read adds its own halo."""
 
-    Thresholding and the opening are one pass; hole filling and small-object removal are
+    def __init__(self, source: Any, params: DetectParams) -> None:
+        self.source, self.params = source, params
+        self.shape, self.dtype = tuple(source.shape), np.dtype(bool)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        wanted = tuple(slice(*k.indices(n)[:2]) for k, n in zip(key, self.shape, strict=True))
+        read = padded(wanted, self.params.halo(), self.shape)
+        core = _shifted(wanted, tuple(-r.start for r in read))
+        return detect.foreground(np.asarray(self.source[read]), self.params, core)
+
+
+def clean_mask(run: Run, found: Above | Detected) -> zarr.Array:
+    """Foreground mask: detection, opening, hole filling, small-object removal (bool).
+
+    Detection (:func:`foreground`) and the opening are one pass; hole filling and small-object
+    removal are
     global (a hole or an object may span blocks) and each runs as three passes over the
     stored mask before it (:func:`select_components`).
     """
@@ -662,8 +724,8 @@ def clean_mask(run: Run, image: zarr.Array, threshold: float) -> zarr.Array:
     steps: list[tuple[str, dict[str, Any]]] = []
     if p.opening_radius > 0:
         steps.append(("opening", {"footprint": filters.ellipsoid(p.opening_radius, p.voxel_size)}))
-    grid = Grid(tuple(image.shape), p.chunks)
-    mask = filter_pass(run, "opened", Above(image, threshold), steps, grid, label="threshold")
+    grid = Grid(found.shape, p.chunks)
+    mask = filter_pass(run, "opened", found, steps, grid, label="threshold")
     if p.fill_holes:
         mask = select_components(run, "filled", mask, _touches_border, invert=True)
     min_voxels = int(p.min_volume / math.prod(p.voxel_size))
