@@ -215,7 +215,7 @@ BAD_INPUTS = {
     ),
     "unknown threshold method": (
         "run --input {u16} --output {out} --set threshold.method=foo",
-        r"config `threshold\.method` must be otsu, li, triangle, yen or value, got 'foo'$",
+        r"config `threshold\.method` must be local, otsu, li, triangle, yen or value, got 'foo'$",
     ),
     "fill_holes not a bool": (
         "run --input {u16} --output {out} --set mask.fill_holes=maybe",

@@ -119,11 +119,14 @@ def test_accuracy_3d(stack3d, one_block):
     assert len(table) == len(np.unique(labels)) - 1
 
 
-def test_accuracy_2d(stack2d, tmp_path):
+@pytest.mark.parametrize(("method", "lowest_f1"), [("local", 0.93), ("otsu", 0.95)])
+def test_accuracy_2d(stack2d, tmp_path, method, lowest_f1):
+    """Even, bright nuclei: either detection. (Local merges two touching pairs more.)"""
     source, made = stack2d
-    table, labels = run_flow(source, tmp_path / "out2d", "--chunks", "70", "90")
+    setting = f"threshold.method={method}"
+    table, labels = run_flow(source, tmp_path / "out2d", "--chunks", "70", "90", "--set", setting)
     score = match_instances(labels, made.truth)
-    assert score["f1"] >= 0.95, score
+    assert score["f1"] >= lowest_f1, score
     assert list(table.columns) == table_columns(2)
 
 

@@ -205,13 +205,15 @@ def noise_level(counts: np.ndarray, edges: np.ndarray) -> float:
 
     The voxels darker than the most common value are background only (nuclei are brighter),
     so their root-mean-square distance to the mode is the noise whatever the share of nuclei.
+    The mode is found on the histogram smoothed by a quarter of the spread found before
+    (a fine histogram's highest bin is a matter of chance), three times over.
 
     Parameters
     ----------
     counts : (B,) ndarray
         Histogram counts of the whole stack.
     edges : (B + 1,) ndarray
-        Bin edges.
+        Bin edges (equal widths).
 
     Returns
     -------
@@ -219,10 +221,15 @@ def noise_level(counts: np.ndarray, edges: np.ndarray) -> float:
         The noise's standard deviation (at least the width of one bin).
     """
     centres = 0.5 * (edges[:-1] + edges[1:])
-    mode = int(np.argmax(counts))
-    below = counts[:mode]
     width = float(edges[1] - edges[0])
-    if below.sum() == 0:
-        return width
-    spread = np.sqrt(np.sum(below * (centres[:mode] - centres[mode]) ** 2) / below.sum())
-    return max(float(spread), width)
+    counts = np.asarray(counts, float)
+    spread = width
+    for _ in range(3):
+        smoothed = ndimage.gaussian_filter1d(counts, spread / width / 4, mode="constant")
+        mode = int(np.argmax(smoothed))
+        below = counts[:mode]
+        if below.sum() == 0:
+            return spread
+        squares = np.sum(below * (centres[:mode] - centres[mode]) ** 2) / below.sum()
+        spread = max(float(np.sqrt(squares)), width)
+    return spread
