@@ -6,9 +6,10 @@ rules that depend only on a bounded neighbourhood, so a block read with :meth:`D
 gives its core exactly the mask the whole stack would:
 
 1. **Blob response.** ``R = -s² ∇²(G_s * P)``, the scale-normalized Laplacian of Gaussian of the
-   preprocessed image ``P`` in physical units, with ``s = blob_radius / √ndim`` (the scale at
-   which a ball of that radius responds most). It is large at the centre of a bright blob
-   whatever its absolute brightness, and near zero on smooth background.
+   preprocessed image ``P`` in physical units (central differences of the Gaussian), with
+   ``s = blob_radius / √ndim`` (the scale at which a ball of that radius responds most). It is
+   large at the centre of a bright blob whatever its absolute brightness, and near zero on
+   smooth background.
 2. **Seeds.** A voxel is a seed when ``R`` is the maximum of the box of half-width
    ``peak_radius`` around it and ``R >= snr * noise``, ``noise`` being the background noise of
    ``P`` estimated once for the whole stack (:func:`noise_level`). Ties need no rule: every tied
@@ -87,7 +88,8 @@ class DetectParams:
 
     def halo(self) -> tuple[int, ...]:
         """Context per axis, in voxels, that makes a block's core exact (see the module doc)."""
-        response = tuple(int(_TRUNCATE * s + 0.5) for s in self.scale)  # scipy's kernel radius
+        # scipy's Gaussian kernel radius, and one voxel for the central differences
+        response = tuple(int(_TRUNCATE * s + 0.5) + 1 for s in self.scale)
         reach = self.voxels(self.max_radius)
         peak = self.voxels(self.peak_radius)
         return tuple(max(2 * m, m + p + r) for m, p, r in zip(reach, peak, response, strict=True))
@@ -95,6 +97,9 @@ class DetectParams:
 
 def blob_response(image: np.ndarray, params: DetectParams) -> np.ndarray:
     """Scale-normalized negative Laplacian of Gaussian, in physical units (float32).
+
+    The Gaussian is scipy's; the Laplacian of it is taken by central differences (one
+    Gaussian instead of one per axis: a third of the cost, and the same blobs).
 
     Parameters
     ----------
@@ -106,15 +111,13 @@ def blob_response(image: np.ndarray, params: DetectParams) -> np.ndarray:
     (M, N[, P]) ndarray of float32
         Positive at bright blobs; equal, away from a block's edges, to the whole-array result.
     """
-    data = np.asarray(image, np.float32)
-    sigma_um2 = (params.blob_radius / math.sqrt(data.ndim)) ** 2
-    total = np.zeros(data.shape, np.float32)
+    smooth = ndimage.gaussian_filter(
+        np.asarray(image, np.float32), params.scale, mode="reflect", truncate=_TRUNCATE
+    )
+    sigma_um2 = (params.blob_radius / math.sqrt(smooth.ndim)) ** 2
+    total = np.zeros(smooth.shape, np.float32)
     for axis, voxel in enumerate(params.voxel_size):
-        order = [0] * data.ndim
-        order[axis] = 2
-        second = ndimage.gaussian_filter(
-            data, params.scale, order=order, mode="reflect", truncate=_TRUNCATE
-        )
+        second = ndimage.correlate1d(smooth, [1.0, -2.0, 1.0], axis=axis, mode="reflect")
         total += second * np.float32(sigma_um2 / voxel**2)
     return -total
 
@@ -127,9 +130,17 @@ def seeds(response: np.ndarray, params: DetectParams, region: tuple[slice, ...])
     (K, ndim) ndarray of int64
         Coordinates in ``response``.
     """
-    box = tuple(2 * n + 1 for n in params.voxels(params.peak_radius))
+    half = params.voxels(params.peak_radius)
+    around = tuple(
+        slice(max(0, r.start - h), min(n, r.stop + h))
+        for r, h, n in zip(region, half, response.shape, strict=True)
+    )
+    inside = tuple(
+        slice(r.start - a.start, r.stop - a.start) for r, a in zip(region, around, strict=True)
+    )
+    box = tuple(2 * h + 1 for h in half)
+    peak = ndimage.maximum_filter(response[around], size=box, mode="reflect")[inside]
     inner = response[region]
-    peak = ndimage.maximum_filter(response, size=box, mode="reflect")[region]
     found = np.argwhere((inner == peak) & (inner >= params.snr * params.noise))
     return found + np.array([s.start for s in region])
 
