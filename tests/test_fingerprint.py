@@ -45,8 +45,11 @@ def test_a_changed_parameter_changes_its_stage_and_every_later_one():
     sigma = _chain(_params(sigma=1.0))
     assert all(sigma[s] != base[s] for s in base)
     # a parameter only segmentation reads reaches only segmentation (not listed: all params)
-    radius = _chain(_params(max_radius=12.0))
+    radius = _chain(_params(min_radius=2.0))
     assert [s for s in base if radius[s] != base[s]] == ["segment"]
+    # the local detection's reach is segment.max_radius: it reaches back to the threshold stage
+    reach = _chain(_params(max_radius=12.0))
+    assert [s for s in base if reach[s] != base[s]] == ["threshold", "mask", "segment"]
 
 
 def test_another_version_changes_every_fingerprint():

@@ -683,8 +683,8 @@ def _noise(run: Run, image: zarr.Array) -> float:
     # the image, a spike that is not the noise's mode.
     above_min = float(np.nextafter(np.float32(low), np.float32(np.inf)))
     counts, edges = da.histogram(da.from_zarr(image), bins=_NOISE_BINS, range=(above_min, high))
-    (counts,) = run.runner.compute(counts, label="noise")
-    return detect.noise_level(np.asarray(counts), np.asarray(edges))
+    with dask.config.set(scheduler=run.runner.scheduler):  # a reduction like the threshold's
+        return detect.noise_level(np.asarray(counts.compute()), np.asarray(edges))
 
 
 class Above:
