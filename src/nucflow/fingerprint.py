@@ -139,7 +139,7 @@ def _add_file(digest: Any, path: str, *, content: bool) -> None:
 
 
 def _add_tree(digest: Any, root: str) -> None:
-    files = []
+    files: list[str] = []
     for folder, dirs, names in os.walk(root):
         dirs.sort()
         digest.update(f"{os.path.relpath(folder, root)}\0{os.stat(folder).st_mtime_ns}\0".encode())

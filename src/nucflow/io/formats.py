@@ -21,10 +21,15 @@ __all__ = ["Format", "read_image", "register_format", "supported_formats"]
 class Format(Protocol):
     """One family of files nucflow can open."""
 
-    #: What it opens, for error messages (e.g. "TIFF/BigTIFF/OME-TIFF/ImageJ TIFF").
-    description: str
-    #: What it looks for in a folder, for the message about a folder nobody claims; or None.
-    folder_marker: str | None
+    @property
+    def description(self) -> str:
+        """What it opens, for error messages (e.g. "TIFF/BigTIFF/OME-TIFF/ImageJ TIFF")."""
+        ...
+
+    @property
+    def folder_marker(self) -> str | None:
+        """What it looks for in a folder, for the message about a folder no format claims."""
+        ...
 
     def claims(self, path: str) -> bool:
         """Whether ``path`` (an existing file or folder, or a glob pattern) is of this format."""

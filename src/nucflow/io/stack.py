@@ -182,7 +182,7 @@ def _to_stack(image: Image, path: str, channel: int | None, chunks: Any) -> Stac
     )
     sizes = [image.scale[i] for i in spatial]
     known = all(s is not None and np.isfinite(s) and s > 0 for s in sizes)
-    voxel = tuple(float(s) for s in sizes) if known else (1.0,) * len(spatial)
+    voxel = tuple(float(s) for s in sizes if s is not None) if known else (1.0,) * len(spatial)
     axes = "zyx"[-len(spatial) :]
     return Stack(data, voxel, axes, known, path, n_channels, sel)
 
@@ -238,7 +238,7 @@ def _block_shape(
         isinstance(chunks, Sequence)
         and not isinstance(chunks, str)
         and len(chunks) == len(shape)
-        and all(isinstance(c, numbers.Integral) and not isinstance(c, bool) and c > 0
+        and all(isinstance(c, numbers.Integral) and not isinstance(c, bool) and int(c) > 0
                 for c in chunks)
     )  # fmt: skip
     if not ok:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import logging
-import numbers
 import os
 import threading
 import warnings
@@ -166,8 +165,8 @@ class SliceSource:
 
     def __getitem__(self, key: Key) -> np.ndarray:
         zkey, yx = key[0], tuple(key[1:])
-        if isinstance(zkey, numbers.Integral):
-            return _read_tiff(self.files[zkey], 0, 0, yx, self.shape[1:])
+        if not isinstance(zkey, slice):
+            return _read_tiff(self.files[int(zkey)], 0, 0, yx, self.shape[1:])
         planes = [_read_tiff(self.files[i], 0, 0, yx, self.shape[1:]) for i in
                   range(len(self.files))[zkey]]  # fmt: skip
         if not planes:

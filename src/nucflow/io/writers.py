@@ -94,7 +94,7 @@ def write_ome_zarr(
             # "../../" is the image group, relative to labels/<name> (NGFF image-label spec).
             sub.attrs["image-label"] = {"version": "0.4", "source": {"image": "../../"}}
     # Blocks match storage chunks, so each block writes whole chunks: no lock is needed.
-    da.store(sources, targets, lock=False, compute=True)
+    da.store(sources, targets, lock=False, compute=True)  # type: ignore[arg-type]  # dask's hint omits dask arrays
 
 
 def create_label_zarr(
@@ -203,7 +203,7 @@ def _storage_chunks(chunks: Sequence[int] | None, arr: da.Array) -> tuple[int, .
         return _check_shape_like("chunks", chunks, arr.ndim)
     # Start from the dask blocks and halve the longest axis: storage chunks then divide the
     # blocks (cheap rechunk) and stay small enough for viewers, which fetch whole chunks.
-    out = list(arr.chunksize)
+    out = [int(c) for c in arr.chunksize]
     while int(np.prod(out)) * arr.dtype.itemsize > 16 * 2**20 and max(out) > 1:
         i = out.index(max(out))
         out[i] = -(-out[i] // 2)

@@ -141,7 +141,7 @@ def _dataset_of_ome_zarr(arr: zarr.Array, path: str, level: int) -> Image | None
         group = zarr.open_group(parent, mode="r")
     except Exception:
         return None  # a parent that is not a zarr group has no metadata to offer
-    attrs = group.attrs.asdict()
+    attrs: dict[str, Any] = group.attrs.asdict()  # untrusted JSON: see _MALFORMED
     ms = (attrs.get("ome", attrs).get("multiscales") or [{}])[0]
     paths = [d.get("path") for d in ms.get("datasets", [])]
     if name not in paths:
@@ -159,7 +159,9 @@ def _zarr_token(path: str, arr: zarr.Array) -> tuple[Any, ...]:
 
 def _plain_zarr(arr: zarr.Array, path: str, level: int) -> Image:
     check_level(level, 1, path)
-    names = getattr(arr.metadata, "dimension_names", None) or arr.attrs.get("_ARRAY_DIMENSIONS")
+    names: Any = getattr(arr.metadata, "dimension_names", None) or arr.attrs.get(
+        "_ARRAY_DIMENSIONS"
+    )
     roles = None
     if names and len(names) == arr.ndim and all(str(n).lower() in "tczyx" for n in names if n):
         roles = "".join(_role_from_name(str(n)) for n in names)
