@@ -37,6 +37,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -102,15 +103,15 @@ def _prepare(
     adapt: tuple[int, int] | None,
     settings: Mapping[str, Any] | None,
     dashboard_address: str | None,
-) -> tuple[Backend, dict[str, Any]]:
-    """The backend a spec names and its options, checked as :func:`connect` needs them."""
+) -> tuple[Backend, Request]:
+    """The backend a spec names and what it is asked for, checked as :func:`connect` needs."""
     backend = _parse(spec, None if scheduler_file is None else os.fspath(scheduler_file))
     _check_scaling(backend, jobs, adapt)
     _check_dashboard_applies(backend, dashboard_address)
     options = _normalize(settings)
     if dashboard_address is not None:
         options["dashboard_address"] = dashboard_address
-    return backend, options
+    return backend, Request(options, jobs, adapt)
 
 
 def _parse(spec: str, scheduler_file: str | None) -> Backend:
@@ -476,6 +477,16 @@ def _dashboard_note(link: str) -> str:
 # --- backends --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Request:
+    """What :func:`connect` or :func:`describe` was asked for, checked: the settings (as
+    keyword names, with the dashboard address) and the number of workers or jobs."""
+
+    options: dict[str, Any]
+    jobs: int | None = None
+    adapt: tuple[int, int] | None = None
+
+
 class Backend:
     """One kind of ``--cluster``: how its options are checked, described and started.
 
@@ -488,20 +499,11 @@ class Backend:
     #: Starts its own scheduler and workers: takes ``jobs``/``adapt`` and a dashboard address.
     starts_workers: bool = False
 
-    def describe(
-        self, options: dict[str, Any], jobs: int | None, adapt: tuple[int, int] | None
-    ) -> str:
-        """One line saying where computing would happen; checks ``options``, starts nothing."""
+    def describe(self, req: Request) -> str:
+        """One line saying where computing would happen; checks ``req.options``, starts nothing."""
         raise NotImplementedError
 
-    def start(
-        self,
-        options: dict[str, Any],
-        jobs: int | None,
-        adapt: tuple[int, int] | None,
-        progress: bool,
-        stack: contextlib.ExitStack,
-    ) -> Runner:
+    def start(self, req: Request, progress: bool, stack: contextlib.ExitStack) -> Runner:
         """Start (or connect to) the scheduler; ``stack`` closes what was started."""
         raise NotImplementedError
 
@@ -569,9 +571,9 @@ def connect(
     is not loopback, use TLS with credentials made for this run (the worker jobs read them
     from a 0700 folder of 0600 files, removed on leaving); others cannot connect.
     """
-    backend, options = _prepare(spec, scheduler_file, jobs, adapt, settings, dashboard_address)
+    backend, req = _prepare(spec, scheduler_file, jobs, adapt, settings, dashboard_address)
     with contextlib.ExitStack() as stack:
-        runner = backend.start(options, jobs, adapt, progress, stack)
+        runner = backend.start(req, progress, stack)
         runner.spec = spec if scheduler_file is None else os.fspath(scheduler_file)
         link = runner.dashboard_link
         if link:
@@ -599,24 +601,15 @@ class _Pool(Backend):
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def describe(
-        self, options: dict[str, Any], jobs: int | None, adapt: tuple[int, int] | None
-    ) -> str:
-        _check_keys(options, _POOL_KEYS, self.name)
-        n = options.get("num_workers") or os.cpu_count()
+    def describe(self, req: Request) -> str:
+        _check_keys(req.options, _POOL_KEYS, self.name)
+        n = req.options.get("num_workers") or os.cpu_count()
         what = "threaded" if self.name == "threads" else "multiprocessing"
         return f"{self.name}: dask {what} scheduler, {n} {self.name} on this machine"
 
-    def start(
-        self,
-        options: dict[str, Any],
-        jobs: int | None,
-        adapt: tuple[int, int] | None,
-        progress: bool,
-        stack: contextlib.ExitStack,
-    ) -> Runner:
-        _check_keys(options, _POOL_KEYS, self.name)
-        num_workers = options.get("num_workers")
+    def start(self, req: Request, progress: bool, stack: contextlib.ExitStack) -> Runner:
+        _check_keys(req.options, _POOL_KEYS, self.name)
+        num_workers = req.options.get("num_workers")
         # The scheduler function itself, not its name: for a name, dask imports distributed
         # (0.1 s) to look for a Client first.
         scheduler = _pool_scheduler(self.name)
@@ -671,38 +664,31 @@ class _Local(Backend):
     name = "local"
     starts_workers = True
 
-    def describe(
-        self, options: dict[str, Any], jobs: int | None, adapt: tuple[int, int] | None
-    ) -> str:
-        kw = _local_options(options, jobs)
-        if "dashboard_address" in options:
+    def describe(self, req: Request) -> str:
+        kw = _local_options(req.options, req.jobs)
+        if "dashboard_address" in req.options:
             host = "127.0.0.1" if kw.get("host") is None else str(kw["host"])
-            _check_dashboard(options["dashboard_address"], default_host=host)
+            _check_dashboard(req.options["dashboard_address"], default_host=host)
         workers = kw.get("n_workers", "auto")
-        scale = f"adapting {adapt[0]}-{adapt[1]} workers" if adapt else f"{workers} workers"
+        scale = (
+            f"adapting {req.adapt[0]}-{req.adapt[1]} workers" if req.adapt else f"{workers} workers"
+        )
         return (
             f"local: LocalCluster, {scale} x {kw.get('threads_per_worker', 'auto')} threads, "
             f"memory_limit {kw.get('memory_limit', 'auto')} each"
         )
 
-    def start(
-        self,
-        options: dict[str, Any],
-        jobs: int | None,
-        adapt: tuple[int, int] | None,
-        progress: bool,
-        stack: contextlib.ExitStack,
-    ) -> Runner:
+    def start(self, req: Request, progress: bool, stack: contextlib.ExitStack) -> Runner:
         from distributed import Client, LocalCluster
 
-        kwargs = _local_options(options, jobs)
+        kwargs = _local_options(req.options, req.jobs)
         kwargs = _secure_local(kwargs)
         try:
             cluster = stack.enter_context(LocalCluster(**kwargs))
         except (TypeError, ValueError) as exc:
             raise ClusterError(f"cannot start a LocalCluster with {kwargs}: {exc}") from exc
-        if adapt is not None:
-            cluster.adapt(minimum=adapt[0], maximum=adapt[1])
+        if req.adapt is not None:
+            cluster.adapt(minimum=req.adapt[0], maximum=req.adapt[1])
         client = stack.enter_context(Client(cluster))
         local = _is_loopback(kwargs["dashboard_address"].rpartition(":")[0])
         return Runner(
@@ -736,25 +722,18 @@ class _Existing(Backend):
         self.name = name  # "address" or "file"
         self.target = target
 
-    def describe(
-        self, options: dict[str, Any], jobs: int | None, adapt: tuple[int, int] | None
-    ) -> str:
+    def describe(self, req: Request) -> str:
         if self.name == "file":
             return f"existing dask scheduler from scheduler file {self.target}"
         return f"existing dask scheduler at {self.target}"
 
-    def start(
-        self,
-        options: dict[str, Any],
-        jobs: int | None,
-        adapt: tuple[int, int] | None,
-        progress: bool,
-        stack: contextlib.ExitStack,
-    ) -> Runner:
+    def start(self, req: Request, progress: bool, stack: contextlib.ExitStack) -> Runner:
         from distributed import Client
 
         target = self.target
-        _check_keys(options, frozenset(), "tcp://…" if self.name == "address" else "scheduler-file")
+        _check_keys(
+            req.options, frozenset(), "tcp://…" if self.name == "address" else "scheduler-file"
+        )
         if self.name == "file":
             address = _read_scheduler_file(target)
             source = f" (from scheduler file {target})"
@@ -927,28 +906,23 @@ class _Slurm(Backend):
     name = "slurm"
     starts_workers = True
 
-    def describe(
-        self, options: dict[str, Any], jobs: int | None, adapt: tuple[int, int] | None
-    ) -> str:
-        kw = _slurm_options(options, _import_jobqueue())
+    def describe(self, req: Request) -> str:
+        kw = _slurm_options(req.options, _import_jobqueue())
 
         def get(key: str) -> Any:
             return kw.get(key, dask.config.get(f"jobqueue.slurm.{key}", default=None))
 
-        scale = f"adapting {adapt[0]}-{adapt[1]} jobs" if adapt else f"{jobs or 1} job(s)"
+        scale = (
+            f"adapting {req.adapt[0]}-{req.adapt[1]} jobs"
+            if req.adapt
+            else f"{req.jobs or 1} job(s)"
+        )
         return (
             f"slurm: SLURMCluster, {scale} of {get('cores')} core(s) / {get('memory')}, "
             f"queue {get('queue') or 'default'}, walltime {get('walltime')}"
         )
 
-    def start(
-        self,
-        options: dict[str, Any],
-        jobs: int | None,
-        adapt: tuple[int, int] | None,
-        progress: bool,
-        stack: contextlib.ExitStack,
-    ) -> Runner:
+    def start(self, req: Request, progress: bool, stack: contextlib.ExitStack) -> Runner:
         jobqueue = _import_jobqueue()
         if shutil.which("sbatch") is None:
             raise ClusterError(
@@ -957,7 +931,7 @@ class _Slurm(Backend):
             )
         from distributed import Client
 
-        kwargs = _slurm_options(options, jobqueue)
+        kwargs = _slurm_options(req.options, jobqueue)
         credentials = None
         if "security" not in kwargs:  # a Security given in settings is the user's choice
             credentials = _CredentialFolder(_credential_parent(kwargs))
@@ -972,7 +946,7 @@ class _Slurm(Backend):
                 f"cannot configure SLURMCluster ({exc}); set jobqueue.slurm.* in your dask config "
                 "or DASK_JOBQUEUE__SLURM__* variables"
             ) from exc
-        low, high = adapt if adapt is not None else (jobs or 1, jobs or 1)
+        low, high = req.adapt if req.adapt is not None else (req.jobs or 1, req.jobs or 1)
         # Adaptive even for a fixed count: cluster.scale(jobs=N) never replaces a job that
         # Slurm ended (walltime, preemption, scancel), and the computation would wait forever.
         cluster.adapt(minimum_jobs=low, maximum_jobs=high)
@@ -1020,8 +994,8 @@ def describe(
     ClusterError
         As :func:`connect` would for an unknown spec or bad options.
     """
-    backend, options = _prepare(spec, scheduler_file, jobs, adapt, settings, dashboard_address)
-    return backend.describe(options, jobs, adapt)
+    backend, req = _prepare(spec, scheduler_file, jobs, adapt, settings, dashboard_address)
+    return backend.describe(req)
 
 
 #: The backends ``--cluster`` names, in the order help and error messages list them.
