@@ -1,4 +1,4 @@
-"""The CLI contract (design.md): bad input or usage exits 2 with ONE line on stderr naming the
+"""The CLI contract (docs/design.md): bad input or usage exits 2 with ONE line on stderr naming the
 thing and the fix, never a traceback; degenerate but valid stacks run to completion.
 
 Policy for non-finite voxels (NaN/inf in a float input): refuse with exit 2, naming the file,

@@ -22,6 +22,7 @@ from nucflow.blockpass import pass_graph
 from nucflow.cli import main
 from nucflow.cluster import connect
 from nucflow.config import load, resolve
+from nucflow.plan import pass_tasks
 from nucflow.progress import Reporter, Settings, nuclei_passes
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d nucflow: "
@@ -150,6 +151,26 @@ def test_pass_plan_matches_the_passes_a_run_makes(stack3d, run_cli, tmp_path):
     assert made["mask"] == 4  # thresholding, then three passes of hole filling only
     assert all(s["state"] == "done" for s in progress["stages"].values())
     assert progress["eta_s"]["run"] == 0.0
+
+
+def test_plan_counts_the_tasks_of_the_passes_a_run_makes(stack3d, run_cli, tmp_path):
+    """One description of the pass structure (nuclei_pass_grids): the ETA's passes and
+    `nucflow plan`'s task count both follow it, here with a background on cells of one voxel
+    (four preprocess passes, which plan once counted as one)."""
+    out = tmp_path / "out"
+    sets = ["preprocess.background=gaussian", "preprocess.background_downsample=1"]
+    run_cli(stack3d[0], out, *(a for s in sets for a in ("--set", s)))
+    record = json.loads((out / "run.json").read_text())
+    stages = record["progress"]["stages"]
+    config = load(options={"chunks": [8, 32, 32]}, overrides=sets)
+    shape = tuple(b - a for a, b in record["data_region"])
+    params = resolve(config, shape=shape, voxel_size=(1.0, 0.5, 0.5))
+    assert {name: len(stage["passes"]) for name, stage in stages.items()} == nuclei_passes(params)
+    assert len(stages["preprocess"]["passes"]) == 4
+    tasks = pass_tasks(params, shape)
+    for name, stage in stages.items():
+        if stage["passes"] and name != "threshold":  # the threshold adds its histogram tree
+            assert tasks[name] == sum(p["total"] + 1 for p in stage["passes"]), name
 
 
 # --- nucflow status -----------------------------------------------------------------------

@@ -236,6 +236,7 @@ def _load_flow(name: str) -> ModuleType:
             f"--flow {name!r}: no such flow ({path}); use nuclei, preprocess or a .py file"
         )
     spec = importlib.util.spec_from_file_location(f"nucflow_flow_{path.stem}", path)
+    assert spec is not None and spec.loader is not None  # a .py file always has a loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -37,6 +37,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -48,12 +49,19 @@ import yaml
 from nucflow import progress as _progress
 from nucflow.errors import ClusterError
 
-__all__ = ["Runner", "connect", "describe", "CONNECT_TIMEOUT", "DEFAULT_DASHBOARD"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Runner",
+    "connect",
+    "describe",
+    "CONNECT_TIMEOUT",
+    "DEFAULT_DASHBOARD",
+]
 
 #: Seconds to wait for an existing scheduler before giving up with a ClusterError.
 CONNECT_TIMEOUT = 5
 
-_NAMES = ("threads", "processes", "local", "slurm")
 _ADDRESS = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
 _HOST_PORT = re.compile(r"^[\w.-]+:\d+$")
 _LOCAL_KEYS = frozenset(
@@ -88,44 +96,61 @@ _DUMPED_CREDENTIALS = ("_job_ca_file", "_job_cert", "_job_key")
 # --- parsing ---------------------------------------------------------------------------
 
 
-def _parse(spec: str, scheduler_file: str | None) -> tuple[str, str | None]:
-    """Classify a spec as (kind, target); kind is a name from _NAMES, 'address' or 'file'."""
+def _prepare(
+    spec: str,
+    scheduler_file: str | os.PathLike[str] | None,
+    jobs: int | None,
+    adapt: tuple[int, int] | None,
+    settings: Mapping[str, Any] | None,
+    dashboard_address: str | None,
+) -> tuple[Backend, Request]:
+    """The backend a spec names and what it is asked for, checked as :func:`connect` needs."""
+    backend = _parse(spec, None if scheduler_file is None else os.fspath(scheduler_file))
+    _check_scaling(backend, jobs, adapt)
+    _check_dashboard_applies(backend, dashboard_address)
+    options = _normalize(settings)
+    if dashboard_address is not None:
+        options["dashboard_address"] = dashboard_address
+    return backend, Request(options, jobs, adapt)
+
+
+def _parse(spec: str, scheduler_file: str | None) -> Backend:
+    """The backend a spec names: a named one (BACKENDS) or an existing scheduler."""
     if scheduler_file is not None:
         if spec not in ("threads", "", None):
             raise ClusterError(
                 f"--cluster {spec!r} and a scheduler file {scheduler_file!r} were both given; "
                 "give only one"
             )
-        return "file", os.fspath(scheduler_file)
+        return _Existing("file", os.fspath(scheduler_file))
     if not isinstance(spec, str) or not spec.strip():
         raise ClusterError(_unknown_message(repr(spec)))
     text = spec.strip()
     if _ADDRESS.match(text):
-        return "address", text
+        return _Existing("address", text)
     if _HOST_PORT.match(text):
         # dask's convention: a bare HOST:PORT means TCP.
-        return "address", f"tcp://{text}"
-    name = text.lower()
-    if name in _NAMES:
-        return name, None
-    raise ClusterError(_unknown_message(text))
+        return _Existing("address", f"tcp://{text}")
+    backend = BACKENDS.get(text.lower())
+    if backend is None:
+        raise ClusterError(_unknown_message(text))
+    return backend
 
 
 def _unknown_message(text: str) -> str:
-    hint = difflib.get_close_matches(text.lower(), _NAMES, n=1, cutoff=0.6)
+    hint = difflib.get_close_matches(text.lower(), list(BACKENDS), n=1, cutoff=0.6)
     suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
     return (
-        f"unknown --cluster {text!r}; choose threads, processes, local, slurm or "
-        f"tcp://HOST:PORT{suggestion}"
+        f"unknown --cluster {text!r}; choose {', '.join(BACKENDS)} or tcp://HOST:PORT{suggestion}"
     )
 
 
-def _check_scaling(kind: str, jobs: int | None, adapt: tuple[int, int] | None) -> None:
+def _check_scaling(backend: Backend, jobs: int | None, adapt: tuple[int, int] | None) -> None:
     if jobs is not None and adapt is not None:
         raise ClusterError("give either jobs (a fixed number) or adapt=(MIN, MAX), not both")
-    if (jobs is not None or adapt is not None) and kind not in ("local", "slurm"):
+    if (jobs is not None or adapt is not None) and not backend.starts_workers:
         what = "jobs" if jobs is not None else "adapt"
-        raise ClusterError(f"{what} applies only to --cluster local or slurm, not {kind!r}")
+        raise ClusterError(f"{what} applies only to --cluster {_starting()}, not {backend.name!r}")
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise ClusterError(f"jobs must be a whole number >= 1, got {jobs!r}")
     if adapt is not None:
@@ -171,7 +196,7 @@ def _is_loopback(host: str | None) -> bool:
         infos = socket.getaddrinfo(host, None)
     except (OSError, UnicodeError):
         return False  # unknown: assume the worst
-    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+    return all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
 
 
 def _address_host(address: str) -> str:
@@ -449,6 +474,40 @@ def _dashboard_note(link: str) -> str:
     return f" (elsewhere: ssh -L {port}:127.0.0.1:{port} {socket.gethostname()})"
 
 
+# --- backends --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """What :func:`connect` or :func:`describe` was asked for, checked: the settings (as
+    keyword names, with the dashboard address) and the number of workers or jobs."""
+
+    options: dict[str, Any]
+    jobs: int | None = None
+    adapt: tuple[int, int] | None = None
+
+
+class Backend:
+    """One kind of ``--cluster``: how its options are checked, described and started.
+
+    A new backend is a subclass with ``describe`` and ``start``, registered in
+    :data:`BACKENDS` under the name ``--cluster`` takes.
+    """
+
+    #: The name ``--cluster`` takes (``"address"``/``"file"`` for an existing scheduler).
+    name: str = ""
+    #: Starts its own scheduler and workers: takes ``jobs``/``adapt`` and a dashboard address.
+    starts_workers: bool = False
+
+    def describe(self, req: Request) -> str:
+        """One line saying where computing would happen; checks ``req.options``, starts nothing."""
+        raise NotImplementedError
+
+    def start(self, req: Request, progress: bool, stack: contextlib.ExitStack) -> Runner:
+        """Start (or connect to) the scheduler; ``stack`` closes what was started."""
+        raise NotImplementedError
+
+
 # --- connect ---------------------------------------------------------------------------
 
 
@@ -512,23 +571,10 @@ def connect(
     is not loopback, use TLS with credentials made for this run (the worker jobs read them
     from a 0700 folder of 0600 files, removed on leaving); others cannot connect.
     """
-    kind, target = _parse(spec, None if scheduler_file is None else os.fspath(scheduler_file))
-    _check_scaling(kind, jobs, adapt)
-    _check_dashboard_kind(kind, dashboard_address)
-    options = _normalize(settings)
-    if dashboard_address is not None:
-        options["dashboard_address"] = dashboard_address
-    label = os.fspath(scheduler_file) if kind == "file" else spec
+    backend, req = _prepare(spec, scheduler_file, jobs, adapt, settings, dashboard_address)
     with contextlib.ExitStack() as stack:
-        if kind in ("threads", "processes"):
-            runner = _pool_runner(kind, options, progress, stack)
-        elif kind == "local":
-            runner = _local_runner(options, jobs, adapt, progress, stack)
-        elif kind == "slurm":
-            runner = _slurm_runner(options, jobs, adapt, progress, stack)
-        else:
-            runner = _remote_runner(kind, target, options, progress, stack)
-        runner.spec = label
+        runner = backend.start(req, progress, stack)
+        runner.spec = spec if scheduler_file is None else os.fspath(scheduler_file)
         link = runner.dashboard_link
         if link:
             note = _dashboard_note(link) if link.startswith("http://127.0.0.1:") else ""
@@ -536,30 +582,47 @@ def connect(
         yield runner
 
 
-def _check_dashboard_kind(kind: str, dashboard_address: str | None) -> None:
-    if dashboard_address is not None and kind not in ("local", "slurm"):
+def _check_dashboard_applies(backend: Backend, dashboard_address: str | None) -> None:
+    if dashboard_address is not None and not backend.starts_workers:
         raise ClusterError(
-            f"--dashboard-address applies only to --cluster local or slurm (nucflow starts "
-            f"no scheduler for {kind!r}); leave it out"
+            f"--dashboard-address applies only to --cluster {_starting()} (nucflow starts "
+            f"no scheduler for {backend.name!r}); leave it out"
         )
 
 
-def _pool_runner(kind: str, options: dict, progress: bool, stack: contextlib.ExitStack) -> Runner:
-    _check_keys(options, _POOL_KEYS, kind)
-    num_workers = options.get("num_workers")
-    # The scheduler function itself, not its name: for a name, dask imports distributed
-    # (0.1 s) to look for a Client first.
-    scheduler = _pool_scheduler(kind)
-    config: dict[str, Any] = {"scheduler": scheduler}
-    if num_workers is not None:
-        config["num_workers"] = int(num_workers)
-    if kind == "processes":
-        # One pool for the whole run: dask would start (spawn, import) a new pool for every
-        # compute, and a run computes one pass after another (~2 s each on 2 cores).
-        config["pool"] = stack.enter_context(_process_pool(num_workers))
-    # Plain .compute() calls inside the context go to the same scheduler.
-    stack.enter_context(dask.config.set(config))
-    return Runner(kind, scheduler=scheduler, num_workers=num_workers, progress=progress)
+def _starting() -> str:
+    """The backends that start a scheduler and workers, e.g. "local or slurm"."""
+    return " or ".join(name for name, b in BACKENDS.items() if b.starts_workers)
+
+
+class _Pool(Backend):
+    """dask's threaded or multiprocessing scheduler in this process; no client."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def describe(self, req: Request) -> str:
+        _check_keys(req.options, _POOL_KEYS, self.name)
+        n = req.options.get("num_workers") or os.cpu_count()
+        what = "threaded" if self.name == "threads" else "multiprocessing"
+        return f"{self.name}: dask {what} scheduler, {n} {self.name} on this machine"
+
+    def start(self, req: Request, progress: bool, stack: contextlib.ExitStack) -> Runner:
+        _check_keys(req.options, _POOL_KEYS, self.name)
+        num_workers = req.options.get("num_workers")
+        # The scheduler function itself, not its name: for a name, dask imports distributed
+        # (0.1 s) to look for a Client first.
+        scheduler = _pool_scheduler(self.name)
+        config: dict[str, Any] = {"scheduler": scheduler}
+        if num_workers is not None:
+            config["num_workers"] = int(num_workers)
+        if self.name == "processes":
+            # One pool for the whole run: dask would start (spawn, import) a new pool for
+            # every compute, and a run computes one pass after another (~2 s each on 2 cores).
+            config["pool"] = stack.enter_context(_process_pool(num_workers))
+        # Plain .compute() calls inside the context go to the same scheduler.
+        stack.enter_context(dask.config.set(config))
+        return Runner(self.name, scheduler=scheduler, num_workers=num_workers, progress=progress)
 
 
 def _process_pool(num_workers: int | None) -> Any:
@@ -595,26 +658,42 @@ def _local_options(options: dict, jobs: int | None) -> dict[str, Any]:
     return {k: v for k, v in merged.items() if v is not None}
 
 
-def _local_runner(
-    options: dict,
-    jobs: int | None,
-    adapt: tuple[int, int] | None,
-    progress: bool,
-    stack: contextlib.ExitStack,
-) -> Runner:
-    from distributed import Client, LocalCluster
+class _Local(Backend):
+    """A distributed LocalCluster sized from settings or ``configs/cluster/local.yaml``."""
 
-    kwargs = _local_options(options, jobs)
-    kwargs = _secure_local(kwargs)
-    try:
-        cluster = stack.enter_context(LocalCluster(**kwargs))
-    except (TypeError, ValueError) as exc:
-        raise ClusterError(f"cannot start a LocalCluster with {kwargs}: {exc}") from exc
-    if adapt is not None:
-        cluster.adapt(minimum=adapt[0], maximum=adapt[1])
-    client = stack.enter_context(Client(cluster))
-    local = _is_loopback(kwargs["dashboard_address"].rpartition(":")[0])
-    return Runner("local", client=client, cluster=cluster, progress=progress, dashboard_local=local)
+    name = "local"
+    starts_workers = True
+
+    def describe(self, req: Request) -> str:
+        kw = _local_options(req.options, req.jobs)
+        if "dashboard_address" in req.options:
+            host = "127.0.0.1" if kw.get("host") is None else str(kw["host"])
+            _check_dashboard(req.options["dashboard_address"], default_host=host)
+        workers = kw.get("n_workers", "auto")
+        scale = (
+            f"adapting {req.adapt[0]}-{req.adapt[1]} workers" if req.adapt else f"{workers} workers"
+        )
+        return (
+            f"local: LocalCluster, {scale} x {kw.get('threads_per_worker', 'auto')} threads, "
+            f"memory_limit {kw.get('memory_limit', 'auto')} each"
+        )
+
+    def start(self, req: Request, progress: bool, stack: contextlib.ExitStack) -> Runner:
+        from distributed import Client, LocalCluster
+
+        kwargs = _local_options(req.options, req.jobs)
+        kwargs = _secure_local(kwargs)
+        try:
+            cluster = stack.enter_context(LocalCluster(**kwargs))
+        except (TypeError, ValueError) as exc:
+            raise ClusterError(f"cannot start a LocalCluster with {kwargs}: {exc}") from exc
+        if req.adapt is not None:
+            cluster.adapt(minimum=req.adapt[0], maximum=req.adapt[1])
+        client = stack.enter_context(Client(cluster))
+        local = _is_loopback(kwargs["dashboard_address"].rpartition(":")[0])
+        return Runner(
+            self.name, client=client, cluster=cluster, progress=progress, dashboard_local=local
+        )
 
 
 def _secure_local(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -633,36 +712,52 @@ def _secure_local(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _remote_runner(
-    kind: str, target: str, options: dict, progress: bool, stack: contextlib.ExitStack
-) -> Runner:
-    from distributed import Client
+class _Existing(Backend):
+    """A scheduler nucflow did not start: an address, or a scheduler file naming one.
 
-    _check_keys(options, frozenset(), "tcp://…" if kind == "address" else "scheduler-file")
-    if kind == "file":
-        address = _read_scheduler_file(target)
-        source = f" (from scheduler file {target})"
-        kwargs: dict[str, Any] = {"scheduler_file": target}
-    else:
-        address, source, kwargs = target, "", {"address": target}
-    _warn_unauthenticated(address)
-    try:
-        client = Client(timeout=CONNECT_TIMEOUT, **kwargs)
-    except TypeError as exc:
-        if "ssl_context" not in str(exc):
-            raise
-        raise ClusterError(_no_tls_message(address)) from exc
-    except (OSError, TimeoutError) as exc:
-        raise ClusterError(
-            f"cannot reach scheduler {address}{source} within {CONNECT_TIMEOUT} s; "
-            "start it or check the address"
-        ) from exc
-    except ValueError as exc:
-        raise ClusterError(
-            f"{address!r} is not a scheduler address ({exc}); use tcp://HOST:PORT"
-        ) from exc
-    stack.enter_context(client)
-    return Runner(target, client=client, progress=progress)
+    Leaving ``connect`` closes the client only; the scheduler keeps running.
+    """
+
+    def __init__(self, name: str, target: str) -> None:
+        self.name = name  # "address" or "file"
+        self.target = target
+
+    def describe(self, req: Request) -> str:
+        if self.name == "file":
+            return f"existing dask scheduler from scheduler file {self.target}"
+        return f"existing dask scheduler at {self.target}"
+
+    def start(self, req: Request, progress: bool, stack: contextlib.ExitStack) -> Runner:
+        from distributed import Client
+
+        target = self.target
+        _check_keys(
+            req.options, frozenset(), "tcp://…" if self.name == "address" else "scheduler-file"
+        )
+        if self.name == "file":
+            address = _read_scheduler_file(target)
+            source = f" (from scheduler file {target})"
+            kwargs: dict[str, Any] = {"scheduler_file": target}
+        else:
+            address, source, kwargs = target, "", {"address": target}
+        _warn_unauthenticated(address)
+        try:
+            client = Client(timeout=CONNECT_TIMEOUT, **kwargs)
+        except TypeError as exc:
+            if "ssl_context" not in str(exc):
+                raise
+            raise ClusterError(_no_tls_message(address)) from exc
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(
+                f"cannot reach scheduler {address}{source} within {CONNECT_TIMEOUT} s; "
+                "start it or check the address"
+            ) from exc
+        except ValueError as exc:
+            raise ClusterError(
+                f"{address!r} is not a scheduler address ({exc}); use tcp://HOST:PORT"
+            ) from exc
+        stack.enter_context(client)
+        return Runner(target, client=client, progress=progress)
 
 
 def _no_tls_message(address: str) -> str:
@@ -699,7 +794,9 @@ def _import_jobqueue() -> Any:
         import dask_jobqueue
     except ImportError as exc:
         raise ClusterError(
-            "--cluster slurm needs dask-jobqueue; pip install 'nucflow[slurm]'"
+            # a dependency of nucflow since 0.1; the `slurm` extra is kept as an alias
+            "--cluster slurm needs dask-jobqueue, which is missing from this environment; "
+            "pip install 'nucflow[slurm]'"
         ) from exc
     return dask_jobqueue
 
@@ -803,45 +900,63 @@ def lifetime_args(walltime: str | int) -> list[str]:
     return ["--lifetime", f"{total - margin}s", "--lifetime-stagger", f"{stagger}s"]
 
 
-def _slurm_runner(
-    options: dict,
-    jobs: int | None,
-    adapt: tuple[int, int] | None,
-    progress: bool,
-    stack: contextlib.ExitStack,
-) -> Runner:
-    jobqueue = _import_jobqueue()
-    if shutil.which("sbatch") is None:
-        raise ClusterError(
-            "--cluster slurm needs Slurm's sbatch on PATH; run on a Slurm login node, "
-            "load the Slurm module, or choose --cluster local"
-        )
-    from distributed import Client
+class _Slurm(Backend):
+    """A dask-jobqueue SLURMCluster: worker jobs submitted with sbatch, TLS for the run."""
 
-    kwargs = _slurm_options(options, jobqueue)
-    credentials = None
-    if "security" not in kwargs:  # a Security given in settings is the user's choice
-        credentials = _CredentialFolder(_credential_parent(kwargs))
-        stack.callback(credentials.remove)  # after the cluster closes (stacks unwind LIFO)
-        kwargs["security"] = _temporary_security()
-        kwargs["shared_temp_directory"] = str(credentials.path)
-    _private_log_directory(kwargs)
-    try:
-        cluster = stack.enter_context(jobqueue.SLURMCluster(**kwargs))
-    except (TypeError, ValueError) as exc:
-        raise ClusterError(
-            f"cannot configure SLURMCluster ({exc}); set jobqueue.slurm.* in your dask config "
-            "or DASK_JOBQUEUE__SLURM__* variables"
-        ) from exc
-    low, high = adapt if adapt is not None else (jobs or 1, jobs or 1)
-    # Adaptive even for a fixed count: cluster.scale(jobs=N) never replaces a job that
-    # Slurm ended (walltime, preemption, scancel), and the computation would wait forever.
-    cluster.adapt(minimum_jobs=low, maximum_jobs=high)
-    if credentials is not None:
-        credentials.cluster = cluster
-    client = stack.enter_context(Client(cluster))
-    local = _is_loopback(kwargs["scheduler_options"]["dashboard_address"].rpartition(":")[0])
-    return Runner("slurm", client=client, cluster=cluster, progress=progress, dashboard_local=local)
+    name = "slurm"
+    starts_workers = True
+
+    def describe(self, req: Request) -> str:
+        kw = _slurm_options(req.options, _import_jobqueue())
+
+        def get(key: str) -> Any:
+            return kw.get(key, dask.config.get(f"jobqueue.slurm.{key}", default=None))
+
+        scale = (
+            f"adapting {req.adapt[0]}-{req.adapt[1]} jobs"
+            if req.adapt
+            else f"{req.jobs or 1} job(s)"
+        )
+        return (
+            f"slurm: SLURMCluster, {scale} of {get('cores')} core(s) / {get('memory')}, "
+            f"queue {get('queue') or 'default'}, walltime {get('walltime')}"
+        )
+
+    def start(self, req: Request, progress: bool, stack: contextlib.ExitStack) -> Runner:
+        jobqueue = _import_jobqueue()
+        if shutil.which("sbatch") is None:
+            raise ClusterError(
+                "--cluster slurm needs Slurm's sbatch on PATH; run on a Slurm login node, "
+                "load the Slurm module, or choose --cluster local"
+            )
+        from distributed import Client
+
+        kwargs = _slurm_options(req.options, jobqueue)
+        credentials = None
+        if "security" not in kwargs:  # a Security given in settings is the user's choice
+            credentials = _CredentialFolder(_credential_parent(kwargs))
+            stack.callback(credentials.remove)  # after the cluster closes (stacks unwind LIFO)
+            kwargs["security"] = _temporary_security()
+            kwargs["shared_temp_directory"] = str(credentials.path)
+        _private_log_directory(kwargs)
+        try:
+            cluster = stack.enter_context(jobqueue.SLURMCluster(**kwargs))
+        except (TypeError, ValueError) as exc:
+            raise ClusterError(
+                f"cannot configure SLURMCluster ({exc}); set jobqueue.slurm.* in your dask config "
+                "or DASK_JOBQUEUE__SLURM__* variables"
+            ) from exc
+        low, high = req.adapt if req.adapt is not None else (req.jobs or 1, req.jobs or 1)
+        # Adaptive even for a fixed count: cluster.scale(jobs=N) never replaces a job that
+        # Slurm ended (walltime, preemption, scancel), and the computation would wait forever.
+        cluster.adapt(minimum_jobs=low, maximum_jobs=high)
+        if credentials is not None:
+            credentials.cluster = cluster
+        client = stack.enter_context(Client(cluster))
+        local = _is_loopback(kwargs["scheduler_options"]["dashboard_address"].rpartition(":")[0])
+        return Runner(
+            self.name, client=client, cluster=cluster, progress=progress, dashboard_local=local
+        )
 
 
 def _private_log_directory(kwargs: dict[str, Any]) -> None:
@@ -879,39 +994,11 @@ def describe(
     ClusterError
         As :func:`connect` would for an unknown spec or bad options.
     """
-    kind, target = _parse(spec, None if scheduler_file is None else os.fspath(scheduler_file))
-    _check_scaling(kind, jobs, adapt)
-    _check_dashboard_kind(kind, dashboard_address)
-    options = _normalize(settings)
-    if dashboard_address is not None:
-        options["dashboard_address"] = dashboard_address
-    if kind in ("threads", "processes"):
-        _check_keys(options, _POOL_KEYS, kind)
-        n = options.get("num_workers") or os.cpu_count()
-        what = "threaded" if kind == "threads" else "multiprocessing"
-        return f"{kind}: dask {what} scheduler, {n} {kind} on this machine"
-    if kind == "local":
-        kw = _local_options(options, jobs)
-        if "dashboard_address" in options:
-            host = "127.0.0.1" if kw.get("host") is None else str(kw["host"])
-            _check_dashboard(options["dashboard_address"], default_host=host)
-        workers = kw.get("n_workers", "auto")
-        scale = f"adapting {adapt[0]}-{adapt[1]} workers" if adapt else f"{workers} workers"
-        return (
-            f"local: LocalCluster, {scale} x {kw.get('threads_per_worker', 'auto')} threads, "
-            f"memory_limit {kw.get('memory_limit', 'auto')} each"
-        )
-    if kind == "slurm":
-        kw = _slurm_options(options, _import_jobqueue())
+    backend, req = _prepare(spec, scheduler_file, jobs, adapt, settings, dashboard_address)
+    return backend.describe(req)
 
-        def get(key: str) -> Any:
-            return kw.get(key, dask.config.get(f"jobqueue.slurm.{key}", default=None))
 
-        scale = f"adapting {adapt[0]}-{adapt[1]} jobs" if adapt else f"{jobs or 1} job(s)"
-        return (
-            f"slurm: SLURMCluster, {scale} of {get('cores')} core(s) / {get('memory')}, "
-            f"queue {get('queue') or 'default'}, walltime {get('walltime')}"
-        )
-    if kind == "file":
-        return f"existing dask scheduler from scheduler file {target}"
-    return f"existing dask scheduler at {target}"
+#: The backends ``--cluster`` names, in the order help and error messages list them.
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (_Pool("threads"), _Pool("processes"), _Local(), _Slurm())
+}

@@ -129,12 +129,12 @@ def join(
         start += count
     sizes = np.concatenate([c[1] for c in components]) if start else np.zeros(0, np.int64)
     border = np.concatenate([c[2] for c in components]) if start else np.zeros(0, bool)
-    rows, cols = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    row_parts, col_parts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for (axis, index), touching in zip(where, pairs, strict=True):
         neighbour = tuple(i + (a == axis) for a, i in enumerate(index))
-        rows.append(touching[:, 0] + offsets[index] - 1)
-        cols.append(touching[:, 1] + offsets[neighbour] - 1)
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
+        row_parts.append(touching[:, 0] + offsets[index] - 1)
+        col_parts.append(touching[:, 1] + offsets[neighbour] - 1)
+    rows, cols = np.concatenate(row_parts), np.concatenate(col_parts)
     graph = sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(start, start))
     _, component = sparse.csgraph.connected_components(graph, directed=False)
     total_size = np.bincount(component, weights=sizes, minlength=component.max(initial=-1) + 1)
@@ -148,7 +148,7 @@ def join(
 
 def _touching(low: np.ndarray, high: np.ndarray, connectivity: int) -> set[tuple[int, int]]:
     """Pairs of labels on two facing block faces that are neighbours under ``connectivity``."""
-    pairs = set()
+    pairs: set[tuple[int, int]] = set()
     ndim = low.ndim
     # neighbours across the face: same position, or shifted in the face plane up to
     # connectivity - 1 further axes (connectivity counts the axes that may differ by one)
@@ -186,7 +186,8 @@ def _join_task(summaries: da.Array, connectivity: int, decide: Decision) -> Dela
     token = tokenize(summaries.name, connectivity, decide)
     name = f"join-components-{token}"
     layer: dict = {}
-    blocks, where = list(itertools.product(*map(range, grid))), []
+    blocks = list(itertools.product(*map(range, grid)))
+    where: list[tuple[int, tuple[int, ...]]] = []  # (axis, block) of each face pair
     for index in blocks:
         summary = (summaries.name, *index)
         layer[(f"components-{token}", *index)] = (_components, summary)
@@ -201,7 +202,7 @@ def _join_task(summaries: da.Array, connectivity: int, decide: Decision) -> Dela
         [(f"components-{token}", *index) for index in blocks],
         [(f"face-pairs-{token}", k) for k in range(len(where))],
     )
-    return Delayed(name, HighLevelGraph.from_collections(name, layer, dependencies=[summaries]))
+    return Delayed(name, HighLevelGraph.from_collections(name, layer, dependencies=[summaries]))  # type: ignore[list-item]  # dask's protocol misses Array
 
 
 def select_components(mask: da.Array, decide: Decision, *, connectivity: int = 1) -> da.Array:
@@ -227,8 +228,9 @@ def select_components(mask: da.Array, decide: Decision, *, connectivity: int = 1
     meta = np.empty((0,) * ndim, object)
     # Blockwise layers, not one delayed call per block: those each carry a copy of their
     # block's upstream graph, which made the graph grow with the square of the block count.
-    summaries = mask.map_blocks(
+    summaries = da.map_blocks(
         _summarize,
+        mask,
         grid=grid,
         connectivity=connectivity,
         chunks=one_per_block,
@@ -240,8 +242,13 @@ def select_components(mask: da.Array, decide: Decision, *, connectivity: int = 1
     tables = _join_task(summaries, connectivity, decide)
     # The second pass needs the join: large masks are recomputed block by block after it.
     second = after(mask, tables, "select_components")
-    return second.map_blocks(
-        _apply, tables, connectivity=connectivity, dtype=bool, meta=np.empty((0,) * ndim, bool)
+    return da.map_blocks(
+        _apply,
+        second,
+        tables,
+        connectivity=connectivity,
+        dtype=bool,
+        meta=np.empty((0,) * ndim, bool),
     )
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import nucflow
+from nucflow import io
 from nucflow.errors import InputChangedError
 
 __all__ = ["STAGE_PARAMS", "SAMPLED_FILES", "Lineage", "input_identity", "start", "reusable",
@@ -91,7 +92,7 @@ class Lineage:
 # ----------------------------------------------------------------------------- input identity
 
 
-def input_identity(stack: Any, *, channel: int | None = None) -> dict[str, Any]:
+def input_identity(stack: io.Stack, *, channel: int | None = None) -> dict[str, Any]:
     """Identity of the stack's input file(s): changes whenever the input does.
 
     Parameters
@@ -107,8 +108,8 @@ def input_identity(stack: Any, *, channel: int | None = None) -> dict[str, Any]:
         JSON-able: ``path``, ``shape``, ``dtype``, ``channel``, ``layout`` (the stored chunk
         shape of a zarr input), ``files`` (a digest of the files, see the module docstring).
     """
-    array = getattr(getattr(stack.reader, "source", None), "array", None)
-    layout = None if array is None else list(getattr(array, "shards", None) or array.chunks)
+    source = getattr(stack.reader, "source", None)  # None for a cropped or computed stack
+    layout = list(source.chunk_grid) if isinstance(source, io.ChunkListing) else None
     return {
         "path": os.path.abspath(stack.path),
         "shape": list(stack.data.shape),
@@ -142,7 +143,7 @@ def _add_file(digest: Any, path: str, *, content: bool) -> None:
 
 
 def _add_tree(digest: Any, root: str) -> None:
-    files = []
+    files: list[str] = []
     for folder, dirs, names in os.walk(root):
         dirs.sort()
         digest.update(f"{os.path.relpath(folder, root)}\0{os.stat(folder).st_mtime_ns}\0".encode())

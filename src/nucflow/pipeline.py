@@ -272,12 +272,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def _versions() -> dict[str, str]:
-    import dask_image
     import edt
     import scipy
     import skimage
 
-    modules = {"dask": dask, "dask_image": dask_image, "zarr": zarr, "numpy": np, "scipy": scipy}
+    modules = {"dask": dask, "zarr": zarr, "numpy": np, "scipy": scipy}
     modules.update({"scikit-image": skimage, "pandas": pd, "edt": edt})
     found = {name: getattr(m, "__version__", "?") for name, m in modules.items()}
     return {"python": platform.python_version(), **found}

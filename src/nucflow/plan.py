@@ -22,7 +22,7 @@ from typing import Any
 import dask
 import dask.local
 
-from nucflow import io, pipeline, resample, table
+from nucflow import io, pipeline, progress, resample, table
 from nucflow.blockpass import Grid, pass_graph
 from nucflow.cluster import Runner
 from nucflow.config import Params
@@ -190,23 +190,27 @@ def _padded_shape(core: tuple[slice, ...], halo: tuple[int, ...], shape: tuple[i
 
 
 def pass_tasks(params: Params, shape: tuple[int, ...]) -> dict[str, int]:
-    """Tasks per stage of the nuclei flow on a region of ``shape``, from its passes.
+    """Tasks per stage of the nuclei flow on a region of ``shape``, from its passes
+    (:func:`nucflow.progress.nuclei_pass_grids`).
 
-    Every pass is one task per block plus one that gathers the blocks' small results; the
-    threshold's histogram pass adds dask's reduction tree (a task per 8 partial sums).
+    Every pass is one task per block of its grid plus one that gathers the blocks' small
+    results; the threshold's histogram pass adds dask's reduction tree (a task per 8 partial
+    sums).
     """
     blocks = len(Grid(shape, params.chunks))
-    tasks = {"preprocess": blocks + 1}
     factors = tuple(params.background_downsample)
-    if params.background != "none" and max(factors) > 1:
-        cell_chunks = tuple(max(1, c // f) for c, f in zip(params.chunks, factors, strict=True))
-        cells = len(Grid(resample.pooled_shape(shape, factors), cell_chunks))
-        tasks["preprocess"] += 2 * (cells + 1) + blocks + 1
-    tasks["threshold"] = blocks + math.ceil(blocks / 7) + 1
-    min_voxels = int(params.min_volume / math.prod(params.voxel_size))
-    tasks["mask"] = (blocks + 1) * (1 + 3 * params.fill_holes + 3 * (min_voxels > 0))
-    tasks["segment"] = blocks + 1
-    tasks["table"] = blocks + 1
+    cell_chunks = tuple(max(1, c // f) for c, f in zip(params.chunks, factors, strict=True))
+    grids = {
+        "blocks": blocks,
+        "cells": len(Grid(resample.pooled_shape(shape, factors), cell_chunks)),
+    }
+    tasks = {}
+    for stage, passes in progress.nuclei_pass_grids(params).items():
+        n = sum(grids[grid] + 1 for grid in passes)
+        if stage == "threshold":
+            n += blocks + math.ceil(blocks / 7) + 1
+        if n:
+            tasks[stage] = n
     return tasks
 
 

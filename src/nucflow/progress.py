@@ -27,7 +27,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nucflow.config import Params
 
 __all__ = [
     "Settings",
@@ -37,6 +40,7 @@ __all__ = [
     "attach",
     "stage",
     "expect",
+    "nuclei_pass_grids",
     "nuclei_passes",
     "fmt_seconds",
     "fmt_rate",
@@ -596,8 +600,11 @@ def expect(run: Any, plan: Mapping[str, int]) -> None:
         tracker.plan = dict(plan)
 
 
-def nuclei_passes(params: Any) -> dict[str, int]:
-    """Passes each stage of the nuclei flow computes (``flows/nuclei.py``), for ETAs.
+def nuclei_pass_grids(params: Params) -> dict[str, tuple[str, ...]]:
+    """The passes each stage of the nuclei flow runs (``flows/nuclei.py``), in order, each
+    named by the grid it runs on: ``"blocks"`` (the stack's blocks) or ``"cells"`` (the
+    reduced-resolution background's grid). The one description of the pass structure:
+    :func:`nuclei_passes` (ETAs) and ``nucflow.plan.pass_tasks`` (task counts) derive from it.
 
     Mirrors :mod:`nucflow.pipeline`: preprocess is one pass, or four with the background
     estimated on cells (smoothed, cells, background, subtraction); hole filling and
@@ -609,10 +616,15 @@ def nuclei_passes(params: Any) -> dict[str, int]:
     min_voxels = int(params.min_volume / math.prod(params.voxel_size))
     mask = 1 + 3 * bool(params.fill_holes) + 3 * (min_voxels > 0)
     return {
-        "preprocess": 1 if final else 4,
-        "threshold": 0,
-        "mask": mask,
-        "segment": 1,
-        "table": 1,
-        "write": 0,
+        "preprocess": ("blocks",) if final else ("blocks", "cells", "cells", "blocks"),
+        "threshold": (),
+        "mask": ("blocks",) * mask,
+        "segment": ("blocks",),
+        "table": ("blocks",),
+        "write": (),
     }
+
+
+def nuclei_passes(params: Params) -> dict[str, int]:
+    """Passes each stage of the nuclei flow computes, for ETAs (see :func:`nuclei_pass_grids`)."""
+    return {stage: len(passes) for stage, passes in nuclei_pass_grids(params).items()}

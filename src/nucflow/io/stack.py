@@ -1,0 +1,249 @@
+"""``Stack``, the opened image, and ``open_stack``, which makes one from any registered format.
+
+The axis policy lives here: whatever the format, a Stack holds the spatial axes of time
+point 0 of one channel, in µm when the file says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+
+from nucflow.errors import DtypeError, ParameterError, ShapeError
+from nucflow.io.formats import read_image
+from nucflow.io.source import SUPPORTED_DTYPES, Computing, Cropped, Image, Selection, Source
+
+__all__ = ["Stack", "open_stack"]
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A lazily opened image: spatial axes only, with its physical voxel size.
+
+    Attributes
+    ----------
+    data : (Z, Y, X) or (Y, X) dask array
+        Pixels of one channel at time point 0; computing it reads the file.
+    voxel_size : tuple of float
+        Size of a voxel in µm, one per spatial axis (1.0 each when unknown).
+    axes : str
+        ``"zyx"`` or ``"yx"``.
+    voxel_size_known : bool
+        False when the file had no physical size and ``voxel_size`` is in pixels.
+    path : str
+        The path that was opened.
+    n_channels : int
+        Number of channels in the file (1 if it has no channel axis).
+    """
+
+    data: da.Array
+    voxel_size: tuple[float, ...]
+    axes: str
+    voxel_size_known: bool
+    path: str
+    n_channels: int
+    # Reads ``data``'s voxels from the file: a Selection of the file's source, or a Cropped one.
+    _selection: Selection | Cropped | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def reader(self) -> Source:
+        """A small picklable object: ``reader[region]`` reads those voxels of ``data`` from the
+        file directly (as each task of ``data`` does), as a numpy array, without a dask graph."""
+        return self._selection if self._selection is not None else Computing(self.data)
+
+    def crop(self, box: Sequence[slice]) -> Stack:
+        """The part ``box`` of this stack as a stack of its own (coordinates start at 0).
+
+        Parameters
+        ----------
+        box : sequence of slice
+            One slice with explicit start and stop per spatial axis.
+
+        Returns
+        -------
+        Stack
+            Lazy and picklable as this one; ``data_region()`` is all of it.
+        """
+        box = tuple(box)
+        return dataclasses.replace(self, data=self.data[box], _selection=Cropped(self.reader, box))
+
+    def data_region(self) -> tuple[slice, ...] | None:
+        """The bounding box of the stored chunks, in voxels of ``data``.
+
+        A zarr store holds only the chunks that were written; the others read as the fill
+        value without touching the disk. This lists the store (no pixel is read) and returns
+        the box around the written chunks of this channel and time point, or None if there
+        are none. Sources that cannot list their chunks (``ChunkListing``), such as TIFF,
+        hold data everywhere: the whole stack.
+
+        Returns
+        -------
+        tuple of slice or None
+        """
+        if isinstance(self._selection, Selection):
+            return self._selection.stored_region()
+        return tuple(slice(0, n) for n in self.data.shape)  # a crop, or a computed array
+
+
+def open_stack(
+    path: str | os.PathLike[str],
+    *,
+    channel: int | None = None,
+    level: int = 0,
+    chunks: Sequence[int] | None = None,
+) -> Stack:
+    """Open an image lazily as a dask array of its spatial axes.
+
+    Opening reads metadata only; pixels are read when ``data`` is computed, one task per
+    block, each opening the file by path (so the array pickles and runs on any worker).
+
+    Parameters
+    ----------
+    path : str or path-like
+        A zarr v2/v3 array or group holding one array, an OME-Zarr 0.4/0.5 image, a
+        TIFF/BigTIFF/OME-TIFF/ImageJ TIFF file, a folder of 2D TIFF slices (one per z, in
+        natural order: z2 before z10), or a glob pattern of such slices. A folder or
+        pattern holding a single file opens that file.
+    channel : int, optional
+        Index along the channel axis (OME ``c``, ImageJ ``C``, TIFF samples). Required when
+        the image has more than one channel.
+    level : int, optional
+        Pyramid level of an OME-Zarr or pyramidal TIFF (0 = full resolution).
+    chunks : sequence of int, optional
+        Block shape of ``data``, one positive int per spatial axis. Default: multiples of
+        the file's own chunks (pages, tiles) of about dask's ``array.chunk-size``.
+
+    Returns
+    -------
+    Stack
+        ``data`` is a (Z, Y, X) or (Y, X) dask array holding time point 0 of ``channel``;
+        ``voxel_size`` is in µm, from OME-Zarr scale, OME-TIFF PhysicalSize or ImageJ
+        resolution/spacing. If any spatial axis lacks a physical size, all are 1.0 and
+        ``voxel_size_known`` is False (units are then pixels).
+
+    Raises
+    ------
+    InputPathError
+        ``path`` does not exist (or a pattern matches nothing).
+    FormatError
+        ``path`` is not a supported image, or a group holds several arrays.
+    ShapeError
+        The image is 1D or has more than 3 spatial axes, or ``channel`` is missing.
+    DtypeError
+        The pixel type is not an integer or float32/float64.
+    ParameterError
+        ``channel``, ``level`` or ``chunks`` is invalid.
+    """
+    _check_index("level", level)
+    if channel is not None:
+        _check_index("channel", channel, allow_negative=True)
+    name = os.fspath(path)
+    if not isinstance(name, str):
+        raise ParameterError(f"`path` must be a str path, got {name!r}")
+    image = read_image(name, level)
+    return _to_stack(image, name, channel, chunks)
+
+
+def _to_stack(image: Image, path: str, channel: int | None, chunks: Any) -> Stack:
+    shape, dtype = tuple(image.source.shape), np.dtype(image.source.dtype)
+    if 0 in shape:
+        raise ShapeError(
+            f"{path} has shape {shape}: an axis of length 0 holds no image; its metadata is "
+            "damaged or the image is empty: re-export it"
+        )
+    if not (dtype.kind in "ui" or dtype in (np.float32, np.float64)):
+        raise DtypeError(
+            f"{path} has dtype {dtype}, which nucflow cannot process; supported: "
+            f"{SUPPORTED_DTYPES}; convert the image to one of them"
+        )
+    roles = _resolve_roles(image.roles, shape, path)
+    chan_axes = [i for i, r in enumerate(roles) if r == "c"]
+    if len(chan_axes) > 1:
+        raise ShapeError(
+            f"{path} has shape {shape} with {len(chan_axes)} channel axes; nucflow supports one"
+        )
+    n_channels = shape[chan_axes[0]] if chan_axes else 1
+    chan = _check_channel(channel, n_channels, path)
+    index = tuple({"t": 0, "c": chan, "d": 0}.get(r) for r in roles)
+    spatial = [i for i, r in enumerate(roles) if r == "s"]
+    sel = Selection(image.source, index, path)
+    blocks = _block_shape(chunks, sel.shape, dtype, [image.native_chunks[i] for i in spatial])
+    name = "open_stack-" + tokenize(image.token, index, blocks)
+    data = da.from_array(
+        sel, chunks=blocks, name=name, meta=np.empty((0,) * len(spatial), dtype), asarray=True
+    )
+    sizes = [image.scale[i] for i in spatial]
+    known = all(s is not None and np.isfinite(s) and s > 0 for s in sizes)
+    voxel = tuple(float(s) for s in sizes if s is not None) if known else (1.0,) * len(spatial)
+    axes = "zyx"[-len(spatial) :]
+    return Stack(data, voxel, axes, known, path, n_channels, sel)
+
+
+def _resolve_roles(roles: str | None, shape: tuple[int, ...], path: str) -> str:
+    """Give each axis a role: t (take 0), c (select), s (spatial) or d (length 1, dropped)."""
+    found = list(roles or "?" * len(shape))
+    if sum(r in "s?" for r in found) > 3:
+        # Unknown axes of length 1 carry no information: drop them before giving up.
+        found = ["d" if r == "?" and n == 1 else r for r, n in zip(found, shape, strict=True)]
+    n_space = sum(r in "s?" for r in found)
+    if not 2 <= n_space <= 3:
+        described = f"axes {roles}" if roles else "no axis metadata"
+        raise ShapeError(
+            f"{path} has shape {shape} ({described}): {n_space} spatial dimension(s) after "
+            "removing t and c; nucflow supports 2D (Y, X) or 3D (Z, Y, X) images, plus t and c "
+            "axes described by OME-Zarr, OME-TIFF or ImageJ metadata"
+        )
+    # Unknown axes become spatial (e.g. tifffile's "Q" for a plain page stack).
+    return "".join("s" if r == "?" else r for r in found)
+
+
+def _check_index(name: str, value: Any, *, allow_negative: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ParameterError(f"`{name}` must be an int, got {value!r}")
+    if value < 0 and not allow_negative:
+        raise ParameterError(f"`{name}` must be >= 0, got {value}")
+
+
+def _check_channel(channel: int | None, n_channels: int, path: str) -> int:
+    if channel is None:
+        if n_channels > 1:
+            raise ShapeError(
+                f"`channel` is required: {path} has {n_channels} channels (c axis); "
+                f"pass --channel 0..{n_channels - 1}"
+            )
+        return 0
+    if not 0 <= channel < n_channels:
+        raise ParameterError(
+            f"`channel` {channel} is out of range: {path} has {n_channels} channel(s); "
+            f"valid range 0..{n_channels - 1}"
+        )
+    return int(channel)
+
+
+def _block_shape(
+    chunks: Any, shape: tuple[int, ...], dtype: np.dtype, native: Sequence[int]
+) -> tuple[tuple[int, ...], ...]:
+    if chunks is None:
+        # Whole multiples of the file's chunks, so no task decodes a chunk another also needs.
+        return da.core.normalize_chunks("auto", shape, dtype=dtype, previous_chunks=tuple(native))
+    ok = (
+        isinstance(chunks, Sequence)
+        and not isinstance(chunks, str)
+        and len(chunks) == len(shape)
+        and all(isinstance(c, numbers.Integral) and not isinstance(c, bool) and int(c) > 0
+                for c in chunks)
+    )  # fmt: skip
+    if not ok:
+        raise ParameterError(
+            f"`chunks` must be {len(shape)} positive ints (one per spatial axis of shape "
+            f"{shape}), got {chunks!r}"
+        )
+    return da.core.normalize_chunks(tuple(int(c) for c in chunks), shape)

@@ -1,0 +1,258 @@
+"""Writers: OME-Zarr images with their label images, and empty label images to fill in parallel.
+
+Everything nucflow writes is NGFF 0.4 in zarr format 2, readable by ome-zarr-py and napari.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from nucflow.errors import DtypeError, OutputError, ParameterError, ShapeError
+from nucflow.io.source import SUPPORTED_DTYPES
+
+__all__ = ["create_label_zarr", "write_ome_zarr"]
+
+
+def write_ome_zarr(
+    path: str | os.PathLike[str],
+    data: np.ndarray | da.Array,
+    voxel_size: Sequence[float] | None,
+    *,
+    axes: str | None = None,
+    name: str = "image",
+    labels: Mapping[str, np.ndarray | da.Array] | None = None,
+    chunks: Sequence[int] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write an image, and optionally label images, as OME-Zarr (NGFF 0.4, zarr format 2).
+
+    Dask arrays are written block by block (``da.store``), never loaded whole; the image
+    and all labels are stored in one pass so shared upstream work is computed once.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Output directory (conventionally ``*.ome.zarr``).
+    data : (Y, X) or (Z, Y, X) array or dask array
+        The image; spatial axes only.
+    voxel_size : sequence of float or None
+        Voxel size in µm, one per axis of ``data``. None writes scale 1 with no unit (pixels),
+        which ``open_stack`` reads back as ``voxel_size_known=False``.
+    axes : {"yx", "zyx"}, optional
+        Axis names; default from ``data.ndim``.
+    name : str, optional
+        Name stored in the multiscales metadata.
+    labels : dict of str to array, optional
+        Label images of the shape of ``data`` (integer dtype), written under ``labels/<name>``
+        with ``image-label`` metadata pointing back at the image.
+    chunks : sequence of int, optional
+        Storage chunk shape; default: the block shape of a dask ``data``, else about 16 MiB.
+    overwrite : bool, optional
+        Replace an existing ``path``; otherwise an existing path raises OutputError.
+    """
+    path = os.fspath(path)
+    image = _as_dask(data, "data")
+    axes = _check_axes(axes, image.ndim)
+    scale, unit = _check_voxel_size(voxel_size, image.ndim)
+    zchunks = _storage_chunks(chunks, image)
+    label_arrays = {}
+    for key, lab in (labels or {}).items():
+        arr = _as_dask(lab, f"labels[{key!r}]")
+        if arr.shape != image.shape:
+            raise ShapeError(
+                f"`labels[{key!r}]` (shape {arr.shape}) must have the shape of `data` "
+                f"(shape {image.shape})"
+            )
+        if arr.dtype.kind not in "uib":
+            raise DtypeError(
+                f"`labels[{key!r}]` has dtype {arr.dtype}; label images must be integers"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(key)) or key in (".", ".."):
+            raise ParameterError(f"label name {key!r} must be letters, digits, '_', '-' or '.'")
+        label_arrays[str(key)] = arr
+    _prepare_output(path, overwrite)
+    root = zarr.open_group(path, mode="w", zarr_format=2)
+    sources = [image.rechunk(zchunks)]
+    targets = [_create_level(root, image.shape, zchunks, image.dtype, axes, scale, unit, name)]
+    if label_arrays:
+        group = root.create_group("labels")
+        group.attrs["labels"] = list(label_arrays)
+        for key, arr in label_arrays.items():
+            sub = group.create_group(key)
+            targets.append(
+                _create_level(sub, arr.shape, zchunks, arr.dtype, axes, scale, unit, key)
+            )
+            sources.append(arr.rechunk(zchunks))
+            # "../../" is the image group, relative to labels/<name> (NGFF image-label spec).
+            sub.attrs["image-label"] = {"version": "0.4", "source": {"image": "../../"}}
+    # Blocks match storage chunks, so each block writes whole chunks: no lock is needed.
+    da.store(sources, targets, lock=False, compute=True)  # type: ignore[arg-type]  # dask's hint omits dask arrays
+
+
+def create_label_zarr(
+    path: str | os.PathLike[str],
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    voxel_size: Sequence[float] | None,
+    *,
+    axes: str | None = None,
+    dtype: str | np.dtype = "uint64",
+    overwrite: bool = False,
+) -> zarr.Array:
+    """Create an empty (all 0) OME-Zarr label image for workers to fill in parallel.
+
+    The root group holds ``multiscales`` (one dataset ``"0"``) and ``image-label`` metadata
+    (NGFF 0.4, zarr format 2, readable by ome-zarr-py and napari). Chunks that are never
+    written, or written all 0, stay absent on disk.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Output directory (conventionally ``labels.ome.zarr``).
+    shape : (2,) or (3,) sequence of int
+        Spatial shape (Y, X) or (Z, Y, X).
+    chunks : sequence of int
+        Chunk shape, one per axis. Writers must write whole chunks, or serialize writes to
+        a chunk, since concurrent partial writes to one chunk race.
+    voxel_size : sequence of float or None
+        Voxel size in µm per axis; None writes scale 1 with no unit.
+    axes : {"yx", "zyx"}, optional
+        Axis names; default from ``len(shape)``.
+    dtype : str or numpy dtype, optional
+        Integer label type, default uint64.
+    overwrite : bool, optional
+        Replace an existing ``path``; otherwise an existing path raises OutputError.
+
+    Returns
+    -------
+    zarr.Array
+        The level-0 array, opened for writing; it pickles, and workers in other processes
+        can write disjoint regions of it with ``array[region] = block``.
+    """
+    path = os.fspath(path)
+    shape = _check_shape_like("shape", shape, None)
+    chunks = _check_shape_like("chunks", chunks, len(shape))
+    axes = _check_axes(axes, len(shape))
+    scale, unit = _check_voxel_size(voxel_size, len(shape))
+    dt = np.dtype(dtype)
+    if dt.kind not in "ui":
+        raise DtypeError(f"`dtype` {dt} is not an integer type; label images need e.g. uint64")
+    _prepare_output(path, overwrite)
+    root = zarr.open_group(path, mode="w", zarr_format=2)
+    arr = _create_level(root, shape, chunks, dt, axes, scale, unit, "labels")
+    root.attrs["image-label"] = {"version": "0.4"}
+    return arr
+
+
+def _as_dask(data: Any, what: str) -> da.Array:
+    arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data), chunks="auto")
+    if arr.ndim not in (2, 3):
+        raise ShapeError(
+            f"`{what}` has shape {arr.shape}; OME-Zarr output must be 2D (Y, X) or 3D (Z, Y, X)"
+        )
+    if arr.dtype.kind not in "uifb":
+        raise DtypeError(f"`{what}` has dtype {arr.dtype}; supported: {SUPPORTED_DTYPES}")
+    return arr
+
+
+def _check_axes(axes: str | None, ndim: int) -> str:
+    expected = "zyx"[-ndim:]
+    if axes is not None and axes.lower() != expected:
+        raise ParameterError(f"`axes` {axes!r} does not fit {ndim}D data; use {expected!r}")
+    return expected
+
+
+def _check_voxel_size(
+    voxel_size: Sequence[float] | None, ndim: int
+) -> tuple[list[float], str | None]:
+    if voxel_size is None:
+        return [1.0] * ndim, None
+    try:
+        scale = [float(v) for v in voxel_size]
+    except (TypeError, ValueError):
+        scale = []
+    if len(scale) != ndim or not all(np.isfinite(v) and v > 0 for v in scale):
+        raise ParameterError(
+            f"`voxel_size` must be {ndim} positive numbers (µm), got {voxel_size!r}"
+        )
+    return scale, "micrometer"
+
+
+def _check_shape_like(what: str, value: Any, ndim: int | None) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value if not isinstance(v, bool) and v == int(v))
+    except (TypeError, ValueError):
+        out = ()
+    bad = len(out) != len(value) if hasattr(value, "__len__") else True
+    if bad or any(v <= 0 for v in out) or len(out) not in ((ndim,) if ndim else (2, 3)):
+        n = f"{ndim}" if ndim else "2 or 3"
+        raise ParameterError(f"`{what}` must be {n} positive ints, got {value!r}")
+    return out
+
+
+def _storage_chunks(chunks: Sequence[int] | None, arr: da.Array) -> tuple[int, ...]:
+    if chunks is not None:
+        return _check_shape_like("chunks", chunks, arr.ndim)
+    # Start from the dask blocks and halve the longest axis: storage chunks then divide the
+    # blocks (cheap rechunk) and stay small enough for viewers, which fetch whole chunks.
+    out = [int(c) for c in arr.chunksize]
+    while int(np.prod(out)) * arr.dtype.itemsize > 16 * 2**20 and max(out) > 1:
+        i = out.index(max(out))
+        out[i] = -(-out[i] // 2)
+    return tuple(out)
+
+
+def _create_level(
+    group: zarr.Group,
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    dtype: np.dtype,
+    axes: str,
+    scale: list[float],
+    unit: str | None,
+    name: str,
+) -> zarr.Array:
+    """Create dataset "0" of ``group`` and the group's NGFF 0.4 multiscales metadata."""
+    arr = group.create_array(
+        "0",
+        shape=tuple(shape),
+        chunks=tuple(chunks),
+        dtype=dtype,
+        fill_value=0,
+        # NGFF 0.4 requires "/" as the v2 dimension separator.
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+        config={"write_empty_chunks": False},
+    )
+    axes_meta = [{"name": a, "type": "space", **({"unit": unit} if unit else {})} for a in axes]
+    group.attrs["multiscales"] = [
+        {
+            "version": "0.4",
+            "name": name,
+            "axes": axes_meta,
+            "datasets": [
+                {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+            ],
+        }
+    ]
+    return arr
+
+
+def _prepare_output(path: str, overwrite: bool) -> None:
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise OutputError(
+            f"output {path} already exists; pass overwrite=True (--overwrite) or choose a new path"
+        )
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
