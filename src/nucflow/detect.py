@@ -191,8 +191,10 @@ def _ball(params: DetectParams) -> np.ndarray:
     axes = [
         ((np.arange(2 * r + 1) - r) * v) ** 2 for r, v in zip(reach, params.voxel_size, strict=True)
     ]
-    squared = sum(np.ix_(*axes)[i] for i in range(len(axes)))
-    return squared <= params.max_radius**2
+    squared = np.zeros(tuple(len(a) for a in axes))
+    for grid in np.ix_(*axes):
+        squared = squared + grid
+    return np.asarray(squared <= params.max_radius**2)
 
 
 def _claim(data, seed, lo, hi, ball, fraction) -> np.ndarray:

@@ -222,9 +222,9 @@ def _falloff(shape, conditions: Conditions) -> np.ndarray | float:
     return falloff.astype(np.float32)
 
 
-def _at_centres(nuclei, falloff, voxel) -> np.ndarray | float:
+def _at_centres(nuclei, falloff: np.ndarray | float, voxel) -> np.ndarray | float:
     """The falloff at each nucleus' centre (the falloff has size-1 axes where it is flat)."""
-    if np.isscalar(falloff):
+    if isinstance(falloff, float):
         return falloff
     index = [
         tuple(min(int(c / v), n - 1) for c, v, n in zip(centre, voxel, falloff.shape, strict=True))
