@@ -124,6 +124,16 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "segment.max_radius": (_optional(_positive), "null or a number > 0"),
     "measure.channels": (lambda v: isinstance(v, list) and all(map(_count, v)), "a list of ints"),
     "measure.single_file_rows": (lambda v: _count(v), "an integer >= 0"),
+    "measure.properties": (
+        lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+        "a list of property names, e.g. [solidity, surface_area]",
+    ),
+    "measure.percentiles": (
+        lambda v: isinstance(v, list) and all(_number(q) and 0 <= q <= 100 for q in v),
+        "a list of numbers in [0, 100]",
+    ),
+    "measure.shell_width": (_optional(_positive), "null or a number > 0"),
+    "measure.neighbour_distance": (_optional(_positive), "null or a number > 0"),
     "qc.enabled": (lambda v: isinstance(v, bool), "true or false"),
     "progress.step_percent": (lambda v: _positive(v) and v <= 100, "a number in (0, 100]"),
     "progress.interval_s": (_non_negative, "a number of seconds >= 0"),
@@ -275,6 +285,10 @@ class Params:
     single_file_rows: int
     qc: bool
     filter_steps: tuple[tuple[str, dict[str, Any]], ...] = ()
+    properties: tuple[str, ...] = ()
+    percentiles: tuple[float, ...] = (5.0, 25.0, 75.0, 95.0)
+    shell_width: float = 1.0
+    neighbour_distance: float = 16.0
 
 
 def resolve(
@@ -316,6 +330,9 @@ def resolve(
             "axis); pass the nucleus diameter in µm (or pixels without voxel size)"
         )
     pre, seg, msk = config["preprocess"], config["segment"], config["mask"]
+    from nucflow.objects import Spec  # checked now, not after the segmentation
+
+    Spec.of(config["measure"]["properties"], ndim=ndim, voxel_size=voxel)
 
     def derived(value: float | None, factor: float) -> float:
         return float(factor * diameter if value is None else value)
@@ -350,6 +367,10 @@ def resolve(
         filter_steps=tuple(
             (name, dict(p)) for step in config["filter"]["steps"] for name, p in step.items()
         ),
+        properties=tuple(config["measure"]["properties"]),
+        percentiles=tuple(float(q) for q in config["measure"]["percentiles"]),
+        shell_width=derived(config["measure"]["shell_width"], 0.15),
+        neighbour_distance=derived(config["measure"]["neighbour_distance"], 2.0),
     )
 
 

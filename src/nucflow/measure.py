@@ -109,7 +109,7 @@ def combine(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
 
 
 def _rule(column: str) -> str:
-    if column.startswith(("min_", "imin")):
+    if column.startswith(("min_", "imin", "first")):
         return "min"
     if column.startswith(("max_", "imax", "seed_distance")):
         return "max"

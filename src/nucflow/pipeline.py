@@ -34,7 +34,7 @@ import pandas as pd
 import zarr
 
 import nucflow
-from nucflow import components, detect, filters, fingerprint, io, lock, measure, resample
+from nucflow import components, detect, filters, fingerprint, io, lock, measure, objects, resample
 from nucflow import progress as progress_report
 from nucflow import table as table_stage
 from nucflow.blockpass import Grid, Region, fmt_region, padded, pass_graph
@@ -899,14 +899,19 @@ def table(run: Run) -> table_stage.Table:
     """
     p = run.params
     shape = _region_shape(run.region)
-    return table_stage.gather(
+    grid = _segment_grid(run, shape)
+    reach = run.segment_params.voxels(p.max_radius)
+    spec = object_spec(run)
+    labels = zarr.open_array(str(run.output / "labels.ome.zarr" / "0"), mode="r")
+    measured = table_stage.Objects(spec, labels, _intensity_readers(run))
+    made = table_stage.gather(
         run.runner,
-        _segment_grid(run, shape),
+        grid,
         sums=run.work / "blocks",
         out=run.work / "table",
         offset=run.offset,
         full_shape=tuple(run.stack.data.shape),
-        reach=run.segment_params.voxels(p.max_radius),
+        reach=reach,
         finalize={
             "voxel_size": p.voxel_size,
             "shape": shape,
@@ -915,6 +920,30 @@ def table(run: Run) -> table_stage.Table:
             "channel_suffixes": list(_channel_suffixes(run)),
         },
         metadata=_table_metadata(run),
+        measured=measured,
+    )
+    if spec.neighbours and made.parts:
+        table_stage.neighbours(
+            run.runner,
+            made,
+            grid,
+            out=run.work / "table",
+            distance=p.neighbour_distance,
+            voxel_size=p.voxel_size,
+            reach=reach,
+        )
+    return made
+
+
+def object_spec(run: Run) -> objects.Spec:
+    """The object-level properties of ``measure.properties``, checked against the stack."""
+    p = run.params
+    return objects.Spec.of(
+        p.properties,
+        ndim=len(p.voxel_size),
+        voxel_size=p.voxel_size,
+        suffixes=_channel_suffixes(run),
+        settings=objects.Settings(p.percentiles, p.shell_width, p.neighbour_distance),
     )
 
 
@@ -1003,7 +1032,9 @@ def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
     """Write the table, QC pictures and the final run.json; remove the intermediates."""
     p = run.params
     with run.stage("write"):
-        empty = measure.empty_table(len(run.region), _channel_suffixes(run))
+        empty = table.empty
+        if empty is None:
+            empty = measure.empty_table(len(run.region), _channel_suffixes(run))
         written = table_stage.write(
             table, run.output, single_file_rows=p.single_file_rows, empty=empty
         )

@@ -31,10 +31,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nucflow import measure
+from nucflow import measure, objects
 from nucflow.blockpass import Grid, pass_graph
 
-__all__ = ["Table", "part_name", "gather", "write", "read_table"]
+__all__ = ["Table", "Objects", "part_name", "gather", "neighbours", "write", "read_table"]
 
 #: Rows of the QC sample the driver holds, whatever the number of nuclei.
 QC_SAMPLE_ROWS = 100_000
@@ -49,6 +49,25 @@ class Table:
     sample: pd.DataFrame
     parts: list[Path]
     metadata: dict[str, Any]
+    empty: pd.DataFrame | None = None  # every column, no rows (the table of a run without nuclei)
+
+
+@dataclass(frozen=True)
+class Objects:
+    """What the table pass reads to add the object-level columns (:mod:`nucflow.objects`).
+
+    Attributes
+    ----------
+    spec : nucflow.objects.Spec
+    labels : array-like
+        The final label image, sliceable in stack coordinates (picklable: a zarr array).
+    intensities : dict
+        Channel suffix -> reader of that channel in stack coordinates, in column order.
+    """
+
+    spec: objects.Spec
+    labels: Any
+    intensities: dict[str, Any]
 
 
 def part_name(index: tuple[int, ...]) -> str:
@@ -67,6 +86,8 @@ def gather(
     reach: tuple[int, ...],
     finalize: dict[str, Any],
     metadata: dict[str, Any],
+    measured: Objects | None = None,
+    owner: str = "seed",
 ) -> Table:
     """Final rows of every block's own nuclei, written to ``out`` as one part per block.
 
@@ -87,6 +108,13 @@ def gather(
         Keyword arguments of :func:`nucflow.measure.finalize`.
     metadata : dict
         Stored under ``b"nucflow"`` in each part's schema metadata (voxel size, unit).
+    measured : Objects, optional
+        Add the object-level columns: each task reads the box around its own nuclei from the
+        label image and the intensity stacks.
+    owner : {"seed", "first"}
+        Which block owns a label: the one holding its seed (``label - 1`` is the seed's linear
+        index: nucflow's labels), or the one holding its first voxel in C order (any label
+        image; the sums then carry a ``first`` column, the smallest linear index in the block).
     """
     out.mkdir(parents=True, exist_ok=True)
     blocks = [index for index, _ in grid.blocks()]
@@ -102,17 +130,15 @@ def gather(
         finalize=finalize,
         metadata=metadata,
         sample=per_block,
+        measured=measured,
+        owner=owner,
     )
     (results,) = runner.compute(
         pass_graph([partial(task, i) for i in blocks], "table"), label="table"
     )
     samples = [s for _, _, s in results if len(s)]
-    ndim = len(grid.shape)
-    sample = (
-        pd.concat(samples, ignore_index=True)
-        if samples
-        else measure.empty_table(ndim, finalize["channel_suffixes"])
-    )
+    empty = empty_table(len(grid.shape), finalize["channel_suffixes"], measured)
+    sample = pd.concat(samples, ignore_index=True) if samples else empty
     parts = [out / part_name(i) for i, (n, _, _) in zip(blocks, results, strict=True) if n]
     return Table(
         rows=sum(n for n, _, _ in results),
@@ -120,7 +146,18 @@ def gather(
         sample=sample,
         parts=parts,
         metadata=metadata,
+        empty=empty,
     )
+
+
+def empty_table(
+    ndim: int, channel_suffixes: list[str], measured: Objects | None = None
+) -> pd.DataFrame:
+    """Every column of the table, no rows."""
+    empty = measure.empty_table(ndim, channel_suffixes)
+    if measured is None:
+        return empty
+    return pd.concat([empty, pd.DataFrame(objects.empty_columns(measured.spec))], axis=1)
 
 
 def _blocks_within(reach: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
@@ -139,16 +176,30 @@ def _final_rows(
     finalize: dict[str, Any],
     metadata: dict[str, Any],
     sample: int,
+    measured: Objects | None,
+    owner: str,
 ) -> tuple[int, int, pd.DataFrame]:
-    """Rows of the nuclei seeded in block ``index``; (rows, truncated, QC sample)."""
-    owned = []
+    """Rows of the nuclei owned by block ``index``; (rows, truncated, QC sample)."""
+    parts = {}
     for near in _neighbourhood(index, reach, grid.counts):
         path = sums / part_name(near)
         if path.exists():
             part = pq.ParquetFile(path).read().to_pandas()
             if len(part):
-                owned.append(part[_owner(part.index.to_numpy(), grid, offset, full_shape, index)])
-    rows = measure.finalize(measure.combine(owned), **finalize)
+                parts[near] = part
+    where = {"grid": grid, "offset": offset, "full_shape": full_shape, "index": index}
+    if owner == "seed":
+        seeds = {n: p.index.to_numpy().astype(np.uint64) - np.uint64(1) for n, p in parts.items()}
+        owned = [p[_owner(seeds[n], **where)] for n, p in parts.items()]
+        totals = measure.combine(owned)
+    else:  # a label's parts all lie in the neighbourhood of the block with its first voxel
+        own = parts[index].index if index in parts else pd.Index([])
+        totals = measure.combine([p[p.index.isin(own)] for p in parts.values()])
+        if len(totals):
+            totals = totals[_owner(totals["first"].to_numpy(np.uint64), **where)]
+    rows = measure.finalize(totals, **finalize)
+    if measured is not None:
+        rows = _with_objects(rows, measured, full_shape)
     if len(rows):
         _write_parquet(out / part_name(index), rows, metadata)
     step = max(1, math.ceil(len(rows) / sample))
@@ -163,14 +214,73 @@ def _neighbourhood(index, reach, counts):
     return itertools.product(*ranges)
 
 
-def _owner(labels: np.ndarray, grid: Grid, offset, full_shape, index) -> np.ndarray:
-    """Whether each label's seed lies in block ``index`` (a label is 1 + the seed's index)."""
-    seeds = np.unravel_index(labels.astype(np.uint64) - np.uint64(1), full_shape)
+def _with_objects(rows: pd.DataFrame, measured: Objects, shape: tuple[int, ...]) -> pd.DataFrame:
+    """``rows`` with the object-level columns (the neighbour columns are filled later)."""
+    spec = measured.spec
+    found = objects.measure_rows(
+        rows, labels=measured.labels, intensities=measured.intensities, spec=spec, shape=shape
+    )
+    empty = objects.empty_columns(spec)
+    added = {c: found[c] if c in found else _unset(empty[c].dtype, len(rows)) for c in empty}
+    return pd.concat([rows, pd.DataFrame(added, index=rows.index)], axis=1)
+
+
+def _unset(dtype: Any, n: int) -> np.ndarray:
+    return np.zeros(n, dtype) if np.dtype(dtype).kind == "i" else np.full(n, np.nan)
+
+
+def _owner(linear: np.ndarray, *, grid: Grid, offset, full_shape, index) -> np.ndarray:
+    """Whether each voxel (a linear index in the stack: a label's seed or first voxel) lies
+    in block ``index``."""
+    seeds = np.unravel_index(linear, full_shape)
     phase = grid.phase or (0,) * len(grid.shape)
-    mine = np.ones(len(labels), bool)
+    mine = np.ones(len(linear), bool)
     for coords, o, p, c, i in zip(seeds, offset, phase, grid.chunks, index, strict=True):
         mine &= (coords.astype(np.int64) - o + p) // c == i
     return mine
+
+
+def neighbours(
+    runner: Any,
+    table: Table,
+    grid: Grid,
+    *,
+    out: Path,
+    distance: float,
+    voxel_size: tuple[float, ...],
+    reach: tuple[int, ...],
+) -> None:
+    """Fill ``neighbours_count`` and ``neighbours_nearest_um`` in every part: one task per block.
+
+    A nucleus' centroid lies within ``reach`` voxels of its owner block's core, so every centroid
+    within ``distance`` µm of a block's nuclei is in a part of the blocks within
+    ``distance + 2 * reach`` of it: each task reads those parts' centroids only.
+    """
+    span = tuple(math.ceil(distance / v - 1e-9) + 2 * r for v, r in zip(voxel_size, reach))
+    near = _blocks_within(span, grid.chunks)
+    have = {p.name for p in table.parts}
+    tasks = [
+        partial(_neighbour_task, index, grid=grid, out=out, near=near, have=have,
+                distance=distance, metadata=table.metadata)
+        for index, _ in grid.blocks()
+        if part_name(index) in have
+    ]
+    runner.compute(pass_graph(tasks, "neighbours"), label="neighbours")
+
+
+def _neighbour_task(index, *, grid, out, near, have, distance, metadata) -> None:
+    path = out / part_name(index)
+    rows = pq.ParquetFile(path).read().to_pandas()
+    columns = [c for c in rows.columns if c.startswith("centroid_") and c.endswith("_um")]
+    others = [
+        pq.read_table(out / part_name(n), columns=columns).to_pandas()
+        for n in _neighbourhood(index, near, grid.counts)
+        if part_name(n) in have
+    ]
+    rows["neighbours_count"], rows["neighbours_nearest_um"] = objects.neighbour_columns(
+        rows[columns].to_numpy(), pd.concat(others)[columns].to_numpy(), distance=distance
+    )
+    _write_parquet(path, rows, metadata)
 
 
 def _write_parquet(path: Path, rows: pd.DataFrame, metadata: dict[str, Any]) -> None:
