@@ -1,4 +1,4 @@
-"""Command line: ``nucflow demo | synth | run | plan | status``.
+"""Command line: ``nucflow demo | synth | run | measure | plan | status``.
 
 Exit codes: 0 success; 2 bad input or usage (one line on stderr naming the thing and the fix);
 1 unexpected failure (a traceback only with ``--debug``). ``nucflow status`` says the run's state
@@ -49,6 +49,10 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunks", type=int, nargs="+", metavar="Z Y X", help="block shape in voxels"
     )
+    _scheduler_options(parser)
+
+
+def _scheduler_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
@@ -114,6 +118,18 @@ def _parser() -> argparse.ArgumentParser:
     again.add_argument("--resume", action="store_true", help="continue an interrupted run")
     again.add_argument("--overwrite", action="store_true", help="replace an earlier nucflow output")
 
+    measure = commands.add_parser(
+        "measure", help="measure a stack on an existing label image (no segmentation)"
+    )
+    measure.add_argument("--labels", required=True, help="label image, e.g. RUN/labels.ome.zarr")
+    measure.add_argument("--input", required=True, help="the stack to measure (labels' shape)")
+    measure.add_argument("--output", required=True, help="output directory")
+    measure.add_argument("--channel", type=int, help="channel of --input to measure")
+    _scheduler_options(measure)
+    again = measure.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="redo an interrupted measurement")
+    again.add_argument("--overwrite", action="store_true", help="replace an earlier nucflow output")
+
     plan = commands.add_parser("plan", help="blocks, halo, tasks and memory before a run")
     _stack_options(plan)
 
@@ -151,9 +167,14 @@ _M_ARENA_MAX = -8  # glibc malloc.h
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nucflow`` console script."""
     args = _parser().parse_args(argv)
-    handler = {"demo": _demo, "synth": _synth, "run": _run, "plan": _plan, "status": _status}[
-        args.command
-    ]
+    handler = {
+        "demo": _demo,
+        "synth": _synth,
+        "run": _run,
+        "measure": _measure,
+        "plan": _plan,
+        "status": _status,
+    }[args.command]
     _one_malloc_arena()
     try:
         with warnings.catch_warnings():
@@ -207,13 +228,17 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     # Reopen on the run's blocks: the default (~128 MiB blocks, shaped by the stack) would make
     # each task's memory depend on the stack's shape.
     stack = io.open_stack(args.input, channel=config["channel"], chunks=params.chunks)
+    _check_channels(params, stack, args.input)
+    return stack, params, config
+
+
+def _check_channels(params: Any, stack: Any, path: str) -> None:
     for c in params.channels:
         if not 0 <= c < stack.n_channels:
             raise ParameterError(
-                f"`measure.channels` holds {c} but {args.input} has {stack.n_channels} channel(s); "
+                f"`measure.channels` holds {c} but {path} has {stack.n_channels} channel(s); "
                 f"use 0..{stack.n_channels - 1}"
             )
-    return stack, params, config
 
 
 def _adapt(text: str | None) -> tuple[int, int] | None:
@@ -289,6 +314,40 @@ def _run(args: argparse.Namespace) -> None:
     print(f"nucflow run: {made} in {elapsed:.1f} s -> {job.output}")
     if "table" in job.facts:  # a partitioned table and no CSV: say so where the user looks
         print(f"nucflow run: {job.facts['table']}", file=sys.stderr)
+
+
+def _measure(args: argparse.Namespace) -> None:
+    from nucflow import cluster, io, pipeline, remeasure
+    from nucflow import config as config_module
+
+    start = time.perf_counter()
+    config = config_module.load(None, options={"channel": args.channel}, overrides=args.set)
+    remeasure.check_output(args.output, args.labels)
+    labels = remeasure.open_labels(args.labels)
+    stack = io.open_stack(args.input, channel=config["channel"])
+    remeasure.check_match(labels, stack, config["voxel_size"])
+    voxel = labels.voxel_size if labels.voxel_size_known else stack.voxel_size
+    params = config_module.resolve(config, shape=stack.data.shape, voxel_size=voxel)
+    params = remeasure.without_qc(params)
+    stack = io.open_stack(args.input, channel=config["channel"], chunks=params.chunks)
+    _check_channels(params, stack, args.input)
+    with cluster.connect(args.cluster, **_cluster_options(args, config)) as runner:
+        job = pipeline.open_run(
+            stack,
+            params,
+            args.output,
+            runner=runner,
+            config=config,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
+        try:
+            counts = remeasure.measure_run(job, labels)
+        except BaseException as error:
+            pipeline.fail(job, error)
+            raise
+    elapsed = time.perf_counter() - start
+    print(f"nucflow measure: {counts['nuclei']} labels in {elapsed:.1f} s -> {job.output}")
 
 
 def _plan(args: argparse.Namespace) -> None:

@@ -1,0 +1,239 @@
+"""``nucflow measure``: measure a stack on an existing label image, without segmenting.
+
+Any channel, another acquisition of the same sample or a deconvolved version is measured on the
+labels of an earlier run (or any integer label image of the same shape): one row per label,
+``label`` the join key, columns as in ``nucflow run``.
+
+Three kinds of pass, each one task per block (memory bounded by a block, its neighbours' small
+tables, and the box around the block's own labels):
+
+1. **Sums.** Each block adds up its core's voxels per label (:func:`nucflow.measure.block_stats`)
+   and the first voxel of each label in C order; it returns the partial bboxes of the labels
+   that cross its core's faces (the driver joins these few to find the largest label extent,
+   which bounds how far a label reaches from the block that owns it).
+2. **Rows** (:func:`nucflow.table.gather`). A label is owned by the block holding its first voxel
+   in C order: labels not made by nucflow carry no seed. That block adds up the label's parts
+   and measures its crop (:mod:`nucflow.objects`).
+3. **Neighbours**, when ``measure.properties`` asks for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from nucflow import io, measure, pipeline, table
+from nucflow.blockpass import Grid, pass_graph
+from nucflow.errors import NucflowError, OutputError, ParameterError, ShapeError
+
+__all__ = ["open_labels", "check_match", "measure_run", "MAX_REACH_BLOCKS"]
+
+#: A label may reach this many blocks beyond the block owning it (per axis): a larger one
+#: would make each task read a neighbourhood of (2·n+1)^ndim blocks, so it is refused.
+MAX_REACH_BLOCKS = 2
+
+
+def open_labels(path: str, *, chunks: tuple[int, ...] | None = None) -> io.Stack:
+    """The label image at ``path`` (e.g. a run's ``labels.ome.zarr``), checked to be one.
+
+    Raises
+    ------
+    NucflowError
+        ``path`` cannot be opened, or holds no integer labels.
+    """
+    try:
+        labels = io.open_stack(path, chunks=chunks)
+    except NucflowError as error:
+        raise type(error)(f"--labels: {error}") from None
+    if labels.data.dtype.kind not in "ui":
+        raise ParameterError(
+            f"--labels {path} holds {labels.data.dtype} values, not labels; pass a label image "
+            "(integer voxels, 0 = background), e.g. RUN/labels.ome.zarr"
+        )
+    return labels
+
+
+def check_match(labels: io.Stack, stack: io.Stack, voxel_size: tuple[float, ...] | None) -> None:
+    """Refuse an input whose shape or voxel size differs from the labels'."""
+    if labels.data.shape != stack.data.shape:
+        raise ShapeError(
+            f"--input {stack.path} has shape {tuple(stack.data.shape)} but --labels "
+            f"{labels.path} has shape {tuple(labels.data.shape)}; measure a stack of the "
+            "labels' shape (the same channel-free spatial axes)"
+        )
+    if voxel_size is None and labels.voxel_size_known and stack.voxel_size_known:
+        if not np.allclose(labels.voxel_size, stack.voxel_size, rtol=1e-6, atol=0):
+            raise ShapeError(
+                f"--input {stack.path} has voxel size {list(stack.voxel_size)} µm but --labels "
+                f"{labels.path} has {list(labels.voxel_size)} µm; measure a stack of the same "
+                "sampling, or pass --set voxel_size=[...] if one of them is wrong"
+            )
+
+
+def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
+    """Measure ``run.stack`` (and ``measure.channels``) on ``labels``; write the outputs.
+
+    Parameters
+    ----------
+    run : nucflow.pipeline.Run
+        Opened by :func:`nucflow.pipeline.open_run` on the output directory.
+    labels : nucflow.io.Stack
+        From :func:`open_labels`, of the input's shape.
+
+    Returns
+    -------
+    dict
+        Counts: ``nuclei`` (rows).
+    """
+    p = run.params
+    shape = tuple(run.stack.data.shape)
+    run.region = tuple(slice(0, n) for n in shape)  # labels may lie anywhere
+    grid = Grid(shape, p.chunks)
+    readers = pipeline._intensity_readers(run)
+    sums = run.work / "blocks"
+    shutil.rmtree(sums, ignore_errors=True)
+    sums.mkdir(parents=True)
+    with run.stage("sums"):
+        tasks = [
+            partial(_sums_task, index, grid=grid, labels=labels.reader, readers=readers,
+                    full_shape=shape, part=sums / table.part_name(index))
+            for index, _ in grid.blocks()
+        ]
+        (crossing,) = run.runner.compute(pass_graph(tasks, "sums"), label="sums")
+        reach = _reach(crossing, grid)
+    spec = pipeline.object_spec(run)
+    measured = table.Objects(spec, labels.reader, readers)
+    with run.stage("table"):
+        made = table.gather(
+            run.runner,
+            grid,
+            sums=sums,
+            out=run.work / "table",
+            offset=(0,) * len(shape),
+            full_shape=shape,
+            reach=reach,
+            finalize={
+                "voxel_size": p.voxel_size,
+                "shape": shape,
+                "max_radius": math.inf,  # no halo: no label is cut
+                "channel_suffixes": pipeline._channel_suffixes(run),
+            },
+            metadata={**pipeline._table_metadata(run), "labels": labels.path},
+            measured=measured,
+            owner="first",
+        )
+        if spec.neighbours and made.parts:
+            table.neighbours(
+                run.runner,
+                made,
+                grid,
+                out=run.work / "table",
+                distance=p.neighbour_distance,
+                voxel_size=p.voxel_size,
+                reach=reach,
+            )
+    return _finish(run, made)
+
+
+def _sums_task(
+    index: tuple[int, ...],
+    *,
+    grid: Grid,
+    labels: Any,
+    readers: dict[str, Any],
+    full_shape: tuple[int, ...],
+    part: Path,
+) -> pd.DataFrame:
+    """Write block ``index``'s sums; return the partial bboxes of labels crossing its faces."""
+    core = grid.core(index)
+    block = np.asarray(labels[core])
+    if not block.any():
+        return pd.DataFrame()
+    if block.dtype.kind == "i" and block.min() < 0:
+        raise ParameterError(
+            f"--labels holds negative values in block {[(s.start, s.stop) for s in core]}; "
+            "labels must be >= 0 (0 = background)"
+        )
+    block = block.astype(np.uint64, copy=False)
+    origin = [s.start for s in core]
+    intensities = {suffix: np.asarray(r[core]) for suffix, r in readers.items()}
+    stats = measure.block_stats(block, np.zeros(block.shape, np.float32), intensities,
+                                origin=origin)
+    values, first = np.unique(block.ravel(), return_index=True)
+    first = first[values > 0]
+    coords = [c + o for c, o in zip(np.unravel_index(first, block.shape), origin, strict=True)]
+    stats["first"] = np.ravel_multi_index(coords, full_shape).astype(np.uint64)
+    pipeline._write_atomic(part, stats.to_parquet())
+    axes = "zyx"[-block.ndim:]
+    lo = np.stack([stats[f"min_{a}"].to_numpy() for a in axes], 1)
+    hi = np.stack([stats[f"max_{a}"].to_numpy() for a in axes], 1)
+    start = np.asarray(origin)
+    stop = np.asarray([s.stop for s in core])
+    # labels touching a face shared with another block may continue there
+    inner_lo = (lo == start) & (start > 0)
+    inner_hi = (hi == stop - 1) & (stop < np.asarray(full_shape))
+    crossing = (inner_lo | inner_hi).any(1)
+    return stats.loc[crossing, [f"{m}_{a}" for m in ("min", "max") for a in axes]]
+
+
+def _reach(crossing: list[pd.DataFrame], grid: Grid) -> tuple[int, ...]:
+    """Voxels per axis a label reaches from its first voxel: its largest bbox extent."""
+    ndim = len(grid.shape)
+    found = [c for c in crossing if len(c)]
+    if not found:
+        return (0,) * ndim
+    joined = pd.concat(found).groupby(level=0).agg(
+        {c: ("min" if c.startswith("min") else "max") for c in found[0].columns}
+    )
+    axes = "zyx"[-ndim:]
+    extent = np.stack(
+        [joined[f"max_{a}"].to_numpy() - joined[f"min_{a}"].to_numpy() + 1 for a in axes], 1
+    )
+    for axis, (size, chunk) in enumerate(zip(extent.max(0), grid.chunks, strict=True)):
+        if math.ceil(size / chunk) > MAX_REACH_BLOCKS:
+            label = joined.index[int(extent[:, axis].argmax())]
+            raise ParameterError(
+                f"--labels: label {label} spans {int(size)} voxels along {axes[axis]}, more "
+                f"than {MAX_REACH_BLOCKS} blocks of {chunk}; measure nuclei, not regions of "
+                f"that size, or pass larger blocks: --set chunks=[...]"
+            )
+    return tuple(int(e) for e in extent.max(0))
+
+
+def _finish(run: pipeline.Run, made: table.Table) -> dict[str, Any]:
+    with run.stage("write"):
+        written = table.write(
+            made, run.output, single_file_rows=run.params.single_file_rows, empty=made.empty
+        )
+        if written == "dataset":
+            run.facts["table"] = "nuclei.parquet/ is a partitioned dataset; no nuclei.csv"
+    counts = {"nuclei": made.rows}
+    if run.lock is not None:
+        run.lock.check()  # never "complete" over another run's output
+    shutil.rmtree(run.work, ignore_errors=True)
+    pipeline.write_run_json(run, "complete", counts=counts)
+    if run.lock is not None:
+        run.lock.release()
+    return counts
+
+
+def check_output(output: str | os.PathLike[str], labels: str) -> None:
+    """Refuse an output directory that holds the labels, or lies inside them."""
+    out, source = Path(output).resolve(), Path(labels).resolve()
+    if out == source or out in source.parents or source in out.parents:
+        raise OutputError(
+            f"--output {out} overlaps --labels {source}; choose a directory apart from the labels"
+        )
+
+
+def without_qc(params: Any) -> Any:
+    """``params`` with the QC pictures off (a measurement makes no label image of its own)."""
+    return dataclasses.replace(params, qc=False)
