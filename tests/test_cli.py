@@ -22,6 +22,7 @@ import zarr
 from nucflow import io, synth
 from nucflow.cli import main
 from nucflow.measure import table_columns
+from nucflow.objects import default_columns
 
 
 def cli(capsys, *argv: str) -> tuple[int, str]:
@@ -400,8 +401,8 @@ def test_degenerate_stacks_complete(capsys, tmp_path, shape, n_nuclei):
     code, err = cli(capsys, "run", "--input", str(source), "--output", str(out))
     assert code == 0, err
     table = pd.read_parquet(out / "nuclei.parquet")
-    assert list(table.columns) == table_columns(3)
-    assert list(pd.read_csv(out / "nuclei.csv").columns) == table_columns(3)
+    assert list(table.columns) == table_columns(3) + default_columns(3)
+    assert list(pd.read_csv(out / "nuclei.csv").columns) == table_columns(3) + default_columns(3)
     assert len(table) >= 1
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "complete"

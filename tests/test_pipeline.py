@@ -14,6 +14,7 @@ from nucflow import io
 from nucflow.cli import main
 from nucflow.evaluate import match_instances
 from nucflow.measure import table_columns
+from nucflow.objects import default_columns
 
 
 def run_flow(source, out, *extra: str) -> tuple[pd.DataFrame, np.ndarray]:
@@ -127,7 +128,7 @@ def test_accuracy_2d(stack2d, tmp_path, method, lowest_f1):
     table, labels = run_flow(source, tmp_path / "out2d", "--chunks", "70", "90", "--set", setting)
     score = match_instances(labels, made.truth)
     assert score["f1"] >= lowest_f1, score
-    assert list(table.columns) == table_columns(2)
+    assert list(table.columns) == table_columns(2) + default_columns(2)
 
 
 def test_outputs_agree_with_the_label_image(stack3d, one_block, tmp_path):
@@ -138,7 +139,7 @@ def test_outputs_agree_with_the_label_image(stack3d, one_block, tmp_path):
     np.testing.assert_array_equal(table["n_voxels"].to_numpy(), counts)
     means = ndimage.mean(made.image, labels, values)
     np.testing.assert_allclose(table["intensity_mean"].to_numpy(), means, rtol=1e-12)
-    assert list(table.columns) == table_columns(3)
+    assert list(table.columns) == table_columns(3) + default_columns(3)
 
 
 def test_run_directory_is_complete_and_readable(stack3d, tmp_path):
@@ -223,7 +224,7 @@ def test_blank_stacks_give_an_empty_table(tmp_path, value):
     path = tmp_path / "blank.zarr"
     zarr.save_array(str(path), np.full((16, 40, 40), value, np.uint16), zarr_format=2)
     table, labels = run_flow(path, tmp_path / "out")
-    assert len(table) == 0 and list(table.columns) == table_columns(3)
+    assert len(table) == 0 and list(table.columns) == table_columns(3) + default_columns(3)
     assert not labels.any()
     assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "complete"
 

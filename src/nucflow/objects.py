@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_PROPERTIES",
     "Spec",
     "Crop",
+    "default_columns",
     "measure_rows",
     "neighbour_columns",
 ]
@@ -284,9 +285,11 @@ def property_columns(
     base = _base_name(name, prop, ndim)
     unit = _unit_suffix(prop.unit, ndim)
     if prop.parts == "axes":
-        parts = [f"_{a}" for a in _AXES[ndim]] if name.startswith("centroid") else [
-            f"_{i}" for i in range(ndim)
-        ]
+        parts = (
+            [f"_{a}" for a in _AXES[ndim]]
+            if name.startswith("centroid")
+            else [f"_{i}" for i in range(ndim)]
+        )
     elif prop.parts == "percentiles":
         parts = [f"_{q:g}" for q in settings.percentiles]
     else:
@@ -332,9 +335,7 @@ class Spec:
     @property
     def crop_properties(self) -> tuple[str, ...]:
         """The properties computed on each nucleus' crop."""
-        return tuple(
-            n for n in self.properties if PROPERTIES[n].compute is not None
-        )
+        return tuple(n for n in self.properties if PROPERTIES[n].compute is not None)
 
     @property
     def neighbours(self) -> bool:
@@ -352,6 +353,11 @@ class Spec:
         if "shell_intensity_mean" not in self.properties:
             return (0,) * self.ndim
         return _shell_margin(self.settings, self.voxel_size)
+
+
+def default_columns(ndim: int) -> list[str]:
+    """The columns :data:`DEFAULT_PROPERTIES` add (after the moment columns)."""
+    return Spec.of(DEFAULT_PROPERTIES, ndim=ndim, voxel_size=(1.0,) * ndim).columns()
 
 
 def _check(name: str, ndim: int, voxel: tuple[float, ...]) -> None:
@@ -409,8 +415,9 @@ def measure_rows(
         beyond their reach.
     """
     names = spec.crop_properties
-    columns = [c for n in names for c in property_columns(n, spec.ndim, spec.suffixes,
-                                                          spec.settings)]
+    columns = [
+        c for n in names for c in property_columns(n, spec.ndim, spec.suffixes, spec.settings)
+    ]
     if not len(rows) or not names:
         return pd.DataFrame({c: np.zeros(len(rows)) for c in columns}, index=rows.index)
     axes = _AXES[spec.ndim]

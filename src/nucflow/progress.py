@@ -609,7 +609,8 @@ def nuclei_pass_grids(params: Params) -> dict[str, tuple[str, ...]]:
     Mirrors :mod:`nucflow.pipeline`: preprocess is one pass, or four with the background
     estimated on cells (smoothed, cells, background, subtraction); hole filling and
     small-object removal are three passes each after the thresholding pass; segmentation and
-    the table are one each (the table two with the ``neighbours`` property). The threshold's histogram and the writing are not passes.
+    the table are one each (two with the ``neighbours`` property). The threshold's histogram
+    and the writing are not passes.
     """
     exact = params.background == "tophat" and max(params.background_downsample) == 1
     final = exact or params.background == "none"

@@ -34,11 +34,11 @@ from nucflow import io, measure, pipeline, table
 from nucflow.blockpass import Grid, pass_graph
 from nucflow.errors import NucflowError, OutputError, ParameterError, ShapeError
 
-__all__ = ["open_labels", "check_match", "measure_run", "MAX_REACH_BLOCKS"]
+__all__ = ["open_labels", "check_match", "measure_run", "MAX_READ_BLOCKS"]
 
-#: A label may reach this many blocks beyond the block owning it (per axis): a larger one
-#: would make each task read a neighbourhood of (2·n+1)^ndim blocks, so it is refused.
-MAX_REACH_BLOCKS = 2
+#: A task reads its block grown by the largest label extent on every side; a label image whose
+#: labels make that more than this many blocks' worth of voxels (a region, not nuclei) is refused.
+MAX_READ_BLOCKS = 64
 
 
 def open_labels(path: str, *, chunks: tuple[int, ...] | None = None) -> io.Stack:
@@ -103,8 +103,15 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
     sums.mkdir(parents=True)
     with run.stage("sums"):
         tasks = [
-            partial(_sums_task, index, grid=grid, labels=labels.reader, readers=readers,
-                    full_shape=shape, part=sums / table.part_name(index))
+            partial(
+                _sums_task,
+                index,
+                grid=grid,
+                labels=labels.reader,
+                readers=readers,
+                full_shape=shape,
+                part=sums / table.part_name(index),
+            )
             for index, _ in grid.blocks()
         ]
         (crossing,) = run.runner.compute(pass_graph(tasks, "sums"), label="sums")
@@ -165,14 +172,15 @@ def _sums_task(
     block = block.astype(np.uint64, copy=False)
     origin = [s.start for s in core]
     intensities = {suffix: np.asarray(r[core]) for suffix, r in readers.items()}
-    stats = measure.block_stats(block, np.zeros(block.shape, np.float32), intensities,
-                                origin=origin)
+    stats = measure.block_stats(
+        block, np.zeros(block.shape, np.float32), intensities, origin=origin
+    )
     values, first = np.unique(block.ravel(), return_index=True)
     first = first[values > 0]
     coords = [c + o for c, o in zip(np.unravel_index(first, block.shape), origin, strict=True)]
     stats["first"] = np.ravel_multi_index(coords, full_shape).astype(np.uint64)
     pipeline._write_atomic(part, stats.to_parquet())
-    axes = "zyx"[-block.ndim:]
+    axes = "zyx"[-block.ndim :]
     lo = np.stack([stats[f"min_{a}"].to_numpy() for a in axes], 1)
     hi = np.stack([stats[f"max_{a}"].to_numpy() for a in axes], 1)
     start = np.asarray(origin)
@@ -190,22 +198,28 @@ def _reach(crossing: list[pd.DataFrame], grid: Grid) -> tuple[int, ...]:
     found = [c for c in crossing if len(c)]
     if not found:
         return (0,) * ndim
-    joined = pd.concat(found).groupby(level=0).agg(
-        {c: ("min" if c.startswith("min") else "max") for c in found[0].columns}
+    joined = (
+        pd.concat(found)
+        .groupby(level=0)
+        .agg({c: ("min" if c.startswith("min") else "max") for c in found[0].columns})
     )
     axes = "zyx"[-ndim:]
     extent = np.stack(
         [joined[f"max_{a}"].to_numpy() - joined[f"min_{a}"].to_numpy() + 1 for a in axes], 1
     )
-    for axis, (size, chunk) in enumerate(zip(extent.max(0), grid.chunks, strict=True)):
-        if math.ceil(size / chunk) > MAX_REACH_BLOCKS:
-            label = joined.index[int(extent[:, axis].argmax())]
-            raise ParameterError(
-                f"--labels: label {label} spans {int(size)} voxels along {axes[axis]}, more "
-                f"than {MAX_REACH_BLOCKS} blocks of {chunk}; measure nuclei, not regions of "
-                f"that size, or pass larger blocks: --set chunks=[...]"
-            )
-    return tuple(int(e) for e in extent.max(0))
+    reach = extent.max(0)
+    chunks = np.asarray(grid.chunks)
+    read = math.prod((chunks + 2 * reach).tolist()) / math.prod(chunks.tolist())
+    if read > MAX_READ_BLOCKS:
+        worst = int(np.prod(extent, 1).argmax())
+        shape = " x ".join(map(str, extent[worst].tolist()))
+        raise ParameterError(
+            f"--labels: label {joined.index[worst]} spans {shape} voxels ({axes.upper()}): each "
+            f"task would read {read:.0f} blocks of {list(grid.chunks)} voxels around its own "
+            f"(limit {MAX_READ_BLOCKS}); measure nuclei, not regions of that size, or pass "
+            "larger blocks: --set chunks=[...]"
+        )
+    return tuple(int(e) for e in reach)
 
 
 def _finish(run: pipeline.Run, made: table.Table) -> dict[str, Any]:

@@ -256,12 +256,22 @@ def neighbours(
     within ``distance`` µm of a block's nuclei is in a part of the blocks within
     ``distance + 2 * reach`` of it: each task reads those parts' centroids only.
     """
-    span = tuple(math.ceil(distance / v - 1e-9) + 2 * r for v, r in zip(voxel_size, reach))
+    span = tuple(
+        math.ceil(distance / v - 1e-9) + 2 * r for v, r in zip(voxel_size, reach, strict=True)
+    )
     near = _blocks_within(span, grid.chunks)
     have = {p.name for p in table.parts}
     tasks = [
-        partial(_neighbour_task, index, grid=grid, out=out, near=near, have=have,
-                distance=distance, metadata=table.metadata)
+        partial(
+            _neighbour_task,
+            index,
+            grid=grid,
+            out=out,
+            near=near,
+            have=have,
+            distance=distance,
+            metadata=table.metadata,
+        )
         for index, _ in grid.blocks()
         if part_name(index) in have
     ]
@@ -271,7 +281,7 @@ def neighbours(
 def _neighbour_task(index, *, grid, out, near, have, distance, metadata) -> None:
     path = out / part_name(index)
     rows = pq.ParquetFile(path).read().to_pandas()
-    columns = [c for c in rows.columns if c.startswith("centroid_") and c.endswith("_um")]
+    columns = [f"centroid_{a}_um" for a in "zyx"[-len(grid.shape) :]]
     others = [
         pq.read_table(out / part_name(n), columns=columns).to_pandas()
         for n in _neighbourhood(index, near, grid.counts)
