@@ -359,3 +359,30 @@ def test_measure_refuses_an_existing_output_then_resumes_and_overwrites(small3d,
     assert main([*argv, "--resume"]) == 0
     assert main([*argv, "--overwrite"]) == 0
     assert (out / "nuclei.csv").read_bytes() == before
+
+
+def test_flat_nuclei_have_the_hull_of_their_plane():
+    """scikit-image gives a 3D object one voxel thick an empty hull (solidity inf, and
+    feret_diameter_max fails); nucflow takes the hull in the object's own plane."""
+    made = make_nuclei((40, 40), n_nuclei=1, seed=1)
+    flat = (made.truth == 1)[None]  # (1, Y, X)
+    labels = flat.astype(np.uint8)
+    image = np.where(flat, 100.0, 0.0)
+    rows = pd.DataFrame({"label": [1]})
+    for a, (lo, hi) in zip(
+        "zyx",
+        [(0, 1), *[(s.start, s.stop) for s in ndimage.find_objects(labels[0])[0]]],
+        strict=True,
+    ):
+        rows[f"bbox_min_{a}"], rows[f"bbox_max_{a}"] = lo, hi
+    spec = objects.Spec.of(
+        ["solidity", "area_convex", "feret_diameter_max", "surface_area"], ndim=3,
+        voxel_size=(2.0, 0.5, 0.5),
+    )  # fmt: skip
+    found = objects.measure_rows(
+        rows, labels=labels, intensities={"": image}, spec=spec, shape=labels.shape
+    )
+    plane = regionprops_table(labels[0], spacing=(0.5, 0.5), properties=["solidity", "area_convex"])
+    assert found["solidity"][0] == pytest.approx(plane["solidity"][0], rel=1e-12)
+    assert found["volume_convex_um3"][0] == pytest.approx(2.0 * plane["area_convex"][0])
+    assert 0 < found["feret_diameter_max_um"][0] < np.inf

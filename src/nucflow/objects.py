@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -31,6 +32,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 from scipy.spatial.distance import pdist
 from skimage.measure import find_contours, marching_cubes, mesh_surface_area, regionprops
+from skimage.morphology import convex_hull_image
 
 from nucflow.errors import ConfigError
 
@@ -82,6 +84,22 @@ class Crop:
     def region(self) -> Any:
         """``skimage.measure.regionprops`` of the crop (lazy, cached per property)."""
         return regionprops(self.mask.astype(np.uint8), self.intensity, spacing=self.voxel_size)[0]
+
+    @cached_property
+    def convex(self) -> np.ndarray:
+        """The convex hull of :attr:`mask` (regionprops' ``image_convex``), also for flat
+        nuclei: scikit-image returns an empty hull (and a warning) for a 3D object one voxel
+        thick, so the hull is taken in the axes the object extends along."""
+        flat = tuple(n for n in self.mask.shape if n > 1)
+        if len(flat) <= 1:  # a voxel or a line: its bbox is its hull
+            return np.ones(self.mask.shape, bool)
+        if len(flat) < self.mask.ndim:
+            return convex_hull_image(self.mask.reshape(flat)).reshape(self.mask.shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            hull = convex_hull_image(self.mask)
+        # coplanar voxel centres in 3D: no hull; the object itself is the best answer
+        return hull if hull.any() else self.mask
 
     @cached_property
     def values(self) -> np.ndarray:
@@ -163,7 +181,7 @@ def _feret_diameter_max(crop: Crop, _settings: Settings) -> list[float]:
     and pdist computes each pair alike: the same value, without the O(points²) memory that a
     large nucleus' contour costs regionprops (10^4 points -> 400 MB).
     """
-    hull_image = np.pad(crop.region.image_convex, 2)
+    hull_image = np.pad(crop.convex, 2)
     if hull_image.ndim == 2:
         coordinates = np.vstack(find_contours(hull_image, 0.5, fully_connected="high"))
     else:
@@ -174,6 +192,14 @@ def _feret_diameter_max(crop: Crop, _settings: Settings) -> list[float]:
     except QhullError:  # flat point sets: every point, as regionprops
         pass
     return [math.sqrt(np.max(pdist(scaled, "sqeuclidean")))]
+
+
+def _area_convex(crop: Crop, _settings: Settings) -> list[float]:
+    return [float(crop.convex.sum()) * math.prod(crop.voxel_size)]
+
+
+def _solidity(crop: Crop, _settings: Settings) -> list[float]:
+    return [float(crop.mask.sum()) / float(crop.convex.sum())]
 
 
 def _surface_area(crop: Crop, _settings: Settings) -> list[float]:
@@ -239,9 +265,9 @@ PROPERTIES: dict[str, Property] = {
     "intensity_std": Property(alias="intensity_std", per_channel=True),
     # regionprops on the nucleus' crop
     "area_bbox": Property("ndim", _rp("area_bbox")),
-    "area_convex": Property("ndim", _rp("area_convex")),
+    "area_convex": Property("ndim", _area_convex),
     "area_filled": Property("ndim", _rp("area_filled")),
-    "solidity": Property(0, _rp("solidity")),
+    "solidity": Property(0, _solidity),
     "extent": Property(0, _rp("extent")),
     "euler_number": Property(0, _rp("euler_number")),
     "feret_diameter_max": Property(_LENGTH, _feret_diameter_max),
