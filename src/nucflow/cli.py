@@ -18,6 +18,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
@@ -280,10 +281,18 @@ def _cluster_options(args: argparse.Namespace, config: dict[str, Any]) -> dict[s
 
 def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """Run a flow for parsed ``run`` arguments; returns the run and the flow's result."""
-    from nucflow import cluster, pipeline
-
     stack, params, config = _prepare(args)
     flow = _load_flow(args.flow)
+    return _in_run(args, stack, params, config, flow.run)
+
+
+def _in_run(
+    args: argparse.Namespace, stack: Any, params: Any, config: dict[str, Any], body: Any
+) -> tuple[Any, dict[str, Any]]:
+    """``body(run)`` on the run claiming ``args.output`` on ``args.cluster``; a failure marks
+    the run failed."""
+    from nucflow import cluster, pipeline
+
     with cluster.connect(args.cluster, **_cluster_options(args, config)) as runner:
         job = pipeline.open_run(
             stack,
@@ -295,7 +304,7 @@ def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             overwrite=args.overwrite,
         )
         try:
-            result = flow.run(job)
+            result = body(job)
         except BaseException as error:
             pipeline.fail(job, error)
             raise
@@ -317,8 +326,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _measure(args: argparse.Namespace) -> None:
-    from nucflow import cluster, io, pipeline, remeasure
     from nucflow import config as config_module
+    from nucflow import io, remeasure
 
     start = time.perf_counter()
     config = config_module.load(None, options={"channel": args.channel}, overrides=args.set)
@@ -331,21 +340,9 @@ def _measure(args: argparse.Namespace) -> None:
     params = remeasure.without_qc(params)
     stack = io.open_stack(args.input, channel=config["channel"], chunks=params.chunks)
     _check_channels(params, stack, args.input)
-    with cluster.connect(args.cluster, **_cluster_options(args, config)) as runner:
-        job = pipeline.open_run(
-            stack,
-            params,
-            args.output,
-            runner=runner,
-            config=config,
-            resume=args.resume,
-            overwrite=args.overwrite,
-        )
-        try:
-            counts = remeasure.measure_run(job, labels)
-        except BaseException as error:
-            pipeline.fail(job, error)
-            raise
+    job, counts = _in_run(
+        args, stack, params, config, partial(remeasure.measure_run, labels=labels)
+    )
     elapsed = time.perf_counter() - start
     print(f"nucflow measure: {counts['nuclei']} labels in {elapsed:.1f} s -> {job.output}")
 

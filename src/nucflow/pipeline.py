@@ -901,10 +901,9 @@ def table(run: Run) -> table_stage.Table:
     shape = _region_shape(run.region)
     grid = _segment_grid(run, shape)
     reach = run.segment_params.voxels(p.max_radius)
-    spec = object_spec(run)
     labels = zarr.open_array(str(run.output / "labels.ome.zarr" / "0"), mode="r")
-    measured = table_stage.Objects(spec, labels, _intensity_readers(run))
-    made = table_stage.gather(
+    measured = table_stage.Objects(object_spec(run), labels, _intensity_readers(run))
+    return table_stage.gather(
         run.runner,
         grid,
         sums=run.work / "blocks",
@@ -922,17 +921,6 @@ def table(run: Run) -> table_stage.Table:
         metadata=_table_metadata(run),
         measured=measured,
     )
-    if spec.neighbours and made.parts:
-        table_stage.neighbours(
-            run.runner,
-            made,
-            grid,
-            out=run.work / "table",
-            distance=p.neighbour_distance,
-            voxel_size=p.voxel_size,
-            reach=reach,
-        )
-    return made
 
 
 def object_spec(run: Run) -> objects.Spec:

@@ -116,8 +116,7 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
         ]
         (crossing,) = run.runner.compute(pass_graph(tasks, "sums"), label="sums")
         reach = _reach(crossing, grid)
-    spec = pipeline.object_spec(run)
-    measured = table.Objects(spec, labels.reader, readers)
+    measured = table.Objects(pipeline.object_spec(run), labels.reader, readers)
     with run.stage("table"):
         made = table.gather(
             run.runner,
@@ -137,16 +136,6 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
             measured=measured,
             owner="first",
         )
-        if spec.neighbours and made.parts:
-            table.neighbours(
-                run.runner,
-                made,
-                grid,
-                out=run.work / "table",
-                distance=p.neighbour_distance,
-                voxel_size=p.voxel_size,
-                reach=reach,
-            )
     return _finish(run, made)
 
 

@@ -140,6 +140,8 @@ def gather(
     empty = empty_table(len(grid.shape), finalize["channel_suffixes"], measured)
     sample = pd.concat(samples, ignore_index=True) if samples else empty
     parts = [out / part_name(i) for i, (n, _, _) in zip(blocks, results, strict=True) if n]
+    if measured is not None and measured.spec.neighbours and parts:
+        neighbours(runner, parts, grid, spec=measured.spec, reach=reach, metadata=metadata)
     return Table(
         rows=sum(n for n, _, _ in results),
         truncated=sum(t for _, t, _ in results),
@@ -242,51 +244,36 @@ def _owner(linear: np.ndarray, *, grid: Grid, offset, full_shape, index) -> np.n
 
 def neighbours(
     runner: Any,
-    table: Table,
+    parts: list[Path],
     grid: Grid,
     *,
-    out: Path,
-    distance: float,
-    voxel_size: tuple[float, ...],
+    spec: objects.Spec,
     reach: tuple[int, ...],
+    metadata: dict[str, Any],
 ) -> None:
     """Fill ``neighbours_count`` and ``neighbours_nearest_um`` in every part: one task per block.
 
     A nucleus' centroid lies within ``reach`` voxels of its owner block's core, so every centroid
-    within ``distance`` µm of a block's nuclei is in a part of the blocks within
-    ``distance + 2 * reach`` of it: each task reads those parts' centroids only.
+    within ``measure.neighbour_distance`` of a block's nuclei is in a part of the blocks within
+    that distance plus twice the reach: each task reads those parts' centroids only.
     """
+    distance = spec.settings.neighbour_distance
     span = tuple(
-        math.ceil(distance / v - 1e-9) + 2 * r for v, r in zip(voxel_size, reach, strict=True)
+        math.ceil(distance / v - 1e-9) + 2 * r for v, r in zip(spec.voxel_size, reach, strict=True)
     )
     near = _blocks_within(span, grid.chunks)
-    have = {p.name for p in table.parts}
-    tasks = [
-        partial(
-            _neighbour_task,
-            index,
-            grid=grid,
-            out=out,
-            near=near,
-            have=have,
-            distance=distance,
-            metadata=table.metadata,
-        )
-        for index, _ in grid.blocks()
-        if part_name(index) in have
-    ]
+    # each task finds its neighbours' parts on disk: a list of them would travel with every task
+    task = partial(_neighbour_task, grid=grid, near=near, distance=distance, metadata=metadata)
+    tasks = [partial(task, part) for part in parts]
     runner.compute(pass_graph(tasks, "neighbours"), label="neighbours")
 
 
-def _neighbour_task(index, *, grid, out, near, have, distance, metadata) -> None:
-    path = out / part_name(index)
+def _neighbour_task(path: Path, *, grid, near, distance, metadata) -> None:
     rows = pq.ParquetFile(path).read().to_pandas()
     columns = [f"centroid_{a}_um" for a in "zyx"[-len(grid.shape) :]]
-    others = [
-        pq.read_table(out / part_name(n), columns=columns).to_pandas()
-        for n in _neighbourhood(index, near, grid.counts)
-        if part_name(n) in have
-    ]
+    index = tuple(int(i) for i in path.stem.split("_"))
+    found = [path.with_name(part_name(n)) for n in _neighbourhood(index, near, grid.counts)]
+    others = [pq.read_table(f, columns=columns).to_pandas() for f in found if f.exists()]
     rows["neighbours_count"], rows["neighbours_nearest_um"] = objects.neighbour_columns(
         rows[columns].to_numpy(), pd.concat(others)[columns].to_numpy(), distance=distance
     )
