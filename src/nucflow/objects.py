@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -95,11 +94,12 @@ class Crop:
             return np.ones(self.mask.shape, bool)
         if len(flat) < self.mask.ndim:
             return convex_hull_image(self.mask.reshape(flat)).reshape(self.mask.shape)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            hull = convex_hull_image(self.mask)
-        # coplanar voxel centres in 3D: no hull; the object itself is the best answer
-        return hull if hull.any() else self.mask
+        if self.mask.ndim == 2:
+            return convex_hull_image(self.mask)
+        try:
+            return _convex_hull_3d(self.mask)
+        except QhullError:  # coplanar voxel centres: no hull; the object is the best answer
+            return self.mask
 
     @cached_property
     def values(self) -> np.ndarray:
@@ -149,6 +149,43 @@ class Property:
     alias: str = ""
     table: bool = False
     isotropic: bool = False
+
+
+#: scikit-image's tolerance for a voxel centre on a hull facet (``convex_hull_image``)
+_HULL_TOLERANCE = 1e-10
+
+
+def _convex_hull_3d(mask: np.ndarray) -> np.ndarray:
+    """``skimage.morphology.convex_hull_image(mask)`` for a 3D mask, ~2x faster.
+
+    The same hull (of the voxels' face centres, as scikit-image's ``offset_coordinates``), from
+    the surface voxels only (interior voxels are never hull vertices), and the same test of each
+    voxel centre against every facet (inside if ``normal · x + offset < 1e-10``), solved per
+    row along x as an interval instead of voxel by voxel.
+    """
+    surface = np.argwhere(mask & ~ndimage.binary_erosion(mask))
+    first = ConvexHull(surface)
+    corners = first.points[first.vertices][:, None, :] + _FACE_OFFSETS
+    hull = ConvexHull(np.unique(corners.reshape(-1, 3), axis=0))
+    normal, offset = hull.equations[:, :3], hull.equations[:, 3]
+    nz, ny, nx = mask.shape
+    z, y = (a.ravel() for a in np.meshgrid(np.arange(nz), np.arange(ny), indexing="ij"))
+    rest = offset[:, None] + normal[:, 0:1] * z + normal[:, 1:2] * y  # (facets, rows)
+    along = normal[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = (_HULL_TOLERANCE - rest) / along[:, None]
+    above, below, level = along > 0, along < 0, along == 0
+    high = bound[above].min(0) if above.any() else np.full(len(z), np.inf)
+    low = bound[below].max(0) if below.any() else np.full(len(z), -np.inf)
+    rows_ok = (rest[level] < _HULL_TOLERANCE).all(0)
+    x = np.arange(nx)
+    inside = (x > low[:, None]) & (x < high[:, None]) & rows_ok[:, None]
+    return inside.reshape(mask.shape)
+
+
+_FACE_OFFSETS = np.array(
+    [[-0.5, 0, 0], [0.5, 0, 0], [0, -0.5, 0], [0, 0.5, 0], [0, 0, -0.5], [0, 0, 0.5]]
+)
 
 
 def _rp(name: str) -> Compute:
