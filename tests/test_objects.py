@@ -386,3 +386,18 @@ def test_flat_nuclei_have_the_hull_of_their_plane():
     assert found["solidity"][0] == pytest.approx(plane["solidity"][0], rel=1e-12)
     assert found["volume_convex_um3"][0] == pytest.approx(2.0 * plane["area_convex"][0])
     assert 0 < found["feret_diameter_max_um"][0] < np.inf
+
+
+def test_measure_refuses_a_label_in_pieces_no_block_sees_together(small3d, tmp_path, capsys):
+    source, made = small3d
+    labels = np.zeros(made.truth.shape, np.uint16)
+    labels[2:4, 2:6, 2:6] = 7  # two pieces of one label, far apart, neither crossing a face
+    labels[20:22, 50:54, 50:54] = 7
+    labels[10:14, 30:36, 14:18] = 3  # one label across a block face
+    path = tmp_path / "pieces.zarr"
+    zarr.save_array(str(path), labels, zarr_format=2)
+    err = _measure(
+        capsys, "--labels", str(path), "--input", str(source), "--output", str(tmp_path / "o"),
+        "--set", "chunks=[8,16,16]",
+    )  # fmt: skip
+    assert "label 7 is in pieces farther apart than any label that crosses a block face" in err

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from nucflow import io, measure, pipeline, table
 from nucflow.blockpass import Grid, pass_graph
@@ -211,7 +212,26 @@ def _reach(crossing: list[pd.DataFrame], grid: Grid) -> tuple[int, ...]:
     return tuple(int(e) for e in reach)
 
 
+def _check_unique(made: table.Table) -> None:
+    """Refuse a table with a label in two rows: a label in pieces that no block saw together.
+
+    The reach comes from the labels that cross block faces; a label in several pieces, none of
+    which crosses a face, can lie farther apart than that, and then two blocks each own a piece.
+    Checked for tables written as one file (a partitioned table is never gathered).
+    """
+    labels = [pq.read_table(p, columns=["label"]).column(0).to_numpy() for p in made.parts]
+    values, counts = np.unique(np.concatenate(labels or [np.zeros(0)]), return_counts=True)
+    if (counts > 1).any():
+        raise ParameterError(
+            f"--labels: label {int(values[counts > 1][0])} is in pieces farther apart than any "
+            "label that crosses a block face; make each label one connected object, or pass "
+            "blocks that hold each label whole: --set chunks=[...]"
+        )
+
+
 def _finish(run: pipeline.Run, made: table.Table) -> dict[str, Any]:
+    if made.rows <= run.params.single_file_rows:
+        _check_unique(made)
     with run.stage("write"):
         written = table.write(
             made, run.output, single_file_rows=run.params.single_file_rows, empty=made.empty
