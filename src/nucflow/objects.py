@@ -22,7 +22,7 @@ import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 import numpy as np
@@ -139,6 +139,8 @@ class Property:
         The existing moment column(s) it equals (documentation; no column is added).
     table : bool
         Computed from the table's rows (neighbours), not from the crop.
+    isotropic : bool
+        scikit-image computes it for equal voxel sides only (2D perimeters).
     """
 
     unit: int | str = 0
@@ -487,33 +489,48 @@ def measure_rows(
     lo = rows[[f"bbox_min_{a}" for a in axes]].to_numpy(np.int64)
     hi = rows[[f"bbox_max_{a}" for a in axes]].to_numpy(np.int64)
     margin = np.asarray(spec.margin())
-    start = np.maximum(lo.min(0) - margin, 0)
-    stop = np.minimum(hi.max(0) + margin, np.asarray(shape))
-    box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
-    block_labels = np.asarray(labels[box])
-    block_intensity = np.stack([np.asarray(r[box]) for r in intensities.values()], -1)
-
-    def around(lo_i, hi_i, grow):
-        a = np.maximum(lo_i - np.asarray(grow), 0)
-        b = np.minimum(hi_i + np.asarray(grow), np.asarray(shape))
-        local = tuple(slice(int(x - s), int(y - s)) for x, y, s in zip(a, b, start, strict=True))
-        return block_labels[local], block_intensity[local], tuple(int(x) for x in a)
-
+    box = _Box.read(lo.min(0) - margin, hi.max(0) + margin, labels, intensities, shape)
     values = np.empty((len(rows), len(columns)))
     for i, label in enumerate(rows["label"].to_numpy()):
-        local = tuple(
-            slice(int(x - s), int(y - s)) for x, y, s in zip(lo[i], hi[i], start, strict=True)
-        )
+        crop_labels, intensity, origin = box.crop(lo[i], hi[i])
         crop = Crop(
-            mask=block_labels[local] == label,
-            intensity=block_intensity[local],
-            origin=tuple(int(x) for x in lo[i]),
+            mask=crop_labels == label,
+            intensity=intensity,
+            origin=origin,
             voxel_size=spec.voxel_size,
-            around=lambda grow, lo_i=lo[i], hi_i=hi[i]: around(lo_i, hi_i, grow),
+            around=partial(box.crop, lo[i], hi[i]),
             label=int(label),
         )
         values[i] = [v for n in names for v in PROPERTIES[n].compute(crop, spec.settings)]
     return pd.DataFrame(values, columns=columns, index=rows.index)
+
+
+@dataclass(frozen=True)
+class _Box:
+    """Labels and channels (channel last) of one box of the stack, read once per task."""
+
+    start: np.ndarray
+    labels: np.ndarray
+    intensity: np.ndarray
+    shape: np.ndarray
+
+    @classmethod
+    def read(cls, lo, hi, labels: Any, intensities: Mapping[str, Any], shape) -> _Box:
+        shape = np.asarray(shape)
+        start, stop = np.maximum(lo, 0), np.minimum(hi, shape)
+        where = tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
+        channels = np.stack([np.asarray(r[where]) for r in intensities.values()], -1)
+        return cls(start, np.asarray(labels[where]), channels, shape)
+
+    def crop(self, lo, hi, grow=0) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+        """(labels, intensity, origin) of the bbox ``[lo, hi)`` grown by ``grow`` voxels per
+        axis, clipped to the stack."""
+        a = np.maximum(np.asarray(lo) - grow, 0)
+        b = np.minimum(np.asarray(hi) + grow, self.shape)
+        local = tuple(
+            slice(int(x - s), int(y - s)) for x, y, s in zip(a, b, self.start, strict=True)
+        )
+        return self.labels[local], self.intensity[local], tuple(int(x) for x in a)
 
 
 def neighbour_columns(
