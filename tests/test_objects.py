@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import zarr
 from scipy import ndimage
@@ -280,11 +281,7 @@ def test_measure_reproduces_the_run_on_its_own_labels(small3d, tmp_path):
         measured.drop(columns="truncated"), ran.drop(columns="truncated"), rtol=1e-12
     )
     # the table's Parquet metadata says where the labels came from
-    meta = json.loads(
-        __import__("pyarrow.parquet")
-        .parquet.read_schema(out / "nuclei.parquet")
-        .metadata[b"nucflow"]
-    )
+    meta = json.loads(pq.read_schema(out / "nuclei.parquet").metadata[b"nucflow"])
     assert meta["labels"] == str(run / "labels.ome.zarr") and meta["unit"] == "micrometer"
 
 
@@ -369,12 +366,8 @@ def test_flat_nuclei_have_the_hull_of_their_plane():
     labels = flat.astype(np.uint8)
     image = np.where(flat, 100.0, 0.0)
     rows = pd.DataFrame({"label": [1]})
-    for a, (lo, hi) in zip(
-        "zyx",
-        [(0, 1), *[(s.start, s.stop) for s in ndimage.find_objects(labels[0])[0]]],
-        strict=True,
-    ):
-        rows[f"bbox_min_{a}"], rows[f"bbox_max_{a}"] = lo, hi
+    for a, where in zip("zyx", ndimage.find_objects(labels)[0], strict=True):
+        rows[f"bbox_min_{a}"], rows[f"bbox_max_{a}"] = where.start, where.stop
     spec = objects.Spec.of(
         ["solidity", "area_convex", "feret_diameter_max", "surface_area"], ndim=3,
         voxel_size=(2.0, 0.5, 0.5),
