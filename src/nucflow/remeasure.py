@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from nucflow import io, measure, pipeline, table
+from nucflow import io, measure, pipeline, progress, table
 from nucflow.blockpass import Grid, pass_graph
 from nucflow.errors import NucflowError, OutputError, ParameterError, ShapeError
 
@@ -95,6 +95,7 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
         Counts: ``nuclei`` (rows).
     """
     p = run.params
+    progress.expect(run, {"sums": 1, "table": 1 + ("neighbours" in p.properties), "write": 0})
     shape = tuple(run.stack.data.shape)
     run.region = tuple(slice(0, n) for n in shape)  # labels may lie anywhere
     grid = Grid(shape, p.chunks)
