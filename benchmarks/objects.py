@@ -103,9 +103,8 @@ def main() -> None:
             found["default"].append(_run(source, Path(tmp) / "default", default))
     n = int(made.truth.max())
     print(f"stack {made.image.shape}, {n} nuclei, blocks 32x128x128, threads")
-    print(
-        f"{'properties':<12} {'table s':>8} {'stages s':>9} {'wall s':>7}  (median of {args.repeat})"
-    )
+    head = f"{'properties':<12} {'table s':>8} {'stages s':>9} {'wall s':>7}"
+    print(f"{head}  (median of {args.repeat})")
     for name, runs in found.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(f"{name:<12} {med['table']:8.2f} {med['stages']:9.2f} {med['wall']:7.2f}")

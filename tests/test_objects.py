@@ -294,6 +294,15 @@ def _measure(capsys, *argv) -> str:
     return lines[-1]
 
 
+def _measure_labels(capsys, labels: np.ndarray, source, tmp_path, chunks: str) -> str:
+    """``nucflow measure`` of ``labels`` (saved as zarr) on ``source``, expected to fail."""
+    path = tmp_path / "labels.zarr"
+    zarr.save_array(str(path), labels, zarr_format=2)
+    out = str(tmp_path / "o")
+    return _measure(capsys, "--labels", str(path), "--input", str(source), "--output", out,
+                    "--set", chunks)  # fmt: skip
+
+
 def test_measure_refuses_bad_inputs(small3d, tmp_path, capsys):
     source, made = small3d
     truth = f"{source}/labels/truth"
@@ -334,12 +343,7 @@ def test_measure_refuses_a_label_larger_than_its_reach(small3d, tmp_path, capsys
     source, made = small3d
     labels = made.truth.astype(np.uint16)
     labels[3:5, 2:60, 1:63] = 999  # a sheet across the stack, not a nucleus
-    path = tmp_path / "sheet.zarr"
-    zarr.save_array(str(path), labels, zarr_format=2)
-    err = _measure(
-        capsys, "--labels", str(path), "--input", str(source), "--output", str(tmp_path / "o"),
-        "--set", "chunks=[8,8,8]",
-    )  # fmt: skip
+    err = _measure_labels(capsys, labels, source, tmp_path, "chunks=[8,8,8]")
     assert "label 999 spans 2 x 58 x 62 voxels (ZYX): each task would read" in err
     assert "(limit 64)" in err and "--set chunks=" in err
 
@@ -387,10 +391,5 @@ def test_measure_refuses_a_label_in_pieces_no_block_sees_together(small3d, tmp_p
     labels[2:4, 2:6, 2:6] = 7  # two pieces of one label, far apart, neither crossing a face
     labels[20:22, 50:54, 50:54] = 7
     labels[10:14, 30:36, 14:18] = 3  # one label across a block face
-    path = tmp_path / "pieces.zarr"
-    zarr.save_array(str(path), labels, zarr_format=2)
-    err = _measure(
-        capsys, "--labels", str(path), "--input", str(source), "--output", str(tmp_path / "o"),
-        "--set", "chunks=[8,16,16]",
-    )  # fmt: skip
+    err = _measure_labels(capsys, labels, source, tmp_path, "chunks=[8,16,16]")
     assert "label 7 is in pieces farther apart than any label that crosses a block face" in err
