@@ -501,8 +501,14 @@ def measure_rows(
             around=partial(box.crop, lo[i], hi[i]),
             label=int(label),
         )
-        values[i] = [v for n in names for v in PROPERTIES[n].compute(crop, spec.settings)]
+        values[i] = [v for n in names for v in _compute(n)(crop, spec.settings)]
     return pd.DataFrame(values, columns=columns, index=rows.index)
+
+
+def _compute(name: str) -> Compute:
+    compute = PROPERTIES[name].compute
+    assert compute is not None, name  # Spec.crop_properties holds computed properties only
+    return compute
 
 
 @dataclass(frozen=True)

@@ -189,16 +189,16 @@ def _final_rows(
             part = pq.ParquetFile(path).read().to_pandas()
             if len(part):
                 parts[near] = part
-    where = {"grid": grid, "offset": offset, "full_shape": full_shape, "index": index}
+    where = partial(_owner, grid=grid, offset=offset, full_shape=full_shape, index=index)
     if owner == "seed":
         seeds = {n: p.index.to_numpy().astype(np.uint64) - np.uint64(1) for n, p in parts.items()}
-        owned = [p[_owner(seeds[n], **where)] for n, p in parts.items()]
+        owned = [p[where(seeds[n])] for n, p in parts.items()]
         totals = measure.combine(owned)
     else:  # a label's parts all lie in the neighbourhood of the block with its first voxel
         own = parts[index].index if index in parts else pd.Index([])
         totals = measure.combine([p[p.index.isin(own)] for p in parts.values()])
         if len(totals):
-            totals = totals[_owner(totals["first"].to_numpy(np.uint64), **where)]
+            totals = totals[where(totals["first"].to_numpy(np.uint64))]
     rows = measure.finalize(totals, **finalize)
     if measured is not None:
         rows = _with_objects(rows, measured, full_shape)
