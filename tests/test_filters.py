@@ -374,6 +374,37 @@ def test_downsample_must_be_positive_integers():
         filters.subtract_background(da.zeros((8, 8), chunks=4), radius=2.0, downsample=(0, 2))
 
 
+@pytest.mark.parametrize("downsample", [1, 2])
+@pytest.mark.parametrize(
+    ("voxel_size", "message"),
+    [
+        ((1.0, 1.0, 1.0), r"^`voxel_size` must have 2 values, got \(1\.0, 1\.0, 1\.0\)$"),
+        (0.5, r"^`voxel_size` must have 2 values, got 0\.5$"),
+        ((1.0, 0.0), r"^`voxel_size` must be a positive number, got 0\.0$"),
+    ],
+)
+def test_subtract_background_refuses_a_bad_voxel_size(downsample, voxel_size, message):
+    """With or without reduced resolution: a ParameterError naming `voxel_size`, never a
+    bare ValueError/TypeError from zip or tuple()."""
+    with pytest.raises(ParameterError, match=message):
+        filters.subtract_background(
+            da.zeros((8, 8), chunks=4), radius=2.0, voxel_size=voxel_size, downsample=downsample
+        )
+
+
+def test_box_size_is_the_ellipsoid_extent():
+    """One rounding of a radius to voxels: 0.3 µm at 0.1 µm voxels is 3 voxels (size 7), for
+    the box, the ellipsoid, the median background and a `filter.steps` radius alike."""
+    assert filters.box_size(0.3, (0.1, 0.1)) == (7, 7)
+    assert filters.box_size(1.0, (2.0, 0.5, 0.3)) == (1, 5, 7)
+    assert filters.ellipsoid(0.3, (0.1, 0.1)).shape == (7, 7)
+    assert filters.background_steps("median", 0.3, (0.1, 0.1)) == [("median", {"size": (7, 7)})]
+    assert filters.in_voxels("median", {"radius": 0.3}, (0.1, 0.1)) == {"size": (7, 7)}
+    footprint = filters.in_voxels("opening", {"radius": 0.3}, (0.1, 0.1))["footprint"]
+    assert filters.depth_of("dilation", footprint=footprint) == (3, 3)
+    assert filters.in_voxels("closing", {"size": [5, 3]}, (0.1, 0.1))["footprint"].shape == (5, 3)
+
+
 # --------------------------------------------------------------------------- global masks
 
 

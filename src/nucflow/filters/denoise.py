@@ -22,7 +22,7 @@ import skimage.restoration
 
 from nucflow.errors import ParameterError
 from nucflow.filters._checks import _as_image, _per_axis, _positive
-from nucflow.filters.overlap import _filter
+from nucflow.filters.overlap import _filter, _grow_chunks
 from nucflow.filters.steps import StepKind, register
 from nucflow.filters.thresholds import _order_statistic
 
@@ -59,7 +59,7 @@ def noise_sigma(image: da.Array) -> float:
     Returns
     -------
     sigma : float
-        In the image's intensity units; 0 when every coefficient is 0 (a constant image).
+        In the image's intensity units; 0 when every coefficient is 0 (an all-zero image).
 
     Notes
     -----
@@ -91,18 +91,33 @@ def _high_pass(image: da.Array, axis: int) -> da.Array:
     size = (image.shape[axis] + 3) // 2  # PyWavelets' output length for a 4-tap filter
     pad = [(3, 3) if a == axis else (0, 0) for a in range(image.ndim)]
     extended = da.pad(image, pad, mode="symmetric")
+    chunks = list(extended.chunks)
+    chunks[axis] = _grow_chunks(chunks[axis], 3)
+    filtered = extended.rechunk(tuple(chunks)).map_overlap(
+        _filter_backwards,
+        depth={a: 3 if a == axis else 0 for a in range(image.ndim)},
+        boundary="none",
+        trim=True,
+        axis=axis,
+        dtype=image.dtype,
+        meta=np.empty((0,) * image.ndim, image.dtype),
+    )
+    # Coefficient k is sum_j dec_hi[j] * x[2k + 1 - j], i.e. `extended` index 2k + 4 - j.
+    where = [slice(None)] * image.ndim
+    where[axis] = slice(4, 4 + 2 * size - 1, 2)
+    return filtered[tuple(where)]
 
-    def taps(start: int) -> da.Array:
-        where = [slice(None)] * image.ndim
-        where[axis] = slice(start, start + 2 * size - 1, 2)
-        return extended[tuple(where)]
 
-    # Coefficient k is sum_j dec_hi[j] * x[2k + 1 - j] (in `extended`: index 2k + 4 - j),
-    # summed in PyWavelets' order so that the rounding matches.
-    out = _DB2_HIGH[0] * taps(4)
+def _filter_backwards(block: np.ndarray, *, axis: int) -> np.ndarray:
+    """``out[i] = sum_j dec_hi[j] * block[i - j]`` along `axis`, summed in PyWavelets' order
+    so that the rounding matches; the first 3 entries (no full window) are never used."""
+    block = np.moveaxis(block, axis, 0)
+    out = np.zeros_like(block)
+    n = len(block)
+    out[3:] = _DB2_HIGH[0] * block[3:]
     for j in range(1, 4):
-        out = out + _DB2_HIGH[j] * taps(4 - j)
-    return out
+        out[3:] += _DB2_HIGH[j] * block[3 - j : n - j]
+    return np.moveaxis(out, 0, axis)
 
 
 # --------------------------------------------------------------------------- non-local means
