@@ -81,6 +81,16 @@ def test_nl_means_exact(shape, chunks):
     _assert_nl_means_equal(out.compute(), expected)
 
 
+def test_nl_means_integer_image_keeps_its_intensity_units():
+    """uint16 in: h and sigma in raw counts (preserve_range), float32 out."""
+    x = (_noisy((41, 37)) * 10).astype(np.uint16)
+    kwargs = {"patch_size": 3, "patch_distance": 3, "h": 150.0, "sigma": 180.0}
+    out = filters.nl_means(da.from_array(x, chunks=(9, 16)), **kwargs)
+    expected = restoration.denoise_nl_means(x, **kwargs, preserve_range=True)
+    assert expected.max() > 1000  # not rescaled to [0, 1]
+    _assert_nl_means_equal(out.compute(), expected)
+
+
 def test_nl_means_slow_mode_and_even_patch_2d():
     x = _noisy((41, 37))
     kwargs = {"patch_size": 4, "patch_distance": 2, "h": 20.0, "sigma": 0.0, "fast_mode": False}
