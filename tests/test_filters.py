@@ -497,6 +497,25 @@ def test_threshold_percentile(dtype, percentile):
     assert value == float(np.percentile(x, percentile))
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.0] * 10 + [1.0] + [10.0] * 5,  # the k-th ends its bin: the next is found by one pass
+        [0.0] * 10 + [1.0, 1.0] + [10.0] * 6,  # both in one bin
+        [1.0] * 3 + [2.0] * 3,  # a bin of ties
+        list(np.random.default_rng(3).integers(0, 7, 40) / 3.0),
+    ],
+)
+def test_order_pair_equals_sorting(values):
+    from nucflow.filters.thresholds import _order_pair
+
+    x = np.array(values, np.float32).reshape(2, -1)
+    ordered = np.sort(x.ravel())
+    image = da.from_array(x, chunks=(1, 3))
+    for k in range(x.size - 1):
+        assert _order_pair(image, k, x.min(), x.max()) == (ordered[k], ordered[k + 1])
+
+
 def test_threshold_constant_image():
     x = da.full((10, 12), 7, dtype=np.uint8, chunks=5)
     for method in ["otsu", "yen", "triangle", "li"]:

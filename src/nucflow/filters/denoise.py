@@ -24,7 +24,7 @@ from nucflow.errors import ParameterError
 from nucflow.filters._checks import _as_image, _per_axis, _positive
 from nucflow.filters.overlap import _filter, _grow_chunks
 from nucflow.filters.steps import StepKind, register
-from nucflow.filters.thresholds import _order_statistic
+from nucflow.filters.thresholds import _order_pair, _order_statistic
 
 # Daubechies-2 high-pass decomposition filter, the values of PyWavelets' Wavelet("db2").dec_hi
 # (the wavelet skimage.restoration.estimate_sigma uses; a test compares them).
@@ -74,9 +74,12 @@ def noise_sigma(image: da.Array) -> float:
     if count == 0:
         return 0.0
     # Zeros are the smallest magnitudes: the k-th non-zero one is the (zeros + k)-th of all.
-    middle = sorted({(count - 1) // 2, count // 2})
-    values = [_order_statistic(magnitude, int(zeros) + k, low, high) for k in middle]
-    return float(np.median(np.array(values, np.float64)) / scipy.stats.norm.ppf(0.75))
+    first = int(zeros) + (count - 1) // 2
+    if count % 2:
+        middle = [_order_statistic(magnitude, first, low, high)]
+    else:
+        middle = list(_order_pair(magnitude, first, low, high))
+    return float(np.median(np.array(middle, np.float64)) / scipy.stats.norm.ppf(0.75))
 
 
 def _detail_coefficients(image: da.Array) -> da.Array:

@@ -219,7 +219,11 @@ def _percentile(image: da.Array, percentile: float, low: Any, high: Any) -> floa
         a, b = (int(low) + np.searchsorted(cumulative, k, side="right") for k in (below, above))
         pair = np.array([a, b], image.dtype)
     else:
-        pair = np.array([_order_statistic(image, k, low, high) for k in (below, above)])
+        pair = np.array(
+            _order_pair(image, below, low, high)
+            if above > below
+            else [_order_statistic(image, below, low, high)] * 2
+        )
     # np.quantile on the two neighbours with weight `gamma` repeats numpy's own lerp.
     # gamma as a Python float: numpy then keeps the image's float dtype, as np.percentile does.
     return float(np.quantile(pair, float(index - below)))
@@ -236,8 +240,27 @@ def _interval_counts(block: np.ndarray, *, edges: np.ndarray, closed: bool) -> n
     return np.concatenate([counts, [-lo, hi]])  # negate min so a sum-reduction can't merge it
 
 
-def _order_statistic(image: da.Array, k: int, low: Any, high: Any, limit: int = 1 << 20) -> Any:
-    """The k-th smallest value: refine a 256-bin histogram until one bin is small."""
+def _order_statistic(image: da.Array, k: int, low: Any, high: Any) -> Any:
+    """The k-th smallest value (0-based) of `image`, whose values lie in [low, high]."""
+    return _order_statistics(image, k, low, high)[0]
+
+
+def _order_pair(image: da.Array, k: int, low: Any, high: Any) -> tuple[Any, Any]:
+    """The k-th and (k+1)-th smallest values: the second mostly comes from the bin gathered
+    for the first; when the first ends its bin, one more pass finds the second."""
+    values = _order_statistics(image, k, low, high)
+    if len(values) == 2:
+        return values[0], values[1]
+    first = values[0]
+    at_most, larger = dask.compute(
+        (image <= first).sum(), da.where(image > first, image, np.inf).min()
+    )
+    return first, first if at_most >= k + 2 else image.dtype.type(larger)
+
+
+def _order_statistics(image: da.Array, k: int, low: Any, high: Any, limit: int = 1 << 20) -> list:
+    """The k-th smallest value and, when it is in the same final bin, the (k+1)-th: refine a
+    256-bin histogram until the bin holding the k-th is small, then gather and sort that bin."""
     lo, hi, closed, before = float(low), float(high), True, 0
     for _ in range(16):
         edges = np.linspace(lo, hi, _BINS + 1)
@@ -250,7 +273,7 @@ def _order_statistic(image: da.Array, k: int, low: Any, high: Any, limit: int = 
             stats[..., _BINS + 1].max(axis=axes),
         )
         if vmin == vmax:
-            return image.dtype.type(vmin)
+            return [image.dtype.type(vmin)]
         cumulative = before + np.cumsum(counts)
         j = int(np.searchsorted(cumulative, k, side="right"))
         before = int(cumulative[j - 1]) if j else before
@@ -260,4 +283,4 @@ def _order_statistic(image: da.Array, k: int, low: Any, high: Any, limit: int = 
             break
     inside = (image >= lo) & ((image <= hi) if closed else (image < hi))
     values = np.sort(image[inside].compute())
-    return values[k - before]
+    return list(values[k - before : k - before + 2])
