@@ -1,14 +1,14 @@
 """Cost per Mvoxel of the seam-exact denoisers (nucflow.filters.nl_means, bilateral, noise_sigma).
 
 Run ``nice -n 10 python benchmarks/denoise.py`` (~3 min; ``--shape Z Y X`` and ``--chunks Z Y X``
-to change the stack). Everything runs on ONE thread (dask's synchronous scheduler, BLAS/OpenMP
-limited to 1 thread) so the numbers are per core: a synthetic uint16 stack from
-``nucflow.synth.make_nuclei`` (voxel 1 x 0.5 x 0.5 µm, nuclei of 8 µm, Poisson-like noise) is
-filtered dask-chunked and, as the reference, by the whole-array call (scikit-image's
-``estimate_sigma`` / ``denoise_nl_means``; the bilateral's own kernel on the whole array, since
-``skimage.restoration.denoise_bilateral`` is 2D only). CPU seconds per Mvoxel of the stack (halo
-work included for the chunked runs; CPU rather than wall time, as the machine is shared) and
-whether the results agree are printed.
+change the stack, ``--noise-only`` times the noise estimate alone). Everything runs on ONE
+thread (dask's synchronous scheduler, BLAS/OpenMP limited to 1 thread), so the numbers are per
+core: a synthetic uint16 stack from ``nucflow.synth.make_nuclei`` (voxel 1 x 0.5 x 0.5 µm,
+nuclei of 8 µm, with its noise) is filtered dask-chunked and, as the reference, by the
+whole-array call (scikit-image's ``estimate_sigma`` / ``denoise_nl_means``; the bilateral's own
+kernel on the whole array, since ``skimage.restoration.denoise_bilateral`` is 2D only). CPU
+seconds per Mvoxel of the stack (halo work included for the chunked runs; CPU rather than wall
+time, as the machine is shared) and whether the results agree are printed.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(32, 128, 128))
     parser.add_argument("--chunks", type=int, nargs=3, default=(32, 64, 64))
+    parser.add_argument("--noise-only", action="store_true", help="time noise_sigma only")
     args = parser.parse_args()
     made = synth.make_nuclei(tuple(args.shape), n_nuclei=20, diameter=8.0, seed=0)
     image = made.image
@@ -51,6 +52,8 @@ def main() -> None:
     t_ours, sigma = _time(lambda: filters.noise_sigma(chunked))
     t_ref, ref = _time(lambda: restoration.estimate_sigma(image.astype(np.float64)))
     _row("noise_sigma (estimate_sigma)", t_ours, t_ref, mvox, f"sigma {sigma:.3f} == {ref:.3f}")
+    if args.noise_only:
+        return
 
     nlm = {"patch_size": 5, "patch_distance": 6, "h": 0.8 * sigma, "sigma": sigma}
     t_ours, ours = _time(lambda: filters.nl_means(chunked, **nlm).compute())
