@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import dask
 import dask.array as da
@@ -32,7 +32,7 @@ _DB2_HIGH = (-0.48296291314453416, 0.8365163037378079, -0.2241438680420134, -0.1
 # skimage's starting point for the fast non-local means when sigma is given: h = 0.8 * sigma.
 _H_PER_SIGMA = 0.8
 # Edge modes (scipy names) -> numpy.pad modes.
-_PAD_MODES = {
+_PAD_MODES: dict[str, Literal["symmetric", "reflect", "edge", "constant"]] = {
     "reflect": "symmetric",
     "mirror": "reflect",
     "nearest": "edge",

@@ -75,7 +75,9 @@ def ellipsoid(
 
 def _ellipsoid_exact(radii: list[float], half: list[int]) -> np.ndarray:
     grids = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
-    dist = sum((g / r) ** 2 for g, r in zip(grids, radii, strict=True))
+    dist = np.zeros((1,) * len(grids))
+    for g, r in zip(grids, radii, strict=True):
+        dist = dist + (g / r) ** 2
     return (dist <= 1 + 1e-9).astype(np.uint8)
 
 
@@ -91,7 +93,7 @@ def _ellipsoid_sequence(half: list[int]) -> list[tuple[np.ndarray, int]]:
             # Bresenham: step j keeps this axis extended iff it crosses an integer.
             if (j + 1) * h // len(units) == j * h // len(units):
                 # Projecting is scaling that axis by 0: the other extents survive.
-                unit = unit.any(axis=axis, keepdims=True).astype(np.uint8)
+                unit = np.asarray(unit.any(axis=axis, keepdims=True), np.uint8)
         if out and out[-1][0].shape == unit.shape and np.array_equal(out[-1][0], unit):
             out[-1] = (out[-1][0], out[-1][1] + 1)
         else:

@@ -93,7 +93,9 @@ def _resolved(image: da.Array, steps: Sequence[tuple[str, dict]]) -> list[tuple[
     for name, params in steps:
         if _unresolved(name, params):
             step_input = _overlap(image, out) if out else image
-            params = STEPS[name].resolve(step_input, params)
+            resolve = STEPS[name].resolve
+            assert resolve is not None  # _unresolved: only steps with a resolve get here
+            params = resolve(step_input, params)
         out.append((name, params))
     return out
 

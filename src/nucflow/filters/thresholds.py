@@ -23,8 +23,9 @@ _BINS = 256
 def _per_block(image: da.Array, func: Callable, length: int, dtype: Any) -> da.Array:
     """A 1D statistic of fixed length per block: shape ``numblocks + (length,)``."""
     ndim = image.ndim
-    return image.map_blocks(
+    return da.map_blocks(
         lambda b: func(b).reshape((1,) * ndim + (length,)),
+        image,
         new_axis=ndim,
         chunks=tuple((1,) * len(c) for c in image.chunks) + ((length,),),
         dtype=dtype,
@@ -120,7 +121,7 @@ def threshold(
     if low == high:
         return float(low)
     if method == "percentile":
-        return _percentile(image, float(percentile), low, high)
+        return _percentile(image, float(kwargs["percentile"]), low, high)
     if method == "li":
         return _li(image, low, high, kwargs.get("tolerance"))
     counts, centers = _histogram(image, low, high)
