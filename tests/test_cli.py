@@ -205,6 +205,15 @@ BAD_INPUTS = {
         "plan --input {u16} --set measure.channels=[3]",
         r"`measure\.channels` holds 3 but \S+/u16\.zarr has 1 channel\(s\); use 0\.\.0$",
     ),
+    "tune region of the wrong length": (
+        "tune --input {u16} --output {out} --region 0:4 0:8",
+        r"^nucflow tune: error: --region has 2 ranges but the stack has 3 axes; pass Z Y X$",
+    ),
+    "tune region outside the stack": (
+        "tune --input {u16} --output {out} --region 0:4 0:8 0:99",
+        r"--region .0:99. must be START:STOP with 0 <= START < STOP <= 40 "
+        r"\(the stack is 16 x 40 x 40 voxels, Z Y X\)$",
+    ),
     "unknown key via --set": (
         "run --input {u16} --output {out} --set diamter=5",
         r"^nucflow run: error: unknown config key `diamter` \(command line\); "

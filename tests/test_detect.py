@@ -136,3 +136,24 @@ def test_local_detection_in_2d(tmp_path):
     report = accuracy_report(labels, made.truth, made.brightness)
     assert report["f1_iou50"] >= 0.85, report
     assert report["recall_by_brightness"][0] >= 0.75, report
+
+
+def test_tune_runs_the_flow_on_a_region_as_if_it_were_the_stack(lightsheet3d, tmp_path, capsys):
+    """`nucflow tune --region` = `nucflow run` on that region saved alone, plus its pictures."""
+    source, made = lightsheet3d
+    box = (slice(8, 32), slice(20, 120), slice(40, 160))
+    alone = tmp_path / "region.ome.zarr"
+    io.write_ome_zarr(alone, made.image[box], made.voxel_size)
+    expected, expected_labels = _run(alone, tmp_path / "alone")
+    region = [f"{s.start}:{s.stop}" for s in box]
+    out = tmp_path / "tune"
+    capsys.readouterr()
+    assert main(["tune", "--input", str(source), "--output", str(out), "--region", *region]) == 0
+    said = capsys.readouterr().out
+    table = pd.read_parquet(out / "nuclei.parquet")
+    labels = np.asarray(zarr.open_array(str(out / "labels.ome.zarr" / "0"), mode="r"))
+    pd.testing.assert_frame_equal(table, expected)
+    np.testing.assert_array_equal(labels, expected_labels)
+    assert said.startswith(f"nucflow tune: region {' '.join(region)}: {len(table)} nuclei")
+    for picture in ("outlines.png", "depth.png", "distributions.png"):
+        assert (out / "qc" / picture).stat().st_size > 1000

@@ -374,6 +374,37 @@ def test_downsample_must_be_positive_integers():
         filters.subtract_background(da.zeros((8, 8), chunks=4), radius=2.0, downsample=(0, 2))
 
 
+@pytest.mark.parametrize("downsample", [1, 2])
+@pytest.mark.parametrize(
+    ("voxel_size", "message"),
+    [
+        ((1.0, 1.0, 1.0), r"^`voxel_size` must have 2 values, got \(1\.0, 1\.0, 1\.0\)$"),
+        (0.5, r"^`voxel_size` must have 2 values, got 0\.5$"),
+        ((1.0, 0.0), r"^`voxel_size` must be a positive number, got 0\.0$"),
+    ],
+)
+def test_subtract_background_refuses_a_bad_voxel_size(downsample, voxel_size, message):
+    """With or without reduced resolution: a ParameterError naming `voxel_size`, never a
+    bare ValueError/TypeError from zip or tuple()."""
+    with pytest.raises(ParameterError, match=message):
+        filters.subtract_background(
+            da.zeros((8, 8), chunks=4), radius=2.0, voxel_size=voxel_size, downsample=downsample
+        )
+
+
+def test_box_size_is_the_ellipsoid_extent():
+    """One rounding of a radius to voxels: 0.3 µm at 0.1 µm voxels is 3 voxels (size 7), for
+    the box, the ellipsoid, the median background and a `filter.steps` radius alike."""
+    assert filters.box_size(0.3, (0.1, 0.1)) == (7, 7)
+    assert filters.box_size(1.0, (2.0, 0.5, 0.3)) == (1, 5, 7)
+    assert filters.ellipsoid(0.3, (0.1, 0.1)).shape == (7, 7)
+    assert filters.background_steps("median", 0.3, (0.1, 0.1)) == [("median", {"size": (7, 7)})]
+    assert filters.in_voxels("median", {"radius": 0.3}, (0.1, 0.1)) == {"size": (7, 7)}
+    footprint = filters.in_voxels("opening", {"radius": 0.3}, (0.1, 0.1))["footprint"]
+    assert filters.depth_of("dilation", footprint=footprint) == (3, 3)
+    assert filters.in_voxels("closing", {"size": [5, 3]}, (0.1, 0.1))["footprint"].shape == (5, 3)
+
+
 # --------------------------------------------------------------------------- global masks
 
 
@@ -464,6 +495,25 @@ def test_threshold_percentile(dtype, percentile):
         da.from_array(x, chunks=(7, 13, 11)), "percentile", percentile=percentile
     )
     assert value == float(np.percentile(x, percentile))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.0] * 10 + [1.0] + [10.0] * 5,  # the k-th ends its bin: the next is found by one pass
+        [0.0] * 10 + [1.0, 1.0] + [10.0] * 6,  # both in one bin
+        [1.0] * 3 + [2.0] * 3,  # a bin of ties
+        list(np.random.default_rng(3).integers(0, 7, 40) / 3.0),
+    ],
+)
+def test_order_pair_equals_sorting(values):
+    from nucflow.filters.thresholds import _order_pair
+
+    x = np.array(values, np.float32).reshape(2, -1)
+    ordered = np.sort(x.ravel())
+    image = da.from_array(x, chunks=(1, 3))
+    for k in range(x.size - 1):
+        assert _order_pair(image, k, x.min(), x.max()) == (ordered[k], ordered[k + 1])
 
 
 def test_threshold_constant_image():

@@ -293,6 +293,34 @@ def test_preprocess_flow_equals_whole_array_filters(stack2d, tmp_path):
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
 
 
+def test_preprocess_flow_denoisers_equal_whole_array_calls(stack2d, tmp_path):
+    """`filter.steps` with the bilateral filter (sigma_spatial in µm) then non-local means
+    (noise estimated once, on the bilateral's whole output) equals the whole-array calls."""
+    from skimage import restoration
+
+    from nucflow import filters
+
+    source, made = stack2d
+    out = tmp_path / "denoised"
+    steps = (
+        "filter.steps=[{bilateral: {sigma_spatial: 1.0, sigma_color: 30.0}},"
+        " {nl_means: {patch_size: 3, patch_distance: 4}}]"
+    )
+    argv = ["run", "--flow", "preprocess", "--input", str(source), "--output", str(out)]
+    assert main([*argv, "--chunks", "50", "70", "--set", steps]) == 0
+    result = io.open_stack(out / "filtered.ome.zarr").data.compute()
+    sigma_voxels = tuple(1.0 / v for v in made.voxel_size)
+    smooth = filters.denoise._block_bilateral(
+        made.image, sigma_spatial=sigma_voxels, sigma_color=30.0, truncate=3.0, mode="reflect"
+    )
+    noise = restoration.estimate_sigma(smooth.astype(np.float64))
+    expected = restoration.denoise_nl_means(
+        smooth, patch_size=3, patch_distance=4, h=0.8 * noise, sigma=noise, preserve_range=True
+    )
+    # Float32 rounding only: skimage's fast mode sums in running integral images (1 ulp).
+    np.testing.assert_allclose(result, expected.astype(np.float32), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("downsample", [1, 2])
 def test_tissue_mask_preprocessing_equals_the_whole_array_steps(stack3d, tmp_path, downsample):
     """Normalized convolution inside a tissue mask, then the background (the exact top-hat

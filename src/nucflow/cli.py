@@ -134,6 +134,20 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="blocks, halo, tasks and memory before a run")
     _stack_options(plan)
 
+    tune = commands.add_parser(
+        "tune", help="the nuclei flow on one region, with its QC pictures, to check parameters"
+    )
+    _stack_options(tune)
+    tune.add_argument(
+        "--region",
+        required=True,
+        nargs="+",
+        metavar="START:STOP",
+        help="the region, one START:STOP per axis (Z Y X), in voxels of the input",
+    )
+    tune.add_argument("--output", required=True, help="output directory of the trial run")
+    tune.add_argument("--overwrite", action="store_true", help="replace an earlier trial")
+
     status = commands.add_parser(
         "status",
         help="what a run is doing or did (exit 0 complete, 3 running, 1 failed)",
@@ -174,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": _run,
         "measure": _measure,
         "plan": _plan,
+        "tune": _tune,
         "status": _status,
     }[args.command]
     _one_malloc_arena()
@@ -225,10 +240,14 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
 
     config = config_module.load(args.config, options=_options(args), overrides=args.set)
     stack = io.open_stack(args.input, channel=config["channel"])
+    if getattr(args, "region", None):  # nucflow tune: the region is the stack
+        stack = stack.crop(_region(args.region, stack.data.shape))
     params = config_module.resolve(config, shape=stack.data.shape, voxel_size=stack.voxel_size)
     # Reopen on the run's blocks: the default (~128 MiB blocks, shaped by the stack) would make
     # each task's memory depend on the stack's shape.
     stack = io.open_stack(args.input, channel=config["channel"], chunks=params.chunks)
+    if getattr(args, "region", None):
+        stack = stack.crop(_region(args.region, stack.data.shape))
     _check_channels(params, stack, args.input)
     return stack, params, config
 
@@ -240,6 +259,25 @@ def _check_channels(params: Any, stack: Any, path: str) -> None:
                 f"`measure.channels` holds {c} but {path} has {stack.n_channels} channel(s); "
                 f"use 0..{stack.n_channels - 1}"
             )
+
+
+def _region(given: Sequence[str], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """``--region 0:32 100:356 100:356`` as slices, checked against the stack's shape."""
+    axes = "Z Y X" if len(shape) == 3 else "Y X"
+    if len(given) != len(shape):
+        raise ParameterError(
+            f"--region has {len(given)} ranges but the stack has {len(shape)} axes; pass {axes}"
+        )
+    box = []
+    for text, n in zip(given, shape, strict=True):
+        start, sep, stop = text.partition(":")
+        if not (sep and start.isdigit() and stop.isdigit() and int(start) < int(stop) <= n):
+            raise ParameterError(
+                f"--region {text!r} must be START:STOP with 0 <= START < STOP <= {n} "
+                f"(the stack is {' x '.join(map(str, shape))} voxels, {axes})"
+            )
+        box.append(slice(int(start), int(stop)))
+    return tuple(box)
 
 
 def _adapt(text: str | None) -> tuple[int, int] | None:
@@ -345,6 +383,34 @@ def _measure(args: argparse.Namespace) -> None:
     )
     elapsed = time.perf_counter() - start
     print(f"nucflow measure: {counts['nuclei']} labels in {elapsed:.1f} s -> {job.output}")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    """The nuclei flow on a region: what it finds there, and the pictures to check it by."""
+    args.flow, args.resume = "nuclei", False
+    start = time.perf_counter()
+    job, result = execute(args)
+    noise = job.facts.get("noise")
+    found = (
+        f"noise level {noise:.4g} (estimated on this region; a full run estimates it on the "
+        "whole stack)"
+        if noise is not None
+        else f"global threshold {job.facts['threshold']:.4g}"
+    )
+    qc = job.output / "qc"
+    pictures = ", ".join(
+        str(qc / name)
+        for name in ("outlines.png", "depth.png", "distributions.png")
+        if (qc / name).exists()
+    )
+    print(
+        f"nucflow tune: region {' '.join(args.region)}: {result['nuclei']} nuclei "
+        f"({result['truncated']} truncated) in {time.perf_counter() - start:.1f} s; {found}\n"
+        f"  check      {pictures}\n"
+        f"  table      {job.output / 'nuclei.parquet'} (coordinates within the region)\n"
+        "  adjust     --diameter, --set detect.snr=... (dimmer nuclei: lower), "
+        "detect.fraction=... (larger outlines: lower), detect.blob_radius=... (configs/nuclei.yaml)"
+    )
 
 
 def _plan(args: argparse.Namespace) -> None:

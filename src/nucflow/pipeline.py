@@ -409,9 +409,6 @@ def _subtract_task(
     return np.maximum(np.asarray(smoothed[core]) - low, np.float32(0))
 
 
-_FOOTPRINT_STEPS = {"erosion", "dilation", "opening", "closing", "white_tophat", "black_tophat"}
-
-
 def configured_filters(run: Run) -> da.Array:
     """The ``filter.steps`` chain in physical units, as one lazy overlapped pass."""
     p = run.params
@@ -421,26 +418,8 @@ def configured_filters(run: Run) -> da.Array:
             raise ConfigError(
                 f"`filter.steps`: unknown filter {name!r}; use one of {', '.join(filters.STEPS)}"
             )
-        steps.append((name, _physical_step(name, dict(given), p.voxel_size)))
+        steps.append((name, filters.in_voxels(name, given, p.voxel_size)))  # µm -> voxels
     return filters.chain(run.stack.data.rechunk(p.chunks), steps)
-
-
-def _physical_step(name: str, given: dict[str, Any], voxel: tuple[float, ...]) -> dict[str, Any]:
-    """Translate µm lengths (sigma, radius) into the voxel parameters of ``filters``."""
-    if "sigma" in given:
-        given["sigma"] = tuple(given["sigma"] / v for v in voxel)
-    if "size" in given:
-        size = tuple(given.pop("size"))
-        given["footprint" if name in _FOOTPRINT_STEPS else "size"] = (
-            np.ones(size, bool) if name in _FOOTPRINT_STEPS else size
-        )
-    if "radius" in given:
-        radius = given.pop("radius")
-        if name in _FOOTPRINT_STEPS:
-            given["footprint"] = filters.ellipsoid(radius, voxel, decomposition="sequence")
-        else:
-            given["size"] = tuple(2 * int(radius / v) + 1 for v in voxel)
-    return given
 
 
 def write_stack(run: Run, image: da.Array, name: str) -> Path:

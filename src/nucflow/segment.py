@@ -162,7 +162,7 @@ def find_seeds(
         coords = coords[~_tied_with_earlier(coords, half)]
     else:  # plateaus everywhere: a minimum filter of the order costs less than the pairs
         no_seed = dist_sq.size  # above every local index
-        order = np.full(dist_sq.shape, no_seed, _smallest_int(no_seed))
+        order: np.ndarray = np.full(dist_sq.shape, no_seed, _smallest_int(no_seed))
         order[tuple(coords.T)] = np.arange(len(coords))
         is_seed = candidate & (order == ndimage.minimum_filter(order, size=box, mode="reflect"))
         coords = np.argwhere(is_seed)
@@ -248,7 +248,7 @@ def partition(
 
 def _squared_offsets(lo, hi, seed, voxel) -> np.ndarray:
     """Squared physical distance from ``seed`` over the box [lo, hi), summed in a fixed order."""
-    total = 0.0
+    total = np.zeros((1,) * len(lo))
     for axis, (a, b, s, v) in enumerate(zip(lo, hi, seed, voxel, strict=True)):
         shape = [1] * len(lo)
         shape[axis] = b - a
