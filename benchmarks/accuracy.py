@@ -197,6 +197,17 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def records(results: dict) -> str:
+    """Every report as a JSON array, one report per line."""
+    rows = [
+        json.dumps({"geometry": geometry, "condition": condition, "pipeline": pipeline, **report})
+        for (geometry, condition), by_pipeline in results.items()
+        for pipeline, reports in by_pipeline.items()
+        for report in reports
+    ]
+    return "[\n" + ",\n".join(rows) + "\n]\n"
+
+
 def header(args: argparse.Namespace, elapsed: float) -> str:
     import skimage
 
@@ -289,8 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)
-        raw = {f"{g} | {c}": by_pipeline for (g, c), by_pipeline in results.items()}
-        args.output.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
+        args.output.with_suffix(".json").write_text(records(results))
         print(f"written to {args.output} and {args.output.with_suffix('.json')}")
 
 
