@@ -167,7 +167,8 @@ def test_run_directory_is_complete_and_readable(stack3d, tmp_path):
     nodes = list(Reader(parse_url(str(out / "labels.ome.zarr")))())
     assert "image-label" in nodes[0].zarr.root_attrs
     np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), labels)
-    assert sorted(p.name for p in (out / "qc").iterdir()) == ["distributions.png", "outlines.png"]
+    qc = sorted(p.name for p in (out / "qc").iterdir())
+    assert qc == ["depth.png", "distributions.png", "outlines.png"]
     _check_outlines(out / "qc" / "outlines.png", record["qc_outline_windows_yx"], labels)
 
 

@@ -17,7 +17,8 @@ gives its core exactly the mask the whole stack would:
 3. **Extent.** Each seed claims the voxels connected to it, within ``max_radius`` of it, whose
    ``P`` is at least ``fraction`` of ``P`` at the seed (``P`` is background-subtracted, so this
    is a fraction of the nucleus' own contrast: its half-maximum outline with the default 0.5).
-4. **Foreground** is the union of all claims; hole filling, small-object removal and the
+4. **Foreground** is the union of all claims at least ``blob_radius`` thick along every axis
+   (a sheet is not a nucleus: see :func:`_thick`); hole filling, small-object removal and the
    seam-free splitting of touching nuclei (:mod:`nucflow.segment`) follow as with a threshold.
 
 A voxel depends on seeds within ``max_radius``; a seed on ``R`` within ``peak_radius``; ``R``
@@ -179,6 +180,8 @@ def foreground(image: np.ndarray, params: DetectParams, core: tuple[slice, ...])
         if np.any(cut_hi <= cut_lo):
             continue
         claim = _claim(data, seed, lo, hi, offsets, params.fraction)
+        if not _thick(claim, params):
+            continue
         inner = tuple(slice(a, b) for a, b in zip(cut_lo - lo, cut_hi - lo, strict=True))
         out = tuple(slice(a, b) for a, b in zip(cut_lo - start, cut_hi - start, strict=True))
         mask[out] |= claim[inner]
@@ -211,6 +214,20 @@ def _claim(data, seed, lo, hi, ball, fraction) -> np.ndarray:
     own = components[tuple(seed - clipped_lo)]
     claim[inner] = components == own
     return claim
+
+
+def _thick(claim: np.ndarray, params: DetectParams) -> bool:
+    """Does the claim reach ``blob_radius`` (half the smallest nucleus) along every axis?
+
+    A sheet is not a nucleus: at a stack's top and bottom faces the background estimate
+    lags a steep gradient (an opening sees only one side), leaving a thin bright layer whose
+    noise would otherwise seed claims one or two slices thick.
+    """
+    for axis, voxel in enumerate(params.voxel_size):
+        others = tuple(a for a in range(claim.ndim) if a != axis)
+        if np.count_nonzero(claim.any(axis=others)) * voxel < params.blob_radius:
+            return False
+    return True
 
 
 def noise_level(counts: np.ndarray, edges: np.ndarray) -> float:

@@ -33,14 +33,12 @@ def match_instances(
     """
     if iou < 0.5:
         raise ValueError(f"`iou` must be >= 0.5 for one-to-one matching, got {iou}")
-    _, pred = np.unique(predicted.ravel(), return_inverse=True)
-    _, true = np.unique(truth.ravel(), return_inverse=True)
-    pred_bg = int(predicted.min() == 0) if predicted.size else 0
-    true_bg = int(truth.min() == 0) if truth.size else 0
-    overlap = sparse.coo_matrix((np.ones(pred.size), (true, pred))).tocsr()
-    overlap = overlap[true_bg:, pred_bg:].tocoo()
-    true_size = np.bincount(true)[true_bg:]
-    pred_size = np.bincount(pred)[pred_bg:]
+    overlap, _, true_size, pred_size = _overlaps(predicted, truth)
+    return _match(overlap, true_size, pred_size, iou)
+
+
+def _match(overlap, true_size, pred_size, iou: float) -> dict[str, float]:
+    """:func:`match_instances` from the overlap of the two label images."""
     union = true_size[overlap.row] + pred_size[overlap.col] - overlap.data
     scores = overlap.data / union
     matched = scores > iou
@@ -81,9 +79,9 @@ def accuracy_report(
         ``recall_by_depth`` (thirds along the first axis, top first) and, with ``brightness``,
         ``recall_by_brightness`` (terciles, dimmest first).
     """
-    strict = match_instances(predicted, truth, iou=0.7)
-    loose = match_instances(predicted, truth, iou=0.5)
     overlap, true_ids, true_size, pred_size = _overlaps(predicted, truth)
+    strict = _match(overlap, true_size, pred_size, 0.7)
+    loose = _match(overlap, true_size, pred_size, 0.5)
     found = _found(overlap, true_size, pred_size, len(true_ids))
     depth = ndimage.mean(np.indices(truth.shape)[0], labels=truth, index=true_ids) / max(
         truth.shape[0], 1
@@ -122,17 +120,21 @@ def accuracy_report(
 
 def _overlaps(predicted: np.ndarray, truth: np.ndarray):
     """Sparse overlap (true x found, background dropped), true ids, sizes."""
-    true_ids, true = np.unique(truth.ravel(), return_inverse=True)
-    _, pred = np.unique(predicted.ravel(), return_inverse=True)
-    true_bg = int(true_ids[0] == 0) if true_ids.size else 0
-    pred_bg = int(predicted.min() == 0) if predicted.size else 0
-    overlap = sparse.coo_matrix((np.ones(pred.size), (true, pred))).tocsr()
+    # Voxels that are background in both images count for nothing; skipping them spares
+    # sorting the whole stack (most of it is background).
+    either = (predicted != 0) | (truth != 0)
+    true_ids, true = np.unique(truth[either], return_inverse=True)
+    pred_ids, pred = np.unique(predicted[either], return_inverse=True)
+    true_bg = int(true_ids.size > 0 and true_ids[0] == 0)
+    pred_bg = int(pred_ids.size > 0 and pred_ids[0] == 0)
+    shape = (true_ids.size, pred_ids.size)
+    overlap = sparse.coo_matrix((np.ones(pred.size), (true, pred)), shape=shape).tocsr()
     overlap = overlap[true_bg:, pred_bg:].tocoo()
     return (
         overlap,
         true_ids[true_bg:].astype(np.int64),
-        np.bincount(true)[true_bg:],
-        np.bincount(pred)[pred_bg:],
+        np.bincount(true, minlength=shape[0])[true_bg:],
+        np.bincount(pred, minlength=shape[1])[pred_bg:],
     )
 
 

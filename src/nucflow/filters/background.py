@@ -35,7 +35,10 @@ def subtract_background(
     method : {"tophat", "median", "gaussian"}, optional
         ``"tophat"``: white top-hat of ``image.astype(float32)`` with
         ``ellipsoid(radius, voxel_size, decomposition="sequence")`` (the fast polyhedral
-        approximation; small radii use the exact ellipsoid).
+        approximation; small radii use the exact ellipsoid), the opening taken on the image
+        extended beyond its faces by its edge values: ``skimage.morphology.white_tophat``
+        except near a face where the background rises towards it (there scikit-image leaves
+        a layer as thick as the radius; see the ``extended_opening`` step).
         ``"median"``: ``image - median_filter(image, size)`` clipped at 0, with
         ``size_i = 2 * floor(radius / voxel_size_i) + 1`` (a box of the radius).
         ``"gaussian"``: ``image - gaussian_filter(image, sigma=radius / voxel_size)``
@@ -97,9 +100,10 @@ def background_steps(method: str, radius: float, spacing: Sequence[float]) -> li
     list of (str, dict)
     """
     radii = _voxel_radii(radius, spacing, len(spacing))
-    if method == "tophat":
+    if method == "tophat":  # the opening follows a background rising to a face (see its doc)
         unit = [radius / r for r in radii]
-        return [("opening", {"footprint": ellipsoid(radius, unit, decomposition="sequence")})]
+        footprint = ellipsoid(radius, unit, decomposition="sequence")
+        return [("extended_opening", {"footprint": footprint})]
     if method == "median":
         return [("median", {"size": box_size(radius, spacing)})]
     return [("gaussian", {"sigma": tuple(radii)})]

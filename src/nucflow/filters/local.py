@@ -77,6 +77,20 @@ def _block_morphology(block: np.ndarray, *, name: str, footprint: tuple) -> np.n
     return getattr(skimage.morphology, name)(block, _skimage_footprint(footprint))
 
 
+def _block_extended_opening(block: np.ndarray, *, footprint: tuple) -> np.ndarray:
+    """Opening of the image extended beyond its faces by its edge values (then cropped).
+
+    A background that rises towards a face (depth attenuation, uneven light) is followed up
+    to the face: with the mirror extension of a plain opening, the structuring element cannot
+    enter the mirrored ridge there and a layer as thick as the radius is left as foreground.
+    In a block with its halo the extension lies in the halo, except at the stack's faces.
+    """
+    depth = _depth_footprint(footprint, times=2)
+    padded = np.pad(block, [(d, d) for d in depth], mode="edge")
+    opened = skimage.morphology.opening(padded, _skimage_footprint(footprint))
+    return opened[tuple(slice(d, d + n) for d, n in zip(depth, block.shape, strict=True))]
+
+
 def _block_gaussian(block: np.ndarray, *, sigma: tuple, truncate: float, mode: str) -> np.ndarray:
     return ndi.gaussian_filter(
         block.astype(np.float32, copy=False), sigma, truncate=truncate, mode=mode
@@ -101,6 +115,10 @@ register(
 register("uniform", StepKind(_block_uniform, _depth_size, _check_size))
 register("median", StepKind(_block_median, _depth_size, _check_size))
 register("sobel", StepKind(_block_sobel, lambda: (1,), _check_none))
+register(
+    "extended_opening",
+    StepKind(_block_extended_opening, partial(_depth_footprint, times=2), _check_footprint),
+)
 for _name in _MORPHOLOGY:
     register(
         _name,
