@@ -1,12 +1,15 @@
 """The table stage: one row per nucleus, made final block by block, never gathered whole.
 
-Segmentation leaves, per block, mergeable sums for the labels of the block's core
-(``.work/blocks/``). A nucleus lies within ``max_radius`` of its seed, and its label is the
-seed's global linear index plus one, so the block that owns the seed is known from the label
-alone. One task per block reads the parts of the blocks within reach, keeps the labels whose
-seed it owns, adds up their sums and writes their final rows (``.work/table/``): each
-nucleus' row is made in exactly one task, and a task holds a neighbourhood of parts, not the
-table. The driver receives counts and a bounded sample of rows (for the QC pictures).
+Segmentation leaves, per block, mergeable sums for the labels of the block's core. A label
+is the seed's global linear index plus one, so the block that owns a nucleus (the one holding
+its seed) is known from the label alone, and :func:`write_sums` files each block's sums by
+owner: ``.work/blocks/<i_j_k>.parquet`` holds the labels the block owns (written last: it
+marks the block done), ``.work/blocks/<owner>.in/<i_j_k>.parquet`` the pieces of nuclei
+another block owns (a nucleus crossing a border). One task per block reads its own sums and
+the pieces addressed to it — every part is read once —, adds them up and writes the final
+rows (``.work/table/``): each nucleus' row is made in exactly one task, and a task holds one
+block's nuclei, not the table. The driver receives counts and a bounded sample of rows (for
+the QC pictures).
 
 Then, up to ``single_file_rows`` rows, the parts are joined into one ``nuclei.parquet``
 sorted by label and a ``nuclei.csv``, as always; above it, the parts become the partitioned
@@ -16,7 +19,6 @@ and no CSV is written: at 10^8 rows it would be ~20 GB of text no person reads.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -34,7 +36,7 @@ import pyarrow.parquet as pq
 from nucflow import measure
 from nucflow.blockpass import Grid, pass_graph
 
-__all__ = ["Table", "part_name", "gather", "write", "read_table"]
+__all__ = ["Table", "part_name", "write_sums", "gather", "write", "read_table"]
 
 #: Rows of the QC sample the driver holds, whatever the number of nuclei.
 QC_SAMPLE_ROWS = 100_000
@@ -56,15 +58,58 @@ def part_name(index: tuple[int, ...]) -> str:
     return "_".join(map(str, index)) + ".parquet"
 
 
+def write_sums(
+    stats: pd.DataFrame,
+    sums: Path,
+    index: tuple[int, ...],
+    grid: Grid,
+    *,
+    offset: tuple[int, ...],
+    full_shape: tuple[int, ...],
+) -> None:
+    """Write block ``index``'s sums (:func:`nucflow.measure.block_stats`) filed by owner.
+
+    Parameters
+    ----------
+    stats : pandas.DataFrame
+        The block's sums, indexed by label.
+    sums : Path
+        The folder of every block's sums (exists).
+    index : tuple of int
+        The block's index in ``grid``.
+    grid : Grid
+        The segmentation's blocks (region coordinates).
+    offset, full_shape : tuple of int
+        Where the region lies in the stack, and the stack's shape (labels are its indices).
+    """
+    owners = _owners(stats.index.to_numpy(), grid, offset, full_shape)
+    flat = np.ravel_multi_index(tuple(owners.T), grid.counts)
+    mine = flat == np.ravel_multi_index(index, grid.counts)
+    for owner in np.unique(flat[~mine]):
+        folder = sums / _inbox(np.unravel_index(owner, grid.counts))
+        folder.mkdir(exist_ok=True)
+        _write_atomic(folder / part_name(index), stats[flat == owner].to_parquet())
+    # Last: its presence says the block is done (resume, nucflow status).
+    _write_atomic(sums / part_name(index), stats[mine].to_parquet())
+
+
+def _inbox(owner: tuple[int, ...]) -> str:
+    """The folder of the pieces of nuclei ``owner`` owns, sent by other blocks."""
+    return "_".join(map(str, owner)) + ".in"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    partial_path = path.with_name(f".{path.name}.partial")
+    partial_path.write_bytes(data)
+    os.replace(partial_path, path)
+
+
 def gather(
     runner: Any,
     grid: Grid,
     *,
     sums: Path,
     out: Path,
-    offset: tuple[int, ...],
-    full_shape: tuple[int, ...],
-    reach: tuple[int, ...],
     finalize: dict[str, Any],
     metadata: dict[str, Any],
 ) -> Table:
@@ -76,13 +121,9 @@ def gather(
     grid : Grid
         The segmentation's blocks (region coordinates).
     sums : Path
-        The folder of per-block sums written by the segmentation.
+        The folder of per-block sums, filed by :func:`write_sums`.
     out : Path
         The folder for the final parts (created).
-    offset, full_shape : tuple of int
-        Where the region lies in the stack, and the stack's shape (labels are its indices).
-    reach : tuple of int
-        Voxels per axis from a seed to the farthest voxel of its nucleus.
     finalize : dict
         Keyword arguments of :func:`nucflow.measure.finalize`.
     metadata : dict
@@ -93,12 +134,8 @@ def gather(
     per_block = max(1, math.ceil(QC_SAMPLE_ROWS / len(blocks)))
     task = partial(
         _final_rows,
-        grid=grid,
         sums=sums,
         out=out,
-        offset=offset,
-        full_shape=full_shape,
-        reach=_blocks_within(reach, grid.chunks),
         finalize=finalize,
         metadata=metadata,
         sample=per_block,
@@ -123,54 +160,39 @@ def gather(
     )
 
 
-def _blocks_within(reach: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(math.ceil(r / c) for r, c in zip(reach, chunks, strict=True))
-
-
 def _final_rows(
     index: tuple[int, ...],
     *,
-    grid: Grid,
     sums: Path,
     out: Path,
-    offset: tuple[int, ...],
-    full_shape: tuple[int, ...],
-    reach: tuple[int, ...],
     finalize: dict[str, Any],
     metadata: dict[str, Any],
     sample: int,
 ) -> tuple[int, int, pd.DataFrame]:
     """Rows of the nuclei seeded in block ``index``; (rows, truncated, QC sample)."""
-    owned = []
-    for near in _neighbourhood(index, reach, grid.counts):
-        path = sums / part_name(near)
-        if path.exists():
-            part = pq.ParquetFile(path).read().to_pandas()
-            if len(part):
-                owned.append(part[_owner(part.index.to_numpy(), grid, offset, full_shape, index)])
-    rows = measure.finalize(measure.combine(owned), **finalize)
+    paths = [sums / part_name(index)]
+    inbox = sums / _inbox(index)
+    if inbox.is_dir():
+        paths += sorted(inbox.glob("*.parquet"))
+    parts = [pq.ParquetFile(path).read().to_pandas() for path in paths if path.exists()]
+    rows = measure.finalize(measure.combine(parts), **finalize)
     if len(rows):
         _write_parquet(out / part_name(index), rows, metadata)
     step = max(1, math.ceil(len(rows) / sample))
-    return len(rows), int(rows["truncated"].sum()), rows.iloc[::step].reset_index(drop=True)
+    # A copy: a strided slice is a view that would keep the block's whole table alive in the
+    # results (the driver's, on threads: memory growing with the number of blocks).
+    return len(rows), int(rows["truncated"].sum()), rows.iloc[::step].copy().reset_index(drop=True)
 
 
-def _neighbourhood(index, reach, counts):
-    ranges = [
-        range(max(0, i - r), min(n, i + r + 1))
-        for i, r, n in zip(index, reach, counts, strict=True)
-    ]
-    return itertools.product(*ranges)
-
-
-def _owner(labels: np.ndarray, grid: Grid, offset, full_shape, index) -> np.ndarray:
-    """Whether each label's seed lies in block ``index`` (a label is 1 + the seed's index)."""
+def _owners(labels: np.ndarray, grid: Grid, offset, full_shape) -> np.ndarray:
+    """The block owning each label: the one holding its seed (a label is 1 + its index)."""
     seeds = np.unravel_index(labels.astype(np.uint64) - np.uint64(1), full_shape)
     phase = grid.phase or (0,) * len(grid.shape)
-    mine = np.ones(len(labels), bool)
-    for coords, o, p, c, i in zip(seeds, offset, phase, grid.chunks, index, strict=True):
-        mine &= (coords.astype(np.int64) - o + p) // c == i
-    return mine
+    columns = [
+        (coords.astype(np.int64) - o + p) // c
+        for coords, o, p, c in zip(seeds, offset, phase, grid.chunks, strict=True)
+    ]
+    return np.stack(columns, 1)
 
 
 def _write_parquet(path: Path, rows: pd.DataFrame, metadata: dict[str, Any]) -> None:
