@@ -73,7 +73,11 @@ def seeds(index: tuple[int, ...], shape: tuple[int, ...], per_block: int):
     rng = np.random.default_rng([SEED, *index])
     lo = np.array([i * c for i, c in zip(index, CHUNKS, strict=True)])
     hi = np.minimum(lo + CHUNKS, shape)
-    at = rng.choice(math.prod(hi - lo), size=per_block, replace=False)
+    # Distinct positions: a few more draws than needed (collisions are rare), deduplicated,
+    # shuffled. (``rng.choice(..., replace=False)`` permutes all 16 M positions of a block.)
+    at = np.unique(rng.integers(0, math.prod(hi - lo), size=per_block + per_block // 20 + 16))
+    assert len(at) >= per_block, "too many collisions: fewer nuclei per block"
+    at = rng.permutation(at)[:per_block]
     seed = np.stack(np.unravel_index(at, tuple(hi - lo)), 1) + lo
     half = rng.integers(HALF_LOW, HALF_HIGH, size=(per_block, 3))
     return seed, half

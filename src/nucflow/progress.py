@@ -59,7 +59,8 @@ class Settings:
     Attributes
     ----------
     step_percent : float
-        Log mode: a line when a pass has advanced by this many percent ...
+        Log mode: a line when a stage (a pass, outside a run) has advanced by this many
+        percent ...
     interval_s : float
         ... and at least this many seconds passed since its last line.
     record_s : float
