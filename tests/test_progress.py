@@ -23,7 +23,7 @@ from nucflow.cli import main
 from nucflow.cluster import connect
 from nucflow.config import load, resolve
 from nucflow.plan import pass_tasks
-from nucflow.progress import Reporter, Settings, nuclei_passes
+from nucflow.progress import Reporter, RunProgress, Settings, nuclei_passes
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d nucflow: "
 TIME = r"(\d+\.\ds|\d+s|\d+m\d\ds|\d+h\d\dm|\?)"
@@ -71,26 +71,60 @@ WARNING = "nucflow: warning: "  # e.g. nuclei that reached segment.max_radius
 @pytest.mark.parametrize("spec", ["threads", "processes", "local"])
 def test_redirected_stderr_gets_few_complete_lines(stack3d, run_cli, tmp_path, spec):
     """A run with a tiny interval stands for a long one: only the 5 % steps limit the lines."""
+    extra = ["--cluster", spec, *(["--jobs", "2"] if spec == "local" else [])]
+    _check_redirected_log(stack3d[0], run_cli, tmp_path, extra, dashboard=spec == "local")
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+@pytest.mark.usefixtures("slurm_cluster")
+def test_redirected_stderr_gets_few_complete_lines_under_slurm(stack3d, run_cli, tmp_path):
+    """As the README's sbatch example runs: the driver's stderr is the job log, the workers
+    are Slurm jobs configured by DASK_JOBQUEUE__SLURM__* variables (read by the subprocess)."""
+    jobqueue = {
+        "CORES": "1",
+        "MEMORY": "2GiB",
+        "WALLTIME": "00:20:00",
+        "LOG_DIRECTORY": str(tmp_path / "logs"),
+        "PYTHON": sys.executable,
+    }
+    env = {**os.environ, **{f"DASK_JOBQUEUE__SLURM__{k}": v for k, v in jobqueue.items()}}
+    extra = ["--cluster", "slurm", "--jobs", "2"]
+    _check_redirected_log(stack3d[0], run_cli, tmp_path, extra, dashboard=True, env=env)
+    assert list((tmp_path / "logs").glob("dask-worker-*.err"))  # the workers were Slurm jobs
+
+
+def _check_redirected_log(
+    source: Path,
+    run_cli,
+    tmp_path: Path,
+    extra: list[str],
+    *,
+    dashboard: bool,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Run with stderr to a file; every line is a pass, stage or dashboard line with every
+    field, at most one per 5 % step of each pass plus its end line."""
     out, log = tmp_path / "out", tmp_path / "stderr.log"
-    extra = ["--cluster", spec, "--set", "progress.interval_s=0.01"]
+    extra = [*extra, "--set", "progress.interval_s=0.01"]
     extra += ["--set", f"progress.step_percent={STEP}", "--set", "progress.record_s=0.5"]
-    extra += ["--jobs", "2"] if spec == "local" else []
     proc = subprocess.run(
-        [sys.executable, "-c", MAIN, *run_cli.args(stack3d[0], out, *extra)],
+        [sys.executable, "-c", MAIN, *run_cli.args(source, out, *extra)],
         stdout=subprocess.PIPE,
         stderr=open(log, "w"),  # noqa: SIM115 - closed with the process
         text=True,
-        timeout=280,
+        timeout=540,
+        env=env,
     )
     lines = log.read_text().splitlines()
     assert proc.returncode == 0, lines[-5:]
     assert re.fullmatch(
         r"nucflow run: \d+ nuclei \(\d+ truncated\) in [\d.]+ s -> .*\n", proc.stdout
     )
-    dashboard = [line for line in lines if line.startswith("nucflow: dask dashboard at ")]
+    dashboards = [line for line in lines if line.startswith("nucflow: dask dashboard at ")]
     passes = [PASS_LINE.fullmatch(line) for line in lines]
     stages = [STAGE_LINE.fullmatch(line) for line in lines]
-    assert len(dashboard) == (spec == "local")
+    assert len(dashboards) == dashboard
     said = [line for line in lines if line.startswith(("nucflow: dask dashboard at ", WARNING))]
     others = [line for line, p, s in zip(lines, passes, stages, strict=True) if not (p or s)]
     assert others == said, others  # progress lines, the dashboard and warnings: nothing else
@@ -99,8 +133,11 @@ def test_redirected_stderr_gets_few_complete_lines(stack3d, run_cli, tmp_path, s
     assert [s["stage"] for s in stages if s] == list(plan)  # every stage ends with a line
     ends = [p for p in passes if p and p["pct"] == "100"]
     assert len(ends) == sum(plan.values())  # every pass ends with a line
-    # the bound: one line per 5 % step of each pass at most, plus its end line
-    assert len(lines) <= sum(plan.values()) * (100 // STEP + 1) + len(plan) + len(dashboard)
+    # the bound, however long the run: per stage, a line per 5 % of the stage, one at the end
+    # of each of its passes and one at its end (23 for a one-pass stage)
+    for name, count in plan.items():
+        written = sum(1 for p in passes if p and p["stage"] == name) + 1
+        assert written <= 100 // STEP + count + 1, (name, written)
     segment = [p for p in passes if p and p["stage"] == "segment"]
     assert 3 <= len(segment) <= 100 // STEP + 1  # steps are reported, not only the end
     percents = [int(p["pct"]) for p in segment]
@@ -118,6 +155,28 @@ def test_lines_follow_the_rarer_of_step_and_interval():
         lines = sink.getvalue().splitlines()
         assert 1 <= len(lines) <= most, lines
         assert re.fullmatch(STAMP + r"p 40/40 blocks \(100%\) \| .*", lines[-1])
+
+
+def test_log_lines_step_through_the_stage_not_each_pass():
+    """A stage of four passes at 50 % steps: one step line for the stage, not one per pass
+    (a long stage of many passes stays at ~25 lines)."""
+    tasks = [partial(time.sleep, 0.05) for _ in range(24)]
+    with connect("threads", settings={"num_workers": 2}) as runner:
+        sink = _Log()
+        tracker = RunProgress(
+            voxels=10**6, write=lambda: None, runner=runner, settings=Settings(50, 0), stream=sink
+        )
+        runner.reporter = tracker
+        tracker.plan = {"s": 4}
+        with tracker.stage("s"):
+            for _ in range(4):
+                runner.compute(pass_graph(tasks, "p"), label="p")
+    lines = sink.getvalue().splitlines()
+    steps = [line for line in lines if PASS_LINE.fullmatch(line) and "(100%)" not in line]
+    ends = [line for line in lines if PASS_LINE.fullmatch(line) and "(100%)" in line]
+    assert len(ends) == 4 and re.search(r"stage s \(pass 4/4\)", ends[-1]), lines
+    assert len(steps) <= 1, lines
+    assert STAGE_LINE.fullmatch(lines[-1]) and len(lines) == len(steps) + 5, lines
 
 
 class _Log:

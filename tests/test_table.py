@@ -14,6 +14,7 @@ import pytest
 
 import nucflow
 from nucflow import table as table_stage
+from nucflow.blockpass import Grid
 from nucflow.cli import main
 
 CHUNKS = ["13", "37", "41"]
@@ -91,3 +92,25 @@ def test_a_small_table_is_one_file_sorted_by_label_with_its_csv(stack3d, single_
     pd.testing.assert_frame_equal(nucflow.read_table(out), rows)
     csv = pd.read_csv(out / "nuclei.csv")
     np.testing.assert_array_equal(csv["label"].to_numpy(np.uint64), rows["label"].to_numpy())
+
+
+def test_sums_are_filed_by_the_block_owning_each_seed(tmp_path):
+    """A block keeps the sums of the nuclei it owns and sends the others' to their owner's
+    folder: each table task then reads what is addressed to it, once."""
+    # a region starting at stack row 5, on the stack's grid of 10 x 10 blocks (phase 5)
+    full_shape, offset = (25, 20), (5, 0)
+    grid = Grid((20, 20), (10, 10), phase=(5, 0))
+    seeds = {(0, 0): (7, 3), (1, 0): (12, 3), (2, 1): (24, 15), (0, 1): (9, 10)}
+    labels = [np.ravel_multi_index(s, full_shape) + 1 for s in seeds.values()]
+    stats = pd.DataFrame({"n": [1, 2, 3, 4]}, index=pd.Index(labels, name="label", dtype="u8"))
+    table_stage.write_sums(stats, tmp_path, (0, 1), grid, offset=offset, full_shape=full_shape)
+
+    def read(path):
+        return pd.read_parquet(path)["n"].tolist()
+
+    assert read(tmp_path / "0_1.parquet") == [4]  # its own, in the usual place
+    assert read(tmp_path / "0_0.in" / "0_1.parquet") == [1]
+    assert read(tmp_path / "1_0.in" / "0_1.parquet") == [2]
+    assert read(tmp_path / "2_1.in" / "0_1.parquet") == [3]  # short first block: 3 of them
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["0_0.in", "0_1.parquet", "1_0.in", "2_1.in"]

@@ -819,8 +819,9 @@ def segment(run: Run, mask: zarr.Array) -> None:
 
     Each task reads its padded mask block and its core's intensities, writes its core of
     ``labels.ome.zarr`` (only if it holds a nucleus) and the mergeable sums of its core's
-    labels to ``.work/blocks/`` (:func:`table` makes the rows); finished blocks are skipped on
-    ``--resume``.
+    labels to ``.work/blocks/``, filed by the block owning each nucleus
+    (:func:`nucflow.table.write_sums`; :func:`table` makes the rows); finished blocks are
+    skipped on ``--resume``.
     """
     p = run.params
     shape = tuple(mask.shape)
@@ -841,7 +842,8 @@ def segment(run: Run, mask: zarr.Array) -> None:
     readers = _intensity_readers(run)
     halo = run.segment_params.halo()
     tasks, part_files = [], []
-    for index, core in _segment_grid(run, shape).blocks():
+    grid = _segment_grid(run, shape)
+    for index, core in grid.blocks():
         part = parts_dir / table_stage.part_name(index)
         part_files.append(part)
         if reuse and part.exists():
@@ -857,7 +859,7 @@ def segment(run: Run, mask: zarr.Array) -> None:
                 core=core,
                 offset=run.offset,
                 shape=full_shape,
-                part=str(part),
+                sums=(parts_dir, index, grid),
             )
         )
     run.facts["blocks"] = {"total": len(part_files), "computed": len(tasks)}
@@ -937,15 +939,21 @@ def _segment_task(
     core: tuple[slice, ...],
     offset: tuple[int, ...],
     shape: tuple[int, ...],
-    part: str,
+    sums: tuple[Path, tuple[int, ...], Grid],
 ) -> int:
-    """Segment one block; ``padded`` and ``core`` index the mask, which starts at ``offset``."""
+    """Segment one block; ``padded`` and ``core`` index the mask, which starts at ``offset``.
+
+    ``sums`` is (folder, block index, grid) for :func:`nucflow.table.write_sums`.
+    """
     mask_region = padded
     padded, core = _shifted(padded, offset), _shifted(core, offset)
     try:
         mask = np.asarray(mask_store[mask_region], dtype=bool)
         intensities = {suffix: reader[core] for suffix, reader in readers.items()}
-        return _segment_core(mask, intensities, labels, params, padded, core, shape, part)
+        stats = _segment_core(mask, intensities, labels, params, padded, core, shape)
+        folder, index, grid = sums
+        table_stage.write_sums(stats, folder, index, grid, offset=offset, full_shape=shape)
+        return len(stats)
     except NucflowError as e:
         raise type(e)(f"block {fmt_region(core)}: {e}") from e
     except Exception as e:
@@ -967,8 +975,7 @@ def _segment_core(
     padded: tuple[slice, ...],
     core: tuple[slice, ...],
     shape: tuple[int, ...],
-    part: str,
-) -> int:
+) -> pd.DataFrame:
     origin = tuple(s.start for s in padded)
     local_core = tuple(slice(c.start - o, c.stop - o) for c, o in zip(core, origin, strict=True))
     lab, seed_distance = segment_block(
@@ -976,9 +983,7 @@ def _segment_core(
     )
     if lab.any():
         labels[core] = lab
-    stats = measure.block_stats(lab, seed_distance, intensities, origin=[c.start for c in core])
-    _write_atomic(Path(part), stats.to_parquet())
-    return len(stats)
+    return measure.block_stats(lab, seed_distance, intensities, origin=[c.start for c in core])
 
 
 # ----------------------------------------------------------------------------- outputs

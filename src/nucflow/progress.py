@@ -6,10 +6,11 @@ for threads and processes, the scheduler's task stream (``Client.get_task_stream
 distributed schedulers. What is drawn depends on where stderr goes:
 
 - a terminal: ``label: [####      ] | 45% Completed | 12.3s``, redrawn in place;
-- anything else (``sbatch --output``, a pipe, a file): one line per ``step_percent`` of a pass
-  *and* at least ``interval_s`` since the pass's last line (the rarer of the two), plus one
-  line at the end of every pass and stage, each with the stage, blocks done/total, rate and
-  the ETA of the stage and of the run.
+- anything else (``sbatch --output``, a pipe, a file): one line per ``step_percent`` of a
+  stage (of a pass, outside a run) *and* at least ``interval_s`` since the previous line (the
+  rarer of the two), plus one line at the end of every pass and stage, each with the stage,
+  blocks done/total, rate and the ETA of the stage and of the run: at most
+  ``100 / step_percent`` + passes + 1 lines per stage, however long it runs.
 
 During a run, :class:`RunProgress` also keeps ``run.json``'s ``progress`` record up to date at
 every stage boundary and every ``record_s`` seconds; ``nucflow status`` reads it.
@@ -27,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -61,7 +63,8 @@ class Settings:
     Attributes
     ----------
     step_percent : float
-        Log mode: a line when a pass has advanced by this many percent ...
+        Log mode: a line when a stage (a pass, outside a run) has advanced by this many
+        percent ...
     interval_s : float
         ... and at least this many seconds passed since its last line.
     record_s : float
@@ -152,6 +155,32 @@ def parts_of(collections: Iterable[Any]) -> set[Any]:
 # --- one pass ---------------------------------------------------------------------------------
 
 
+class Steps:
+    """When a log line is due: at each ``step_percent`` of a fraction, and no sooner than
+    ``interval_s`` after the previous line (shared by the passes of one stage)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._last_step = 0
+        self._last_line = time.monotonic()
+
+    def _step(self, fraction: float) -> int:
+        return int(100 * fraction // self._settings.step_percent)
+
+    def due(self, fraction: float) -> bool:
+        """Whether a line is due at ``fraction`` done; if so, it counts as written."""
+        step, now = self._step(fraction), time.monotonic()
+        if step <= self._last_step or now - self._last_line < self._settings.interval_s:
+            return False
+        self._last_step, self._last_line = step, now
+        return True
+
+    def written(self, fraction: float) -> None:
+        """A line was written at ``fraction`` anyway (a pass's end line)."""
+        self._last_step = max(self._last_step, self._step(fraction))
+        self._last_line = time.monotonic()
+
+
 @dataclass
 class PassRecord:
     """Counts of one pass: what run.json and the ETAs are made of."""
@@ -201,17 +230,20 @@ class PassProgress:
         describe: Callable[[PassRecord], str],
         draw: bool,
         poll: Callable[[], None] | None = None,
+        steps: Steps | None = None,
+        fraction: Callable[[PassRecord], float] | None = None,
     ) -> None:
         self.record = record
         self._stream, self._settings, self._describe = stream, settings, describe
+        # Log lines step through the stage's fraction when a run gives one, else the pass's.
+        self._steps = steps or Steps(settings)
+        self._fraction = fraction or (lambda r: r.fraction)
         self._draw = draw
         self._tty = draw and _interactive(stream)
         self._poll = poll
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._drawn = False
-        self._last_step = 0
-        self._last_line = record.start
         self._thread: threading.Thread | None = None
 
     def start(self) -> PassProgress:
@@ -248,6 +280,7 @@ class PassProgress:
                 _write(self._stream, "\n")
         else:
             _write(self._stream, self._line())
+            self._steps.written(self._fraction(self.record))
 
     def _loop(self) -> None:
         tick = TTY_TICK if self._tty else LOG_TICK
@@ -272,14 +305,10 @@ class PassProgress:
         )
 
     def _maybe_line(self) -> None:
-        step = int(100 * self.record.fraction // self._settings.step_percent)
-        now = time.monotonic()
-        if step <= self._last_step or now - self._last_line < self._settings.interval_s:
-            return
         if self.record.done >= self.record.total:
             return  # the end line follows
-        self._last_step, self._last_line = step, now
-        _write(self._stream, self._line())
+        if self._steps.due(self._fraction(self.record)):
+            _write(self._stream, self._line())
 
     def _line(self) -> str:
         return f"{_stamp()} nucflow: {self._describe(self.record)}\n"
@@ -322,10 +351,15 @@ class Reporter:
             describe=self.describe,
             draw=self.draw,
             poll=poll,
+            **self._stepping(),
         ).start()
 
     def _new_record(self, label: str, total: int) -> PassRecord:
         return PassRecord(label, total)
+
+    def _stepping(self) -> dict[str, Any]:
+        """How a new pass's log lines step (keyword arguments of :class:`PassProgress`)."""
+        return {}
 
     def describe(self, record: PassRecord) -> str:
         """The text of a log line for ``record``."""
@@ -343,6 +377,7 @@ class StageRecord:
     end: float | None = None
     state: str = "running"
     passes: list[PassRecord] = field(default_factory=list)
+    steps: Steps | None = None
 
     @property
     def elapsed(self) -> float:
@@ -395,6 +430,19 @@ class RunProgress(Reporter):
             with self._lock:
                 self.current.passes.append(record)
         return record
+
+    def _stepping(self) -> dict[str, Any]:
+        stage = self.current
+        if stage is None:
+            return {}
+        if stage.steps is None:
+            stage.steps = Steps(self.settings)
+        return {"steps": stage.steps, "fraction": partial(self._stage_fraction, stage)}
+
+    def _stage_fraction(self, stage: StageRecord, record: PassRecord) -> float:
+        """How much of ``stage`` is done while ``record`` (its latest pass) runs."""
+        passes = max(self.plan.get(stage.name) or 0, len(stage.passes))
+        return (len(stage.passes) - 1 + record.fraction) / passes if passes else 1.0
 
     def describe(self, record: PassRecord) -> str:
         rate = record.fraction * self.voxels / max(record.elapsed, 1e-9) / 1e6

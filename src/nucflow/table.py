@@ -34,7 +34,16 @@ import pyarrow.parquet as pq
 from nucflow import measure, objects
 from nucflow.blockpass import Grid, pass_graph
 
-__all__ = ["Table", "Objects", "part_name", "gather", "neighbours", "write", "read_table"]
+__all__ = [
+    "Table",
+    "Objects",
+    "part_name",
+    "write_sums",
+    "gather",
+    "neighbours",
+    "write",
+    "read_table",
+]
 
 #: Rows of the QC sample the driver holds, whatever the number of nuclei.
 QC_SAMPLE_ROWS = 100_000
@@ -75,6 +84,67 @@ def part_name(index: tuple[int, ...]) -> str:
     return "_".join(map(str, index)) + ".parquet"
 
 
+def write_sums(
+    stats: pd.DataFrame,
+    sums: Path,
+    index: tuple[int, ...],
+    grid: Grid,
+    *,
+    offset: tuple[int, ...],
+    full_shape: tuple[int, ...],
+) -> None:
+    """Write block ``index``'s sums (:func:`nucflow.measure.block_stats`) filed by owner.
+
+    The nuclei the block owns (seed in its core) go to ``sums/<index>.parquet``; the pieces of
+    nuclei another block owns go to that block's inbox ``sums/<owner>.in/<index>.parquet``.
+    So each table task reads its own file and inbox once (not its neighbours' whole files).
+
+    Parameters
+    ----------
+    stats : pandas.DataFrame
+        The block's sums, indexed by label.
+    sums : Path
+        The folder of every block's sums (exists).
+    index : tuple of int
+        The block's index in ``grid``.
+    grid : Grid
+        The segmentation's blocks (region coordinates).
+    offset, full_shape : tuple of int
+        Where the region lies in the stack, and the stack's shape (labels are its indices).
+    """
+    owners = _owners(stats.index.to_numpy(), grid, offset, full_shape)
+    flat = np.ravel_multi_index(tuple(owners.T), grid.counts)
+    mine = flat == np.ravel_multi_index(index, grid.counts)
+    for owner in np.unique(flat[~mine]):
+        folder = sums / _inbox(tuple(int(i) for i in np.unravel_index(owner, grid.counts)))
+        folder.mkdir(exist_ok=True)
+        _write_atomic(folder / part_name(index), stats[flat == owner].to_parquet())
+    # Last: its presence says the block is done (resume, nucflow status).
+    _write_atomic(sums / part_name(index), stats[mine].to_parquet())
+
+
+def _inbox(owner: tuple[int, ...]) -> str:
+    """The folder of the pieces of nuclei ``owner`` owns, sent by other blocks."""
+    return "_".join(map(str, owner)) + ".in"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    partial_path = path.with_name(f".{path.name}.partial")
+    partial_path.write_bytes(data)
+    os.replace(partial_path, path)
+
+
+def _owners(labels: np.ndarray, grid: Grid, offset, full_shape) -> np.ndarray:
+    """The block owning each label: the one holding its seed (a label is 1 + its index)."""
+    seeds = np.unravel_index(labels.astype(np.uint64) - np.uint64(1), full_shape)
+    phase = grid.phase or (0,) * len(grid.shape)
+    columns = [
+        (coords.astype(np.int64) - o + p) // c
+        for coords, o, p, c in zip(seeds, offset, phase, grid.chunks, strict=True)
+    ]
+    return np.stack(columns, 1)
+
+
 def gather(
     runner: Any,
     grid: Grid,
@@ -97,7 +167,8 @@ def gather(
     grid : Grid
         The segmentation's blocks (region coordinates).
     sums : Path
-        The folder of per-block sums written by the segmentation.
+        The folder of per-block sums: filed by owner (:func:`write_sums`) with
+        ``owner="seed"``, one file per block with all its labels with ``owner="first"``.
     out : Path
         The folder for the final parts (created).
     offset, full_shape : tuple of int
@@ -182,19 +253,21 @@ def _final_rows(
     owner: str,
 ) -> tuple[int, int, pd.DataFrame]:
     """Rows of the nuclei owned by block ``index``; (rows, truncated, QC sample)."""
-    parts = {}
-    for near in _neighbourhood(index, reach, grid.counts):
-        path = sums / part_name(near)
-        if path.exists():
-            part = pq.ParquetFile(path).read().to_pandas()
-            if len(part):
-                parts[near] = part
-    where = partial(_owner, grid=grid, offset=offset, full_shape=full_shape, index=index)
-    if owner == "seed":
-        seeds = {n: p.index.to_numpy().astype(np.uint64) - np.uint64(1) for n, p in parts.items()}
-        owned = [p[where(seeds[n])] for n, p in parts.items()]
-        totals = measure.combine(owned)
+    if owner == "seed":  # filed by owner (write_sums): this block's own file and its inbox
+        paths = [sums / part_name(index)]
+        inbox = sums / _inbox(index)
+        if inbox.is_dir():
+            paths += sorted(inbox.glob("*.parquet"))
+        totals = measure.combine([pq.ParquetFile(p).read().to_pandas() for p in paths])
     else:  # a label's parts all lie in the neighbourhood of the block with its first voxel
+        parts = {}
+        for near in _neighbourhood(index, reach, grid.counts):
+            path = sums / part_name(near)
+            if path.exists():
+                part = pq.ParquetFile(path).read().to_pandas()
+                if len(part):
+                    parts[near] = part
+        where = partial(_owner, grid=grid, offset=offset, full_shape=full_shape, index=index)
         own = parts[index].index if index in parts else pd.Index([])
         totals = measure.combine([p[p.index.isin(own)] for p in parts.values()])
         if len(totals):
@@ -205,7 +278,9 @@ def _final_rows(
     if len(rows):
         _write_parquet(out / part_name(index), rows, metadata)
     step = max(1, math.ceil(len(rows) / sample))
-    return len(rows), int(rows["truncated"].sum()), rows.iloc[::step].reset_index(drop=True)
+    # A copy: a strided slice is a view that would keep the block's whole table alive in the
+    # results (the driver's, on threads: memory growing with the number of blocks).
+    return len(rows), int(rows["truncated"].sum()), rows.iloc[::step].copy().reset_index(drop=True)
 
 
 def _neighbourhood(index, reach, counts):
