@@ -482,7 +482,7 @@ def _demo(args: argparse.Namespace) -> None:
     made = synth.make_nuclei(DEMO_SHAPE, conditions=synth.LIGHTSHEET, **DEMO_STACK)
     source = folder / "input.ome.zarr"
     io.write_ome_zarr(source, made.image, made.voxel_size, labels={"truth": made.truth})
-    chunks = [str(n // 3) for n in DEMO_SHAPE]
+    chunks = [str(n // 2) for n in DEMO_SHAPE]
     run_args = _parser().parse_args(
         ["run", "--input", str(source), "--output", str(folder / "run"), "--chunks", *chunks]
     )
