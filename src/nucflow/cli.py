@@ -240,14 +240,15 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
 
     config = config_module.load(args.config, options=_options(args), overrides=args.set)
     stack = io.open_stack(args.input, channel=config["channel"])
-    if getattr(args, "region", None):  # nucflow tune: the region is the stack
-        stack = stack.crop(_region(args.region, stack.data.shape))
-    params = config_module.resolve(config, shape=stack.data.shape, voxel_size=stack.voxel_size)
+    given = getattr(args, "region", None)  # nucflow tune: the region is the stack
+    box = _region(given, stack.data.shape) if given else None
+    shape = stack.crop(box).data.shape if box else stack.data.shape
+    params = config_module.resolve(config, shape=shape, voxel_size=stack.voxel_size)
     # Reopen on the run's blocks: the default (~128 MiB blocks, shaped by the stack) would make
     # each task's memory depend on the stack's shape.
     stack = io.open_stack(args.input, channel=config["channel"], chunks=params.chunks)
-    if getattr(args, "region", None):
-        stack = stack.crop(_region(args.region, stack.data.shape))
+    if box:
+        stack = stack.crop(box)
     _check_channels(params, stack, args.input)
     return stack, params, config
 
