@@ -648,21 +648,26 @@ def _threshold(run: Run, image: zarr.Array) -> float:
     return float(value) * p.threshold_factor
 
 
-# Histogram bins of the noise estimate: fine enough for a noise of 1e-4 of the value range.
-_NOISE_BINS = 1 << 16
+# Histogram bins of the noise estimate: a coarse histogram finds the mode, a fine one spans
+# the values up to a little above it. Small partial histograms per block (40 KiB together):
+# their number grows with the stack, so each must stay small.
+_MODE_BINS, _NOISE_BINS, _ABOVE_MODE = 1024, 4096, 8
 
 
 def _noise(run: Run, image: zarr.Array) -> float:
-    """The background noise of the stored image, from one histogram pass over the stack."""
+    """The background noise of the stored image, from two histogram reductions over the stack."""
     low, high = image.attrs.get("value_range") or (0.0, 0.0)
     if not high > low:
         return 1.0  # a constant image: no blob passes any positive threshold anyway
     # Values at the minimum are left out: a top-hat is exactly 0 wherever the opening touches
     # the image, a spike that is not the noise's mode.
     above_min = float(np.nextafter(np.float32(low), np.float32(np.inf)))
-    counts, edges = da.histogram(da.from_zarr(image), bins=_NOISE_BINS, range=(above_min, high))
-    with dask.config.set(scheduler=run.runner.scheduler):  # a reduction like the threshold's
-        return detect.noise_level(np.asarray(counts.compute()), np.asarray(edges))
+    data = da.from_zarr(image)
+    with dask.config.set(scheduler=run.runner.scheduler):  # reductions like the threshold's
+        coarse, edges = da.histogram(data, bins=_MODE_BINS, range=(above_min, high))
+        top = float(edges[min(int(np.argmax(coarse.compute())) + _ABOVE_MODE, _MODE_BINS)])
+        fine, fine_edges = da.histogram(data, bins=_NOISE_BINS, range=(above_min, top))
+        return detect.noise_level(np.asarray(fine.compute()), np.asarray(fine_edges))
 
 
 class Above:
