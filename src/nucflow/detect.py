@@ -60,6 +60,9 @@ class DetectParams:
         A seed claims the voxels at least this fraction of its own brightness.
     noise : float
         Standard deviation of the background noise of the preprocessed image (whole stack).
+    stack_shape : tuple of int, optional
+        The stack's shape: along an axis thinner than ``blob_radius`` (a single slice), a claim
+        need only span the stack.
     """
 
     voxel_size: tuple[float, ...]
@@ -69,6 +72,7 @@ class DetectParams:
     snr: float
     fraction: float
     noise: float
+    stack_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("blob_radius", "peak_radius", "max_radius", "snr"):
@@ -217,7 +221,8 @@ def _claim(data, seed, lo, hi, ball, fraction) -> np.ndarray:
 
 
 def _thick(claim: np.ndarray, params: DetectParams) -> bool:
-    """Does the claim reach ``blob_radius`` (half the smallest nucleus) along every axis?
+    """Does the claim reach ``blob_radius`` (half the smallest nucleus) along every axis (or
+    span the stack, where it is thinner)?
 
     A sheet is not a nucleus: at a stack's top and bottom faces the background estimate
     lags a steep gradient (an opening sees only one side), leaving a thin bright layer whose
@@ -225,7 +230,10 @@ def _thick(claim: np.ndarray, params: DetectParams) -> bool:
     """
     for axis, voxel in enumerate(params.voxel_size):
         others = tuple(a for a in range(claim.ndim) if a != axis)
-        if np.count_nonzero(claim.any(axis=others)) * voxel < params.blob_radius:
+        need = params.blob_radius
+        if params.stack_shape is not None:
+            need = min(need, params.stack_shape[axis] * voxel)
+        if np.count_nonzero(claim.any(axis=others)) * voxel < need:
             return False
     return True
 

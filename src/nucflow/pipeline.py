@@ -601,12 +601,13 @@ def foreground(run: Run, image: zarr.Array) -> Above | Detected:
     p = run.params
     if p.threshold_method == "local":
         noise = _stack_value(run, "noise", partial(_noise, run, image))
-        return Detected(image, detect_params(p, noise))
+        return Detected(image, detect_params(p, noise, tuple(image.shape)))
     return Above(image, _stack_value(run, "threshold", partial(_threshold, run, image)))
 
 
-def detect_params(p: Params, noise: float) -> DetectParams:
+def detect_params(p: Params, noise: float, shape: tuple[int, ...]) -> DetectParams:
     return DetectParams(
+        stack_shape=shape,
         voxel_size=p.voxel_size,
         blob_radius=p.blob_radius,
         peak_radius=p.peak_radius,
