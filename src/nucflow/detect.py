@@ -33,7 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from nucflow.blockpass import padded
 from nucflow.errors import ParameterError
+from nucflow.segment import whole_voxels
 
 __all__ = ["DetectParams", "blob_response", "foreground", "noise_level", "seeds"]
 
@@ -89,7 +91,7 @@ class DetectParams:
 
     def voxels(self, length_um: float) -> tuple[int, ...]:
         """A length in µm as a whole number of voxels per axis (at least 1)."""
-        return tuple(max(1, math.ceil(length_um / v - 1e-9)) for v in self.voxel_size)
+        return whole_voxels(length_um, self.voxel_size)
 
     def halo(self) -> tuple[int, ...]:
         """Context per axis, in voxels, that makes a block's core exact (see the module doc)."""
@@ -136,10 +138,7 @@ def seeds(response: np.ndarray, params: DetectParams, region: tuple[slice, ...])
         Coordinates in ``response``.
     """
     half = params.voxels(params.peak_radius)
-    around = tuple(
-        slice(max(0, r.start - h), min(n, r.stop + h))
-        for r, h, n in zip(region, half, response.shape, strict=True)
-    )
+    around = padded(region, half, response.shape)
     inside = tuple(
         slice(r.start - a.start, r.stop - a.start) for r, a in zip(region, around, strict=True)
     )
@@ -168,10 +167,7 @@ def foreground(image: np.ndarray, params: DetectParams, core: tuple[slice, ...])
     """
     data = np.asarray(image, np.float32)
     reach = np.array(params.voxels(params.max_radius))
-    near = tuple(
-        slice(max(0, c.start - m), min(n, c.stop + m))
-        for c, m, n in zip(core, reach, data.shape, strict=True)
-    )
+    near = padded(core, tuple(reach), data.shape)
     start = np.array([c.start for c in core])
     stop = np.array([c.stop for c in core])
     mask = np.zeros(tuple(stop - start), bool)

@@ -36,7 +36,14 @@ from scipy.spatial import cKDTree
 
 from nucflow.errors import ParameterError
 
-__all__ = ["SegmentParams", "distance_squared", "find_seeds", "partition", "segment_block"]
+__all__ = [
+    "SegmentParams",
+    "whole_voxels",
+    "distance_squared",
+    "find_seeds",
+    "partition",
+    "segment_block",
+]
 
 _WEIGHT_PER_MIN_VOXEL = 8  # integer distance units per smallest voxel edge
 
@@ -86,7 +93,7 @@ class SegmentParams:
 
     def voxels(self, length_um: float) -> tuple[int, ...]:
         """A length in µm as a whole number of voxels per axis (at least 1)."""
-        return tuple(max(1, math.ceil(length_um / v - 1e-9)) for v in self.voxel_size)
+        return whole_voxels(length_um, self.voxel_size)
 
     def halo(self) -> tuple[int, ...]:
         """Context per axis, in voxels, that makes a block's core exact.
@@ -98,6 +105,11 @@ class SegmentParams:
         seed_context = self.max_radius + 2 * self.peak_radius + self.max_radius
         reach = max(seed_context, 2 * self.max_radius)
         return tuple(n + 1 for n in self.voxels(reach))
+
+
+def whole_voxels(length_um: float, voxel_size: tuple[float, ...]) -> tuple[int, ...]:
+    """A length in µm as a whole number of voxels per axis, rounded up (at least 1)."""
+    return tuple(max(1, math.ceil(length_um / v - 1e-9)) for v in voxel_size)
 
 
 def _smallest_int(limit: int) -> type:
