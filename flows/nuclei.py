@@ -4,7 +4,8 @@ seam-free segmentation, the table.
 Every stage is a pass (or a few) from stored inputs to stored outputs under the output's
 `.work/`: each task holds one block and its halo, so memory does not grow with the stack, and
 `--resume` skips finished stages; segmentation writes labels and per-block sums block by block,
-and each nucleus' row is made by the block that owns its seed.
+the label pyramid is written level by level from the stored level before, and each nucleus'
+row is made by the block that owns its seed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def run(job: pipeline.Run) -> dict[str, Any]:
         mask = pipeline.clean_mask(job, found)
     with job.stage("segment"):
         pipeline.segment(job, mask)
+    with job.stage("pyramid"):
+        pipeline.pyramid(job)
     with job.stage("table"):
         table = pipeline.table(job)
     return pipeline.finish(job, table)

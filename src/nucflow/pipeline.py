@@ -52,6 +52,7 @@ __all__ = [
     "foreground",
     "clean_mask",
     "segment",
+    "pyramid",
     "table",
     "finish",
     "fail",
@@ -430,6 +431,11 @@ def write_stack(run: Run, image: da.Array, name: str) -> Path:
         shutil.rmtree(partial)
     with dask.config.set(scheduler=run.runner.scheduler):
         io.write_ome_zarr(partial, image, run.params.voxel_size, chunks=run.params.chunks)
+    from nucflow import pyramid as pyramid_levels
+
+    factors = pyramid_levels.level_factors(image.shape, run.params.voxel_size)
+    shapes = pyramid_levels.build(run.runner, partial, factors, method="mean")
+    run.facts["pyramid_shapes"] = [list(s) for s in shapes]
     if path.exists():
         shutil.rmtree(path)
     os.replace(partial, path)
@@ -879,6 +885,27 @@ def _segment_grid(run: Run, shape: tuple[int, ...]) -> Grid:
     return Grid(shape, chunks, tuple(o % c for o, c in zip(run.offset, chunks, strict=True)))
 
 
+def pyramid(run: Run) -> None:
+    """Levels 1, 2, … of ``labels.ome.zarr`` (:mod:`nucflow.pyramid`): one pass per level.
+
+    Each level is read from the stored level before it, over the data region only (labels are
+    0 elsewhere). Blocks an earlier attempt finished (marks in ``.work/pyramid/``) are skipped
+    on ``--resume`` when the labels are the ones it downsampled (same fingerprint chain).
+    """
+    from nucflow import pyramid as pyramid_levels
+
+    marks = run.work / "pyramid"
+    keep = fingerprint.reusable(run, "pyramid", marks)
+    fingerprint.record(run, "pyramid")  # before any block: every mark from now on is of it
+    path = run.output / "labels.ome.zarr"
+    shape = tuple(run.stack.data.shape)
+    factors = pyramid_levels.level_factors(shape, run.params.voxel_size)
+    shapes = pyramid_levels.build(
+        run.runner, path, factors, method="nearest", region=run.region, marks=marks, keep=keep
+    )
+    run.facts["pyramid_shapes"] = [list(s) for s in shapes]
+
+
 def table(run: Run) -> table_stage.Table:
     """One row per nucleus, made final by the block owning its seed (:mod:`nucflow.table`).
 
@@ -1016,6 +1043,10 @@ def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
         written = table_stage.write(
             table, run.output, single_file_rows=p.single_file_rows, empty=empty
         )
+        from nucflow import labels_table
+
+        rows = labels_table.write(run.output / "labels.ome.zarr", run.output / "nuclei.parquet")
+        run.facts["labels_table"] = f"labels.ome.zarr/tables/{labels_table.NAME} ({rows} rows)"
         if written == "dataset":
             run.facts["table"] = (
                 f"nuclei.parquet/ is a partitioned dataset of {len(table.parts)} part(s), rows "

@@ -18,7 +18,7 @@ import zarr
 from nucflow.errors import DtypeError, OutputError, ParameterError, ShapeError
 from nucflow.io.source import SUPPORTED_DTYPES
 
-__all__ = ["create_label_zarr", "write_ome_zarr"]
+__all__ = ["add_levels", "create_label_zarr", "write_ome_zarr"]
 
 
 def write_ome_zarr(
@@ -150,6 +150,88 @@ def create_label_zarr(
     arr = _create_level(root, shape, chunks, dt, axes, scale, unit, "labels")
     root.attrs["image-label"] = {"version": "0.4"}
     return arr
+
+
+def add_levels(
+    group: zarr.Group,
+    factors: Sequence[Sequence[int]],
+    *,
+    translate: bool = False,
+    keep: bool = False,
+) -> list[zarr.Array]:
+    """Add the empty datasets "1", "2", … of a multiscale pyramid and their NGFF metadata.
+
+    The group's ``multiscales`` metadata must list dataset "0" (as :func:`write_ome_zarr` and
+    :func:`create_label_zarr` write it; any axes, e.g. a leading time axis). Level ``k`` has
+    the shape ``ceil(shape / s)`` with ``s`` the product of the factors of levels 1..k, the
+    chunks of level 0 (clipped to its shape), and the scale of level 0 times ``s``.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        An OME-Zarr image or label image group, opened for writing.
+    factors : sequence of sequence of int
+        Per level after level 0, the factor per axis relative to the level before (>= 1;
+        1 on a time axis).
+    translate : bool, optional
+        True when a voxel of level ``k`` summarizes its cell (mean): it then lies at the
+        cell's centre, a translation of ``(s - 1) / 2`` level-0 voxels per axis. False when it
+        is the cell's first voxel (nearest, stride from voxel 0): no translation.
+    keep : bool, optional
+        Reuse a dataset already there with the expected shape and dtype (``--resume``);
+        otherwise every level is created anew.
+
+    Returns
+    -------
+    list of zarr.Array
+        Every level, level 0 first.
+    """
+    found: Any = group.attrs["multiscales"]
+    meta = [dict(m) for m in found]
+    base = group["0"]
+    assert isinstance(base, zarr.Array)
+    first = meta[0]["datasets"][0]["coordinateTransformations"]
+    scale = [float(v) for v in first[0]["scale"]]
+    shift = [float(v) for v in first[1]["translation"]] if len(first) > 1 else [0.0] * len(scale)
+    levels, datasets = [base], [meta[0]["datasets"][0]]
+    cumulative = np.ones(base.ndim, dtype=np.int64)
+    for k, level in enumerate(factors, start=1):
+        step = _check_shape_like("factors", level, base.ndim)
+        cumulative = cumulative * np.asarray(step)
+        shape = tuple(-(-n // int(s)) for n, s in zip(base.shape, cumulative, strict=True))
+        levels.append(_level_array(group, str(k), base, shape, keep=keep))
+        transforms: list[dict[str, Any]] = [
+            {"type": "scale", "scale": [v * int(s) for v, s in zip(scale, cumulative, strict=True)]}
+        ]
+        if translate or any(shift):
+            offsets = [
+                o + (v * (int(s) - 1) / 2 if translate else 0.0)
+                for o, v, s in zip(shift, scale, cumulative, strict=True)
+            ]
+            transforms.append({"type": "translation", "translation": offsets})
+        datasets.append({"path": str(k), "coordinateTransformations": transforms})
+    meta[0]["datasets"] = datasets
+    group.attrs["multiscales"] = meta
+    return levels
+
+
+def _level_array(
+    group: zarr.Group, name: str, base: zarr.Array, shape: tuple[int, ...], *, keep: bool
+) -> zarr.Array:
+    if keep and name in group:
+        found = group[name]
+        if isinstance(found, zarr.Array) and found.shape == shape and found.dtype == base.dtype:
+            return found
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=tuple(min(c, n) for c, n in zip(base.chunks, shape, strict=True)),
+        dtype=base.dtype,
+        fill_value=0,
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+        config={"write_empty_chunks": False},
+        overwrite=True,
+    )
 
 
 def _as_dask(data: Any, what: str) -> da.Array:
