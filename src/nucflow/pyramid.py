@@ -45,7 +45,7 @@ Method = Literal["nearest", "mean"]
 
 
 def level_factors(
-    shape: Sequence[int], voxel_size: Sequence[float], *, max_plane: int = MAX_PLANE
+    shape: Sequence[int], voxel_size: Sequence[float], *, max_plane: int | None = None
 ) -> list[tuple[int, ...]]:
     """The factor per axis of every level after level 0, relative to the level before.
 
@@ -57,7 +57,8 @@ def level_factors(
     voxel_size : (2,) or (3,) sequence of float
         Voxel size per spatial axis (the trailing axes of ``shape``; any unit, the same for all).
     max_plane : int, optional
-        The pyramid ends once y and x are both at most this many voxels.
+        The pyramid ends once y and x are both at most this many voxels (default
+        :data:`MAX_PLANE`).
 
     Returns
     -------
@@ -66,11 +67,12 @@ def level_factors(
         once z's voxel is no coarser than y's and x's, 1 on an axis already a single voxel
         and on leading axes. Empty when level 0 fits already.
     """
+    limit = MAX_PLANE if max_plane is None else max_plane
     size = [float(v) for v in voxel_size]
     leading = (1,) * (len(shape) - len(size))
     dims = [int(n) for n in shape[len(leading) :]]
     levels: list[tuple[int, ...]] = []
-    while dims[-1] > max_plane or dims[-2] > max_plane:
+    while dims[-1] > limit or dims[-2] > limit:
         factors = [2] * len(dims)
         if len(dims) == 3 and size[0] > min(size[1:]):
             factors[0] = 1  # z still coarser than y/x: halving it would make it coarser still
