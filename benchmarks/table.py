@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import shutil
 import subprocess
 import sys
@@ -185,7 +186,7 @@ def combine_main(argv: list[str]) -> None:
     parser.add_argument("--memory-limit", required=True)
     args = parser.parse_args(argv)
 
-    from nucflow import cluster, measure, table
+    from nucflow import cluster, io, labels_table, measure, table
     from nucflow.blockpass import Grid
 
     shape = tuple(args.shape)
@@ -213,7 +214,16 @@ def combine_main(argv: list[str]) -> None:
             result, args.output, single_file_rows=1_000_000, empty=measure.empty_table(3)
         )
         wall = time.perf_counter() - start
+        # The table inside labels.ome.zarr (as nucflow.pipeline.finish writes it): its time,
+        # and the driver's high-water mark before and after it.
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        io.create_label_zarr(args.output / "labels.ome.zarr", shape, CHUNKS, VOXEL)
+        linked = labels_table.write(args.output / "labels.ome.zarr", args.output / "nuclei.parquet")
+        assert linked == result.rows, f"{linked} rows in labels.ome.zarr/tables for {result.rows}"
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        tables_s = time.perf_counter() - start - wall
     facts = {"wall": wall, "gather": gathered, "rows": result.rows, "how": how}
+    facts.update(tables_s=tables_s, maxrss_before_tables=before, maxrss_after_tables=after)
     facts["sample"] = len(result.sample)
     print(json.dumps(facts), flush=True)
 
@@ -289,6 +299,12 @@ def main(argv: list[str] | None = None) -> None:
                 row.update(nuclei=nuclei, blocks=math.prod(counts), cluster=name)
                 rows.append(row)
                 print("  " + line(row), flush=True)
+                print(
+                    f"    labels.ome.zarr/tables/nuclei: {row['tables_s']:.1f} s, driver "
+                    f"high-water mark {row['maxrss_before_tables'] / MIB:.0f} MiB before it, "
+                    f"{row['maxrss_after_tables'] / MIB:.0f} MiB after",
+                    flush=True,
+                )
             if not args.keep:
                 shutil.rmtree(parts)
     print(report(rows, args.memory_limit))

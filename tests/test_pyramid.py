@@ -300,3 +300,23 @@ def test_a_failed_pyramid_never_looks_complete_and_resume_skips_finished_levels(
     assert record["stages"]["pyramid"]["action"] == "reused"
     assert calls == [(20, 32, 32)] * 3  # level 1 not computed again; level 2's 3 chunks
     _check_run(out, stack3d[1].voxel_size)
+
+
+def test_the_preprocess_flow_writes_an_image_pyramid(stack2d, tmp_path, monkeypatch):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    monkeypatch.setattr(pyramid, "MAX_PLANE", 64)  # stack2d is 256 x 256 at 0.5 µm
+    out = tmp_path / "out"
+    code = main(["run", "--flow", "preprocess", "--input", str(stack2d[0]), "--output", str(out),
+                 "--chunks", "96", "80"])  # fmt: skip
+    assert code == 0
+    (node, *_) = Reader(parse_url(str(out / "filtered.ome.zarr")))()
+    level0, level1, level2 = (np.asarray(a) for a in node.data)
+    assert level2.shape == (64, 64)
+    np.testing.assert_allclose(level1, level0.reshape(128, 2, 128, 2).mean(axis=(1, 3)), rtol=1e-5)
+    np.testing.assert_allclose(level2, level1.reshape(64, 2, 64, 2).mean(axis=(1, 3)), rtol=1e-5)
+    assert node.metadata["coordinateTransformations"][2] == [
+        {"type": "scale", "scale": [2.0, 2.0]},
+        {"type": "translation", "translation": [0.75, 0.75]},
+    ]

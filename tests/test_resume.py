@@ -44,7 +44,9 @@ def test_resume_after_kill_redoes_only_unfinished_blocks(stack3d, reference_run,
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "complete"
     assert record["blocks"] == {"total": total, "computed": total - done_before}
-    assert {s["action"] for s in record["stages"].values()} == {"reused"}
+    actions = {name: s["action"] for name, s in record["stages"].items()}
+    assert actions.pop("pyramid") == "computed"  # the kill came before the pyramid began
+    assert set(actions.values()) == {"reused"}
     pd.testing.assert_frame_equal(table, reference_run[0])
     np.testing.assert_array_equal(labels, reference_run[1])
 
@@ -62,6 +64,7 @@ STAGES = (  # in flow order
     "filled",
     "mask",
     "segment",
+    "pyramid",
 )
 
 
