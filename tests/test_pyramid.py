@@ -259,6 +259,26 @@ def test_a_run_writes_the_pyramid_and_the_linked_table(stack3d, run_cli, tmp_pat
     pd.testing.assert_frame_equal(read[table.columns].astype(table.dtypes), table,
                                   check_index_type=False)  # fmt: skip
 
+    # What `nucflow view` opens in napari: input and label pyramid at the voxel size, the
+    # linked table as the labels' features.
+    from nucflow import view
+
+    (image, image_kw, kind1), (labels, label_kw, kind2) = view.layers(out)
+    assert (kind1, kind2) == ("image", "labels")
+    assert image_kw["scale"] == label_kw["scale"] == list(stack3d[1].voxel_size)
+    assert [a.shape for a in labels] == [(40, 128, 128), (40, 64, 64), (20, 32, 32)]
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(stack3d[1].image))
+    features = label_kw["features"]
+    assert list(features["index"]) == list(table.index)
+
+
+def test_view_refuses_what_is_not_a_complete_run(tmp_path, capsys):
+    assert main(["view", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"nucflow view: error: {tmp_path} has no readable run.json; give a nucflow run's --output"
+    ]
+
 
 def test_a_2d_run_writes_the_pyramid_and_the_linked_table(stack2d, tmp_path, monkeypatch):
     monkeypatch.setattr(pyramid, "MAX_PLANE", 64)  # stack2d is 256 x 256
@@ -319,4 +339,17 @@ def test_the_preprocess_flow_writes_an_image_pyramid(stack2d, tmp_path, monkeypa
     assert node.metadata["coordinateTransformations"][2] == [
         {"type": "scale", "scale": [2.0, 2.0]},
         {"type": "translation", "translation": [0.75, 0.75]},
+    ]
+
+
+def test_view_without_a_display_says_so(stack2d, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert main(["run", "--input", str(stack2d[0]), "--output", str(out), "--diameter", "8"]) == 0
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    capsys.readouterr()
+    assert main(["view", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "nucflow view: error: nucflow view needs a display and DISPLAY is not set; run it on a "
+        "desktop or with ssh -X, or open labels.ome.zarr in napari where you have a screen"
     ]

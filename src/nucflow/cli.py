@@ -154,6 +154,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("output", help="the run's --output directory")
     status.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    view = commands.add_parser("view", help="open a run's input, labels and table in napari")
+    view.add_argument("output", help="the run's --output directory")
+    view.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -190,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plan": _plan,
         "tune": _tune,
         "status": _status,
+        "view": _view,
     }[args.command]
     _one_malloc_arena()
     try:
@@ -431,6 +436,12 @@ def _status(args: argparse.Namespace) -> int:
     report = status(args.output)
     print(report.text)
     return report.exit_code
+
+
+def _view(args: argparse.Namespace) -> None:
+    from nucflow import view
+
+    view.show(args.output)
 
 
 # ----------------------------------------------------------------------------- synth / demo
