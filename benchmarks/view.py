@@ -55,7 +55,7 @@ def show(out: Path, png: Path) -> None:
 
     start = time.perf_counter()
     found = view.layers(out)
-    viewer = napari.Viewer(show=False)
+    viewer = napari.Viewer(show=True)  # under Xvfb; a hidden viewer's screenshots are black
     viewer.window.resize(1100, 1100)
     image_layer, layer = (getattr(viewer, f"add_{kind}")(d, **kw) for d, kw, kind in found)
     labels, scale = layer.data, layer.scale
@@ -70,8 +70,9 @@ def show(out: Path, png: Path) -> None:
     shots.append(viewer.screenshot(canvas_only=True, size=(900, 900)))
     drawn.append(layer.data_level)
     table = layer.features
-    viewer.camera.center = (0.0, *(c * s for c, s in zip(_busiest(table), scale[1:], strict=True)))
-    viewer.camera.zoom = 900 / (256 * scale[-1])  # 256 voxels across the canvas
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9
+    camera.center = (0.0, *(c * s for c, s in zip(_busiest(table), scale[1:], strict=True)))
+    camera.zoom = 900 / (256 * scale[-1])  # 256 voxels across the canvas
     shots.append(viewer.screenshot(canvas_only=True, size=(900, 900)))
     drawn.append(layer.data_level)
     took = time.perf_counter() - start - opened
@@ -79,7 +80,9 @@ def show(out: Path, png: Path) -> None:
     png.parent.mkdir(parents=True, exist_ok=True)
     gap = np.full((900, 12, shots[0].shape[2]), 255, np.uint8)
     iio.imwrite(png, np.concatenate([shots[0], gap, shots[1]], axis=1))
-    print(f"labels   levels {[tuple(a.shape) for a in labels]}, scale {list(scale)} µm")
+    print(
+        f"labels   levels {[tuple(a.shape) for a in labels]}, scale {[float(v) for v in scale]} µm"
+    )
     print(f"table    {len(table)} rows linked by label ({table.shape[1] - 1} columns)")
     print(f"napari   opened in {opened:.1f} s; whole plane drawn from level {drawn[0]}, "
           f"256² region from level {drawn[1]}; both screenshots {took:.1f} s")  # fmt: skip
