@@ -82,7 +82,7 @@ def show(output: str | os.PathLike[str]) -> None:
         import napari
     except ImportError:
         raise NucflowError(
-            "nucflow view needs napari and anndata: pip install 'napari[pyqt5]' anndata"
+            "nucflow view needs napari and anndata: pip install 'nucflow[view]'"
         ) from None
     viewer = napari.Viewer(title=f"nucflow: {Path(output).resolve()}")
     for data, kwargs, kind in found:
