@@ -188,6 +188,7 @@ def combine_main(argv: list[str]) -> None:
 
     from nucflow import cluster, io, labels_table, measure, table
     from nucflow.blockpass import Grid
+    from nucflow.segment import whole_voxels
 
     shape = tuple(args.shape)
     settings = {}
@@ -200,6 +201,9 @@ def combine_main(argv: list[str]) -> None:
             Grid(shape, CHUNKS),
             sums=args.sums,
             out=args.output / ".work" / "table",
+            offset=(0, 0, 0),
+            full_shape=shape,
+            reach=whole_voxels(MAX_RADIUS, VOXEL),
             finalize={
                 "voxel_size": VOXEL,
                 "shape": shape,

@@ -16,7 +16,8 @@ from nucflow import pipeline, progress
 
 
 def run(job: pipeline.Run) -> dict[str, Any]:
-    progress.expect(job, progress.nuclei_passes(job.params))  # passes per stage, for the ETA
+    # passes per stage, for the ETA (the pyramid's levels follow the stack's shape)
+    progress.expect(job, progress.nuclei_passes(job.params, tuple(job.stack.data.shape)))
     with job.stage("preprocess"):
         image = pipeline.preprocess(job)
     with job.stage("threshold"):

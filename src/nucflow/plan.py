@@ -203,15 +203,28 @@ def pass_tasks(params: Params, shape: tuple[int, ...]) -> dict[str, int]:
     grids = {
         "blocks": blocks,
         "cells": len(Grid(resample.pooled_shape(shape, factors), cell_chunks)),
+        **_level_grids(params, shape),
     }
     tasks = {}
-    for stage, passes in progress.nuclei_pass_grids(params).items():
+    for stage, passes in progress.nuclei_pass_grids(params, shape).items():
         n = sum(grids[grid] + 1 for grid in passes)
         if stage == "threshold":
             n += blocks + math.ceil(blocks / 7) + 1
         if n:
             tasks[stage] = n
     return tasks
+
+
+def _level_grids(params: Params, shape: tuple[int, ...]) -> dict[str, int]:
+    """Chunks of each label-pyramid level (its chunks: the blocks, clipped to the level)."""
+    from nucflow.pyramid import level_factors
+
+    grids, level = {}, shape
+    for k, factors in enumerate(level_factors(shape, params.voxel_size), start=1):
+        level = resample.pooled_shape(level, factors)
+        chunks = tuple(min(c, n) for c, n in zip(params.chunks, level, strict=True))
+        grids[f"level{k}"] = len(Grid(level, chunks))
+    return grids
 
 
 def _graph_seconds(shape: tuple[int, ...], params: Params) -> float:

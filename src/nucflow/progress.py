@@ -648,10 +648,14 @@ def expect(run: Any, plan: Mapping[str, int]) -> None:
         tracker.plan = dict(plan)
 
 
-def nuclei_pass_grids(params: Params) -> dict[str, tuple[str, ...]]:
+def nuclei_pass_grids(
+    params: Params, shape: tuple[int, ...] | None = None
+) -> dict[str, tuple[str, ...]]:
     """The passes each stage of the nuclei flow runs (``flows/nuclei.py``), in order, each
-    named by the grid it runs on: ``"blocks"`` (the stack's blocks) or ``"cells"`` (the
-    reduced-resolution background's grid). The one description of the pass structure:
+    named by the grid it runs on: ``"blocks"`` (the stack's blocks), ``"cells"`` (the
+    reduced-resolution background's grid) or ``"level<k>"`` (the chunks of level ``k`` of the
+    label pyramid, one pass per level; their number follows the stack's ``shape``, none
+    without it). The one description of the pass structure:
     :func:`nuclei_passes` (ETAs) and ``nucflow.plan.pass_tasks`` (task counts) derive from it.
 
     Mirrors :mod:`nucflow.pipeline`: preprocess is one pass, or four with the background
@@ -669,12 +673,22 @@ def nuclei_pass_grids(params: Params) -> dict[str, tuple[str, ...]]:
         "threshold": (),
         "mask": ("blocks",) * mask,
         "segment": ("blocks",),
+        "pyramid": _pyramid_grids(params, shape),
         # the rows, then (with the `neighbours` property) the neighbour pass over the same blocks
         "table": ("blocks",) * (1 + ("neighbours" in params.properties)),
         "write": (),
     }
 
 
-def nuclei_passes(params: Params) -> dict[str, int]:
+def nuclei_passes(params: Params, shape: tuple[int, ...] | None = None) -> dict[str, int]:
     """Passes each stage of the nuclei flow computes, for ETAs (see :func:`nuclei_pass_grids`)."""
-    return {stage: len(passes) for stage, passes in nuclei_pass_grids(params).items()}
+    return {stage: len(passes) for stage, passes in nuclei_pass_grids(params, shape).items()}
+
+
+def _pyramid_grids(params: Params, shape: tuple[int, ...] | None) -> tuple[str, ...]:
+    if shape is None:
+        return ()
+    from nucflow.pyramid import level_factors
+
+    levels = len(level_factors(shape, params.voxel_size))
+    return tuple(f"level{k}" for k in range(1, levels + 1))
