@@ -355,3 +355,36 @@ def test_view_without_a_display_says_so(stack2d, tmp_path, capsys, monkeypatch):
         "nucflow view: error: nucflow view needs a display and DISPLAY is not set; run it on a "
         "desktop or with ssh -X, or open labels.ome.zarr in napari where you have a screen"
     ]
+
+
+def test_the_linked_table_of_a_partitioned_dataset_in_unaligned_batches(tmp_path, monkeypatch):
+    import anndata
+
+    from nucflow import labels_table
+
+    monkeypatch.setattr(labels_table, "BATCH_ROWS", 7)  # parts of 5 rows straddle the chunks
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "nuclei.parquet"
+    folder.mkdir()
+    parts = []
+    for i in range(5):
+        part = pd.DataFrame(
+            {
+                "label": rng.integers(1, 2**40, 5).astype(np.uint64),
+                "centroid_y": rng.random(5),
+                "n_voxels": rng.integers(1, 1000, 5),
+                "truncated": rng.random(5) > 0.5,
+            }
+        )
+        part.to_parquet(folder / f"part-{i}.parquet")
+        parts.append(part)
+    pd.DataFrame(parts[0].iloc[:0]).to_parquet(folder / "_common_metadata")
+    labels = tmp_path / "labels.ome.zarr"
+    io.create_label_zarr(labels, (4, 8, 8), (4, 8, 8), None)
+    assert labels_table.write(labels, folder) == 25
+    stored = anndata.read_zarr(str(labels / "tables" / "nuclei"))
+    assert zarr.open_array(str(labels / "tables" / "nuclei" / "X"), mode="r").chunks == (7, 1)
+    back = pd.concat([stored.obs, stored.to_df()], axis=1)
+    back.insert(0, "label", back.index.astype(np.uint64))
+    expected = pd.concat(parts, ignore_index=True)
+    pd.testing.assert_frame_equal(back.reset_index(drop=True)[expected.columns], expected)

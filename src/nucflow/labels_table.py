@@ -81,7 +81,7 @@ def write(
     index = _array(obs, "label", (rows,), str)
     columns = {c: _array(obs, c, (rows,), schema.field(c).type.to_pandas_dtype()) for c in others}
     start = 0
-    for batch in _batches(files):
+    for batch in _aligned(files, schema):
         stop = start + batch.num_rows
         index[start:stop] = batch.column("label").to_numpy().astype(str)
         for c, target in columns.items():
@@ -106,9 +106,25 @@ def _parts(path: Path) -> list[Path]:
     return sorted(p for p in path.glob("*.parquet") if not p.name.startswith(("_", ".")))
 
 
-def _batches(files: list[Path]) -> Any:
+def _aligned(files: list[Path], schema: pa.Schema) -> Any:
+    """The rows of ``files`` in order, as tables of exactly BATCH_ROWS rows (the last: fewer).
+
+    Each then fills whole chunks of the arrays: a partition holds a block's few thousand rows,
+    and writing those as they come would rewrite every chunk once per partition and column.
+    """
+    pending: list[pa.RecordBatch] = []
+    count = 0
     for f in files:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS)
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS):
+            pending.append(batch)
+            count += batch.num_rows
+            while count >= BATCH_ROWS:
+                rows = pa.Table.from_batches(pending, schema=schema)
+                yield rows.slice(0, BATCH_ROWS)
+                rest = rows.slice(BATCH_ROWS)
+                pending, count = rest.to_batches(), rest.num_rows
+    if count:
+        yield pa.Table.from_batches(pending, schema=schema)
 
 
 def _frame(group: zarr.Group, key: str, index: str, columns: list[str]) -> zarr.Group:
