@@ -11,9 +11,9 @@ Labels are downsampled by taking every second voxel (nearest, a stride anchored 
 every value of a coarse level is a value of level 0 (no label is invented, blended or shifted),
 strides compose (level ``k`` equals ``level0[::s_z, ::s_y, ::s_x]`` with ``s`` the cumulative
 factors, exactly, on any chunking), and a level costs one read of the level before it. Mode
-downsampling would keep thin structures a little longer but does not compose (the mode of modes
-is not the mode of level 0), breaks ties arbitrarily and costs a sort per cell; a nucleus
-narrower than ``s`` voxels may vanish from level ``k`` with either rule. Images are
+downsampling does not compose (the mode of modes is not the mode of level 0), needs a tie rule
+and costs a sort per cell; a nucleus narrower than ``s`` voxels may vanish from level ``k``
+with either rule (under the mode, the background around it outvotes it). Images are
 downsampled by the mean of each cell (a partial cell at the far edge averages what it holds).
 
 A leading axis that is not spatial (time) is never downsampled: pass a factor of 1 for it.
