@@ -282,11 +282,12 @@ def test_view_refuses_what_is_not_a_complete_run(tmp_path, capsys):
     ]
 
 
-def test_a_2d_run_writes_the_pyramid_and_the_linked_table(stack2d, tmp_path, monkeypatch):
+@pytest.mark.parametrize("spec", ["threads", "processes"])  # tasks pickle; workers write levels
+def test_a_2d_run_writes_the_pyramid_and_the_linked_table(stack2d, tmp_path, monkeypatch, spec):
     monkeypatch.setattr(pyramid, "MAX_PLANE", 64)  # stack2d is 256 x 256
     out = tmp_path / "out"
     code = main(["run", "--input", str(stack2d[0]), "--output", str(out), "--diameter", "8",
-                 "--chunks", "96", "80"])  # fmt: skip
+                 "--chunks", "96", "80", "--cluster", spec])  # fmt: skip
     assert code == 0
     _check_run(out, stack2d[1].voxel_size)
     shapes = json.loads((out / "run.json").read_text())["pyramid_shapes"]
