@@ -898,10 +898,13 @@ def pyramid(run: Run) -> None:
     keep = fingerprint.reusable(run, "pyramid", marks)
     fingerprint.record(run, "pyramid")  # before any block: every mark from now on is of it
     path = run.output / "labels.ome.zarr"
-    shape = tuple(run.stack.data.shape)
+    # The stored label image's shape: with a leading time axis, level factors are 1 on it and
+    # every time point is covered (each has a data region of its own).
+    shape = tuple(zarr.open_array(str(path / "0"), mode="r").shape)
+    region = run.region if len(shape) == len(run.region) else None
     factors = pyramid_levels.level_factors(shape, run.params.voxel_size)
     shapes = pyramid_levels.build(
-        run.runner, path, factors, method="nearest", region=run.region, marks=marks, keep=keep
+        run.runner, path, factors, method="nearest", region=region, marks=marks, keep=keep
     )
     run.facts["pyramid_shapes"] = [list(s) for s in shapes]
 
