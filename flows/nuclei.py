@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from nucflow import pipeline, progress
+from nucflow import pipeline, progress, stages
+
+STAGES = stages.NUCLEI  # what each stage reads and stores; checked before the run starts
 
 
 def run(job: pipeline.Run) -> dict[str, Any]:

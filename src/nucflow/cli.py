@@ -322,7 +322,15 @@ def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """Run a flow for parsed ``run`` arguments; returns the run and the flow's result."""
     stack, params, config = _prepare(args)
     flow = _load_flow(args.flow)
+    _check_flow(flow, stack, params)
     return _in_run(args, stack, params, config, flow.run)
+
+
+def _check_flow(flow: ModuleType, stack: Any, params: Any) -> None:
+    """The whole configuration checked against the stack before the output is claimed."""
+    from nucflow import stages
+
+    stages.check(getattr(flow, "STAGES", ()), stack, params)
 
 
 def _in_run(
@@ -419,9 +427,11 @@ def _plan(args: argparse.Namespace) -> None:
     from nucflow.plan import make_plan
 
     stack, params, config = _prepare(args)
+    flow = _load_flow("nuclei")
+    _check_flow(flow, stack, params)
     # checks the cluster options before the calibration runs
     where = cluster.describe(args.cluster, **_cluster_options(args, config))
-    print(make_plan(stack, params, config, _load_flow("nuclei").run))
+    print(make_plan(stack, params, config, flow.run))
     print(f"cluster    {where}")
 
 
