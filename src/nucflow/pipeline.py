@@ -624,6 +624,7 @@ def foreground(run: Run, image: zarr.Array) -> Above | Detected:
 def detect_params(p: Params, noise: float, shape: tuple[int, ...]) -> DetectParams:
     return DetectParams(
         stack_shape=shape,
+        smoothing=() if p.tissue_mask else tuple(p.sigma / v for v in p.voxel_size),
         voxel_size=p.voxel_size,
         blob_radius=p.blob_radius,
         peak_radius=p.peak_radius,
@@ -707,7 +708,8 @@ class Detected:
         wanted = tuple(slice(*k.indices(n)[:2]) for k, n in zip(key, self.shape, strict=True))
         read = padded(wanted, self.params.halo(), self.shape)
         core = _shifted(wanted, tuple(-r.start for r in read))
-        return detect.foreground(np.asarray(self.source[read]), self.params, core)
+        origin = tuple(r.start for r in read)
+        return detect.foreground(np.asarray(self.source[read]), self.params, core, origin=origin)
 
 
 def clean_mask(run: Run, found: Above | Detected) -> zarr.Array:
