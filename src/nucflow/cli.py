@@ -50,6 +50,11 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunks", type=int, nargs="+", metavar="Z Y X", help="block shape in voxels"
     )
+    parser.add_argument(
+        "--timepoints",
+        metavar="START:STOP|T,T,...",
+        help="time points of a time-lapse to segment (default: all), e.g. 0:10 or 0,3,7",
+    )
     _scheduler_options(parser)
 
 
@@ -320,16 +325,27 @@ def _cluster_options(args: argparse.Namespace, config: dict[str, Any]) -> dict[s
 
 def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """Run a flow for parsed ``run`` arguments; returns the run and the flow's result."""
+    from nucflow import timelapse
+
     stack, params, config = _prepare(args)
+    points = timelapse.select(getattr(args, "timepoints", None), stack)
+    if points:  # the run's stack is its first time point (the QC pictures show it)
+        stack = stack.at(points[0])
     flow = _load_flow(args.flow)
-    return _in_run(args, stack, params, config, flow.run)
+    return _in_run(args, stack, params, config, flow.run, timepoints=points)
 
 
 def _in_run(
-    args: argparse.Namespace, stack: Any, params: Any, config: dict[str, Any], body: Any
+    args: argparse.Namespace,
+    stack: Any,
+    params: Any,
+    config: dict[str, Any],
+    body: Any,
+    *,
+    timepoints: tuple[int, ...] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """``body(run)`` on the run claiming ``args.output`` on ``args.cluster``; a failure marks
-    the run failed."""
+    the run failed. ``timepoints``: those of a time-lapse to segment."""
     from nucflow import cluster, pipeline
 
     with cluster.connect(args.cluster, **_cluster_options(args, config)) as runner:
@@ -341,6 +357,7 @@ def _in_run(
             config=config,
             resume=args.resume,
             overwrite=args.overwrite,
+            timepoints=timepoints,
         )
         try:
             result = body(job)
@@ -415,13 +432,17 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from nucflow import cluster
+    from nucflow import cluster, timelapse
     from nucflow.plan import make_plan
 
     stack, params, config = _prepare(args)
+    points = timelapse.select(args.timepoints, stack)
     # checks the cluster options before the calibration runs
     where = cluster.describe(args.cluster, **_cluster_options(args, config))
-    print(make_plan(stack, params, config, _load_flow("nuclei").run))
+    if points:
+        stack = stack.at(points[0])
+    timepoints = len(points) if points else None
+    print(make_plan(stack, params, config, _load_flow("nuclei").run, timepoints=timepoints))
     print(f"cluster    {where}")
 
 
