@@ -9,8 +9,6 @@ import json
 import os
 import pickle
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import zarr
 from nucflow import io, synth
 from nucflow.cli import main
 from nucflow.errors import ParameterError
+from nucflow.table import read_table
 
 T = 3
 INTERVAL_S = 30.0
@@ -242,22 +241,28 @@ def test_plan_counts_blocks_times_time_points(movie3d, capsys):
     )
 
 
+def test_partitioned_table_holds_every_time_point(movie3d, movie3d_run, tmp_path):
+    out = tmp_path / "out"
+    extra = ("--set", "measure.single_file_rows=5")  # above it: one part per block and t
+    assert main(["run", "--input", str(movie3d["zarr"]), "--output", str(out), "--chunks",
+                 *CHUNKS3D, *extra]) == 0  # fmt: skip
+    assert (out / "nuclei.parquet").is_dir() and not (out / "nuclei.csv").exists()
+    parts = sorted(p.name for p in (out / "nuclei.parquet").glob("part-*.parquet"))
+    assert {name.split("_")[0] for name in parts} == {f"part-t{t:04d}" for t in range(T)}
+    table = read_table(out).sort_values(["t", "label"], ignore_index=True)
+    pd.testing.assert_frame_equal(table, movie3d_run[1], check_like=False)
+
+
 # --- resume ----------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(300)
 def test_resume_after_kill_mid_movie_reuses_finished_time_points(
-    movie3d, movie3d_run, tmp_path, capsys
+    movie3d, movie3d_run, run_cli, tmp_path, capsys
 ):
     out = tmp_path / "out"
-    argv = ["run", "--input", str(movie3d["zarr"]), "--output", str(out), "--chunks", *CHUNKS3D]
-    code = "from nucflow.cli import main; raise SystemExit(main())"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *argv],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    # in a session of its own, so that the kill takes the whole run
+    proc = type(run_cli)(tuple(map(int, CHUNKS3D))).start(movie3d["zarr"], out)
     first = out / ".work" / "t0000" / "done.json"
 
     def first_done() -> bool:  # run.json says so at the next stage's start
@@ -279,7 +284,7 @@ def test_resume_after_kill_mid_movie_reuses_finished_time_points(
 
     assert main(["status", str(out)]) == 1  # stopped
     said = capsys.readouterr().out
-    assert f"timepoints{len(finished)}/{T} done; at t {len(finished)}" in said.replace("  ", "")
+    assert f"  movie     {len(finished)}/{T} time points done; at t {len(finished)} (" in said
 
     table, labels = _run(movie3d["zarr"], out, CHUNKS3D, "--resume")
     record = json.loads((out / "run.json").read_text())

@@ -69,10 +69,10 @@ def status(output: str | os.PathLike[str]) -> Report:
     lines = [_headline(out, state, progress, age)]
     movie = record.get("timepoints") or {}
     current = (movie.get("current") or {}).get("t")
-    if movie:
-        lines += _field("timepoints", _movie_line(movie, current, state))
-    if current is not None:  # a time-lapse: stages and stored blocks of its current time point
-        progress = _of_timepoint(progress, current)
+    if movie:  # a time-lapse: the stages of its current (or last) time point
+        shown = current if current is not None else (movie.get("done") or [None])[-1]
+        lines += _field("movie", _movie_line(movie, shown, current is not None))
+        progress = _of_timepoint(progress, shown) if shown is not None else progress
     lines += _now(record, progress, age, state)
     lines += _field("stages", _stages(progress))
     disk = _Disk.read(out, record)  # counted once: both lines below tell the same moment
@@ -84,12 +84,12 @@ def status(output: str | os.PathLike[str]) -> Report:
     return Report(state, "\n".join(lines))
 
 
-def _movie_line(movie: dict[str, Any], current: int | None, state: str) -> str:
-    """Time points done of those selected; the current one (whose stages follow)."""
+def _movie_line(movie: dict[str, Any], shown: int | None, running: bool) -> str:
+    """Time points done of those selected; the one whose stages follow."""
     done, selected = movie.get("done") or [], movie.get("selected") or []
-    text = f"{len(done)}/{len(selected)} done"
-    if current is not None and state != "complete":
-        text += f"; at t {current} (the stages below are its)"
+    text = f"{len(done)}/{len(selected)} time points done"
+    if shown is not None:
+        text += f"; {'at' if running else 'last'} t {shown} (the stages below are its)"
     return text
 
 
