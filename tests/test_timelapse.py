@@ -37,19 +37,21 @@ def _frames(shape, voxel, seed0) -> list[np.ndarray]:
     ]
 
 
-def _ome_zarr_movie(path: Path, movie: np.ndarray, voxel) -> Path:
-    """TCZYX OME-Zarr as ome-zarr-py writes it (time scale in seconds)."""
+def _ome_zarr_movie(path: Path, movie: np.ndarray, voxel, axes: str = "tczyx") -> Path:
+    """TCZYX (or TZYX) OME-Zarr as ome-zarr-py writes it (time scale in seconds)."""
     import ome_zarr.writer
 
     root = zarr.open_group(str(path), mode="w")
+    data = movie[:, None] if "c" in axes else movie
+    scale = {"t": INTERVAL_S, **({"c": 1.0} if "c" in axes else {})}
     ome_zarr.writer.write_image(
-        movie[:, None],
+        data,
         root,
-        axes="tczyx",
+        axes=axes,
         scale_factors=[],
-        scale={"t": INTERVAL_S, "c": 1.0, **dict(zip("zyx", voxel, strict=True))},
+        scale={**scale, **dict(zip("zyx", voxel, strict=True))},
         axes_units={"t": "second", **{a: "micrometer" for a in "zyx"}},
-        storage_options={"chunks": (1, 1, 8, 24, 24)},
+        storage_options={"chunks": (1, 1, 8, 24, 24)[-data.ndim :]},
     )
     return path
 
@@ -86,6 +88,7 @@ def movie3d(tmp_path_factory) -> dict:
         "frames": frames,
         "singles": singles,
         "zarr": _ome_zarr_movie(folder / "movie.ome.zarr", movie, VOXEL3D),
+        "tzyx": _ome_zarr_movie(folder / "tzyx.ome.zarr", movie, VOXEL3D, "tzyx"),
         "tiff": _imagej_movie(folder / "movie.tif", movie, VOXEL3D, "TZYX"),
     }
 
@@ -114,7 +117,7 @@ def _assert_each_time_point_alone(table, labels, singles, timepoints) -> None:
 # --- io ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["zarr", "tiff"])
+@pytest.mark.parametrize("kind", ["zarr", "tzyx", "tiff"])
 def test_open_stack_reads_each_time_point_lazily(movie3d, kind):
     frames = movie3d["frames"]
     stack = io.open_stack(movie3d[kind])
@@ -131,6 +134,16 @@ def test_open_stack_reads_each_time_point_lazily(movie3d, kind):
     np.testing.assert_array_equal(stack.crop(box).at(2).data.compute(), frames[2][box])
     with pytest.raises(ParameterError, match=r"`timepoint` 3 is out of range: .* has 3 time"):
         stack.at(3)
+
+
+def test_ome_tiff_time_increment(movie3d, tmp_path):
+    path = tmp_path / "movie.ome.tif"
+    sizes = {f"PhysicalSize{a}": v for a, v in zip("ZYX", VOXEL3D, strict=True)}
+    metadata = {"axes": "TZYX", "TimeIncrement": 0.5, "TimeIncrementUnit": "min", **sizes}
+    tifffile.imwrite(path, np.stack(movie3d["frames"]), ome=True, metadata=metadata)
+    stack = io.open_stack(path, timepoint=1)
+    assert (stack.n_timepoints, stack.time_interval_s, stack.voxel_size) == (T, 30.0, VOXEL3D)
+    np.testing.assert_array_equal(stack.data.compute(), movie3d["frames"][1])
 
 
 def test_a_stack_without_time_axis_has_one_time_point(movie3d):
