@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from nucflow import pipeline, progress, timelapse
+from nucflow import pipeline, progress, stages, timelapse
+
+STAGES = stages.NUCLEI  # what each stage reads and stores; checked before the run starts
 
 
 def run(job: pipeline.Run) -> dict[str, Any]:

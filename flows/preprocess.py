@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from nucflow import pipeline
+from nucflow import pipeline, stages
 from nucflow.errors import ParameterError
+
+STAGES = stages.PREPROCESS  # checked before the run starts
 
 
 def run(job: pipeline.Run) -> dict[str, Any]:

@@ -332,7 +332,15 @@ def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     if points:  # the run's stack is its first time point (the QC pictures show it)
         stack = stack.at(points[0])
     flow = _load_flow(args.flow)
+    _check_flow(flow, stack, params)
     return _in_run(args, stack, params, config, flow.run, timepoints=points)
+
+
+def _check_flow(flow: ModuleType, stack: Any, params: Any) -> None:
+    """The whole configuration checked against the stack before the output is claimed."""
+    from nucflow import stages
+
+    stages.check(getattr(flow, "STAGES", ()), stack, params)
 
 
 def _in_run(
@@ -437,12 +445,14 @@ def _plan(args: argparse.Namespace) -> None:
 
     stack, params, config = _prepare(args)
     points = timelapse.select(args.timepoints, stack)
-    # checks the cluster options before the calibration runs
-    where = cluster.describe(args.cluster, **_cluster_options(args, config))
     if points:
         stack = stack.at(points[0])
+    flow = _load_flow("nuclei")
+    _check_flow(flow, stack, params)
+    # checks the cluster options before the calibration runs
+    where = cluster.describe(args.cluster, **_cluster_options(args, config))
     timepoints = len(points) if points else None
-    print(make_plan(stack, params, config, _load_flow("nuclei").run, timepoints=timepoints))
+    print(make_plan(stack, params, config, flow.run, timepoints=timepoints))
     print(f"cluster    {where}")
 
 

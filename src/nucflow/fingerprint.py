@@ -29,35 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import nucflow
-from nucflow import io
+from nucflow import io, stages
 from nucflow.errors import InputChangedError
 
 __all__ = ["STAGE_PARAMS", "SAMPLED_FILES", "Lineage", "input_identity", "start", "reusable",
            "record"]  # fmt: skip
 
-#: Resolved parameters (fields of :class:`nucflow.config.Params`) that each stage of the nuclei
-#: flow depends on besides the stages before it. A stage not named here depends on all of them.
+#: Resolved parameters (fields of :class:`nucflow.config.Params`) that each stored result of the
+#: nuclei flow depends on besides the results before it, as :mod:`nucflow.stages` declares
+#: them. A result not named here depends on all of them.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    # the Gaussian pass; with the exact top-hat or no background it is the preprocessing
-    "smoothed": (
-        "voxel_size", "chunks", "sigma", "background", "background_radius",
-        "background_downsample", "tissue_mask",
-    ),
-    "cells": ("chunks", "background_downsample"),
-    "background": ("voxel_size", "background", "background_radius", "background_downsample"),
-    "preprocessed": (
-        "voxel_size", "chunks", "sigma", "background", "background_radius",
-        "background_downsample", "tissue_mask",
-    ),
-    # the global threshold, or the noise level and the local detection's rules
-    "threshold": (
-        "threshold_method", "threshold_value", "threshold_factor", "blob_radius", "snr",
-        "fraction", "peak_radius", "max_radius",
-    ),
-    "opened": ("opening_radius",),
-    "filled": ("fill_holes", "min_volume"),
-    "mask": ("opening_radius", "fill_holes", "min_volume"),
-}  # fmt: skip
+    name: params for name, params in stages.RESULT_PARAMS.items() if params is not None
+}
 #: At most this many files of a directory input have their size and time in the identity.
 SAMPLED_FILES = 1024
 _ZARR_METADATA = {"zarr.json", ".zarray", ".zattrs", ".zgroup"}

@@ -426,15 +426,31 @@ def _subtract_task(
 
 def configured_filters(run: Run) -> da.Array:
     """The ``filter.steps`` chain in physical units, as one lazy overlapped pass."""
-    p = run.params
+    steps = configured_steps(run.params, ndim=run.data.ndim)
+    return filters.chain(run.stack.data.rechunk(run.params.chunks), steps)
+
+
+def configured_steps(p: Params, *, ndim: int) -> list[tuple[str, dict[str, Any]]]:
+    """``filter.steps`` with lengths in voxels, each step checked against its filter.
+
+    Raises
+    ------
+    ConfigError
+        A step names no filter, or its filter does not take its parameters.
+    """
     steps = []
     for name, given in p.filter_steps:
         if name not in filters.STEPS:
             raise ConfigError(
                 f"`filter.steps`: unknown filter {name!r}; use one of {', '.join(filters.STEPS)}"
             )
-        steps.append((name, filters.in_voxels(name, given, p.voxel_size)))  # µm -> voxels
-    return filters.chain(run.stack.data.rechunk(p.chunks), steps)
+        try:
+            in_voxels = filters.in_voxels(name, given, p.voxel_size)  # µm -> voxels
+            filters.depth_of(name, ndim=ndim, **in_voxels)  # checks the step's parameters
+        except NucflowError as e:
+            raise ConfigError(f"`filter.steps`: {e}") from None
+        steps.append((name, in_voxels))
+    return steps
 
 
 def write_stack(run: Run, image: da.Array, name: str) -> Path:
@@ -650,9 +666,7 @@ def _stack_value(run: Run, name: str, compute: Callable[[], float]) -> float:
 
 def _threshold(run: Run, image: zarr.Array) -> float:
     p = run.params
-    if p.threshold_method == "value":
-        if p.threshold_value is None:
-            raise ConfigError("`threshold.method` is value but `threshold.value` is null; set both")
+    if p.threshold_method == "value":  # stages.check: a value is given
         return float(p.threshold_value)
     value_range = image.attrs.get("value_range")
     with dask.config.set(scheduler=run.runner.scheduler):

@@ -22,7 +22,7 @@ from typing import Any
 import dask
 import dask.local
 
-from nucflow import io, pipeline, progress, resample, table
+from nucflow import io, pipeline, progress, resample, stages, table
 from nucflow.blockpass import Grid, pass_graph
 from nucflow.cluster import Runner
 from nucflow.config import Params
@@ -126,6 +126,7 @@ class Plan:
                 f"halo       {self.halo} voxels (segmentation; from diameter "
                 f"{self.params.diameter:g})",
                 f"overlap    {self.overlap:.2f}x the data is read while segmenting",
+                f"stages     {_stages_line(self.params)}",
                 f"tasks      {self.n_tasks} in passes of at most {self.n_blocks + 1} (a pass's "
                 f"graph built in {self.graph_seconds:.1f} s)",
                 f"one block  {self.block_seconds:.1f} s on one thread, peak "
@@ -232,6 +233,17 @@ def pass_tasks(params: Params, shape: tuple[int, ...]) -> dict[str, int]:
         if n:
             tasks[stage] = n
     return tasks
+
+
+def _stages_line(params: Params) -> str:
+    """``preprocess 4 passes -> smoothed, cells, ... | threshold ...``: the declared stages."""
+    parts = []
+    for stage in stages.NUCLEI:
+        passes = len(stage.passes(params))
+        stored = [r.name for r in stage.results(params) if r.stored]
+        text = f"{stage.name} {passes} pass{'es' if passes != 1 else ''}"
+        parts.append(text + (f" -> {', '.join(stored)}" if stored else ""))
+    return " | ".join(parts)
 
 
 def _graph_seconds(shape: tuple[int, ...], params: Params) -> float:
