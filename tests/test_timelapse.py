@@ -56,9 +56,9 @@ def _ome_zarr_movie(path: Path, movie: np.ndarray, voxel, axes: str = "tczyx") -
     return path
 
 
-def _imagej_movie(path: Path, movie: np.ndarray, voxel, axes: str) -> Path:
-    """ImageJ hyperstack (TZYX or TYX) with µm calibration and a frame interval."""
-    metadata = {"axes": axes, "unit": "um", "finterval": INTERVAL_S}
+def _imagej_movie(path: Path, movie: np.ndarray, voxel, axes: str, interval=INTERVAL_S) -> Path:
+    """ImageJ hyperstack (TZYX or TYX) with µm calibration and a frame interval (if given)."""
+    metadata = {"axes": axes, "unit": "um", **({"finterval": interval} if interval else {})}
     if len(voxel) == 3:
         metadata["spacing"] = voxel[0]
     resolution = (1 / voxel[-1], 1 / voxel[-2])
@@ -153,6 +153,20 @@ def test_a_stack_without_time_axis_has_one_time_point(movie3d):
         io.open_stack(movie3d["zarr"].parent / "t0.ome.zarr", timepoint=1)
 
 
+def test_time_point_view_writes_and_clears_one_time_point(tmp_path):
+    labels = io.create_label_zarr(tmp_path / "l.ome.zarr", (4, 6), (2, 3), None, timepoints=3)
+    assert (labels.shape, labels.chunks) == ((3, 4, 6), (1, 2, 3))
+    for t in range(3):
+        view = pickle.loads(pickle.dumps(io.TimePoint(labels, t)))  # as a worker gets it
+        view[1:3, 0:3] = t + 1
+        assert view.shape == (4, 6) and view[1:2, 0:1].item() == t + 1
+    io.clear_timepoint(labels, 1)
+    stored = np.asarray(labels[:])
+    assert not stored[1].any() and stored[0, 1:3, 0:3].min() == 1 and stored[2].max() == 3
+    chunk_folders = {p.name for p in (tmp_path / "l.ome.zarr" / "0").iterdir() if p.is_dir()}
+    assert chunk_folders == {"0", "2"}  # time point 1's chunks deleted, the others kept
+
+
 # --- whole runs ------------------------------------------------------------------------------
 
 
@@ -195,11 +209,12 @@ def test_2d_movie_equals_each_frame_alone(tmp_path):
     for t, frame in enumerate(frames):
         io.write_ome_zarr(tmp_path / f"f{t}.ome.zarr", frame, VOXEL2D)
         singles.append(_run(tmp_path / f"f{t}.ome.zarr", tmp_path / f"alone{t}", CHUNKS2D))
-    movie = _imagej_movie(tmp_path / "movie.tif", np.stack(frames), VOXEL2D, "TYX")
+    # no frame interval: a t column and no t_s
+    movie = _imagej_movie(tmp_path / "movie.tif", np.stack(frames), VOXEL2D, "TYX", None)
     table, labels = _run(movie, tmp_path / "out", CHUNKS2D)
-    assert labels.shape == (T, *SHAPE2D) and "area_um2" in table
+    assert labels.shape == (T, *SHAPE2D) and "area_um2" in table and "t_s" not in table
     for t in range(T):
-        rows = table[table["t"] == t].drop(columns=["t", "t_s"]).reset_index(drop=True)
+        rows = table[table["t"] == t].drop(columns=["t"]).reset_index(drop=True)
         pd.testing.assert_frame_equal(rows, singles[t][0])
         np.testing.assert_array_equal(labels[t], singles[t][1])
 
