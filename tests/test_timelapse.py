@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -284,14 +285,12 @@ def test_partitioned_table_holds_every_time_point(movie3d, movie3d_run, tmp_path
 # --- resume ----------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(300)
-def test_resume_after_kill_mid_movie_reuses_finished_time_points(
-    movie3d, movie3d_run, run_cli, tmp_path, capsys
-):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def killed_movie(movie3d, run_cli, tmp_path_factory) -> tuple[Path, list[int]]:
+    """A run of the OME-Zarr movie SIGKILLed after its first time point; tests resume copies."""
+    out = tmp_path_factory.mktemp("killed") / "out"
     # in a session of its own, so that the kill takes the whole run
     proc = type(run_cli)(tuple(map(int, CHUNKS3D))).start(movie3d["zarr"], out)
-    first = out / ".work" / "t0000" / "done.json"
 
     def first_done() -> bool:  # run.json says so at the next stage's start
         with contextlib.suppress(OSError, ValueError, KeyError):
@@ -306,10 +305,19 @@ def test_resume_after_kill_mid_movie_reuses_finished_time_points(
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     record = json.loads((out / "run.json").read_text())
-    assert first.exists() and record["status"] == "running", "the kill must land mid-movie"
+    assert record["status"] == "running", "the kill must land mid-movie"
+    assert (out / ".work" / "t0000" / "done.json").exists()
     finished = record["timepoints"]["done"]
     assert 0 in finished and len(finished) < T
+    return out, finished
 
+
+@pytest.mark.timeout(300)
+def test_resume_after_kill_mid_movie_reuses_finished_time_points(
+    movie3d, movie3d_run, killed_movie, tmp_path, capsys
+):
+    out, finished = tmp_path / "out", killed_movie[1]
+    shutil.copytree(killed_movie[0], out)
     assert main(["status", str(out)]) == 1  # stopped
     said = capsys.readouterr().out
     assert f"  movie     {len(finished)}/{T} time points done; at t {len(finished)} (" in said
@@ -318,8 +326,21 @@ def test_resume_after_kill_mid_movie_reuses_finished_time_points(
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "complete"
     assert record["timepoints"]["reused"] == finished
-    # no stage of a finished time point ran again; every other one did
+    # no stage of a finished time point ran again
     ran = {name.split(" ")[1] for name in record["progress"]["stages"] if " t" in name}
     assert ran == {f"t{t}" for t in range(T) if t not in finished}
+    pd.testing.assert_frame_equal(table, movie3d_run[1])
+    np.testing.assert_array_equal(labels, movie3d_run[2])
+
+
+@pytest.mark.timeout(300)
+def test_resume_without_the_label_image_recomputes_every_time_point(
+    movie3d, movie3d_run, killed_movie, tmp_path
+):
+    out = tmp_path / "out"
+    shutil.copytree(killed_movie[0], out)
+    shutil.rmtree(out / "labels.ome.zarr")  # what the finished time points wrote is gone
+    table, labels = _run(movie3d["zarr"], out, CHUNKS3D, "--resume")
+    assert json.loads((out / "run.json").read_text())["timepoints"]["reused"] == []
     pd.testing.assert_frame_equal(table, movie3d_run[1])
     np.testing.assert_array_equal(labels, movie3d_run[2])

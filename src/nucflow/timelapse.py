@@ -178,6 +178,7 @@ def _prepare_labels(run: pipeline.Run) -> None:
     except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError):
         found = None
     if found is None or (found.shape, found.chunks) != (shape, chunks):
+        _forget_labels(run)
         found = io.create_label_zarr(
             path,
             stack.data.shape,
@@ -189,6 +190,13 @@ def _prepare_labels(run: pipeline.Run) -> None:
         )
     for t in sorted(set(range(stack.n_timepoints)) - set(run.timepoints or ())):
         io.clear_timepoint(found, t)
+
+
+def _forget_labels(run: pipeline.Run) -> None:
+    """The label image is made anew: no time point's stored segmentation is current."""
+    for folder in (run.output / pipeline.WORK).glob("t[0-9]*"):
+        (folder / DONE).unlink(missing_ok=True)
+        (folder / f"segment{fingerprint.SUFFIX}").unlink(missing_ok=True)
 
 
 def _point(run: pipeline.Run, t: int) -> pipeline.Run:
