@@ -180,9 +180,13 @@ def test_ome_zarr_movie_equals_each_time_point_alone(movie3d, movie3d_run):
     assert meta["axes"][0] == {"name": "t", "type": "time", "unit": "second"}
     assert meta["datasets"][0]["coordinateTransformations"][0]["scale"] == [INTERVAL_S, *VOXEL3D]
     record = json.loads((out / "run.json").read_text())
-    per_t = {
-        str(t): {"nuclei": len(alone), "truncated": int(alone["truncated"].sum())}
-        for t, (alone, _) in enumerate(movie3d["singles"])
+    alone_records = [
+        json.loads((movie3d["zarr"].parent / f"alone{t}" / "run.json").read_text())
+        for t in range(T)
+    ]
+    per_t = {  # counts and the noise level each time point found alone
+        str(t): {**alone["counts"], "noise": alone["noise"]}
+        for t, alone in enumerate(alone_records)
     }
     assert record["counts"]["timepoints"] == per_t
     assert record["counts"]["nuclei"] == len(table)
@@ -268,6 +272,14 @@ def test_plan_counts_blocks_times_time_points(movie3d, capsys):
     assert "blocks     8 of (8, 24, 24) voxels x 2 time point(s) = 16 blocks" in (
         capsys.readouterr().out
     )
+
+
+def test_tune_on_a_movie_says_its_first_time_point_noise(movie3d, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["tune", "--input", str(movie3d["tiff"]), "--region", "0:16", "0:48", "0:48"]
+    assert main([*argv, "--output", str(out), "--timepoints", "2"]) == 0
+    noise = json.loads((out / "run.json").read_text())["counts"]["timepoints"]["2"]["noise"]
+    assert f"noise level {noise:.4g} (estimated on this region" in capsys.readouterr().out
 
 
 def test_partitioned_table_holds_every_time_point(movie3d, movie3d_run, tmp_path):

@@ -416,12 +416,15 @@ def _tune(args: argparse.Namespace) -> None:
     args.flow, args.resume = "nuclei", False
     start = time.perf_counter()
     job, result = execute(args)
-    noise = job.facts.get("noise")
+    facts = job.facts
+    if "timepoints" in facts:  # a time-lapse: what its first time point found
+        facts = next(iter(facts["timepoints"]["counts"].values()))
+    noise = facts.get("noise")
     found = (
         f"noise level {noise:.4g} (estimated on this region; a full run estimates it on the "
         "whole stack)"
         if noise is not None
-        else f"global threshold {job.facts['threshold']:.4g}"
+        else f"global threshold {facts['threshold']:.4g}"
     )
     qc = job.output / "qc"
     pictures = ", ".join(

@@ -125,6 +125,7 @@ class _Done:
     rows: int
     truncated: int
     parts: list[Path]
+    found: dict[str, float]  # the time point's global value: noise level or threshold
 
 
 def each(
@@ -159,7 +160,7 @@ def each(
             _drop_from_plan(run, t)
         finished.append(done)
         summary["done"].append(t)
-        summary["counts"][str(t)] = {"nuclei": done.rows, "truncated": done.truncated}
+        summary["counts"][str(t)] = {"nuclei": done.rows, "truncated": done.truncated, **done.found}
         for name, seconds in point.timings.items():
             run.timings[name] = round(run.timings.get(name, 0.0) + seconds, 3)
     summary.pop("current", None)
@@ -245,7 +246,8 @@ def _reused(point: pipeline.Run) -> _Done | None:
     ):
         done.unlink(missing_ok=True)  # never current again once its time point is redone
         return None
-    return _Done(point.time or 0, int(record["rows"]), int(record["truncated"]), parts)
+    found = record.get("found") or {}
+    return _Done(point.time or 0, int(record["rows"]), int(record["truncated"]), parts, found)
 
 
 def _close(point: pipeline.Run, table: table_stage.Table) -> _Done:
@@ -261,17 +263,21 @@ def _close(point: pipeline.Run, table: table_stage.Table) -> _Done:
         kept = rows_dir / f"{pipeline.timepoint_folder(t)}_{part.name}"
         table_stage._write_parquet(kept, rows, table.metadata)
         parts.append(kept)
+    found: dict[str, float] = {
+        k: point.facts[k] for k in ("noise", "threshold") if k in point.facts
+    }
     record = {
         "fingerprint": _fingerprint(point),
         "rows": table.rows,
         "truncated": table.truncated,
         "parts": [p.name for p in parts],
+        "found": found,
     }
     pipeline._write_atomic(point.work / DONE, json.dumps(record).encode())
     for entry in point.work.iterdir():  # the intermediates: a stack's size each
         if entry.name not in (DONE, ROWS):
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    return _Done(t, table.rows, table.truncated, parts)
+    return _Done(t, table.rows, table.truncated, parts, found)
 
 
 def with_time(rows: pd.DataFrame, t: int, interval_s: float | None) -> pd.DataFrame:
