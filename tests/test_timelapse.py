@@ -356,3 +356,17 @@ def test_resume_without_the_label_image_recomputes_every_time_point(
     assert json.loads((out / "run.json").read_text())["timepoints"]["reused"] == []
     pd.testing.assert_frame_equal(table, movie3d_run[1])
     np.testing.assert_array_equal(labels, movie3d_run[2])
+
+
+@pytest.mark.timeout(300)
+def test_resume_with_another_voxel_size_equals_the_fresh_run(movie3d, killed_movie, tmp_path):
+    other = ("--voxel-size", "2", "0.8", "0.8")
+    fresh_table, fresh_labels = _run(movie3d["zarr"], tmp_path / "fresh", CHUNKS3D, *other)
+    out = tmp_path / "out"
+    shutil.copytree(killed_movie[0], out)
+    table, labels = _run(movie3d["zarr"], out, CHUNKS3D, "--resume", *other)
+    assert json.loads((out / "run.json").read_text())["timepoints"]["reused"] == []
+    pd.testing.assert_frame_equal(table, fresh_table)
+    np.testing.assert_array_equal(labels, fresh_labels)
+    meta = zarr.open_group(str(out / "labels.ome.zarr"), mode="r").attrs["multiscales"][0]
+    assert meta["datasets"][0]["coordinateTransformations"][0]["scale"] == [30.0, 2.0, 0.8, 0.8]

@@ -168,17 +168,21 @@ def each(
 
 
 def _prepare_labels(run: pipeline.Run) -> None:
-    """Create ``labels.ome.zarr`` with the time axis (unless --resume finds it as it must be);
-    empty the time points not selected."""
+    """Create ``labels.ome.zarr`` with the time axis (unless --resume finds it made by the same
+    input and parameters: ``.work/labels.fingerprint.json``); empty the time points not
+    selected."""
     p, stack = run.params, run.stack
     path = run.output / "labels.ome.zarr"
     shape = (stack.n_timepoints, *stack.data.shape)
     chunks = (1, *p.chunks)
+    marker = run.output / pipeline.WORK / f"labels{fingerprint.SUFFIX}"
+    made_by = _fingerprint(run)
     try:
         found = zarr.open_array(str(path / "0"), mode="r+") if run.resume else None
+        same = json.loads(marker.read_text()) == made_by
     except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError):
-        found = None
-    if found is None or (found.shape, found.chunks) != (shape, chunks):
+        found, same = None, False
+    if found is None or not same or (found.shape, found.chunks) != (shape, chunks):
         _forget_labels(run)
         found = io.create_label_zarr(
             path,
@@ -189,6 +193,7 @@ def _prepare_labels(run: pipeline.Run) -> None:
             timepoints=stack.n_timepoints,
             time_interval_s=stack.time_interval_s,
         )
+        pipeline._write_atomic(marker, json.dumps(made_by).encode())
     for t in sorted(set(range(stack.n_timepoints)) - set(run.timepoints or ())):
         io.clear_timepoint(found, t)
 
@@ -223,7 +228,8 @@ def _point(run: pipeline.Run, t: int) -> pipeline.Run:
 
 
 def _fingerprint(point: pipeline.Run) -> str | None:
-    """What a finished time point was made from: input, every parameter, nucflow's version."""
+    """What a finished time point (or the label image) was made from: input, every
+    parameter, nucflow's version."""
     if point.lineage is None:
         return None
     return fingerprint.Lineage(point.lineage.identity, point.lineage.params).fingerprint(
