@@ -80,10 +80,15 @@ class Run:
     lock: lock.OutputLock | None = None  # held from open_run to finish/fail
     lineage: fingerprint.Lineage | None = None  # what --resume may reuse (fingerprint.start)
     progress: Any = field(default=None, repr=False, compare=False)  # nucflow.progress.attach
+    # A time-lapse: the time points to segment (None: the input has no time axis). Each is
+    # segmented by a run of its own (``time`` set, ``.work/t0003/``): nucflow.timelapse.
+    timepoints: tuple[int, ...] | None = None
+    time: int | None = None
 
     @property
     def work(self) -> Path:
-        return self.output / WORK
+        root = self.output / WORK
+        return root if self.time is None else root / timepoint_folder(self.time)
 
     @property
     def data(self) -> da.Array:
@@ -103,9 +108,15 @@ class Run:
     def stage(self, name: str) -> Iterator[None]:
         """Time a stage into run.json's timings; report its progress (nucflow.progress)."""
         start = time.perf_counter()
-        with progress_report.stage(self, name):
+        label = name if self.time is None else f"{name} t{self.time}"
+        with progress_report.stage(self, label):
             yield
         self.timings[name] = round(time.perf_counter() - start, 3)
+
+
+def timepoint_folder(t: int) -> str:
+    """The work folder of time point ``t`` of a time-lapse, under ``.work/``."""
+    return f"t{t:04d}"
 
 
 # ----------------------------------------------------------------------------- output directory
@@ -120,11 +131,14 @@ def open_run(
     config: dict[str, Any],
     resume: bool = False,
     overwrite: bool = False,
+    timepoints: Sequence[int] | None = None,
 ) -> Run:
     """Claim the output directory and mark the run as running.
 
     One run at a time writes to a directory: the run takes its lock (:mod:`nucflow.lock`)
     before changing anything in it, and :func:`finish` or :func:`fail` releases it.
+    ``timepoints`` (a time-lapse: the time points to segment; ``stack`` holds the first)
+    makes the flow segment each of them (:func:`nucflow.timelapse.each`).
 
     Raises
     ------
@@ -146,6 +160,7 @@ def open_run(
         (out / WORK).mkdir(exist_ok=True)
         before = _read_run_json(out)
         run = Run(stack, params, out, runner, config, resume=resume and before is not None)
+        run.timepoints = None if timepoints is None else tuple(timepoints)
         run.lock = held
         run.region = data_region(stack, params.chunks)
         run.facts["data_region"] = [[s.start, s.stop] for s in run.region]
@@ -845,7 +860,6 @@ def segment(run: Run, mask: zarr.Array) -> None:
     (:func:`nucflow.table.write_sums`; :func:`table` makes the rows); finished blocks are
     skipped on ``--resume``.
     """
-    p = run.params
     shape = tuple(mask.shape)
     full_shape = tuple(run.stack.data.shape)
     labels_path = run.output / "labels.ome.zarr"
@@ -853,12 +867,10 @@ def segment(run: Run, mask: zarr.Array) -> None:
     # Labels and block parts are reused only with the fingerprint they were made with.
     reuse = fingerprint.reusable(run, "segment", labels_path, parts_dir)
     if reuse:
-        labels = zarr.open_array(str(labels_path / "0"), mode="r+")
+        labels = label_image(run, mode="r+")
     else:
         shutil.rmtree(parts_dir, ignore_errors=True)
-        labels = io.create_label_zarr(
-            labels_path, full_shape, p.chunks, p.voxel_size, overwrite=True
-        )
+        labels = _fresh_labels(run)
     fingerprint.record(run, "segment")  # before any block: every part from now on is of it
     parts_dir.mkdir(exist_ok=True)
     readers = _intensity_readers(run)
@@ -904,7 +916,7 @@ def table(run: Run) -> table_stage.Table:
     shape = _region_shape(run.region)
     grid = _segment_grid(run, shape)
     reach = run.segment_params.voxels(p.max_radius)
-    labels = zarr.open_array(str(run.output / "labels.ome.zarr" / "0"), mode="r")
+    labels = label_image(run)
     measured = table_stage.Objects(object_spec(run), labels, _intensity_readers(run))
     return table_stage.gather(
         run.runner,
@@ -924,6 +936,24 @@ def table(run: Run) -> table_stage.Table:
         metadata=_table_metadata(run),
         measured=measured,
     )
+
+
+def label_image(run: Run, mode: str = "r") -> zarr.Array | io.TimePoint:
+    """The run's level-0 label image in stack coordinates (its time point's, in a time-lapse)."""
+    labels = zarr.open_array(str(run.output / "labels.ome.zarr" / "0"), mode=mode)
+    return labels if run.time is None else io.TimePoint(labels, run.time)
+
+
+def _fresh_labels(run: Run) -> zarr.Array | io.TimePoint:
+    """An empty label image for the segmentation (a time-lapse: its time point emptied)."""
+    p = run.params
+    path = run.output / "labels.ome.zarr"
+    if run.time is None:
+        shape = tuple(run.stack.data.shape)
+        return io.create_label_zarr(path, shape, p.chunks, p.voxel_size, overwrite=True)
+    labels = label_image(run, mode="r+")
+    io.clear_timepoint(labels.array, run.time)
+    return labels
 
 
 def object_spec(run: Run) -> objects.Spec:
@@ -947,7 +977,9 @@ def _intensity_readers(run: Run) -> dict[str, Any]:
     """Suffix -> reader: the segmentation channel first, then ``measure.channels``."""
     readers = {"": run.stack.reader}
     for c in run.params.channels:
-        readers[f"_c{c}"] = io.open_stack(run.stack.path, channel=c).reader
+        readers[f"_c{c}"] = io.open_stack(
+            run.stack.path, channel=c, timepoint=run.stack.timepoint
+        ).reader
     return readers
 
 
@@ -1041,13 +1073,18 @@ def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
         if p.qc:
             from nucflow import qc
 
-            labels = da.from_zarr(str(run.output / "labels.ome.zarr" / "0"))[run.region]
+            labels = da.from_zarr(str(run.output / "labels.ome.zarr" / "0"))
+            if run.timepoints is not None:  # the pictures show the stack's (first) time point
+                labels = labels[run.stack.timepoint]
+            labels = labels[run.region]
             sample = table.sample
             windows = qc.write(run.output / "qc", run.data, labels, sample, origin=run.offset)
             run.facts["qc_outline_windows_yx"] = [[[s.start, s.stop] for s in w] for w in windows]
             if len(sample) < table.rows:
                 run.facts["qc_sample_rows"] = len(sample)
     counts = {"nuclei": table.rows, "truncated": table.truncated}
+    if run.timepoints is not None:
+        counts["timepoints"] = run.facts.get("timepoints", {}).get("counts", {})
     if table.truncated:
         warnings.warn(
             f"{table.truncated} nuclei reached segment.max_radius = {p.max_radius:g}; they may be "

@@ -51,6 +51,7 @@ class Plan:
     block_peak_mib: float
     block_nuclei: int
     threads: int
+    timepoints: int | None = None  # a time-lapse: time points selected (each a run of its own)
 
     @property
     def block_seconds(self) -> float:
@@ -58,6 +59,11 @@ class Plan:
 
     @property
     def estimate_seconds(self) -> float:
+        """The estimate of one time point (:attr:`stack_seconds`) times the time points."""
+        return self.stack_seconds * (self.timepoints or 1)
+
+    @property
+    def stack_seconds(self) -> float:
         """The calibrated rates times the voxels each stage reads, spread over ``threads``.
 
         Segmentation (and writing its results) reads every block with its halo; the other
@@ -73,7 +79,7 @@ class Plan:
     def nuclei_estimate(self) -> float:
         """Nuclei in the data region, from their density in the calibration block."""
         region = math.prod(s.stop - s.start for s in self.region)
-        return self.block_nuclei / self.block_voxels * region
+        return self.block_nuclei / self.block_voxels * region * (self.timepoints or 1)
 
     @property
     def crossing_estimate(self) -> float:
@@ -85,6 +91,16 @@ class Plan:
         return self.nuclei_estimate * (1 - inside)
 
     @property
+    def _movie(self) -> str:
+        if self.timepoints is None:
+            return ""
+        return (
+            f" x {self.timepoints} time point(s) = {self.n_blocks * self.timepoints} blocks "
+            "(each time point segmented as a stack of its own; figures below per time point, "
+            "time and nuclei for all)"
+        )
+
+    @property
     def _table_form(self) -> str:
         if self.nuclei_estimate <= self.params.single_file_rows:
             return "one nuclei.parquet and nuclei.csv"
@@ -94,7 +110,7 @@ class Plan:
         """Estimated wall time for 10^12 bytes of this stack's dtype on ``threads`` threads."""
         region = math.prod(s.stop - s.start for s in self.region)
         voxels = 1e12 / self.stack.data.dtype.itemsize
-        return self.estimate_seconds * self.threads / threads * voxels / region
+        return self.stack_seconds * self.threads / threads * voxels / region
 
     def __str__(self) -> str:
         shape = tuple(self.stack.data.shape)
@@ -106,7 +122,7 @@ class Plan:
                 f"input      {self.stack.path}: shape {shape}, {self.stack.data.dtype}, "
                 f"voxel {self.params.voxel_size} µm",
                 f"data       [{box}] ({share:.2%} of the stack; unwritten chunks are skipped)",
-                f"blocks     {self.n_blocks} of {self.params.chunks} voxels",
+                f"blocks     {self.n_blocks} of {self.params.chunks} voxels" + self._movie,
                 f"halo       {self.halo} voxels (segmentation; from diameter "
                 f"{self.params.diameter:g})",
                 f"overlap    {self.overlap:.2f}x the data is read while segmenting",
@@ -140,6 +156,7 @@ def make_plan(
     flow: Callable[[pipeline.Run], Any],
     *,
     threads: int | None = None,
+    timepoints: int | None = None,
 ) -> Plan:
     """Measure what a run of ``flow`` on ``stack`` will cost.
 
@@ -153,6 +170,8 @@ def make_plan(
         The flow's ``run(job)``, run once on a single block to calibrate.
     threads : int, optional
         Worker threads the estimate assumes; default: this machine's cores.
+    timepoints : int, optional
+        A time-lapse: the number of time points to segment (``stack`` is one of them).
 
     Returns
     -------
@@ -181,6 +200,7 @@ def make_plan(
         block_peak_mib=peak,
         block_nuclei=nuclei,
         threads=threads or os.cpu_count() or 1,
+        timepoints=timepoints,
     )
 
 

@@ -368,7 +368,8 @@ def _write_parquet(path: Path, rows: pd.DataFrame, metadata: dict[str, Any]) -> 
 def write(table: Table, output: Path, *, single_file_rows: int, empty: pd.DataFrame) -> str:
     """Write ``nuclei.parquet`` (and ``nuclei.csv``) into ``output``; returns how.
 
-    Up to ``single_file_rows`` rows: one Parquet file sorted by label, and a CSV. Above:
+    Up to ``single_file_rows`` rows: one Parquet file sorted by label (by ``t``, then label,
+    in a time-lapse), and a CSV. Above:
     the parts, moved into the folder ``nuclei.parquet/`` with a ``_common_metadata`` file,
     and no CSV. ``empty`` is the table's schema with no rows (for a run without nuclei).
     """
@@ -377,7 +378,8 @@ def write(table: Table, output: Path, *, single_file_rows: int, empty: pd.DataFr
         shutil.rmtree(final)
     if table.rows <= single_file_rows:
         frames = [pq.ParquetFile(p).read().to_pandas() for p in table.parts] or [empty]
-        rows = pd.concat(frames, ignore_index=True).sort_values("label", ignore_index=True)
+        order = ["t", "label"] if "t" in frames[0].columns else "label"  # a time-lapse: by t
+        rows = pd.concat(frames, ignore_index=True).sort_values(order, ignore_index=True)
         _write_parquet(final, rows, table.metadata)
         csv = output / "nuclei.csv"
         partial_csv = csv.with_name(".nuclei.csv.partial")
