@@ -33,7 +33,7 @@ from nucflow import io
 from nucflow.errors import InputChangedError
 
 __all__ = ["STAGE_PARAMS", "SAMPLED_FILES", "Lineage", "input_identity", "start", "reusable",
-           "record"]  # fmt: skip
+           "record", "forget", "add_input"]  # fmt: skip
 
 #: Resolved parameters (fields of :class:`nucflow.config.Params`) that each stage of the nuclei
 #: flow depends on besides the stages before it. A stage not named here depends on all of them.
@@ -253,6 +253,21 @@ def record(run: Any, stage: str) -> None:
     partial = target.with_name(f".{target.name}.partial")
     partial.write_text(json.dumps(payload, indent=1))
     os.replace(partial, target)
+
+
+def forget(run: Any, stage: str) -> None:
+    """Remove ``stage``'s stored fingerprint: its output is being changed in place (a later
+    ``--resume`` recomputes it and every stage after it)."""
+    _path(run, stage).unlink(missing_ok=True)
+
+
+def add_input(run: Any, name: str, stack: io.Stack) -> None:
+    """Make a second input (``nucflow measure``'s labels) part of every fingerprint that
+    depends on all parameters, as ``name``: a changed file there is recomputed on ``--resume``.
+    Call right after :func:`start`."""
+    lineage: Lineage | None = getattr(run, "lineage", None)
+    if lineage is not None:
+        lineage.params[name] = input_identity(stack)
 
 
 def _path(run: Any, stage: str) -> Path:

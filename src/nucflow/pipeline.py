@@ -248,9 +248,7 @@ def write_run_json(run: Run, status: str, **extra: Any) -> None:
         "shape": list(run.stack.data.shape),
         "dtype": str(run.stack.data.dtype),
         "voxel_size_um": list(p.voxel_size),
-        "unit": "micrometer"
-        if run.stack.voxel_size_known or run.config.get("voxel_size")
-        else "pixel",
+        "unit": "micrometer" if _calibrated(run) else "pixel",
         "config": run.config,
         "derived": {k: v for k, v in vars(p).items() if k not in ("voxel_size",)},
         "halo": list(run.segment_params.halo()),
@@ -261,6 +259,11 @@ def write_run_json(run: Run, status: str, **extra: Any) -> None:
         **extra,
     }
     _write_atomic(run.output / RUN_JSON, json.dumps(record, indent=2, default=_jsonable).encode())
+
+
+def _calibrated(run: Run) -> bool:
+    """Whether lengths are µm: the input or the config gives the voxel size."""
+    return bool(run.stack.voxel_size_known or run.config.get("voxel_size"))
 
 
 def _jsonable(value: Any) -> Any:
@@ -845,7 +848,7 @@ def segment(run: Run, mask: zarr.Array) -> None:
         )
     fingerprint.record(run, "segment")  # before any block: every part from now on is of it
     parts_dir.mkdir(exist_ok=True)
-    readers = _intensity_readers(run)
+    readers = table_stage.intensity_readers(run.stack, run.params.channels)
     halo = run.segment_params.halo()
     tasks, part_files = [], []
     grid = _segment_grid(run, shape)
@@ -882,15 +885,20 @@ def _segment_grid(run: Run, shape: tuple[int, ...]) -> Grid:
 def table(run: Run) -> table_stage.Table:
     """One row per nucleus, made final by the block owning its seed (:mod:`nucflow.table`).
 
-    The driver holds counts and a sample of at most ``table.QC_SAMPLE_ROWS`` rows.
+    The driver holds counts and a sample of at most ``table.QC_SAMPLE_ROWS`` rows. With
+    ``measure.drop_border``, the owner leaves out its nuclei touching the border, and a pass
+    over the blocks near the border erases them from ``labels.ome.zarr``
+    (:func:`nucflow.table.clear_border`).
     """
     p = run.params
     shape = _region_shape(run.region)
     grid = _segment_grid(run, shape)
     reach = run.segment_params.voxels(p.max_radius)
-    labels = zarr.open_array(str(run.output / "labels.ome.zarr" / "0"), mode="r")
-    measured = table_stage.Objects(object_spec(run), labels, _intensity_readers(run))
-    return table_stage.gather(
+    labels = zarr.open_array(str(run.output / "labels.ome.zarr" / "0"), mode="r+")
+    measured = table_stage.Objects(
+        object_spec(run), labels, table_stage.intensity_readers(run.stack, run.params.channels)
+    )
+    made = table_stage.gather(
         run.runner,
         grid,
         sums=run.work / "blocks",
@@ -903,11 +911,19 @@ def table(run: Run) -> table_stage.Table:
             "shape": shape,
             "origin": run.offset,
             "max_radius": p.max_radius,
-            "channel_suffixes": list(_channel_suffixes(run)),
+            "channel_suffixes": table_stage.channel_suffixes(p.channels),
         },
-        metadata=_table_metadata(run),
+        metadata=table_stage.metadata(p, calibrated=_calibrated(run)),
         measured=measured,
+        drop_border=p.drop_border,
     )
+    if p.drop_border:
+        fingerprint.forget(run, "segment")  # the labels are no longer the segmentation's alone
+        table_stage.clear_border(
+            run.runner, grid, labels=labels, out=run.work / "table", offset=run.offset, reach=reach
+        )
+        run.facts["dropped_border"] = made.dropped
+    return made
 
 
 def object_spec(run: Run) -> objects.Spec:
@@ -917,22 +933,9 @@ def object_spec(run: Run) -> objects.Spec:
         p.properties,
         ndim=len(p.voxel_size),
         voxel_size=p.voxel_size,
-        suffixes=_channel_suffixes(run),
+        suffixes=table_stage.channel_suffixes(p.channels),
         settings=objects.Settings(p.percentiles, p.shell_width, p.neighbour_distance),
     )
-
-
-def _channel_suffixes(run: Run) -> list[str]:
-    """Column suffixes of the measured channels: the segmentation channel first."""
-    return ["", *(f"_c{c}" for c in run.params.channels)]
-
-
-def _intensity_readers(run: Run) -> dict[str, Any]:
-    """Suffix -> reader: the segmentation channel first, then ``measure.channels``."""
-    readers = {"": run.stack.reader}
-    for c in run.params.channels:
-        readers[f"_c{c}"] = io.open_stack(run.stack.path, channel=c).reader
-    return readers
 
 
 def _segment_task(
@@ -1012,7 +1015,7 @@ def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
     with run.stage("write"):
         empty = table.empty
         if empty is None:
-            empty = measure.empty_table(len(run.region), _channel_suffixes(run))
+            empty = measure.empty_table(len(run.region), table_stage.channel_suffixes(p.channels))
         written = table_stage.write(
             table, run.output, single_file_rows=p.single_file_rows, empty=empty
         )
@@ -1045,9 +1048,3 @@ def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
     write_run_json(run, "complete", counts=counts)
     _release(run)
     return counts
-
-
-def _table_metadata(run: Run) -> dict[str, Any]:
-    """What the table's Parquet schema metadata says (``b"nucflow"``): voxel size and unit."""
-    unit = "micrometer" if run.stack.voxel_size_known or run.config.get("voxel_size") else "pixel"
-    return {"voxel_size": list(run.params.voxel_size), "unit": unit, "nucflow": nucflow.__version__}

@@ -650,8 +650,9 @@ def expect(run: Any, plan: Mapping[str, int]) -> None:
 
 def nuclei_pass_grids(params: Params) -> dict[str, tuple[str, ...]]:
     """The passes each stage of the nuclei flow runs (``flows/nuclei.py``), in order, each
-    named by the grid it runs on: ``"blocks"`` (the stack's blocks) or ``"cells"`` (the
-    reduced-resolution background's grid). The one description of the pass structure:
+    named by the grid it runs on: ``"blocks"`` (the stack's blocks), ``"cells"`` (the
+    reduced-resolution background's grid) or ``"border"`` (the blocks near the stack's border,
+    :func:`nucflow.table.border_blocks`). The one description of the pass structure:
     :func:`nuclei_passes` (ETAs) and ``nucflow.plan.pass_tasks`` (task counts) derive from it.
 
     Mirrors :mod:`nucflow.pipeline`: preprocess is one pass, or four with the background
@@ -669,8 +670,10 @@ def nuclei_pass_grids(params: Params) -> dict[str, tuple[str, ...]]:
         "threshold": (),
         "mask": ("blocks",) * mask,
         "segment": ("blocks",),
-        # the rows, then (with the `neighbours` property) the neighbour pass over the same blocks
-        "table": ("blocks",) * (1 + ("neighbours" in params.properties)),
+        # the rows, then (with the `neighbours` property) the neighbour pass over the same blocks,
+        # then (measure.drop_border) the erasing pass over the blocks near the border
+        "table": ("blocks",) * (1 + ("neighbours" in params.properties))
+        + ("border",) * params.drop_border,
         "write": (),
     }
 

@@ -99,7 +99,7 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
     shape = tuple(run.stack.data.shape)
     run.region = tuple(slice(0, n) for n in shape)  # labels may lie anywhere
     grid = Grid(shape, p.chunks)
-    readers = pipeline._intensity_readers(run)
+    readers = table.intensity_readers(run.stack, p.channels)
     sums = run.work / "blocks"
     shutil.rmtree(sums, ignore_errors=True)
     sums.mkdir(parents=True)
@@ -132,13 +132,23 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
                 "voxel_size": p.voxel_size,
                 "shape": shape,
                 "max_radius": math.inf,  # no halo: no label is cut
-                "channel_suffixes": pipeline._channel_suffixes(run),
+                "channel_suffixes": table.channel_suffixes(p.channels),
             },
-            metadata={**pipeline._table_metadata(run), "labels": labels.path},
+            metadata={
+                **table.metadata(p, calibrated=_calibrated(run, labels)),
+                "labels": labels.path,
+            },
             measured=measured,
             owner="first",
+            drop_border=p.drop_border,  # rows only: the labels are an input, never written
         )
     return _finish(run, made)
+
+
+def _calibrated(run: pipeline.Run, labels: io.Stack) -> bool:
+    """Whether lengths are µm: the labels, the input or the config give the voxel size."""
+    known = labels.voxel_size_known or run.stack.voxel_size_known
+    return bool(known or run.config.get("voxel_size"))
 
 
 def _sums_task(
@@ -170,7 +180,7 @@ def _sums_task(
     first = first[values > 0]
     coords = [c + o for c, o in zip(np.unravel_index(first, block.shape), origin, strict=True)]
     stats["first"] = np.ravel_multi_index(coords, full_shape).astype(np.uint64)
-    pipeline._write_atomic(part, stats.to_parquet())
+    table.write_atomic(part, stats.to_parquet())
     axes = "zyx"[-block.ndim :]
     lo = np.stack([stats[f"min_{a}"].to_numpy() for a in axes], 1)
     hi = np.stack([stats[f"max_{a}"].to_numpy() for a in axes], 1)
