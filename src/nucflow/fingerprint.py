@@ -57,6 +57,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "opened": ("opening_radius",),
     "filled": ("fill_holes", "min_volume"),
     "mask": ("opening_radius", "fill_holes", "min_volume"),
+    # nucflow measure: each block's sums of the labels (add_input) and the channels
+    "measure-sums": ("chunks", "channels", "labels"),
 }  # fmt: skip
 #: At most this many files of a directory input have their size and time in the identity.
 SAMPLED_FILES = 1024
@@ -266,8 +268,9 @@ def add_input(run: Any, name: str, stack: io.Stack) -> None:
     depends on all parameters, as ``name``: a changed file there is recomputed on ``--resume``.
     Call right after :func:`start`."""
     lineage: Lineage | None = getattr(run, "lineage", None)
-    if lineage is not None:
-        lineage.params[name] = input_identity(stack)
+    if lineage is not None:  # a digest: a changed file is named in one short line
+        identity = json.dumps(input_identity(stack), sort_keys=True).encode()
+        lineage.params[name] = f"{stack.path} ({hashlib.sha256(identity).hexdigest()[:12]})"
 
 
 def _path(run: Any, stage: str) -> Path:

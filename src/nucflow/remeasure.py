@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from nucflow import io, measure, pipeline, progress, table
-from nucflow.blockpass import Grid, pass_graph
+from nucflow import fingerprint, io, measure, pipeline, progress, table
+from nucflow.blockpass import Grid, Region, pass_graph
 from nucflow.errors import NucflowError, OutputError, ParameterError, ShapeError
 
 __all__ = ["open_labels", "check_match", "measure_run", "MAX_READ_BLOCKS"]
@@ -100,10 +100,10 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
     run.region = tuple(slice(0, n) for n in shape)  # labels may lie anywhere
     grid = Grid(shape, p.chunks)
     readers = table.intensity_readers(run.stack, p.channels)
+    fingerprint.add_input(run, "labels", labels)
     sums = run.work / "blocks"
-    shutil.rmtree(sums, ignore_errors=True)
-    sums.mkdir(parents=True)
     with run.stage("sums"):
+        reuse = _stored(run, "measure-sums", sums)
         tasks = [
             partial(
                 _sums_task,
@@ -113,13 +113,16 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
                 readers=readers,
                 full_shape=shape,
                 part=sums / table.part_name(index),
+                reuse=reuse,
             )
             for index, _ in grid.blocks()
         ]
-        (crossing,) = run.runner.compute(pass_graph(tasks, "sums"), label="sums")
-        reach = _reach(crossing, grid)
+        (results,) = run.runner.compute(pass_graph(tasks, "sums"), label="sums")
+        run.facts["blocks"] = {"total": len(results), "computed": sum(c for c, _ in results)}
+        reach = _reach([found for _, found in results], grid)
     measured = table.Objects(pipeline.object_spec(run), labels.reader, readers)
     with run.stage("table"):
+        reuse = _stored(run, "measure-table", run.work / "table")
         made = table.gather(
             run.runner,
             grid,
@@ -141,7 +144,9 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
             measured=measured,
             owner="first",
             drop_border=p.drop_border,  # rows only: the labels are an input, never written
+            reuse=reuse,
         )
+        run.facts["table_blocks"] = {"total": len(grid), "computed": made.computed}
     return _finish(run, made)
 
 
@@ -149,6 +154,18 @@ def _calibrated(run: pipeline.Run, labels: io.Stack) -> bool:
     """Whether lengths are µm: the labels, the input or the config give the voxel size."""
     known = labels.voxel_size_known or run.stack.voxel_size_known
     return bool(known or run.config.get("voxel_size"))
+
+
+def _stored(run: pipeline.Run, stage: str, folder: Path) -> bool:
+    """Whether ``--resume`` may reuse the blocks of ``stage`` stored in ``folder``
+    (:func:`nucflow.fingerprint.reusable`); else ``folder`` is emptied. The fingerprint is
+    recorded at once: every block written from now on is of this run."""
+    reuse = fingerprint.reusable(run, stage, folder)
+    if not reuse:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    fingerprint.record(run, stage)
+    return reuse
 
 
 def _sums_task(
@@ -159,12 +176,17 @@ def _sums_task(
     readers: dict[str, Any],
     full_shape: tuple[int, ...],
     part: Path,
-) -> pd.DataFrame:
-    """Write block ``index``'s sums; return the partial bboxes of labels crossing its faces."""
+    reuse: bool,
+) -> tuple[bool, pd.DataFrame]:
+    """Write block ``index``'s sums (unless ``reuse`` and an earlier attempt did); return
+    whether it computed them and the partial bboxes of the labels crossing its faces."""
     core = grid.core(index)
+    if reuse and part.exists():
+        return False, _crossing(pq.read_table(part).to_pandas(), core, full_shape)
     block = np.asarray(labels[core])
     if not block.any():
-        return pd.DataFrame()
+        table.write_atomic(part, pd.DataFrame().to_parquet())  # done, for --resume
+        return True, pd.DataFrame()
     if block.dtype.kind == "i" and block.min() < 0:
         raise ParameterError(
             f"--labels holds negative values in block {[(s.start, s.stop) for s in core]}; "
@@ -181,10 +203,18 @@ def _sums_task(
     coords = [c + o for c, o in zip(np.unravel_index(first, block.shape), origin, strict=True)]
     stats["first"] = np.ravel_multi_index(coords, full_shape).astype(np.uint64)
     table.write_atomic(part, stats.to_parquet())
-    axes = "zyx"[-block.ndim :]
+    return True, _crossing(stats, core, full_shape)
+
+
+def _crossing(stats: pd.DataFrame, core: Region, full_shape: tuple[int, ...]) -> pd.DataFrame:
+    """The partial bboxes of the labels in a block's sums that touch a face it shares with
+    another block (they may continue there)."""
+    if not len(stats):
+        return pd.DataFrame()
+    axes = "zyx"[-len(core) :]
     lo = np.stack([stats[f"min_{a}"].to_numpy() for a in axes], 1)
     hi = np.stack([stats[f"max_{a}"].to_numpy() for a in axes], 1)
-    start = np.asarray(origin)
+    start = np.asarray([s.start for s in core])
     stop = np.asarray([s.stop for s in core])
     # labels touching a face shared with another block may continue there
     inner_lo = (lo == start) & (start > 0)

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -68,6 +68,7 @@ class Table:
     metadata: dict[str, Any]
     empty: pd.DataFrame | None = None  # every column, no rows (the table of a run without nuclei)
     dropped: int = 0  # nuclei touching the border, left out (measure.drop_border)
+    computed: int = 0  # blocks whose rows this attempt made (the others: reused)
 
 
 @dataclass(frozen=True)
@@ -283,20 +284,21 @@ def gather(
     (results,) = runner.compute(
         pass_graph([partial(task, i) for i in blocks], "table"), label="table"
     )
-    samples = [s for _, _, s, _ in results if len(s)]
+    samples = [r.sample for r in results if len(r.sample)]
     empty = empty_table(len(grid.shape), finalize["channel_suffixes"], measured)
     sample = pd.concat(samples, ignore_index=True) if samples else empty
-    parts = [out / part_name(i) for i, (n, _, _, _) in zip(blocks, results, strict=True) if n]
+    parts = [out / part_name(i) for i, r in zip(blocks, results, strict=True) if r.rows]
     if measured is not None and measured.spec.neighbours and parts:
         neighbours(runner, parts, grid, spec=measured.spec, reach=reach, metadata=metadata)
     return Table(
-        rows=sum(n for n, _, _, _ in results),
-        truncated=sum(t for _, t, _, _ in results),
+        rows=sum(r.rows for r in results),
+        truncated=sum(r.truncated for r in results),
         sample=sample,
         parts=parts,
         metadata=metadata,
         empty=empty,
-        dropped=sum(d for _, _, _, d in results),
+        dropped=sum(r.dropped for r in results),
+        computed=sum(r.computed for r in results),
     )
 
 
@@ -329,8 +331,9 @@ def _final_rows(
     measured: Objects | None,
     owner: str,
     drop_border: bool,
-) -> tuple[int, int, pd.DataFrame, int]:
-    """Rows of the nuclei owned by block ``index``; (rows, truncated, QC sample, dropped)."""
+) -> _Done:
+    """Rows of the nuclei owned by block ``index``, written to ``out``; what the driver
+    learns of them."""
     done = _reused(out, index, sample)
     if done is not None:
         return done
@@ -370,31 +373,43 @@ def _final_rows(
         _write_parquet(out / part_name(index), rows, metadata)
     else:  # says "done" to a resumed pass
         write_atomic(out / _none_name(index), str(dropped).encode())
-    return (*_summary(rows, sample), dropped)
+    return _Done.of(rows, sample, dropped, computed=True)
 
 
-def _summary(rows: pd.DataFrame, sample: int) -> tuple[int, int, pd.DataFrame]:
-    """(rows, truncated, QC sample) of one block's final rows."""
-    step = max(1, math.ceil(len(rows) / sample))
-    # A copy: a strided slice is a view that would keep the block's whole table alive in the
-    # results (the driver's, on threads: memory growing with the number of blocks).
-    return len(rows), int(rows["truncated"].sum()), rows.iloc[::step].copy().reset_index(drop=True)
+class _Done(NamedTuple):
+    """What a table task tells the driver of its block."""
+
+    rows: int
+    truncated: int
+    sample: pd.DataFrame  # the QC sample of its rows
+    dropped: int  # border nuclei left out
+    computed: bool  # False: an earlier attempt's part, reused
+
+    @classmethod
+    def of(cls, rows: pd.DataFrame, sample: int, dropped: int, *, computed: bool) -> _Done:
+        step = max(1, math.ceil(len(rows) / sample))
+        # A copy: a strided slice is a view that would keep the block's whole table alive in
+        # the results (the driver's, on threads: memory growing with the number of blocks).
+        picked = rows.iloc[::step].copy().reset_index(drop=True)
+        truncated = int(rows["truncated"].sum()) if len(rows) else 0
+        return cls(len(rows), truncated, picked, dropped, computed)
 
 
 def _none_name(index: tuple[int, ...]) -> str:
     return "_".join(map(str, index)) + ".none"
 
 
-def _reused(out: Path, index: tuple[int, ...], sample: int) -> tuple[Any, ...] | None:
+def _reused(out: Path, index: tuple[int, ...], sample: int) -> _Done | None:
     """What an earlier attempt's task for block ``index`` returned, read back from its part
     (None: not finished). ``gather`` empties ``out`` unless it may reuse it."""
     border = border_path(out, index)
     dropped = pq.read_metadata(border).num_rows if border.exists() else 0
     part = out / part_name(index)
     if part.exists():
-        return (*_summary(pq.ParquetFile(part).read().to_pandas(), sample), dropped)
+        rows = pq.ParquetFile(part).read().to_pandas()
+        return _Done.of(rows, sample, dropped, computed=False)
     if (out / _none_name(index)).exists():
-        return 0, 0, pd.DataFrame(), dropped
+        return _Done(0, 0, pd.DataFrame(), dropped, False)
     return None
 
 
