@@ -15,6 +15,12 @@ tables, and the box around the block's own labels):
    in C order: labels not made by nucflow carry no seed. That block adds up the label's parts
    and measures its crop (:mod:`nucflow.objects`).
 3. **Neighbours**, when ``measure.properties`` asks for them.
+4. **Unique labels.** A label in two rows (pieces farther apart than the reach) is refused:
+   one task per hash bucket of the labels, each holding ``measure.single_file_rows`` labels
+   or fewer, whatever the table's size.
+
+``--resume`` reuses each block's stored sums and rows whose fingerprint matches (the sums
+depend on the labels, the blocks and the channels; the rows on every parameter too).
 """
 
 from __future__ import annotations
@@ -95,7 +101,7 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
         Counts: ``nuclei`` (rows).
     """
     p = run.params
-    progress.expect(run, {"sums": 1, "table": 1 + ("neighbours" in p.properties), "write": 0})
+    progress.expect(run, {"sums": 1, "table": 1 + ("neighbours" in p.properties), "write": 1})
     shape = tuple(run.stack.data.shape)
     run.region = tuple(slice(0, n) for n in shape)  # labels may lie anywhere
     grid = Grid(shape, p.chunks)
@@ -253,27 +259,48 @@ def _reach(crossing: list[pd.DataFrame], grid: Grid) -> tuple[int, ...]:
     return tuple(int(e) for e in reach)
 
 
-def _check_unique(made: table.Table) -> None:
+def _check_unique(run: pipeline.Run, made: table.Table) -> None:
     """Refuse a table with a label in two rows: a label in pieces that no block saw together.
 
     The reach comes from the labels that cross block faces; a label in several pieces, none of
     which crosses a face, can lie farther apart than that, and then two blocks each own a piece.
-    Checked for tables written as one file (a partitioned table is never gathered).
+    One pass of tasks, each finding the repeated labels among one hash bucket of the labels
+    (:func:`_repeated`): a task holds about ``measure.single_file_rows`` labels (what the
+    driver holds to write a single-file table) whatever the table's size.
     """
-    labels = [pq.read_table(p, columns=["label"]).column(0).to_numpy() for p in made.parts]
-    values, counts = np.unique(np.concatenate(labels or [np.zeros(0)]), return_counts=True)
-    if (counts > 1).any():
+    if not made.parts:
+        return
+    buckets = max(1, math.ceil(made.rows / max(1, run.params.single_file_rows)))
+    folder = made.parts[0].parent
+    tasks = [partial(_repeated, folder, bucket=b, buckets=buckets) for b in range(buckets)]
+    (found,) = run.runner.compute(pass_graph(tasks, "unique"), label="unique labels")
+    repeated = [label for label in found if label is not None]
+    if repeated:
         raise ParameterError(
-            f"--labels: label {int(values[counts > 1][0])} is in pieces farther apart than any "
+            f"--labels: label {min(repeated)} is in pieces farther apart than any "
             "label that crosses a block face; make each label one connected object, or pass "
             "blocks that hold each label whole: --set chunks=[...]"
         )
 
 
+#: Odd 64-bit constant of Fibonacci hashing: spreads any label numbering over the buckets.
+_SPREAD = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _repeated(folder: Path, *, bucket: int, buckets: int) -> int | None:
+    """The smallest label of hash bucket ``bucket`` in two rows of the parts in ``folder``."""
+    mine = []
+    for path in sorted(folder.glob("*.parquet")):
+        labels = pq.read_table(path, columns=["label"]).column(0).to_numpy().astype(np.uint64)
+        mine.append(labels[(labels * _SPREAD >> np.uint64(32)) % np.uint64(buckets) == bucket])
+    values = np.sort(np.concatenate(mine or [np.zeros(0, np.uint64)]))
+    twice = values[1:][values[1:] == values[:-1]]
+    return int(twice[0]) if len(twice) else None
+
+
 def _finish(run: pipeline.Run, made: table.Table) -> dict[str, Any]:
-    if made.rows <= run.params.single_file_rows:
-        _check_unique(made)
     with run.stage("write"):
+        _check_unique(run, made)  # one pass: each label in one row
         written = table.write(
             made, run.output, single_file_rows=run.params.single_file_rows, empty=made.empty
         )
