@@ -75,3 +75,24 @@ def test_measure_table_metadata_names_the_labels(stack2d, tmp_path):
     meta = _meta(out)
     assert meta["labels"] == str(labels) and meta["properties"] == ["extent"]
     assert meta["voxel_size"] == list(made.voxel_size) and meta["unit"] == "micrometer"
+
+
+def test_readme_column_table_names_every_property_column():
+    """Each column a `measure.properties` entry can add (2D and 3D; percentiles as Q) is in
+    the README's table of columns, with its unit suffix."""
+    from pathlib import Path
+
+    from nucflow import objects
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("### Table columns") :]
+    table = table[: table.index("\n## ")]
+    settings = objects.Settings(percentiles=(50.0,))
+    for ndim in (2, 3):
+        for name, prop in objects.PROPERTIES.items():
+            if ndim not in prop.dims:
+                continue
+            assert f"`{name}`" in table, name
+            for column in objects.property_columns(name, ndim, [""], settings):
+                column = column.replace("percentile_50", "percentile_Q")
+                assert f"`{column}`" in table, column
