@@ -57,8 +57,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "opened": ("opening_radius",),
     "filled": ("fill_holes", "min_volume"),
     "mask": ("opening_radius", "fill_holes", "min_volume"),
-    # nucflow measure: each block's sums of the labels (add_input) and the channels
-    "measure-sums": ("chunks", "channels", "labels"),
+    # nucflow measure: each block's sums of the labels (an input: add_input) and the channels
+    "measure-sums": ("chunks", "channels"),
 }  # fmt: skip
 #: At most this many files of a directory input have their size and time in the identity.
 SAMPLED_FILES = 1024
@@ -77,6 +77,7 @@ class Lineage:
     previous: str = ""  # fingerprint of the last stage asked about
     broken: str | None = None  # first stage recomputed on --resume: every later one is too
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # run.json "stages"
+    inputs: dict[str, str] = field(default_factory=dict)  # more inputs than the stack (add_input)
 
     def fingerprint(self, stage: str) -> str:
         """The fingerprint ``stage`` has in this run if asked about next."""
@@ -88,6 +89,8 @@ class Lineage:
             "previous": self.previous,
             "nucflow": self.version,
         }
+        if self.inputs:  # absent otherwise: the fingerprints of a run stay those it always had
+            payload["inputs"] = self.inputs
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -249,6 +252,7 @@ def record(run: Any, stage: str) -> None:
         "fingerprint": lineage.stages[stage]["fingerprint"],
         "params": {k: lineage.params.get(k) for k in keys},
         "input": lineage.identity,
+        "inputs": lineage.inputs,
         "nucflow": lineage.version,
     }
     target = _path(run, stage)
@@ -264,13 +268,13 @@ def forget(run: Any, stage: str) -> None:
 
 
 def add_input(run: Any, name: str, stack: io.Stack) -> None:
-    """Make a second input (``nucflow measure``'s labels) part of every fingerprint that
-    depends on all parameters, as ``name``: a changed file there is recomputed on ``--resume``.
-    Call right after :func:`start`."""
+    """Make a second input (``nucflow measure``'s labels) part of every stage's fingerprint,
+    as ``name``: a stage stored from another file there is recomputed on ``--resume``. Call
+    before the first :func:`reusable`."""
     lineage: Lineage | None = getattr(run, "lineage", None)
-    if lineage is not None:  # a digest: a changed file is named in one short line
+    if lineage is not None:  # a digest of its identity (see input_identity)
         identity = json.dumps(input_identity(stack), sort_keys=True).encode()
-        lineage.params[name] = f"{stack.path} ({hashlib.sha256(identity).hexdigest()[:12]})"
+        lineage.inputs[name] = hashlib.sha256(identity).hexdigest()
 
 
 def _path(run: Any, stage: str) -> Path:
@@ -291,6 +295,10 @@ def _explain(stored: dict[str, Any], lineage: Lineage, stage: str) -> str:
         return f"it was stored by nucflow {stored.get('nucflow')}, this is {lineage.version}"
     if stored.get("input") != lineage.identity:
         return "the input changed"
+    inputs = stored.get("inputs") or {}
+    for name, digest in lineage.inputs.items():
+        if inputs.get(name) != digest:
+            return f"the {name} changed"
     before = stored.get("params") or {}
     changed = [
         f"{k} {before.get(k)!r} -> {lineage.params.get(k)!r}"
