@@ -362,10 +362,8 @@ def _final_rows(
         border = rows["touches_border"].to_numpy(bool)
         dropped = int(border.sum())
         if dropped:  # kept for the neighbour pass and clear_border; measured no further
-            centroids = [c for c in rows.columns if c.startswith("centroid_") and c.endswith("_um")]
-            write_atomic(
-                border_path(out, index), rows.loc[border, ["label", *centroids]].to_parquet()
-            )
+            kept = [c for c in rows.columns if c.startswith(_BORDER_COLUMNS)]
+            write_atomic(border_path(out, index), rows.loc[border, kept].to_parquet())
         rows = rows[~border].reset_index(drop=True)
     if measured is not None:
         rows = _with_objects(rows, measured, full_shape)
@@ -415,10 +413,12 @@ def _reused(out: Path, index: tuple[int, ...], sample: int) -> _Done | None:
 
 #: The subfolder of a table pass' output holding each block's nuclei left out by drop_border.
 _BORDER = "border"
+#: What is kept of them: label and bbox (clear_border), centroid in µm (the neighbour pass).
+_BORDER_COLUMNS = ("label", "bbox_", "centroid_z_um", "centroid_y_um", "centroid_x_um")
 
 
 def border_path(out: Path, index: tuple[int, ...]) -> Path:
-    """Where block ``index``'s left-out border nuclei (label, centroid µm) are kept."""
+    """Where block ``index``'s left-out border nuclei (label, bbox, centroid µm) are kept."""
     return out / _BORDER / part_name(index)
 
 
@@ -527,9 +527,10 @@ def clear_border(
 ) -> int:
     """Erase the nuclei :func:`gather` left out with ``drop_border`` from the label image.
 
-    One task per block of :func:`border_blocks`: it reads the left-out labels of the blocks
-    within ``reach`` (the owners of every nucleus with a voxel in it), and rewrites its block
-    of ``labels`` with those set to 0 if it holds any. The result equals
+    One task per block of :func:`border_blocks`: it reads the left-out nuclei (label, bbox)
+    of the blocks within ``reach`` (the owners of every nucleus with a voxel in it) and, if a
+    bbox meets its block, rewrites its block of ``labels`` with those labels set to 0 inside
+    their bboxes. The result equals
     ``skimage.segmentation.clear_border`` of the whole label image (the region's border).
 
     Parameters
@@ -561,20 +562,25 @@ def clear_border(
 
 def _clear_task(index, *, grid, labels, out, offset, near) -> bool:
     found = [border_path(out, n) for n in _neighbourhood(index, near, grid.counts)]
-    dropped = [
-        pq.read_table(f, columns=["label"]).column(0).to_numpy() for f in found if f.exists()
-    ]
+    dropped = [pq.read_table(f).to_pandas() for f in found if f.exists()]
     if not dropped:
         return False
-    core = tuple(
-        slice(s.start + o, s.stop + o) for s, o in zip(grid.core(index), offset, strict=True)
-    )
-    block = np.asarray(labels[core])
-    hit = np.isin(block, np.concatenate(dropped))
-    if not hit.any():
+    rows = pd.concat(dropped)
+    core = [slice(s.start + o, s.stop + o) for s, o in zip(grid.core(index), offset, strict=True)]
+    axes = "zyx"[-len(core) :]
+    # each left-out nucleus' bbox within the block: O(its bbox) per nucleus, not a test of
+    # every voxel of the block against every left-out label
+    lo = np.maximum(rows[[f"bbox_min_{a}" for a in axes]].to_numpy(), [s.start for s in core])
+    hi = np.minimum(rows[[f"bbox_max_{a}" for a in axes]].to_numpy(), [s.stop for s in core])
+    inside = (lo < hi).all(1)
+    if not inside.any():
         return False
-    block[hit] = 0
-    labels[core] = block
+    block = np.asarray(labels[tuple(core)])
+    for label, a, b in zip(rows["label"].to_numpy()[inside], lo[inside], hi[inside], strict=True):
+        box = tuple(slice(x - s.start, y - s.start) for x, y, s in zip(a, b, core, strict=True))
+        view = block[box]
+        view[view == label] = 0
+    labels[tuple(core)] = block
     return True
 
 
