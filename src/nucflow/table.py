@@ -255,7 +255,7 @@ def gather(
         image; the sums then carry a ``first`` column, the smallest linear index in the block).
     drop_border : bool
         Leave out the nuclei whose ``touches_border`` is true (``measure.drop_border``): each
-        task keeps their labels and centroids in ``out/border/`` (the neighbour pass counts
+        task keeps their labels, bboxes and centroids in ``out/border/`` (the neighbour pass counts
         them, :func:`clear_border` erases them from the label image).
     reuse : bool
         Keep the parts an earlier attempt wrote to ``out`` (``--resume`` with the same
