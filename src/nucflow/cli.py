@@ -567,8 +567,9 @@ def _demo_summary(made, result, report, job, elapsed, blocks, source) -> str:
 
 def _add_to_run_json(output: Path, **facts: Any) -> None:
     """Facts known after the run (the demo's accuracy), written atomically like the rest."""
-    from nucflow.pipeline import RUN_JSON, _write_atomic
+    from nucflow.pipeline import RUN_JSON
+    from nucflow.table import write_atomic
 
     record = json.loads((output / RUN_JSON).read_text())
     record.update(facts)
-    _write_atomic(output / RUN_JSON, json.dumps(record, indent=2).encode())
+    write_atomic(output / RUN_JSON, json.dumps(record, indent=2).encode())

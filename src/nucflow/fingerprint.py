@@ -33,7 +33,7 @@ from nucflow import io, stages
 from nucflow.errors import InputChangedError
 
 __all__ = ["STAGE_PARAMS", "SAMPLED_FILES", "Lineage", "input_identity", "start", "reusable",
-           "record"]  # fmt: skip
+           "record", "forget", "add_input"]  # fmt: skip
 
 #: Resolved parameters (fields of :class:`nucflow.config.Params`) that each stored result of the
 #: nuclei flow depends on besides the results before it, as :mod:`nucflow.stages` declares
@@ -58,6 +58,7 @@ class Lineage:
     previous: str = ""  # fingerprint of the last stage asked about
     broken: str | None = None  # first stage recomputed on --resume: every later one is too
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # run.json "stages"
+    inputs: dict[str, str] = field(default_factory=dict)  # more inputs than the stack (add_input)
 
     def fingerprint(self, stage: str) -> str:
         """The fingerprint ``stage`` has in this run if asked about next."""
@@ -69,6 +70,8 @@ class Lineage:
             "previous": self.previous,
             "nucflow": self.version,
         }
+        if self.inputs:  # absent otherwise: the fingerprints of a run stay those it always had
+            payload["inputs"] = self.inputs
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -230,12 +233,29 @@ def record(run: Any, stage: str) -> None:
         "fingerprint": lineage.stages[stage]["fingerprint"],
         "params": {k: lineage.params.get(k) for k in keys},
         "input": lineage.identity,
+        "inputs": lineage.inputs,
         "nucflow": lineage.version,
     }
     target = _path(run, stage)
     partial = target.with_name(f".{target.name}.partial")
     partial.write_text(json.dumps(payload, indent=1))
     os.replace(partial, target)
+
+
+def forget(run: Any, stage: str) -> None:
+    """Remove ``stage``'s stored fingerprint: its output is being changed in place (a later
+    ``--resume`` recomputes it and every stage after it)."""
+    _path(run, stage).unlink(missing_ok=True)
+
+
+def add_input(run: Any, name: str, stack: io.Stack) -> None:
+    """Make a second input (``nucflow measure``'s labels) part of every stage's fingerprint,
+    as ``name``: a stage stored from another file there is recomputed on ``--resume``. Call
+    before the first :func:`reusable`."""
+    lineage: Lineage | None = getattr(run, "lineage", None)
+    if lineage is not None:  # a digest of its identity (see input_identity)
+        identity = json.dumps(input_identity(stack), sort_keys=True).encode()
+        lineage.inputs[name] = hashlib.sha256(identity).hexdigest()
 
 
 def _path(run: Any, stage: str) -> Path:
@@ -256,6 +276,10 @@ def _explain(stored: dict[str, Any], lineage: Lineage, stage: str) -> str:
         return f"it was stored by nucflow {stored.get('nucflow')}, this is {lineage.version}"
     if stored.get("input") != lineage.identity:
         return "the input changed"
+    inputs = stored.get("inputs") or {}
+    for name, digest in lineage.inputs.items():
+        if inputs.get(name) != digest:
+            return f"the {name} changed"
     before = stored.get("params") or {}
     changed = [
         f"{k} {before.get(k)!r} -> {lineage.params.get(k)!r}"

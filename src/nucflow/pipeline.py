@@ -263,9 +263,7 @@ def write_run_json(run: Run, status: str, **extra: Any) -> None:
         "shape": list(run.stack.data.shape),
         "dtype": str(run.stack.data.dtype),
         "voxel_size_um": list(p.voxel_size),
-        "unit": "micrometer"
-        if run.stack.voxel_size_known or run.config.get("voxel_size")
-        else "pixel",
+        "unit": "micrometer" if calibrated(run) else "pixel",
         "config": run.config,
         "derived": {k: v for k, v in vars(p).items() if k not in ("voxel_size",)},
         "halo": list(run.segment_params.halo()),
@@ -275,7 +273,14 @@ def write_run_json(run: Run, status: str, **extra: Any) -> None:
         **run.facts,
         **extra,
     }
-    _write_atomic(run.output / RUN_JSON, json.dumps(record, indent=2, default=_jsonable).encode())
+    table_stage.write_atomic(
+        run.output / RUN_JSON, json.dumps(record, indent=2, default=_jsonable).encode()
+    )
+
+
+def calibrated(run: Run) -> bool:
+    """Whether lengths are µm: the input or the config gives the voxel size."""
+    return bool(run.stack.voxel_size_known or run.config.get("voxel_size"))
 
 
 def _jsonable(value: Any) -> Any:
@@ -295,12 +300,6 @@ def _versions() -> dict[str, str]:
     modules.update({"scikit-image": skimage, "pandas": pd, "edt": edt})
     found = {name: getattr(m, "__version__", "?") for name, m in modules.items()}
     return {"python": platform.python_version(), **found}
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(payload)
-    os.replace(partial, path)
 
 
 def fail(run: Run, error: BaseException) -> None:
@@ -510,7 +509,7 @@ def _reuse(run: Run, name: str) -> zarr.Array | None:
 
 
 def _mark_done(run: Run, name: str) -> None:
-    _write_atomic(run.work / f"{name}.done", b"")
+    table_stage.write_atomic(run.work / f"{name}.done", b"")
     fingerprint.record(run, name)
 
 
@@ -659,7 +658,7 @@ def _stack_value(run: Run, name: str, compute: Callable[[], float]) -> float:
             run.facts[name] = stored[name]
             return stored[name]
     value = compute()
-    _write_atomic(done, json.dumps({name: value}).encode())
+    table_stage.write_atomic(done, json.dumps({name: value}).encode())
     fingerprint.record(run, "threshold")
     run.facts[name] = value
     return value
@@ -873,7 +872,7 @@ def segment(run: Run, mask: zarr.Array) -> None:
         labels = _fresh_labels(run)
     fingerprint.record(run, "segment")  # before any block: every part from now on is of it
     parts_dir.mkdir(exist_ok=True)
-    readers = _intensity_readers(run)
+    readers = table_stage.intensity_readers(run.stack, run.params.channels)
     halo = run.segment_params.halo()
     tasks, part_files = [], []
     grid = _segment_grid(run, shape)
@@ -910,15 +909,20 @@ def _segment_grid(run: Run, shape: tuple[int, ...]) -> Grid:
 def table(run: Run) -> table_stage.Table:
     """One row per nucleus, made final by the block owning its seed (:mod:`nucflow.table`).
 
-    The driver holds counts and a sample of at most ``table.QC_SAMPLE_ROWS`` rows.
+    The driver holds counts and a sample of at most ``table.QC_SAMPLE_ROWS`` rows. With
+    ``measure.drop_border``, the owner leaves out its nuclei touching the border, and a pass
+    over the blocks near the border erases them from ``labels.ome.zarr``
+    (:func:`nucflow.table.clear_border`).
     """
     p = run.params
     shape = _region_shape(run.region)
     grid = _segment_grid(run, shape)
     reach = run.segment_params.voxels(p.max_radius)
-    labels = label_image(run)
-    measured = table_stage.Objects(object_spec(run), labels, _intensity_readers(run))
-    return table_stage.gather(
+    labels = label_image(run, mode="r+")
+    measured = table_stage.Objects(
+        object_spec(run), labels, table_stage.intensity_readers(run.stack, p.channels)
+    )
+    made = table_stage.gather(
         run.runner,
         grid,
         sums=run.work / "blocks",
@@ -931,11 +935,19 @@ def table(run: Run) -> table_stage.Table:
             "shape": shape,
             "origin": run.offset,
             "max_radius": p.max_radius,
-            "channel_suffixes": list(_channel_suffixes(run)),
+            "channel_suffixes": table_stage.channel_suffixes(p.channels),
         },
-        metadata=_table_metadata(run),
+        metadata=table_stage.metadata(p, calibrated=calibrated(run)),
         measured=measured,
+        drop_border=p.drop_border,
     )
+    if p.drop_border:
+        fingerprint.forget(run, "segment")  # the labels are no longer the segmentation's alone
+        table_stage.clear_border(
+            run.runner, grid, labels=labels, out=run.work / "table", offset=run.offset, reach=reach
+        )
+        run.facts["dropped_border"] = made.dropped
+    return made
 
 
 def label_image(run: Run, mode: str = "r") -> zarr.Array | io.TimePoint:
@@ -963,24 +975,9 @@ def object_spec(run: Run) -> objects.Spec:
         p.properties,
         ndim=len(p.voxel_size),
         voxel_size=p.voxel_size,
-        suffixes=_channel_suffixes(run),
+        suffixes=table_stage.channel_suffixes(p.channels),
         settings=objects.Settings(p.percentiles, p.shell_width, p.neighbour_distance),
     )
-
-
-def _channel_suffixes(run: Run) -> list[str]:
-    """Column suffixes of the measured channels: the segmentation channel first."""
-    return ["", *(f"_c{c}" for c in run.params.channels)]
-
-
-def _intensity_readers(run: Run) -> dict[str, Any]:
-    """Suffix -> reader: the segmentation channel first, then ``measure.channels``."""
-    readers = {"": run.stack.reader}
-    for c in run.params.channels:
-        readers[f"_c{c}"] = io.open_stack(
-            run.stack.path, channel=c, timepoint=run.stack.timepoint
-        ).reader
-    return readers
 
 
 def _segment_task(
@@ -1060,7 +1057,7 @@ def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
     with run.stage("write"):
         empty = table.empty
         if empty is None:
-            empty = measure.empty_table(len(run.region), _channel_suffixes(run))
+            empty = measure.empty_table(len(run.region), table_stage.channel_suffixes(p.channels))
         written = table_stage.write(
             table, run.output, single_file_rows=p.single_file_rows, empty=empty
         )
@@ -1098,9 +1095,3 @@ def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
     write_run_json(run, "complete", counts=counts)
     _release(run)
     return counts
-
-
-def _table_metadata(run: Run) -> dict[str, Any]:
-    """What the table's Parquet schema metadata says (``b"nucflow"``): voxel size and unit."""
-    unit = "micrometer" if run.stack.voxel_size_known or run.config.get("voxel_size") else "pixel"
-    return {"voxel_size": list(run.params.voxel_size), "unit": unit, "nucflow": nucflow.__version__}

@@ -26,6 +26,7 @@ from nucflow import io, pipeline, progress, resample, stages, table
 from nucflow.blockpass import Grid, pass_graph
 from nucflow.cluster import Runner
 from nucflow.config import Params
+from nucflow.segment import whole_voxels
 
 __all__ = ["Plan", "make_plan"]
 
@@ -221,9 +222,11 @@ def pass_tasks(params: Params, shape: tuple[int, ...]) -> dict[str, int]:
     blocks = len(Grid(shape, params.chunks))
     factors = tuple(params.background_downsample)
     cell_chunks = tuple(max(1, c // f) for c, f in zip(params.chunks, factors, strict=True))
+    reach = whole_voxels(params.max_radius, params.voxel_size)
     grids = {
         "blocks": blocks,
         "cells": len(Grid(resample.pooled_shape(shape, factors), cell_chunks)),
+        "border": len(table.border_blocks(Grid(shape, params.chunks), reach)),
     }
     tasks = {}
     for stage, passes in progress.nuclei_pass_grids(params).items():

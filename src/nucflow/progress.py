@@ -650,9 +650,10 @@ def expect(run: Any, plan: Mapping[str, int]) -> None:
 
 def nuclei_pass_grids(params: Params) -> dict[str, tuple[str, ...]]:
     """The passes each stage of the nuclei flow runs, in order, each named by the grid it runs
-    on: ``"blocks"`` (the stack's blocks) or ``"cells"`` (the reduced-resolution background's
-    grid), as :data:`nucflow.stages.NUCLEI` declares them. :func:`nuclei_passes` (ETAs) and
-    ``nucflow.plan.pass_tasks`` (task counts) derive from it.
+    on: ``"blocks"`` (the stack's blocks), ``"cells"`` (the reduced-resolution background's
+    grid) or ``"border"`` (the blocks near the stack's border,
+    :func:`nucflow.table.border_blocks`), as :data:`nucflow.stages.NUCLEI` declares them.
+    :func:`nuclei_passes` (ETAs) and ``nucflow.plan.pass_tasks`` (task counts) derive from it.
     """
     from nucflow import stages
 

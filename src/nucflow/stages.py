@@ -138,15 +138,24 @@ SEGMENT = Result("segment")
 # the rows, then (with the `neighbours` property) the neighbour pass over the same blocks
 TABLE = Result("table", stored=False)
 NEIGHBOURS = Result("neighbours", stored=False)
+# (measure.drop_border) erasing the border nuclei from the labels, on the blocks near the border
+BORDER = Result("border", ("border",), stored=False)
 # table files, QC pictures, run.json
 WRITE = Result("write", (), stored=False)
 # the preprocess flow's one overlapped pass, written as OME-Zarr
 FILTERED = Result("filtered", stored=False)
+# nucflow measure: each block's sums of the labels (an input: fingerprint.add_input) and the
+# channels, then the rows made from them
+MEASURE_SUMS = Result("measure-sums", params=("chunks", "channels"))
+MEASURE_TABLE = Result("measure-table")
 
 RESULT_PARAMS: dict[str, tuple[str, ...] | None] = {
     r.name: r.params
-    for r in (SMOOTHED, CELLS, BACKGROUND, PREPROCESSED, THRESHOLD, OPENED, FILLED, MASK, SEGMENT)
-}
+    for r in (
+        SMOOTHED, CELLS, BACKGROUND, PREPROCESSED, THRESHOLD, OPENED, FILLED, MASK, SEGMENT,
+        MEASURE_SUMS, MEASURE_TABLE,
+    )
+}  # fmt: skip
 """Every stored result -> the parameters its fingerprint covers (``None``: all)."""
 
 
@@ -163,7 +172,8 @@ def _mask_results(p: Params) -> tuple[Result, ...]:
 
 
 def _table_results(p: Params) -> tuple[Result, ...]:
-    return (TABLE, NEIGHBOURS) if "neighbours" in p.properties else (TABLE,)
+    neighbours = (NEIGHBOURS,) if "neighbours" in p.properties else ()
+    return (TABLE, *neighbours, *((BORDER,) if p.drop_border else ()))
 
 
 # ----------------------------------------------------------------------------- flows

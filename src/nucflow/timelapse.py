@@ -193,7 +193,7 @@ def _prepare_labels(run: pipeline.Run) -> None:
             timepoints=stack.n_timepoints,
             time_interval_s=stack.time_interval_s,
         )
-        pipeline._write_atomic(marker, json.dumps(made_by).encode())
+        table_stage.write_atomic(marker, json.dumps(made_by).encode())
     for t in sorted(set(range(stack.n_timepoints)) - set(run.timepoints or ())):
         io.clear_timepoint(found, t)
 
@@ -279,7 +279,7 @@ def _close(point: pipeline.Run, table: table_stage.Table) -> _Done:
         "parts": [p.name for p in parts],
         "found": found,
     }
-    pipeline._write_atomic(point.work / DONE, json.dumps(record).encode())
+    table_stage.write_atomic(point.work / DONE, json.dumps(record).encode())
     for entry in point.work.iterdir():  # the intermediates: a stack's size each
         if entry.name not in (DONE, ROWS):
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -297,9 +297,12 @@ def with_time(rows: pd.DataFrame, t: int, interval_s: float | None) -> pd.DataFr
 def _joined(run: pipeline.Run, finished: list[_Done]) -> table_stage.Table:
     """The movie's table: every time point's rows; the QC sample from the first."""
     interval = run.stack.time_interval_s
-    metadata = {**pipeline._table_metadata(run), "time_interval_s": interval}
+    metadata = {
+        **table_stage.metadata(run.params, calibrated=pipeline.calibrated(run)),
+        "time_interval_s": interval,
+    }
     measured = table_stage.Objects(pipeline.object_spec(run), None, {})
-    suffixes = pipeline._channel_suffixes(run)
+    suffixes = table_stage.channel_suffixes(run.params.channels)
     empty = table_stage.empty_table(len(run.region), suffixes, measured)
     return table_stage.Table(
         rows=sum(d.rows for d in finished),
