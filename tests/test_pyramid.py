@@ -252,7 +252,7 @@ def test_a_run_writes_the_pyramid_and_the_linked_table(stack3d, run_cli, tmp_pat
     run_cli(stack3d[0], out)
     _check_run(out, stack3d[1].voxel_size)
     progress = json.loads((out / "run.json").read_text())["progress"]
-    assert progress["plan"]["pyramid"] == len(progress["stages"]["pyramid"]["passes"]) == 2
+    assert len(progress["stages"]["pyramid"]["passes"]) == 2  # one per level
     ngio = pytest.importorskip("ngio")
     container = ngio.open_ome_zarr_container(str(out / "labels.ome.zarr"))
     read = container.get_table("nuclei").dataframe
