@@ -389,3 +389,39 @@ def test_the_linked_table_of_a_partitioned_dataset_in_unaligned_batches(tmp_path
     back.insert(0, "label", back.index.astype(np.uint64))
     expected = pd.concat(parts, ignore_index=True)
     pd.testing.assert_frame_equal(back.reset_index(drop=True)[expected.columns], expected)
+
+
+def test_a_time_lapse_gets_one_pyramid_over_its_time_axis(tmp_path, monkeypatch):
+    """A 2D+t OME-Zarr movie: levels keep every time point (factor 1 on t, its scale kept) and
+    each time point's level equals its strided level 0; the table links (t, label)."""
+    import ome_zarr.writer
+
+    from nucflow import synth
+
+    frames = [synth.make_nuclei((128, 128), n_nuclei=25, diameter=8.0, seed=s).image
+              for s in range(3)]  # fmt: skip
+    source = tmp_path / "movie.ome.zarr"
+    ome_zarr.writer.write_image(
+        np.stack(frames), zarr.open_group(str(source), mode="w"), axes="tyx", scale_factors=[],
+        scale={"t": 30.0, "y": 0.5, "x": 0.5}, axes_units={"t": "second", "y": "micrometer",
+        "x": "micrometer"}, storage_options={"chunks": (1, 64, 64)},
+    )  # fmt: skip
+    monkeypatch.setattr(pyramid, "MAX_PLANE", 64)
+    out = tmp_path / "out"
+    assert main(["run", "--input", str(source), "--output", str(out), "--diameter", "8"]) == 0
+    group = zarr.open_group(str(out / "labels.ome.zarr"), mode="r")
+    level0, level1 = group["0"][...], group["1"][...]
+    assert level0.shape == (3, 128, 128) and level1.shape == (3, 64, 64)
+    np.testing.assert_array_equal(level1, level0[:, ::2, ::2])
+    datasets = group.attrs["multiscales"][0]["datasets"]
+    assert [d["coordinateTransformations"][0]["scale"] for d in datasets] == [
+        [30.0, 0.5, 0.5],
+        [30.0, 1.0, 1.0],
+    ]
+    table = pd.read_parquet(out / "nuclei.parquet")
+    assert sorted(set(table["t"])) == [0, 1, 2]
+    import anndata
+
+    stored = anndata.read_zarr(str(out / "labels.ome.zarr" / "tables" / "nuclei"))
+    assert list(stored.obs["t"]) == list(table["t"])
+    assert list(stored.obs.index.astype(np.uint64)) == list(table["label"])
