@@ -287,7 +287,7 @@ def test_status_of_a_failed_run(nan_stack, run_cli, tmp_path, capsys):
     assert text.startswith(f"nucflow status {out}: failed\n")
     assert re.search(r"\n  error     ParameterError: input .* NaN or infinite voxel", text)
     assert re.search(r"\n  stages    preprocess failed \S+, threshold -, mask -", text)
-    redo = r"\n  resume    would redo preprocess, threshold, mask, segment, table, write"
+    redo = r"\n  resume    would redo preprocess, threshold, mask, segment, pyramid, table, write"
     assert re.search(redo, text)
 
 
