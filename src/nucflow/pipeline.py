@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dask
 import dask.array as da
@@ -361,6 +361,7 @@ def _tissue_smoothed(run: Run) -> da.Array:
     """Normalized convolution inside the tissue mask (a lazy graph: an option for small
     stacks; its memory is not bounded by construction)."""
     p = run.params
+    assert p.tissue_mask is not None  # preprocess reads it only when one is given
     tissue = io.open_stack(p.tissue_mask).data[run.region].rechunk(p.chunks) > 0
     sigma = tuple(p.sigma / v for v in p.voxel_size)
     data = _refuse_non_finite(run.data, run.stack.path)
@@ -480,7 +481,7 @@ def _refuse_non_finite(image: da.Array, path: str) -> da.Array:
     """
     if image.dtype.kind != "f":
         return image
-    return image.map_blocks(_check_finite_block, path=path, dtype=image.dtype, meta=image._meta)
+    return da.map_blocks(_check_finite_block, image, path=path, dtype=image.dtype, meta=image._meta)
 
 
 def _check_finite_block(block: np.ndarray, *, path: str, block_info: dict) -> np.ndarray:
@@ -618,7 +619,8 @@ def _store_lazy(run: Run, array: da.Array, name: str, *, label: str, ranged: boo
         return stored
     grid = Grid(tuple(array.shape), run.params.chunks)
     target = _create(run, name, grid, array.dtype)
-    store = da.store(array.rechunk(grid.chunks), target, lock=False, compute=False)
+    # zarr arrays take slice assignment, which is all da.store needs of a target
+    store = da.store(array.rechunk(grid.chunks), cast(Any, target), lock=False, compute=False)
     if ranged:
         _, low, high = run.runner.compute(store, array.min(), array.max(), label=label)
         target.attrs["value_range"] = [low.item(), high.item()]
@@ -672,14 +674,15 @@ def _stack_value(run: Run, name: str, compute: Callable[[], float]) -> float:
 
 def _threshold(run: Run, image: zarr.Array) -> float:
     p = run.params
-    if p.threshold_method == "value":  # stages.check: a value is given
+    if p.threshold_method == "value":
+        assert p.threshold_value is not None  # stages.check refused a method without a value
         return float(p.threshold_value)
-    value_range = image.attrs.get("value_range")
+    value_range = _value_range(image)
     with dask.config.set(scheduler=run.runner.scheduler):
         value = filters.threshold(
             da.from_zarr(image),
             method=p.threshold_method,
-            value_range=None if value_range is None else tuple(value_range),
+            value_range=value_range,
         )
     return float(value) * p.threshold_factor
 
@@ -690,9 +693,18 @@ def _threshold(run: Run, image: zarr.Array) -> float:
 _MODE_BINS, _NOISE_BINS, _ABOVE_MODE = 1024, 4096, 8
 
 
+def _value_range(image: zarr.Array) -> tuple[float, float] | None:
+    """The (min, max) a ranged pass stored with its result, if any."""
+    stored = image.attrs.get("value_range")
+    if not isinstance(stored, list | tuple):
+        return None
+    low, high = stored
+    return float(cast(float, low)), float(cast(float, high))
+
+
 def _noise(run: Run, image: zarr.Array) -> float:
     """The background noise of the stored image, from two histogram reductions over the stack."""
-    low, high = image.attrs.get("value_range") or (0.0, 0.0)
+    low, high = _value_range(image) or (0.0, 0.0)
     if not high > low:
         return 1.0  # a constant image: no blob passes any positive threshold anyway
     # Values at the minimum are left out: a top-hat is exactly 0 wherever the opening touches
@@ -786,16 +798,18 @@ def select_components(
     grid = Grid(tuple(source.shape), run.params.chunks)
     faces = run.work / f"{name}.faces"
     faces.mkdir(exist_ok=True)
-    common = {"source": source, "grid": grid, "invert": invert}
     blocks = [index for index, _ in grid.blocks()]
-    tasks = [partial(_summarize_task, index, faces=faces, **common) for index in blocks]
-    (summaries,) = run.runner.compute(pass_graph(tasks, f"{name}-summaries"), label=name)
-    tasks = [partial(_match_task, index, faces=faces, grid=grid) for index in blocks]
-    (matched,) = run.runner.compute(pass_graph(tasks, f"{name}-faces"), label=name)
+    summarize = [
+        partial(_summarize_task, index, source=source, grid=grid, invert=invert, faces=faces)
+        for index in blocks
+    ]
+    (summaries,) = run.runner.compute(pass_graph(summarize, f"{name}-summaries"), label=name)
+    match = [partial(_match_task, index, faces=faces, grid=grid) for index in blocks]
+    (matched,) = run.runner.compute(pass_graph(match, f"{name}-faces"), label=name)
     where = [(axis, index) for index in blocks for axis, _ in grid.neighbours_above(index)]
     pairs = [p for per_block in matched for p in per_block]
     keep = components.join(summaries, pairs, blocks=blocks, where=where, decide=decide)
-    compute = partial(_kept_task, decide=decide, **common)
+    compute = partial(_kept_task, decide=decide, source=source, grid=grid, invert=invert)
     per_block = {index: {"keep": table} for index, table in keep.items()}
     kept = _store_blocks(
         run, name, grid, bool, compute, label=name, reusable=False, per_block=per_block
@@ -823,7 +837,8 @@ def _summarize_task(
     index: tuple[int, ...], *, source: zarr.Array, grid: Grid, invert: bool, faces: Path
 ) -> tuple[int, np.ndarray, np.ndarray]:
     found = _block_components(index, source, grid, invert)
-    np.savez_compressed(_face_file(faces, index), **found.faces())
+    faces_of: dict[str, Any] = found.faces()  # names -> arrays (not savez's own keywords)
+    np.savez_compressed(_face_file(faces, index), **faces_of)
     return found.summary()
 
 
@@ -993,9 +1008,9 @@ def _fresh_labels(run: Run) -> zarr.Array | io.TimePoint:
     if run.time is None:
         shape = tuple(run.stack.data.shape)
         return io.create_label_zarr(path, shape, p.chunks, p.voxel_size, overwrite=True)
-    labels = label_image(run, mode="r+")
-    io.clear_timepoint(labels.array, run.time)
-    return labels
+    movie = zarr.open_array(str(path / "0"), mode="r+")
+    io.clear_timepoint(movie, run.time)
+    return io.TimePoint(movie, run.time)
 
 
 def object_spec(run: Run) -> objects.Spec:
@@ -1013,7 +1028,7 @@ def object_spec(run: Run) -> objects.Spec:
 def _segment_task(
     mask_store: zarr.Array,
     readers: dict[str, Any],
-    labels: zarr.Array,
+    labels: zarr.Array | io.TimePoint,
     params: SegmentParams,
     *,
     padded: tuple[slice, ...],
@@ -1051,7 +1066,7 @@ def _shifted(region: tuple[slice, ...], offset: tuple[int, ...]) -> tuple[slice,
 def _segment_core(
     mask: np.ndarray,
     intensities: dict[str, np.ndarray],
-    labels: zarr.Array,
+    labels: zarr.Array | io.TimePoint,
     params: SegmentParams,
     padded: tuple[slice, ...],
     core: tuple[slice, ...],
