@@ -20,7 +20,8 @@ STAGES = stages.NUCLEI  # what each stage reads and stores; checked before the r
 
 
 def run(job: pipeline.Run) -> dict[str, Any]:
-    progress.expect(job, progress.nuclei_passes(job.params))  # passes per stage, for the ETA
+    # passes per stage, for the ETA (the label pyramid's follow the stack's shape)
+    progress.expect(job, progress.nuclei_passes(job.params, tuple(job.stack.data.shape)))
     table = timelapse.each(job, segment)
     with job.stage("pyramid"):
         pipeline.pyramid(job)

@@ -206,7 +206,7 @@ def test_pass_plan_matches_the_passes_a_run_makes(stack3d, run_cli, tmp_path):
     made = {name: len(stage["passes"]) for name, stage in progress["stages"].items()}
     config = load(options={"chunks": [8, 32, 32]}, overrides=["mask.min_volume=0"])
     params = resolve(config, shape=(40, 128, 128), voxel_size=(1.0, 0.5, 0.5))
-    assert made == nuclei_passes(params) == progress["plan"]
+    assert made == nuclei_passes(params, (40, 128, 128)) == progress["plan"]
     assert made["mask"] == 4  # thresholding, then three passes of hole filling only
     assert all(s["state"] == "done" for s in progress["stages"].values())
     assert progress["eta_s"]["run"] == 0.0
@@ -224,7 +224,9 @@ def test_plan_counts_the_tasks_of_the_passes_a_run_makes(stack3d, run_cli, tmp_p
     config = load(options={"chunks": [8, 32, 32]}, overrides=sets)
     shape = tuple(b - a for a, b in record["data_region"])
     params = resolve(config, shape=shape, voxel_size=(1.0, 0.5, 0.5))
-    assert {name: len(stage["passes"]) for name, stage in stages.items()} == nuclei_passes(params)
+    assert {name: len(stage["passes"]) for name, stage in stages.items()} == nuclei_passes(
+        params, shape
+    )
     assert len(stages["preprocess"]["passes"]) == 4
     tasks = pass_tasks(params, shape)
     for name, stage in stages.items():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from nucflow import config, stages
+from nucflow import config, pyramid, stages
 
 
 def _params(overrides: list[str], shape: tuple[int, ...]) -> config.Params:
@@ -17,6 +17,7 @@ def _params(overrides: list[str], shape: tuple[int, ...]) -> config.Params:
 
 CONFIGS = {
     "default": [],
+    "label pyramid of two levels": [],  # with levels down to 32 x 32 (see the test)
     "no background, no hole filling": ["preprocess.background=none", "mask.fill_holes=false"],
     "exact top-hat, global threshold, no size filter": [
         "preprocess.background_downsample=1",
@@ -27,17 +28,24 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_a_run_stores_and_passes_what_its_stages_declare(stack3d, run_cli, tmp_path, name):
+def test_a_run_stores_and_passes_what_its_stages_declare(
+    stack3d, run_cli, tmp_path, name, monkeypatch
+):
+    if name == "label pyramid of two levels":
+        monkeypatch.setattr(pyramid, "MAX_PLANE", 32)  # stack3d is 40 x 128 x 128
     sets = CONFIGS[name]
     out = tmp_path / "out"
     run_cli(stack3d[0], out, *(a for s in sets for a in ("--set", s)))
     record = json.loads((out / "run.json").read_text())
     shape = tuple(b - a for a, b in record["data_region"])
     params = _params(sets, shape)
-    declared = [r.name for st in stages.NUCLEI for r in st.results(params) if r.stored]
+    full = tuple(record["shape"])
+    declared = [r.name for st in stages.NUCLEI for r in st.results(params, full) if r.stored]
     assert list(record["stages"]) == declared  # fingerprinted results, in the order made
     passes = {n: len(s["passes"]) for n, s in record["progress"]["stages"].items()}
-    assert passes == {st.name: len(st.passes(params)) for st in stages.NUCLEI}
+    assert passes == {st.name: len(st.passes(params, full)) for st in stages.NUCLEI}
+    if name == "label pyramid of two levels":
+        assert passes["pyramid"] == 2 == len(record["pyramid_shapes"]) - 1
 
 
 def test_each_stage_reads_the_input_or_an_earlier_stage():

@@ -22,7 +22,7 @@ from typing import Any
 import dask
 import dask.local
 
-from nucflow import io, pipeline, progress, resample, stages, table
+from nucflow import io, pipeline, progress, pyramid, resample, stages, table
 from nucflow.blockpass import Grid, pass_graph
 from nucflow.cluster import Runner
 from nucflow.config import Params
@@ -127,7 +127,7 @@ class Plan:
                 f"halo       {self.halo} voxels (segmentation; from diameter "
                 f"{self.params.diameter:g})",
                 f"overlap    {self.overlap:.2f}x the data is read while segmenting",
-                f"stages     {_stages_line(self.params)}",
+                f"stages     {_stages_line(self.params, tuple(self.stack.data.shape))}",
                 f"tasks      {self.n_tasks} in passes of at most {self.n_blocks + 1} (a pass's "
                 f"graph built in {self.graph_seconds:.1f} s)",
                 f"one block  {self.block_seconds:.1f} s on one thread, peak "
@@ -228,8 +228,12 @@ def pass_tasks(params: Params, shape: tuple[int, ...]) -> dict[str, int]:
         "cells": len(Grid(resample.pooled_shape(shape, factors), cell_chunks)),
         "border": len(table.border_blocks(Grid(shape, params.chunks), reach)),
     }
+    level = shape  # the label pyramid's levels, each a pass over its chunks in the region
+    for k, level_factors in enumerate(pyramid.level_factors(shape, params.voxel_size), start=1):
+        level = tuple(math.ceil(n / f) for n, f in zip(level, level_factors, strict=True))
+        grids[f"level{k}"] = len(Grid(level, params.chunks))
     tasks = {}
-    for stage, passes in progress.nuclei_pass_grids(params).items():
+    for stage, passes in progress.nuclei_pass_grids(params, shape).items():
         n = sum(grids[grid] + 1 for grid in passes)
         if stage == "threshold":
             n += blocks + math.ceil(blocks / 7) + 1
@@ -238,12 +242,12 @@ def pass_tasks(params: Params, shape: tuple[int, ...]) -> dict[str, int]:
     return tasks
 
 
-def _stages_line(params: Params) -> str:
+def _stages_line(params: Params, shape: tuple[int, ...]) -> str:
     """``preprocess 4 passes -> smoothed, cells, ... | threshold ...``: the declared stages."""
     parts = []
     for stage in stages.NUCLEI:
-        passes = len(stage.passes(params))
-        stored = [r.name for r in stage.results(params) if r.stored]
+        passes = len(stage.passes(params, shape))
+        stored = [r.name for r in stage.results(params, shape) if r.stored]
         text = f"{stage.name} {passes} pass{'es' if passes != 1 else ''}"
         parts.append(text + (f" -> {', '.join(stored)}" if stored else ""))
     return " | ".join(parts)

@@ -648,18 +648,17 @@ def expect(run: Any, plan: Mapping[str, int]) -> None:
         tracker.plan = dict(plan)
 
 
-def nuclei_pass_grids(params: Params) -> dict[str, tuple[str, ...]]:
-    """The passes each stage of the nuclei flow runs, in order, each named by the grid it runs
-    on: ``"blocks"`` (the stack's blocks), ``"cells"`` (the reduced-resolution background's
-    grid) or ``"border"`` (the blocks near the stack's border,
-    :func:`nucflow.table.border_blocks`), as :data:`nucflow.stages.NUCLEI` declares them.
-    :func:`nuclei_passes` (ETAs) and ``nucflow.plan.pass_tasks`` (task counts) derive from it.
+def nuclei_pass_grids(params: Params, shape: tuple[int, ...]) -> dict[str, tuple[str, ...]]:
+    """The passes each stage of the nuclei flow runs on a stack of ``shape`` (spatial axes),
+    in order, each named by the grid it runs on (:meth:`nucflow.stages.Stage.passes`), as
+    :data:`nucflow.stages.NUCLEI` declares them. :func:`nuclei_passes` (ETAs) and
+    ``nucflow.plan.pass_tasks`` (task counts) derive from it.
     """
     from nucflow import stages
 
-    return stages.pass_grids(stages.NUCLEI, params)
+    return stages.pass_grids(stages.NUCLEI, params, shape)
 
 
-def nuclei_passes(params: Params) -> dict[str, int]:
+def nuclei_passes(params: Params, shape: tuple[int, ...]) -> dict[str, int]:
     """Passes each stage of the nuclei flow computes, for ETAs (see :func:`nuclei_pass_grids`)."""
-    return {stage: len(passes) for stage, passes in nuclei_pass_grids(params).items()}
+    return {stage: len(passes) for stage, passes in nuclei_pass_grids(params, shape).items()}

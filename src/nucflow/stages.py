@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from nucflow.errors import ConfigError, NucflowError
@@ -55,18 +55,20 @@ class Stage:
     """A stage of a flow: the results it makes from what it ``reads``.
 
     ``reads`` names the input stack (``"input"``) or earlier stages (their last result);
-    ``results(params)`` says which results this configuration makes, in order; ``checks``
-    validate the configuration against the stack before anything is written.
+    ``results(params, shape)`` says which results this configuration makes on a stack of
+    ``shape`` (spatial axes), in order; ``checks`` validate the configuration against the stack
+    before anything is written.
     """
 
     name: str
     reads: tuple[str, ...]
-    results: Callable[[Params], tuple[Result, ...]]
+    results: Callable[[Params, tuple[int, ...]], tuple[Result, ...]]
     checks: tuple[Check, ...] = field(default=())
 
-    def passes(self, params: Params) -> tuple[str, ...]:
-        """The grids of this stage's passes, in order (``"blocks"`` or ``"cells"``)."""
-        return tuple(grid for result in self.results(params) for grid in result.passes)
+    def passes(self, params: Params, shape: tuple[int, ...]) -> tuple[str, ...]:
+        """The grids of this stage's passes, in order: ``"blocks"``, ``"cells"``,
+        ``"border"`` or ``"level<k>"`` (level k of the label pyramid)."""
+        return tuple(grid for result in self.results(params, shape) for grid in result.passes)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -140,8 +142,7 @@ TABLE = Result("table", stored=False)
 NEIGHBOURS = Result("neighbours", stored=False)
 # (measure.drop_border) erasing the border nuclei from the labels, on the blocks near the border
 BORDER = Result("border", ("border",), stored=False)
-# levels 1, 2, … of labels.ome.zarr, one pass per level (nucflow.pyramid); how many follows the
-# stack's shape, which a declaration does not see: none are declared (the ETA leaves them out)
+# levels 1, 2, … of labels.ome.zarr, one pass per level (nucflow.pyramid; _pyramid_results)
 PYRAMID = Result("pyramid", (), ("voxel_size",))
 # table files, QC pictures, run.json
 WRITE = Result("write", (), stored=False)
@@ -162,45 +163,55 @@ RESULT_PARAMS: dict[str, tuple[str, ...] | None] = {
 """Every stored result -> the parameters its fingerprint covers (``None``: all)."""
 
 
-def _preprocess_results(p: Params) -> tuple[Result, ...]:
+def _preprocess_results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
     exact = p.background == "tophat" and max(p.background_downsample) == 1
     if exact or p.background == "none":
         return (PREPROCESSED,)
     return (SMOOTHED, CELLS, BACKGROUND, PREPROCESSED)
 
 
-def _mask_results(p: Params) -> tuple[Result, ...]:
+def _mask_results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
     min_voxels = int(p.min_volume / math.prod(p.voxel_size))
     return (OPENED, *((FILLED,) if p.fill_holes else ()), *((MASK,) if min_voxels > 0 else ()))
 
 
-def _table_results(p: Params) -> tuple[Result, ...]:
+def _table_results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
     neighbours = (NEIGHBOURS,) if "neighbours" in p.properties else ()
     return (TABLE, *neighbours, *((BORDER,) if p.drop_border else ()))
+
+
+def _pyramid_results(p: Params, shape: tuple[int, ...]) -> tuple[Result, ...]:
+    from nucflow import pyramid
+
+    levels = len(pyramid.level_factors(shape, p.voxel_size))
+    return (replace(PYRAMID, passes=tuple(f"level{k}" for k in range(1, levels + 1))),)
 
 
 # ----------------------------------------------------------------------------- flows
 
 NUCLEI: tuple[Stage, ...] = (
     Stage("preprocess", ("input",), _preprocess_results, (_tissue_mask_matches,)),
-    Stage("threshold", ("preprocess",), lambda _p: (THRESHOLD,), (_threshold_complete,)),
+    Stage("threshold", ("preprocess",), lambda _p, _s: (THRESHOLD,), (_threshold_complete,)),
     Stage("mask", ("preprocess", "threshold"), _mask_results),
-    Stage("segment", ("mask", "input"), lambda _p: (SEGMENT,)),
+    Stage("segment", ("mask", "input"), lambda _p, _s: (SEGMENT,)),
     Stage("table", ("segment", "input"), _table_results),
-    Stage("pyramid", ("segment",), lambda _p: (PYRAMID,)),
-    Stage("write", ("table", "pyramid"), lambda _p: (WRITE,)),
+    Stage("pyramid", ("segment",), _pyramid_results),
+    Stage("write", ("table", "pyramid"), lambda _p, _s: (WRITE,)),
 )
 """The nuclei flow (``flows/nuclei.py``)."""
 
 PREPROCESS: tuple[Stage, ...] = (
-    Stage("filter", ("input",), lambda _p: (FILTERED,), (_filter_steps_valid,)),
+    Stage("filter", ("input",), lambda _p, _s: (FILTERED,), (_filter_steps_valid,)),
 )
 """The preprocess flow (``flows/preprocess.py``): ``filter.steps`` as one overlapped pass."""
 
 
-def pass_grids(flow: Sequence[Stage], params: Params) -> dict[str, tuple[str, ...]]:
-    """Stage name -> the grids of its passes, in order, for this configuration."""
-    return {stage.name: stage.passes(params) for stage in flow}
+def pass_grids(
+    flow: Sequence[Stage], params: Params, shape: tuple[int, ...]
+) -> dict[str, tuple[str, ...]]:
+    """Stage name -> the grids of its passes, in order, for this configuration and a stack of
+    ``shape`` (spatial axes)."""
+    return {stage.name: stage.passes(params, shape) for stage in flow}
 
 
 def check(flow: Sequence[Stage], stack: io.Stack, params: Params) -> None:
