@@ -150,7 +150,9 @@ def blob_response(
     return np.negative(total, out=total)
 
 
-def _gaussian_within(data: np.ndarray, sigma: tuple[float, ...], keep: tuple[slice, ...]):
+def _gaussian_within(
+    data: np.ndarray, sigma: tuple[float, ...], keep: tuple[slice, ...]
+) -> np.ndarray:
     """``scipy.ndimage.gaussian_filter(data, sigma, mode="reflect")[keep]`` (float32): the same
     1-D passes in the same order, each axis cut to ``keep`` once it is filtered."""
     out = data
