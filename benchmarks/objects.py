@@ -1,6 +1,7 @@
 """What the object-level properties cost (``measure.properties``, :mod:`nucflow.objects`).
 
-Run ``python benchmarks/objects.py`` (~2 min on 2 cores). The script
+Run ``python benchmarks/objects.py`` (~2 min on 2 cores; ``--per-property``: step 3 only).
+The script
 
 1. draws the demo's stack (``nucflow.synth.make_nuclei``: 64x256x256, 150 nuclei, seed 0) as
    OME-Zarr in a temporary directory;
@@ -41,6 +42,10 @@ EXPENSIVE = [
     "shell_intensity_mean",
     "inertia_tensor_eigvals",
 ]
+
+
+#: Properties sharing one convex hull or one mesh per nucleus.
+SHARED = [["solidity", "area_convex", "feret_diameter_max"], ["surface_area", "sphericity"]]
 
 
 def _run(source: Path, out: Path, properties: str) -> dict[str, float]:
@@ -85,32 +90,44 @@ def _per_property(made: synth.SyntheticStack, repeat: int) -> dict[str, float]:
     out = {"(crop + regionprops object, via extent)": base}
     for name in EXPENSIVE:
         out[name] = seconds([name]) - (0 if name == "extent" else base)
+    for names in SHARED:  # asked together, they compute their hull or mesh once
+        out[" + ".join(names)] = seconds(names) - base
     return {k: 1000 * v / len(rows) * 1000 for k, v in out.items()}  # ms per 1000 nuclei
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--per-property", action="store_true", help="only step 3: each property's cost"
+    )
     args = parser.parse_args()
     made = synth.make_nuclei((64, 256, 256), n_nuclei=150, diameter=8.0, seed=0)
+    n = int(made.truth.max())
+    if not args.per_property:
+        _runs(made, args.repeat)
+    print(f"\nper property, one thread, ms per 1000 nuclei ({n} nuclei, best of {args.repeat}):")
+    for name, ms in _per_property(made, args.repeat).items():
+        print(f"  {name:<46} {ms:7.0f}")
+
+
+def _runs(made: synth.SyntheticStack, repeat: int) -> None:
+    """Step 2: whole runs without and with the default properties."""
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "in.ome.zarr"
         io.write_ome_zarr(source, made.image, made.voxel_size)
         found: dict[str, list[dict[str, float]]] = {"none": [], "default": []}
         default = "[" + ",".join(objects.DEFAULT_PROPERTIES) + "]"
-        for _ in range(args.repeat):
+        for _ in range(repeat):
             found["none"].append(_run(source, Path(tmp) / "none", "[]"))
             found["default"].append(_run(source, Path(tmp) / "default", default))
     n = int(made.truth.max())
     print(f"stack {made.image.shape}, {n} nuclei, blocks 32x128x128, threads")
     head = f"{'properties':<12} {'table s':>8} {'stages s':>9} {'wall s':>7}"
-    print(f"{head}  (median of {args.repeat})")
+    print(f"{head}  (median of {repeat})")
     for name, runs in found.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(f"{name:<12} {med['table']:8.2f} {med['stages']:9.2f} {med['wall']:7.2f}")
-    print(f"\nper property, one thread, ms per 1000 nuclei ({n} nuclei, best of {args.repeat}):")
-    for name, ms in _per_property(made, args.repeat).items():
-        print(f"  {name:<40} {ms:9.0f}")
 
 
 if __name__ == "__main__":

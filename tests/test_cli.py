@@ -285,6 +285,38 @@ BAD_INPUTS = {
         "run --input {u16} --output {out} --flow nope",
         r"--flow 'nope': no such flow \(\S+/nope\.py\); use nuclei, preprocess or a \.py file$",
     ),
+    # the whole configuration is checked against the stack before the output is claimed
+    # (nucflow.stages): a mistake found by a stage must not leave a claimed, failed output
+    "unknown filter step": (
+        "run --flow preprocess --input {u16} --output {out} "
+        '--set filter.steps=[{{"gausian":{{}}}}]',
+        r"^nucflow run: error: `filter.steps`: unknown filter 'gausian'; use one of .*gaussian",
+    ),
+    "bad filter step parameter": (
+        "run --flow preprocess --input {u16} --output {out} "
+        '--set filter.steps=[{{"gaussian":{{"sigmaa":1}}}}]',
+        r"^nucflow run: error: `filter.steps`: bad parameters for step 'gaussian': .*"
+        r"unexpected keyword argument 'sigmaa'$",
+    ),
+    "threshold value missing": (
+        "run --input {u16} --output {out} --set threshold.method=value",
+        r"^nucflow run: error: `threshold.method` is value but `threshold.value` is null; "
+        r"set both$",
+    ),
+    "threshold value missing (plan)": (
+        "plan --input {u16} --set threshold.method=value",
+        r"^nucflow plan: error: `threshold.method` is value but `threshold.value` is null",
+    ),
+    "tissue mask missing": (
+        "run --input {u16} --output {out} --set preprocess.tissue_mask={dir}/missing.zarr",
+        r"^nucflow run: error: `preprocess.tissue_mask`: input \S+/missing\.zarr does not "
+        r"exist; check the path$",
+    ),
+    "tissue mask of another shape": (
+        "run --input {u16} --output {out} --set preprocess.tissue_mask={nuclei}",
+        r"^nucflow run: error: `preprocess.tissue_mask` \S+/nuclei\.ome\.zarr has shape "
+        r"\(16, 48, 48\) but the input has \(16, 40, 40\); give a mask of the input's shape$",
+    ),
     # argparse usage errors: one line (no usage block), exit 2
     "--resume with --overwrite": (
         "run --input {u16} --output {out} --resume --overwrite",

@@ -294,13 +294,14 @@ def _measure(capsys, *argv) -> str:
     return lines[-1]
 
 
-def _measure_labels(capsys, labels: np.ndarray, source, tmp_path, chunks: str) -> str:
+def _measure_labels(capsys, labels: np.ndarray, source, tmp_path, *sets: str) -> str:
     """``nucflow measure`` of ``labels`` (saved as zarr) on ``source``, expected to fail."""
     path = tmp_path / "labels.zarr"
     zarr.save_array(str(path), labels, zarr_format=2)
     out = str(tmp_path / "o")
+    given = [a for s in sets for a in ("--set", s)]
     return _measure(capsys, "--labels", str(path), "--input", str(source), "--output", out,
-                    "--set", chunks)  # fmt: skip
+                    *given)  # fmt: skip
 
 
 def test_measure_refuses_bad_inputs(small3d, tmp_path, capsys):
@@ -393,3 +394,42 @@ def test_measure_refuses_a_label_in_pieces_no_block_sees_together(small3d, tmp_p
     labels[10:14, 30:36, 14:18] = 3  # one label across a block face
     err = _measure_labels(capsys, labels, source, tmp_path, "chunks=[8,16,16]")
     assert "label 7 is in pieces farther apart than any label that crosses a block face" in err
+
+
+@pytest.mark.parametrize("single_file_rows", [1, 3])
+def test_measure_refuses_a_label_in_pieces_in_a_partitioned_table(
+    single_file_rows, small3d, tmp_path, capsys
+):
+    """Above measure.single_file_rows the check runs over hash buckets of the labels (here
+    2 or 6 buckets of 1-3 labels each), not over the whole table at once."""
+    source, made = small3d
+    labels = np.zeros(made.truth.shape, np.uint16)
+    labels[2:4, 2:6, 2:6] = 7
+    labels[20:22, 50:54, 50:54] = 7
+    labels[10:14, 30:36, 14:18] = 3
+    labels[4:6, 40:44, 40:44] = 2**16 - 1
+    labels[14:18, 2:6, 50:54] = 12
+    err = _measure_labels(
+        capsys, labels, source, tmp_path, "chunks=[8,16,16]",
+        f"measure.single_file_rows={single_file_rows}",
+    )  # fmt: skip
+    assert err.endswith(
+        "label 7 is in pieces farther apart than any label that crosses a block face; make "
+        "each label one connected object, or pass blocks that hold each label whole: "
+        "--set chunks=[...]"
+    )
+
+
+def test_measure_checks_a_partitioned_table_and_writes_it(small3d, tmp_path):
+    """The bucketed check passes a label image whose labels are each one object (and pieces
+    within reach), and the partitioned table holds each label once."""
+    source, made = small3d
+    labels = _paired(made.truth, made.voxel_size)
+    path = tmp_path / "labels.zarr"
+    zarr.save_array(str(path), labels, zarr_format=2)
+    out = tmp_path / "o"
+    argv = ["measure", "--labels", str(path), "--input", str(source), "--output", str(out)]
+    assert main([*argv, "--set", "chunks=[12,20,23]", "--set", "measure.single_file_rows=2"]) == 0
+    assert (out / "nuclei.parquet").is_dir() and not (out / "nuclei.csv").exists()
+    table = pd.read_parquet(out / "nuclei.parquet")
+    assert sorted(table["label"]) == sorted(np.unique(labels)[1:])

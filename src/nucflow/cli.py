@@ -50,6 +50,11 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunks", type=int, nargs="+", metavar="Z Y X", help="block shape in voxels"
     )
+    parser.add_argument(
+        "--timepoints",
+        metavar="START:STOP|T,T,...",
+        help="time points of a time-lapse to segment (default: all), e.g. 0:10 or 0,3,7",
+    )
     _scheduler_options(parser)
 
 
@@ -320,16 +325,35 @@ def _cluster_options(args: argparse.Namespace, config: dict[str, Any]) -> dict[s
 
 def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """Run a flow for parsed ``run`` arguments; returns the run and the flow's result."""
+    from nucflow import timelapse
+
     stack, params, config = _prepare(args)
+    points = timelapse.select(getattr(args, "timepoints", None), stack)
+    if points:  # the run's stack is its first time point (the QC pictures show it)
+        stack = stack.at(points[0])
     flow = _load_flow(args.flow)
-    return _in_run(args, stack, params, config, flow.run)
+    _check_flow(flow, stack, params)
+    return _in_run(args, stack, params, config, flow.run, timepoints=points)
+
+
+def _check_flow(flow: ModuleType, stack: Any, params: Any) -> None:
+    """The whole configuration checked against the stack before the output is claimed."""
+    from nucflow import stages
+
+    stages.check(getattr(flow, "STAGES", ()), stack, params)
 
 
 def _in_run(
-    args: argparse.Namespace, stack: Any, params: Any, config: dict[str, Any], body: Any
+    args: argparse.Namespace,
+    stack: Any,
+    params: Any,
+    config: dict[str, Any],
+    body: Any,
+    *,
+    timepoints: tuple[int, ...] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """``body(run)`` on the run claiming ``args.output`` on ``args.cluster``; a failure marks
-    the run failed."""
+    the run failed. ``timepoints``: those of a time-lapse to segment."""
     from nucflow import cluster, pipeline
 
     with cluster.connect(args.cluster, **_cluster_options(args, config)) as runner:
@@ -341,6 +365,7 @@ def _in_run(
             config=config,
             resume=args.resume,
             overwrite=args.overwrite,
+            timepoints=timepoints,
         )
         try:
             result = body(job)
@@ -391,12 +416,15 @@ def _tune(args: argparse.Namespace) -> None:
     args.flow, args.resume = "nuclei", False
     start = time.perf_counter()
     job, result = execute(args)
-    noise = job.facts.get("noise")
+    facts = job.facts
+    if "timepoints" in facts:  # a time-lapse: what its first time point found
+        facts = next(iter(facts["timepoints"]["counts"].values()))
+    noise = facts.get("noise")
     found = (
         f"noise level {noise:.4g} (estimated on this region; a full run estimates it on the "
         "whole stack)"
         if noise is not None
-        else f"global threshold {job.facts['threshold']:.4g}"
+        else f"global threshold {facts['threshold']:.4g}"
     )
     qc = job.output / "qc"
     pictures = ", ".join(
@@ -415,13 +443,19 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from nucflow import cluster
+    from nucflow import cluster, timelapse
     from nucflow.plan import make_plan
 
     stack, params, config = _prepare(args)
+    points = timelapse.select(args.timepoints, stack)
+    if points:
+        stack = stack.at(points[0])
+    flow = _load_flow("nuclei")
+    _check_flow(flow, stack, params)
     # checks the cluster options before the calibration runs
     where = cluster.describe(args.cluster, **_cluster_options(args, config))
-    print(make_plan(stack, params, config, _load_flow("nuclei").run))
+    timepoints = len(points) if points else None
+    print(make_plan(stack, params, config, flow.run, timepoints=timepoints))
     print(f"cluster    {where}")
 
 
@@ -533,8 +567,9 @@ def _demo_summary(made, result, report, job, elapsed, blocks, source) -> str:
 
 def _add_to_run_json(output: Path, **facts: Any) -> None:
     """Facts known after the run (the demo's accuracy), written atomically like the rest."""
-    from nucflow.pipeline import RUN_JSON, _write_atomic
+    from nucflow.pipeline import RUN_JSON
+    from nucflow.table import write_atomic
 
     record = json.loads((output / RUN_JSON).read_text())
     record.update(facts)
-    _write_atomic(output / RUN_JSON, json.dumps(record, indent=2).encode())
+    write_atomic(output / RUN_JSON, json.dumps(record, indent=2).encode())

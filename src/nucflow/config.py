@@ -134,6 +134,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "measure.shell_width": (_optional(_positive), "null or a number > 0"),
     "measure.neighbour_distance": (_optional(_positive), "null or a number > 0"),
+    "measure.drop_border": (lambda v: isinstance(v, bool), "true or false"),
     "qc.enabled": (lambda v: isinstance(v, bool), "true or false"),
     "progress.step_percent": (lambda v: _positive(v) and v <= 100, "a number in (0, 100]"),
     "progress.interval_s": (_non_negative, "a number of seconds >= 0"),
@@ -289,6 +290,7 @@ class Params:
     percentiles: tuple[float, ...] = (5.0, 25.0, 75.0, 95.0)
     shell_width: float = 1.0
     neighbour_distance: float = 16.0
+    drop_border: bool = False
 
 
 def resolve(
@@ -371,6 +373,7 @@ def resolve(
         percentiles=tuple(float(q) for q in config["measure"]["percentiles"]),
         shell_width=derived(config["measure"]["shell_width"], 0.15),
         neighbour_distance=derived(config["measure"]["neighbour_distance"], 2.0),
+        drop_border=config["measure"]["drop_border"],
     )
 
 

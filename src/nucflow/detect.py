@@ -11,8 +11,11 @@ gives its core exactly the mask the whole stack would:
    large at the centre of a bright blob whatever its absolute brightness, and near zero on
    smooth background.
 2. **Seeds.** A voxel is a seed when ``R`` is the maximum of the box of half-width
-   ``peak_radius`` around it and ``R >= snr * noise``, ``noise`` being the background noise of
-   ``P`` estimated once for the whole stack (:func:`noise_level`). Ties need no rule: every tied
+   ``peak_radius`` around it and ``R >= snr * noise * gain``, ``noise`` being the background
+   noise of ``P`` estimated once for the whole stack (:func:`noise_level`) and ``gain`` how much
+   more (or less) noise ``R`` carries at that voxel than deep inside the stack: near a face the
+   Gaussians mirror the image, so they average fewer independent voxels and ``R`` is noisier
+   there (about 1.35x on the face itself; :func:`noise_gain`). Ties need no rule: every tied
    voxel is a seed and their regions are united.
 3. **Extent.** Each seed claims the voxels connected to it, within ``max_radius`` of it, whose
    ``P`` is at least ``fraction`` of ``P`` at the seed (``P`` is background-subtracted, so this
@@ -27,6 +30,7 @@ on ``P`` within the Gaussian's reach; a claim on ``P`` within ``max_radius`` of 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -37,7 +41,7 @@ from nucflow.blockpass import padded
 from nucflow.errors import ParameterError
 from nucflow.segment import box_maxima, whole_voxels
 
-__all__ = ["DetectParams", "blob_response", "foreground", "noise_level", "seeds"]
+__all__ = ["DetectParams", "blob_response", "foreground", "noise_gain", "noise_level", "seeds"]
 
 _TRUNCATE = 4.0  # Gaussian reach of the blob response, in standard deviations
 
@@ -64,7 +68,11 @@ class DetectParams:
         Standard deviation of the background noise of the preprocessed image (whole stack).
     stack_shape : tuple of int, optional
         The stack's shape: along an axis thinner than ``blob_radius`` (a single slice), a claim
-        need only span the stack.
+        need only span the stack; with it, the seed threshold follows the noise gain near the
+        stack's faces (:func:`noise_gain`).
+    smoothing : tuple of float, optional
+        Standard deviation per axis, in voxels, of the Gaussian that preprocessing applied
+        (its noise is correlated accordingly); empty: none.
     """
 
     voxel_size: tuple[float, ...]
@@ -75,6 +83,7 @@ class DetectParams:
     fraction: float
     noise: float
     stack_shape: tuple[int, ...] | None = None
+    smoothing: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("blob_radius", "peak_radius", "max_radius", "snr"):
@@ -164,8 +173,25 @@ def _gaussian_within(
     return out
 
 
-def seeds(response: np.ndarray, params: DetectParams, region: tuple[slice, ...]) -> np.ndarray:
-    """Seeds within ``region``: box maxima of the blob response above ``snr * noise``.
+def seeds(
+    response: np.ndarray,
+    params: DetectParams,
+    region: tuple[slice, ...],
+    *,
+    origin: tuple[int, ...] | None = None,
+) -> np.ndarray:
+    """Seeds within ``region``: box maxima of the blob response above ``snr * noise * gain``.
+
+    Parameters
+    ----------
+    response : ndarray
+        :func:`blob_response` of a block (with context).
+    params : DetectParams
+    region : tuple of slice
+        Where to look, in ``response``.
+    origin : tuple of int, optional
+        Where ``response`` starts in the stack; with ``params.stack_shape`` the threshold
+        follows :func:`noise_gain` there (without: gain 1 everywhere).
 
     Returns
     -------
@@ -173,11 +199,108 @@ def seeds(response: np.ndarray, params: DetectParams, region: tuple[slice, ...])
         Coordinates in ``response``.
     """
     half = params.voxels(params.peak_radius)
-    strong = response[region] >= params.snr * params.noise
-    return box_maxima(response, region, half, strong)
+    inner = response[region]
+    level = params.snr * params.noise
+    if origin is None or params.stack_shape is None:
+        return box_maxima(response, region, half, inner >= level)
+    # the gain is evaluated at the local maxima only (it is > 0, so R must be too)
+    found = box_maxima(response, region, half, inner > 0)
+    gain = noise_gain(params, found + np.array(origin))
+    return found[response[tuple(found.T)] >= level * gain]
 
 
-def foreground(image: np.ndarray, params: DetectParams, core: tuple[slice, ...]) -> np.ndarray:
+def noise_gain(params: DetectParams, positions: np.ndarray) -> np.ndarray:
+    """How many times the blob response's noise at ``positions`` exceeds its noise deep inside.
+
+    White noise passed through the preprocessing Gaussian (``params.smoothing``), the
+    response's Gaussian and its second differences, each mirroring the image at the stack's
+    faces (scipy's ``reflect``), is noisier near a face: the mirrored kernel counts some voxels
+    twice. Along each axis these filters are matrices ``G`` (the Gaussians) and ``D`` (second
+    differences after them); ``R = sum_a c_a (D along a, G along the others)``, so the variance
+    of ``R`` at a voxel is ``sum_a sum_b c_a c_b prod_k <X_ak, X_bk>``, the inner products of
+    the matrices' rows at the voxel's position on each axis. They depend on the distance to
+    the faces only, so one short line per axis holds all of them.
+
+    Parameters
+    ----------
+    params : DetectParams
+        With ``stack_shape``.
+    positions : (K, ndim) ndarray of int
+        Stack coordinates.
+
+    Returns
+    -------
+    (K,) ndarray of float64
+        Standard deviation relative to the stack's interior (1 far from every face).
+    """
+    assert params.stack_shape is not None
+    smoothing = params.smoothing or (0.0,) * len(params.scale)
+    lines = [
+        _Line.of(n, pre, scale)
+        for n, pre, scale in zip(params.stack_shape, smoothing, params.scale, strict=True)
+    ]
+    weights = [params.blob_radius**2 / len(params.voxel_size) / v**2 for v in params.voxel_size]
+    here = [line.index(np.asarray(positions)[:, k]) for k, line in enumerate(lines)]
+    deep = [np.array([line.middle]) for line in lines]
+    return np.sqrt(_variance(lines, here, weights) / _variance(lines, deep, weights))
+
+
+def _variance(lines: list[_Line], at: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    total = np.zeros(len(at[0]))
+    for a, wa in enumerate(weights):
+        for b, wb in enumerate(weights):
+            term = np.full(len(at[0]), wa * wb)
+            for k, (line, i) in enumerate(zip(lines, at, strict=True)):
+                term *= line.products[(k == a) + (k == b)][i]
+            total += term
+    return total
+
+
+@dataclass(frozen=True)
+class _Line:
+    """Row inner products of one axis' filters: ``products[j]`` holds ``<G,G>``, ``<G,D>``,
+    ``<D,D>`` for ``j`` = 0, 1, 2 second differences, on a line long enough for the kernels
+    near both faces to be seen, with one interior position in the middle."""
+
+    length: int  # the axis' length in the stack
+    middle: int
+    products: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+    @staticmethod
+    @functools.lru_cache(maxsize=32)
+    def of(length: int, smoothing: float, scale: float) -> _Line:
+        reach = sum(int(_TRUNCATE * s + 0.5) for s in (smoothing, scale)) + 2
+        size = min(length, 2 * reach + 1)
+        rows = np.eye(size)
+        if smoothing > 0:
+            rows = ndimage.gaussian_filter1d(rows, smoothing, axis=0, truncate=_TRUNCATE)
+        smooth = ndimage.gaussian_filter1d(rows, scale, axis=0, truncate=_TRUNCATE)
+        second = ndimage.correlate1d(smooth, [1.0, -2.0, 1.0], axis=0, mode="reflect")
+        products = (
+            (smooth * smooth).sum(axis=1),
+            (smooth * second).sum(axis=1),
+            (second * second).sum(axis=1),
+        )
+        return _Line(length, size // 2, products)
+
+    def index(self, position: np.ndarray) -> np.ndarray:
+        """Stack positions on this axis as positions on the line (the interior: its middle)."""
+        size = len(self.products[0])
+        from_end = self.length - position
+        return np.where(
+            position < self.middle,
+            position,
+            np.where(from_end <= size - self.middle - 1, size - from_end, self.middle),
+        )
+
+
+def foreground(
+    image: np.ndarray,
+    params: DetectParams,
+    core: tuple[slice, ...],
+    *,
+    origin: tuple[int, ...] | None = None,
+) -> np.ndarray:
     """The foreground of ``core`` within a padded block of the preprocessed image.
 
     Parameters
@@ -187,6 +310,8 @@ def foreground(image: np.ndarray, params: DetectParams, core: tuple[slice, ...])
     params : DetectParams
     core : tuple of slice
         The block's core within ``image``.
+    origin : tuple of int, optional
+        Where ``image`` starts in the stack (see :func:`seeds`).
 
     Returns
     -------
@@ -204,7 +329,8 @@ def foreground(image: np.ndarray, params: DetectParams, core: tuple[slice, ...])
     around = padded(near, params.voxels(params.peak_radius), data.shape)
     corner = np.array([a.start for a in around])
     response = blob_response(data, params, around)
-    for seed in seeds(response, params, _shifted(near, -corner)) + corner:
+    at = None if origin is None else tuple(int(o) for o in np.add(origin, corner))
+    for seed in seeds(response, params, _shifted(near, -corner), origin=at) + corner:
         if not data[tuple(seed)] > 0:  # a blob below the background has no contrast to share
             continue
         lo, hi = seed - reach, seed + reach + 1

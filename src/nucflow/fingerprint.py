@@ -29,35 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import nucflow
-from nucflow import io
+from nucflow import io, stages
 from nucflow.errors import InputChangedError
 
 __all__ = ["STAGE_PARAMS", "SAMPLED_FILES", "Lineage", "input_identity", "start", "reusable",
-           "record"]  # fmt: skip
+           "record", "forget", "add_input"]  # fmt: skip
 
-#: Resolved parameters (fields of :class:`nucflow.config.Params`) that each stage of the nuclei
-#: flow depends on besides the stages before it. A stage not named here depends on all of them.
+#: Resolved parameters (fields of :class:`nucflow.config.Params`) that each stored result of the
+#: nuclei flow depends on besides the results before it, as :mod:`nucflow.stages` declares
+#: them. A result not named here depends on all of them.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    # the Gaussian pass; with the exact top-hat or no background it is the preprocessing
-    "smoothed": (
-        "voxel_size", "chunks", "sigma", "background", "background_radius",
-        "background_downsample", "tissue_mask",
-    ),
-    "cells": ("chunks", "background_downsample"),
-    "background": ("voxel_size", "background", "background_radius", "background_downsample"),
-    "preprocessed": (
-        "voxel_size", "chunks", "sigma", "background", "background_radius",
-        "background_downsample", "tissue_mask",
-    ),
-    # the global threshold, or the noise level and the local detection's rules
-    "threshold": (
-        "threshold_method", "threshold_value", "threshold_factor", "blob_radius", "snr",
-        "fraction", "peak_radius", "max_radius",
-    ),
-    "opened": ("opening_radius",),
-    "filled": ("fill_holes", "min_volume"),
-    "mask": ("opening_radius", "fill_holes", "min_volume"),
-}  # fmt: skip
+    name: params for name, params in stages.RESULT_PARAMS.items() if params is not None
+}
 #: At most this many files of a directory input have their size and time in the identity.
 SAMPLED_FILES = 1024
 _ZARR_METADATA = {"zarr.json", ".zarray", ".zattrs", ".zgroup"}
@@ -75,6 +58,7 @@ class Lineage:
     previous: str = ""  # fingerprint of the last stage asked about
     broken: str | None = None  # first stage recomputed on --resume: every later one is too
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # run.json "stages"
+    inputs: dict[str, str] = field(default_factory=dict)  # more inputs than the stack (add_input)
 
     def fingerprint(self, stage: str) -> str:
         """The fingerprint ``stage`` has in this run if asked about next."""
@@ -86,6 +70,8 @@ class Lineage:
             "previous": self.previous,
             "nucflow": self.version,
         }
+        if self.inputs:  # absent otherwise: the fingerprints of a run stay those it always had
+            payload["inputs"] = self.inputs
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -247,12 +233,29 @@ def record(run: Any, stage: str) -> None:
         "fingerprint": lineage.stages[stage]["fingerprint"],
         "params": {k: lineage.params.get(k) for k in keys},
         "input": lineage.identity,
+        "inputs": lineage.inputs,
         "nucflow": lineage.version,
     }
     target = _path(run, stage)
     partial = target.with_name(f".{target.name}.partial")
     partial.write_text(json.dumps(payload, indent=1))
     os.replace(partial, target)
+
+
+def forget(run: Any, stage: str) -> None:
+    """Remove ``stage``'s stored fingerprint: its output is being changed in place (a later
+    ``--resume`` recomputes it and every stage after it)."""
+    _path(run, stage).unlink(missing_ok=True)
+
+
+def add_input(run: Any, name: str, stack: io.Stack) -> None:
+    """Make a second input (``nucflow measure``'s labels) part of every stage's fingerprint,
+    as ``name``: a stage stored from another file there is recomputed on ``--resume``. Call
+    before the first :func:`reusable`."""
+    lineage: Lineage | None = getattr(run, "lineage", None)
+    if lineage is not None:  # a digest of its identity (see input_identity)
+        identity = json.dumps(input_identity(stack), sort_keys=True).encode()
+        lineage.inputs[name] = hashlib.sha256(identity).hexdigest()
 
 
 def _path(run: Any, stage: str) -> Path:
@@ -273,6 +276,10 @@ def _explain(stored: dict[str, Any], lineage: Lineage, stage: str) -> str:
         return f"it was stored by nucflow {stored.get('nucflow')}, this is {lineage.version}"
     if stored.get("input") != lineage.identity:
         return "the input changed"
+    inputs = stored.get("inputs") or {}
+    for name, digest in lineage.inputs.items():
+        if inputs.get(name) != digest:
+            return f"the {name} changed"
     before = stored.get("params") or {}
     changed = [
         f"{k} {before.get(k)!r} -> {lineage.params.get(k)!r}"

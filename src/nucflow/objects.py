@@ -104,6 +104,15 @@ class Crop:
             return self.mask
 
     @cached_property
+    def mesh_area(self) -> float:
+        """Area (µm²) of the marching-cubes mesh of :attr:`mask` (surface area and sphericity
+        share it)."""
+        verts, faces, _, _ = marching_cubes(
+            np.pad(self.mask, 1).astype(np.float32), level=0.5, spacing=self.voxel_size
+        )
+        return float(mesh_surface_area(verts, faces))
+
+    @cached_property
     def values(self) -> np.ndarray:
         """(voxels, C) intensities inside the nucleus."""
         return self.intensity[self.mask]
@@ -245,20 +254,13 @@ def _solidity(crop: Crop, _settings: Settings) -> list[float]:
 
 def _surface_area(crop: Crop, _settings: Settings) -> list[float]:
     """Area of the marching-cubes mesh of the nucleus (µm²)."""
-    return [_mesh_area(crop)]
-
-
-def _mesh_area(crop: Crop) -> float:
-    verts, faces, _, _ = marching_cubes(
-        np.pad(crop.mask, 1).astype(np.float32), level=0.5, spacing=crop.voxel_size
-    )
-    return float(mesh_surface_area(verts, faces))
+    return [crop.mesh_area]
 
 
 def _sphericity(crop: Crop, _settings: Settings) -> list[float]:
     """π^(1/3) (6 V)^(2/3) / A: 1 for a ball, smaller for any other shape (V: voxel volume)."""
     volume = float(crop.mask.sum()) * math.prod(crop.voxel_size)
-    return [math.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / _mesh_area(crop)]
+    return [math.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / crop.mesh_area]
 
 
 def _median(crop: Crop, _settings: Settings) -> list[float]:

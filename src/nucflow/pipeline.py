@@ -80,10 +80,15 @@ class Run:
     lock: lock.OutputLock | None = None  # held from open_run to finish/fail
     lineage: fingerprint.Lineage | None = None  # what --resume may reuse (fingerprint.start)
     progress: Any = field(default=None, repr=False, compare=False)  # nucflow.progress.attach
+    # A time-lapse: the time points to segment (None: the input has no time axis). Each is
+    # segmented by a run of its own (``time`` set, ``.work/t0003/``): nucflow.timelapse.
+    timepoints: tuple[int, ...] | None = None
+    time: int | None = None
 
     @property
     def work(self) -> Path:
-        return self.output / WORK
+        root = self.output / WORK
+        return root if self.time is None else root / timepoint_folder(self.time)
 
     @property
     def data(self) -> da.Array:
@@ -103,9 +108,15 @@ class Run:
     def stage(self, name: str) -> Iterator[None]:
         """Time a stage into run.json's timings; report its progress (nucflow.progress)."""
         start = time.perf_counter()
-        with progress_report.stage(self, name):
+        label = name if self.time is None else f"{name} t{self.time}"
+        with progress_report.stage(self, label):
             yield
         self.timings[name] = round(time.perf_counter() - start, 3)
+
+
+def timepoint_folder(t: int) -> str:
+    """The work folder of time point ``t`` of a time-lapse, under ``.work/``."""
+    return f"t{t:04d}"
 
 
 # ----------------------------------------------------------------------------- output directory
@@ -120,11 +131,14 @@ def open_run(
     config: dict[str, Any],
     resume: bool = False,
     overwrite: bool = False,
+    timepoints: Sequence[int] | None = None,
 ) -> Run:
     """Claim the output directory and mark the run as running.
 
     One run at a time writes to a directory: the run takes its lock (:mod:`nucflow.lock`)
     before changing anything in it, and :func:`finish` or :func:`fail` releases it.
+    ``timepoints`` (a time-lapse: the time points to segment; ``stack`` holds the first)
+    makes the flow segment each of them (:func:`nucflow.timelapse.each`).
 
     Raises
     ------
@@ -146,6 +160,7 @@ def open_run(
         (out / WORK).mkdir(exist_ok=True)
         before = _read_run_json(out)
         run = Run(stack, params, out, runner, config, resume=resume and before is not None)
+        run.timepoints = None if timepoints is None else tuple(timepoints)
         run.lock = held
         run.region = data_region(stack, params.chunks)
         run.facts["data_region"] = [[s.start, s.stop] for s in run.region]
@@ -248,9 +263,7 @@ def write_run_json(run: Run, status: str, **extra: Any) -> None:
         "shape": list(run.stack.data.shape),
         "dtype": str(run.stack.data.dtype),
         "voxel_size_um": list(p.voxel_size),
-        "unit": "micrometer"
-        if run.stack.voxel_size_known or run.config.get("voxel_size")
-        else "pixel",
+        "unit": "micrometer" if calibrated(run) else "pixel",
         "config": run.config,
         "derived": {k: v for k, v in vars(p).items() if k not in ("voxel_size",)},
         "halo": list(run.segment_params.halo()),
@@ -260,7 +273,14 @@ def write_run_json(run: Run, status: str, **extra: Any) -> None:
         **run.facts,
         **extra,
     }
-    _write_atomic(run.output / RUN_JSON, json.dumps(record, indent=2, default=_jsonable).encode())
+    table_stage.write_atomic(
+        run.output / RUN_JSON, json.dumps(record, indent=2, default=_jsonable).encode()
+    )
+
+
+def calibrated(run: Run) -> bool:
+    """Whether lengths are µm: the input or the config gives the voxel size."""
+    return bool(run.stack.voxel_size_known or run.config.get("voxel_size"))
 
 
 def _jsonable(value: Any) -> Any:
@@ -280,12 +300,6 @@ def _versions() -> dict[str, str]:
     modules.update({"scikit-image": skimage, "pandas": pd, "edt": edt})
     found = {name: getattr(m, "__version__", "?") for name, m in modules.items()}
     return {"python": platform.python_version(), **found}
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(payload)
-    os.replace(partial, path)
 
 
 def fail(run: Run, error: BaseException) -> None:
@@ -411,15 +425,31 @@ def _subtract_task(
 
 def configured_filters(run: Run) -> da.Array:
     """The ``filter.steps`` chain in physical units, as one lazy overlapped pass."""
-    p = run.params
+    steps = configured_steps(run.params, ndim=run.data.ndim)
+    return filters.chain(run.stack.data.rechunk(run.params.chunks), steps)
+
+
+def configured_steps(p: Params, *, ndim: int) -> list[tuple[str, dict[str, Any]]]:
+    """``filter.steps`` with lengths in voxels, each step checked against its filter.
+
+    Raises
+    ------
+    ConfigError
+        A step names no filter, or its filter does not take its parameters.
+    """
     steps = []
     for name, given in p.filter_steps:
         if name not in filters.STEPS:
             raise ConfigError(
                 f"`filter.steps`: unknown filter {name!r}; use one of {', '.join(filters.STEPS)}"
             )
-        steps.append((name, filters.in_voxels(name, given, p.voxel_size)))  # µm -> voxels
-    return filters.chain(run.stack.data.rechunk(p.chunks), steps)
+        try:
+            in_voxels = filters.in_voxels(name, given, p.voxel_size)  # µm -> voxels
+            filters.depth_of(name, ndim=ndim, **in_voxels)  # checks the step's parameters
+        except NucflowError as e:
+            raise ConfigError(f"`filter.steps`: {e}") from None
+        steps.append((name, in_voxels))
+    return steps
 
 
 def write_stack(run: Run, image: da.Array, name: str) -> Path:
@@ -479,7 +509,7 @@ def _reuse(run: Run, name: str) -> zarr.Array | None:
 
 
 def _mark_done(run: Run, name: str) -> None:
-    _write_atomic(run.work / f"{name}.done", b"")
+    table_stage.write_atomic(run.work / f"{name}.done", b"")
     fingerprint.record(run, name)
 
 
@@ -608,6 +638,7 @@ def foreground(run: Run, image: zarr.Array) -> Above | Detected:
 def detect_params(p: Params, noise: float, shape: tuple[int, ...]) -> DetectParams:
     return DetectParams(
         stack_shape=shape,
+        smoothing=() if p.tissue_mask else tuple(p.sigma / v for v in p.voxel_size),
         voxel_size=p.voxel_size,
         blob_radius=p.blob_radius,
         peak_radius=p.peak_radius,
@@ -627,7 +658,7 @@ def _stack_value(run: Run, name: str, compute: Callable[[], float]) -> float:
             run.facts[name] = stored[name]
             return stored[name]
     value = compute()
-    _write_atomic(done, json.dumps({name: value}).encode())
+    table_stage.write_atomic(done, json.dumps({name: value}).encode())
     fingerprint.record(run, "threshold")
     run.facts[name] = value
     return value
@@ -635,9 +666,7 @@ def _stack_value(run: Run, name: str, compute: Callable[[], float]) -> float:
 
 def _threshold(run: Run, image: zarr.Array) -> float:
     p = run.params
-    if p.threshold_method == "value":
-        if p.threshold_value is None:
-            raise ConfigError("`threshold.method` is value but `threshold.value` is null; set both")
+    if p.threshold_method == "value":  # stages.check: a value is given
         return float(p.threshold_value)
     value_range = image.attrs.get("value_range")
     with dask.config.set(scheduler=run.runner.scheduler):
@@ -693,7 +722,8 @@ class Detected:
         wanted = tuple(slice(*k.indices(n)[:2]) for k, n in zip(key, self.shape, strict=True))
         read = padded(wanted, self.params.halo(), self.shape)
         core = _shifted(wanted, tuple(-r.start for r in read))
-        return detect.foreground(np.asarray(self.source[read]), self.params, core)
+        origin = tuple(r.start for r in read)
+        return detect.foreground(np.asarray(self.source[read]), self.params, core, origin=origin)
 
 
 def clean_mask(run: Run, found: Above | Detected) -> zarr.Array:
@@ -829,7 +859,6 @@ def segment(run: Run, mask: zarr.Array) -> None:
     (:func:`nucflow.table.write_sums`; :func:`table` makes the rows); finished blocks are
     skipped on ``--resume``.
     """
-    p = run.params
     shape = tuple(mask.shape)
     full_shape = tuple(run.stack.data.shape)
     labels_path = run.output / "labels.ome.zarr"
@@ -837,15 +866,13 @@ def segment(run: Run, mask: zarr.Array) -> None:
     # Labels and block parts are reused only with the fingerprint they were made with.
     reuse = fingerprint.reusable(run, "segment", labels_path, parts_dir)
     if reuse:
-        labels = zarr.open_array(str(labels_path / "0"), mode="r+")
+        labels = label_image(run, mode="r+")
     else:
         shutil.rmtree(parts_dir, ignore_errors=True)
-        labels = io.create_label_zarr(
-            labels_path, full_shape, p.chunks, p.voxel_size, overwrite=True
-        )
+        labels = _fresh_labels(run)
     fingerprint.record(run, "segment")  # before any block: every part from now on is of it
     parts_dir.mkdir(exist_ok=True)
-    readers = _intensity_readers(run)
+    readers = table_stage.intensity_readers(run.stack, run.params.channels)
     halo = run.segment_params.halo()
     tasks, part_files = [], []
     grid = _segment_grid(run, shape)
@@ -882,15 +909,20 @@ def _segment_grid(run: Run, shape: tuple[int, ...]) -> Grid:
 def table(run: Run) -> table_stage.Table:
     """One row per nucleus, made final by the block owning its seed (:mod:`nucflow.table`).
 
-    The driver holds counts and a sample of at most ``table.QC_SAMPLE_ROWS`` rows.
+    The driver holds counts and a sample of at most ``table.QC_SAMPLE_ROWS`` rows. With
+    ``measure.drop_border``, the owner leaves out its nuclei touching the border, and a pass
+    over the blocks near the border erases them from ``labels.ome.zarr``
+    (:func:`nucflow.table.clear_border`).
     """
     p = run.params
     shape = _region_shape(run.region)
     grid = _segment_grid(run, shape)
     reach = run.segment_params.voxels(p.max_radius)
-    labels = zarr.open_array(str(run.output / "labels.ome.zarr" / "0"), mode="r")
-    measured = table_stage.Objects(object_spec(run), labels, _intensity_readers(run))
-    return table_stage.gather(
+    labels = label_image(run, mode="r+")
+    measured = table_stage.Objects(
+        object_spec(run), labels, table_stage.intensity_readers(run.stack, p.channels)
+    )
+    made = table_stage.gather(
         run.runner,
         grid,
         sums=run.work / "blocks",
@@ -903,11 +935,37 @@ def table(run: Run) -> table_stage.Table:
             "shape": shape,
             "origin": run.offset,
             "max_radius": p.max_radius,
-            "channel_suffixes": list(_channel_suffixes(run)),
+            "channel_suffixes": table_stage.channel_suffixes(p.channels),
         },
-        metadata=_table_metadata(run),
+        metadata=table_stage.metadata(p, calibrated=calibrated(run)),
         measured=measured,
+        drop_border=p.drop_border,
     )
+    if p.drop_border:
+        fingerprint.forget(run, "segment")  # the labels are no longer the segmentation's alone
+        table_stage.clear_border(
+            run.runner, grid, labels=labels, out=run.work / "table", offset=run.offset, reach=reach
+        )
+        run.facts["dropped_border"] = made.dropped
+    return made
+
+
+def label_image(run: Run, mode: str = "r") -> zarr.Array | io.TimePoint:
+    """The run's level-0 label image in stack coordinates (its time point's, in a time-lapse)."""
+    labels = zarr.open_array(str(run.output / "labels.ome.zarr" / "0"), mode=mode)
+    return labels if run.time is None else io.TimePoint(labels, run.time)
+
+
+def _fresh_labels(run: Run) -> zarr.Array | io.TimePoint:
+    """An empty label image for the segmentation (a time-lapse: its time point emptied)."""
+    p = run.params
+    path = run.output / "labels.ome.zarr"
+    if run.time is None:
+        shape = tuple(run.stack.data.shape)
+        return io.create_label_zarr(path, shape, p.chunks, p.voxel_size, overwrite=True)
+    labels = label_image(run, mode="r+")
+    io.clear_timepoint(labels.array, run.time)
+    return labels
 
 
 def object_spec(run: Run) -> objects.Spec:
@@ -917,22 +975,9 @@ def object_spec(run: Run) -> objects.Spec:
         p.properties,
         ndim=len(p.voxel_size),
         voxel_size=p.voxel_size,
-        suffixes=_channel_suffixes(run),
+        suffixes=table_stage.channel_suffixes(p.channels),
         settings=objects.Settings(p.percentiles, p.shell_width, p.neighbour_distance),
     )
-
-
-def _channel_suffixes(run: Run) -> list[str]:
-    """Column suffixes of the measured channels: the segmentation channel first."""
-    return ["", *(f"_c{c}" for c in run.params.channels)]
-
-
-def _intensity_readers(run: Run) -> dict[str, Any]:
-    """Suffix -> reader: the segmentation channel first, then ``measure.channels``."""
-    readers = {"": run.stack.reader}
-    for c in run.params.channels:
-        readers[f"_c{c}"] = io.open_stack(run.stack.path, channel=c).reader
-    return readers
 
 
 def _segment_task(
@@ -1012,7 +1057,7 @@ def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
     with run.stage("write"):
         empty = table.empty
         if empty is None:
-            empty = measure.empty_table(len(run.region), _channel_suffixes(run))
+            empty = measure.empty_table(len(run.region), table_stage.channel_suffixes(p.channels))
         written = table_stage.write(
             table, run.output, single_file_rows=p.single_file_rows, empty=empty
         )
@@ -1025,13 +1070,18 @@ def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
         if p.qc:
             from nucflow import qc
 
-            labels = da.from_zarr(str(run.output / "labels.ome.zarr" / "0"))[run.region]
+            labels = da.from_zarr(str(run.output / "labels.ome.zarr" / "0"))
+            if run.timepoints is not None:  # the pictures show the stack's (first) time point
+                labels = labels[run.stack.timepoint]
+            labels = labels[run.region]
             sample = table.sample
             windows = qc.write(run.output / "qc", run.data, labels, sample, origin=run.offset)
             run.facts["qc_outline_windows_yx"] = [[[s.start, s.stop] for s in w] for w in windows]
             if len(sample) < table.rows:
                 run.facts["qc_sample_rows"] = len(sample)
     counts = {"nuclei": table.rows, "truncated": table.truncated}
+    if run.timepoints is not None:
+        counts["timepoints"] = run.facts.get("timepoints", {}).get("counts", {})
     if table.truncated:
         warnings.warn(
             f"{table.truncated} nuclei reached segment.max_radius = {p.max_radius:g}; they may be "
@@ -1045,9 +1095,3 @@ def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
     write_run_json(run, "complete", counts=counts)
     _release(run)
     return counts
-
-
-def _table_metadata(run: Run) -> dict[str, Any]:
-    """What the table's Parquet schema metadata says (``b"nucflow"``): voxel size and unit."""
-    unit = "micrometer" if run.stack.voxel_size_known or run.config.get("voxel_size") else "pixel"
-    return {"voxel_size": list(run.params.voxel_size), "unit": unit, "nucflow": nucflow.__version__}

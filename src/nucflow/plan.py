@@ -22,10 +22,11 @@ from typing import Any
 import dask
 import dask.local
 
-from nucflow import io, pipeline, progress, resample, table
+from nucflow import io, pipeline, progress, resample, stages, table
 from nucflow.blockpass import Grid, pass_graph
 from nucflow.cluster import Runner
 from nucflow.config import Params
+from nucflow.segment import whole_voxels
 
 __all__ = ["Plan", "make_plan"]
 
@@ -51,6 +52,7 @@ class Plan:
     block_peak_mib: float
     block_nuclei: int
     threads: int
+    timepoints: int | None = None  # a time-lapse: time points selected (each a run of its own)
 
     @property
     def block_seconds(self) -> float:
@@ -58,6 +60,11 @@ class Plan:
 
     @property
     def estimate_seconds(self) -> float:
+        """The estimate of one time point (:attr:`stack_seconds`) times the time points."""
+        return self.stack_seconds * (self.timepoints or 1)
+
+    @property
+    def stack_seconds(self) -> float:
         """The calibrated rates times the voxels each stage reads, spread over ``threads``.
 
         Segmentation (and writing its results) reads every block with its halo; the other
@@ -73,7 +80,7 @@ class Plan:
     def nuclei_estimate(self) -> float:
         """Nuclei in the data region, from their density in the calibration block."""
         region = math.prod(s.stop - s.start for s in self.region)
-        return self.block_nuclei / self.block_voxels * region
+        return self.block_nuclei / self.block_voxels * region * (self.timepoints or 1)
 
     @property
     def crossing_estimate(self) -> float:
@@ -85,6 +92,16 @@ class Plan:
         return self.nuclei_estimate * (1 - inside)
 
     @property
+    def _movie(self) -> str:
+        if self.timepoints is None:
+            return ""
+        return (
+            f" x {self.timepoints} time point(s) = {self.n_blocks * self.timepoints} blocks "
+            "(each time point segmented as a stack of its own; figures below per time point, "
+            "time and nuclei for all)"
+        )
+
+    @property
     def _table_form(self) -> str:
         if self.nuclei_estimate <= self.params.single_file_rows:
             return "one nuclei.parquet and nuclei.csv"
@@ -94,7 +111,7 @@ class Plan:
         """Estimated wall time for 10^12 bytes of this stack's dtype on ``threads`` threads."""
         region = math.prod(s.stop - s.start for s in self.region)
         voxels = 1e12 / self.stack.data.dtype.itemsize
-        return self.estimate_seconds * self.threads / threads * voxels / region
+        return self.stack_seconds * self.threads / threads * voxels / region
 
     def __str__(self) -> str:
         shape = tuple(self.stack.data.shape)
@@ -106,10 +123,11 @@ class Plan:
                 f"input      {self.stack.path}: shape {shape}, {self.stack.data.dtype}, "
                 f"voxel {self.params.voxel_size} µm",
                 f"data       [{box}] ({share:.2%} of the stack; unwritten chunks are skipped)",
-                f"blocks     {self.n_blocks} of {self.params.chunks} voxels",
+                f"blocks     {self.n_blocks} of {self.params.chunks} voxels" + self._movie,
                 f"halo       {self.halo} voxels (segmentation; from diameter "
                 f"{self.params.diameter:g})",
                 f"overlap    {self.overlap:.2f}x the data is read while segmenting",
+                f"stages     {_stages_line(self.params)}",
                 f"tasks      {self.n_tasks} in passes of at most {self.n_blocks + 1} (a pass's "
                 f"graph built in {self.graph_seconds:.1f} s)",
                 f"one block  {self.block_seconds:.1f} s on one thread, peak "
@@ -139,6 +157,7 @@ def make_plan(
     flow: Callable[[pipeline.Run], Any],
     *,
     threads: int | None = None,
+    timepoints: int | None = None,
 ) -> Plan:
     """Measure what a run of ``flow`` on ``stack`` will cost.
 
@@ -152,6 +171,8 @@ def make_plan(
         The flow's ``run(job)``, run once on a single block to calibrate.
     threads : int, optional
         Worker threads the estimate assumes; default: this machine's cores.
+    timepoints : int, optional
+        A time-lapse: the number of time points to segment (``stack`` is one of them).
 
     Returns
     -------
@@ -180,6 +201,7 @@ def make_plan(
         block_peak_mib=peak,
         block_nuclei=nuclei,
         threads=threads or os.cpu_count() or 1,
+        timepoints=timepoints,
     )
 
 
@@ -200,9 +222,11 @@ def pass_tasks(params: Params, shape: tuple[int, ...]) -> dict[str, int]:
     blocks = len(Grid(shape, params.chunks))
     factors = tuple(params.background_downsample)
     cell_chunks = tuple(max(1, c // f) for c, f in zip(params.chunks, factors, strict=True))
+    reach = whole_voxels(params.max_radius, params.voxel_size)
     grids = {
         "blocks": blocks,
         "cells": len(Grid(resample.pooled_shape(shape, factors), cell_chunks)),
+        "border": len(table.border_blocks(Grid(shape, params.chunks), reach)),
     }
     tasks = {}
     for stage, passes in progress.nuclei_pass_grids(params).items():
@@ -212,6 +236,17 @@ def pass_tasks(params: Params, shape: tuple[int, ...]) -> dict[str, int]:
         if n:
             tasks[stage] = n
     return tasks
+
+
+def _stages_line(params: Params) -> str:
+    """``preprocess 4 passes -> smoothed, cells, ... | threshold ...``: the declared stages."""
+    parts = []
+    for stage in stages.NUCLEI:
+        passes = len(stage.passes(params))
+        stored = [r.name for r in stage.results(params) if r.stored]
+        text = f"{stage.name} {passes} pass{'es' if passes != 1 else ''}"
+        parts.append(text + (f" -> {', '.join(stored)}" if stored else ""))
+    return " | ".join(parts)
 
 
 def _graph_seconds(shape: tuple[int, ...], params: Params) -> float:

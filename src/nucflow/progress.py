@@ -649,30 +649,15 @@ def expect(run: Any, plan: Mapping[str, int]) -> None:
 
 
 def nuclei_pass_grids(params: Params) -> dict[str, tuple[str, ...]]:
-    """The passes each stage of the nuclei flow runs (``flows/nuclei.py``), in order, each
-    named by the grid it runs on: ``"blocks"`` (the stack's blocks) or ``"cells"`` (the
-    reduced-resolution background's grid). The one description of the pass structure:
+    """The passes each stage of the nuclei flow runs, in order, each named by the grid it runs
+    on: ``"blocks"`` (the stack's blocks), ``"cells"`` (the reduced-resolution background's
+    grid) or ``"border"`` (the blocks near the stack's border,
+    :func:`nucflow.table.border_blocks`), as :data:`nucflow.stages.NUCLEI` declares them.
     :func:`nuclei_passes` (ETAs) and ``nucflow.plan.pass_tasks`` (task counts) derive from it.
-
-    Mirrors :mod:`nucflow.pipeline`: preprocess is one pass, or four with the background
-    estimated on cells (smoothed, cells, background, subtraction); hole filling and
-    small-object removal are three passes each after the thresholding pass; segmentation and
-    the table are one each (two with the ``neighbours`` property). The threshold's histogram
-    and the writing are not passes.
     """
-    exact = params.background == "tophat" and max(params.background_downsample) == 1
-    final = exact or params.background == "none"
-    min_voxels = int(params.min_volume / math.prod(params.voxel_size))
-    mask = 1 + 3 * bool(params.fill_holes) + 3 * (min_voxels > 0)
-    return {
-        "preprocess": ("blocks",) if final else ("blocks", "cells", "cells", "blocks"),
-        "threshold": (),
-        "mask": ("blocks",) * mask,
-        "segment": ("blocks",),
-        # the rows, then (with the `neighbours` property) the neighbour pass over the same blocks
-        "table": ("blocks",) * (1 + ("neighbours" in params.properties)),
-        "write": (),
-    }
+    from nucflow import stages
+
+    return stages.pass_grids(stages.NUCLEI, params)
 
 
 def nuclei_passes(params: Params) -> dict[str, int]:

@@ -15,6 +15,12 @@ tables, and the box around the block's own labels):
    in C order: labels not made by nucflow carry no seed. That block adds up the label's parts
    and measures its crop (:mod:`nucflow.objects`).
 3. **Neighbours**, when ``measure.properties`` asks for them.
+4. **Unique labels.** A label in two rows (pieces farther apart than the reach) is refused:
+   one task per hash bucket of the labels, each holding ``measure.single_file_rows`` labels
+   or fewer, whatever the table's size.
+
+``--resume`` reuses each block's stored sums and rows whose fingerprint matches (the sums
+depend on the labels, the blocks and the channels; the rows on every parameter too).
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from nucflow import io, measure, pipeline, progress, table
-from nucflow.blockpass import Grid, pass_graph
+from nucflow import fingerprint, io, measure, pipeline, progress, table
+from nucflow.blockpass import Grid, Region, pass_graph
 from nucflow.errors import NucflowError, OutputError, ParameterError, ShapeError
 
 __all__ = ["open_labels", "check_match", "measure_run", "MAX_READ_BLOCKS"]
@@ -95,15 +101,15 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
         Counts: ``nuclei`` (rows).
     """
     p = run.params
-    progress.expect(run, {"sums": 1, "table": 1 + ("neighbours" in p.properties), "write": 0})
+    progress.expect(run, {"sums": 1, "table": 1 + ("neighbours" in p.properties), "write": 1})
     shape = tuple(run.stack.data.shape)
     run.region = tuple(slice(0, n) for n in shape)  # labels may lie anywhere
     grid = Grid(shape, p.chunks)
-    readers = pipeline._intensity_readers(run)
+    readers = table.intensity_readers(run.stack, p.channels)
+    fingerprint.add_input(run, "labels", labels)
     sums = run.work / "blocks"
-    shutil.rmtree(sums, ignore_errors=True)
-    sums.mkdir(parents=True)
     with run.stage("sums"):
+        reuse = _stored(run, "measure-sums", sums)
         tasks = [
             partial(
                 _sums_task,
@@ -113,13 +119,16 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
                 readers=readers,
                 full_shape=shape,
                 part=sums / table.part_name(index),
+                reuse=reuse,
             )
             for index, _ in grid.blocks()
         ]
-        (crossing,) = run.runner.compute(pass_graph(tasks, "sums"), label="sums")
-        reach = _reach(crossing, grid)
+        (results,) = run.runner.compute(pass_graph(tasks, "sums"), label="sums")
+        run.facts["blocks"] = {"total": len(results), "computed": sum(c for c, _ in results)}
+        reach = _reach([found for _, found in results], grid)
     measured = table.Objects(pipeline.object_spec(run), labels.reader, readers)
     with run.stage("table"):
+        reuse = _stored(run, "measure-table", run.work / "table")
         made = table.gather(
             run.runner,
             grid,
@@ -132,13 +141,37 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
                 "voxel_size": p.voxel_size,
                 "shape": shape,
                 "max_radius": math.inf,  # no halo: no label is cut
-                "channel_suffixes": pipeline._channel_suffixes(run),
+                "channel_suffixes": table.channel_suffixes(p.channels),
             },
-            metadata={**pipeline._table_metadata(run), "labels": labels.path},
+            metadata={
+                **table.metadata(p, calibrated=_calibrated(run, labels)),
+                "labels": labels.path,
+            },
             measured=measured,
             owner="first",
+            drop_border=p.drop_border,  # rows only: the labels are an input, never written
+            reuse=reuse,
         )
+        run.facts["table_blocks"] = {"total": len(grid), "computed": made.computed}
     return _finish(run, made)
+
+
+def _calibrated(run: pipeline.Run, labels: io.Stack) -> bool:
+    """Whether lengths are µm: the labels, the input or the config give the voxel size."""
+    known = labels.voxel_size_known or run.stack.voxel_size_known
+    return bool(known or run.config.get("voxel_size"))
+
+
+def _stored(run: pipeline.Run, stage: str, folder: Path) -> bool:
+    """Whether ``--resume`` may reuse the blocks of ``stage`` stored in ``folder``
+    (:func:`nucflow.fingerprint.reusable`); else ``folder`` is emptied. The fingerprint is
+    recorded at once: every block written from now on is of this run."""
+    reuse = fingerprint.reusable(run, stage, folder)
+    if not reuse:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    fingerprint.record(run, stage)
+    return reuse
 
 
 def _sums_task(
@@ -149,12 +182,17 @@ def _sums_task(
     readers: dict[str, Any],
     full_shape: tuple[int, ...],
     part: Path,
-) -> pd.DataFrame:
-    """Write block ``index``'s sums; return the partial bboxes of labels crossing its faces."""
+    reuse: bool,
+) -> tuple[bool, pd.DataFrame]:
+    """Write block ``index``'s sums (unless ``reuse`` and an earlier attempt did); return
+    whether it computed them and the partial bboxes of the labels crossing its faces."""
     core = grid.core(index)
+    if reuse and part.exists():
+        return False, _crossing(pq.read_table(part).to_pandas(), core, full_shape)
     block = np.asarray(labels[core])
     if not block.any():
-        return pd.DataFrame()
+        table.write_atomic(part, pd.DataFrame().to_parquet())  # done, for --resume
+        return True, pd.DataFrame()
     if block.dtype.kind == "i" and block.min() < 0:
         raise ParameterError(
             f"--labels holds negative values in block {[(s.start, s.stop) for s in core]}; "
@@ -170,11 +208,19 @@ def _sums_task(
     first = first[values > 0]
     coords = [c + o for c, o in zip(np.unravel_index(first, block.shape), origin, strict=True)]
     stats["first"] = np.ravel_multi_index(coords, full_shape).astype(np.uint64)
-    pipeline._write_atomic(part, stats.to_parquet())
-    axes = "zyx"[-block.ndim :]
+    table.write_atomic(part, stats.to_parquet())
+    return True, _crossing(stats, core, full_shape)
+
+
+def _crossing(stats: pd.DataFrame, core: Region, full_shape: tuple[int, ...]) -> pd.DataFrame:
+    """The partial bboxes of the labels in a block's sums that touch a face it shares with
+    another block (they may continue there)."""
+    if not len(stats):
+        return pd.DataFrame()
+    axes = "zyx"[-len(core) :]
     lo = np.stack([stats[f"min_{a}"].to_numpy() for a in axes], 1)
     hi = np.stack([stats[f"max_{a}"].to_numpy() for a in axes], 1)
-    start = np.asarray(origin)
+    start = np.asarray([s.start for s in core])
     stop = np.asarray([s.stop for s in core])
     # labels touching a face shared with another block may continue there
     inner_lo = (lo == start) & (start > 0)
@@ -213,27 +259,48 @@ def _reach(crossing: list[pd.DataFrame], grid: Grid) -> tuple[int, ...]:
     return tuple(int(e) for e in reach)
 
 
-def _check_unique(made: table.Table) -> None:
+def _check_unique(run: pipeline.Run, made: table.Table) -> None:
     """Refuse a table with a label in two rows: a label in pieces that no block saw together.
 
     The reach comes from the labels that cross block faces; a label in several pieces, none of
     which crosses a face, can lie farther apart than that, and then two blocks each own a piece.
-    Checked for tables written as one file (a partitioned table is never gathered).
+    One pass of tasks, each finding the repeated labels among one hash bucket of the labels
+    (:func:`_repeated`): a task holds about ``measure.single_file_rows`` labels (what the
+    driver holds to write a single-file table) whatever the table's size.
     """
-    labels = [pq.read_table(p, columns=["label"]).column(0).to_numpy() for p in made.parts]
-    values, counts = np.unique(np.concatenate(labels or [np.zeros(0)]), return_counts=True)
-    if (counts > 1).any():
+    if not made.parts:
+        return
+    buckets = max(1, math.ceil(made.rows / max(1, run.params.single_file_rows)))
+    folder = made.parts[0].parent
+    tasks = [partial(_repeated, folder, bucket=b, buckets=buckets) for b in range(buckets)]
+    (found,) = run.runner.compute(pass_graph(tasks, "unique"), label="unique labels")
+    repeated = [label for label in found if label is not None]
+    if repeated:
         raise ParameterError(
-            f"--labels: label {int(values[counts > 1][0])} is in pieces farther apart than any "
+            f"--labels: label {min(repeated)} is in pieces farther apart than any "
             "label that crosses a block face; make each label one connected object, or pass "
             "blocks that hold each label whole: --set chunks=[...]"
         )
 
 
+#: Odd 64-bit constant of Fibonacci hashing: spreads any label numbering over the buckets.
+_SPREAD = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _repeated(folder: Path, *, bucket: int, buckets: int) -> int | None:
+    """The smallest label of hash bucket ``bucket`` in two rows of the parts in ``folder``."""
+    mine = []
+    for path in sorted(folder.glob("*.parquet")):
+        labels = pq.read_table(path, columns=["label"]).column(0).to_numpy().astype(np.uint64)
+        mine.append(labels[(labels * _SPREAD >> np.uint64(32)) % np.uint64(buckets) == bucket])
+    values = np.sort(np.concatenate(mine or [np.zeros(0, np.uint64)]))
+    twice = values[1:][values[1:] == values[:-1]]
+    return int(twice[0]) if len(twice) else None
+
+
 def _finish(run: pipeline.Run, made: table.Table) -> dict[str, Any]:
-    if made.rows <= run.params.single_file_rows:
-        _check_unique(made)
     with run.stage("write"):
+        _check_unique(run, made)  # one pass: each label in one row
         written = table.write(
             made, run.output, single_file_rows=run.params.single_file_rows, empty=made.empty
         )

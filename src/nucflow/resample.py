@@ -83,9 +83,12 @@ def upsample_linear(
 ) -> da.Array:
     """Linear interpolation of cell values back to the voxel grid of ``shape``.
 
-    Voxel ``x`` samples the cell grid at ``u = (x + 0.5) / f - 0.5`` (cell centres), clamped
-    to the grid, i.e. ``scipy.ndimage.map_coordinates(low, u, order=1, mode="nearest")``
-    computed separably, one axis after the other.
+    Voxel ``x`` samples the cell grid at ``u = (x + 0.5) / f - 0.5`` (cell centres), linearly
+    between the two nearest cells and, in the half cell beyond the first or last cell's centre,
+    on along the line through the two edge cells (as ``scipy.interpolate.
+    RegularGridInterpolator(..., fill_value=None)``), computed separably, one axis after the
+    other. Clamping there instead would cut a background rising towards a face flat, and the
+    residual ramp seeds false nuclei along it.
 
     Parameters
     ----------
@@ -150,8 +153,8 @@ def cells_needed(voxels: Sequence[slice], factors: Sequence[int], low_shape: Seq
     """The cells that :func:`interpolate_cells` needs for the voxels ``voxels``."""
     out = []
     for v, f, n in zip(voxels, factors, low_shape, strict=True):
-        first = math.floor(min(max((v.start + 0.5) / f - 0.5, 0), n - 1))
-        last = math.floor(min(max((v.stop - 0.5) / f - 0.5, 0), n - 1))
+        first = min(max(math.floor((v.start + 0.5) / f - 0.5), 0), max(n - 2, 0))
+        last = min(max(math.floor((v.stop - 0.5) / f - 0.5), 0), max(n - 2, 0))
         out.append(slice(first, min(n, last + 2)))
     return tuple(out)
 
@@ -173,9 +176,12 @@ def interpolate_cells(
     block = cells
     for axis, (f, v) in enumerate(zip(factors, voxels, strict=True)):
         x = np.arange(v.start, v.stop, dtype=np.float64)
-        u = np.clip((x + 0.5) / f - 0.5, 0, low_shape[axis] - 1)
-        below = np.floor(u).astype(np.intp)
-        weight = (u - below).astype(block.dtype)
+        n = low_shape[axis]
+        # Half a cell beyond the edge cells' centres the line through the two edge cells
+        # goes on (a background that rises towards a face is not cut flat there).
+        u = np.clip((x + 0.5) / f - 0.5, -0.5, n - 0.5)
+        below = np.clip(np.floor(u), 0, max(n - 2, 0)).astype(np.intp)
+        weight = (u - below).astype(block.dtype) if n > 1 else np.zeros(len(u), block.dtype)
         local = below - first_cells[axis]
         shape = [1] * block.ndim
         shape[axis] = -1

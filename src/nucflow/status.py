@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,12 @@ def status(output: str | os.PathLike[str]) -> Report:
     if state == "running" and _gone(progress):
         state = "stopped"
     lines = [_headline(out, state, progress, age)]
+    movie = record.get("timepoints") or {}
+    current = (movie.get("current") or {}).get("t")
+    if movie:  # a time-lapse: the stages of its current (or last) time point
+        shown = current if current is not None else (movie.get("done") or [None])[-1]
+        lines += _field("movie", _movie_line(movie, shown, current is not None))
+        progress = _of_timepoint(progress, shown) if shown is not None else progress
     lines += _now(record, progress, age, state)
     lines += _field("stages", _stages(progress))
     disk = _Disk.read(out, record)  # counted once: both lines below tell the same moment
@@ -75,6 +82,32 @@ def status(output: str | os.PathLike[str]) -> Report:
     if state != "complete":
         lines += _field("resume", "would redo " + _redo(disk, progress))
     return Report(state, "\n".join(lines))
+
+
+def _movie_line(movie: dict[str, Any], shown: int | None, running: bool) -> str:
+    """Time points done of those selected; the one whose stages follow."""
+    done, selected = movie.get("done") or [], movie.get("selected") or []
+    text = f"{len(done)}/{len(selected)} time points done"
+    if shown is not None:
+        text += f"; {'at' if running else 'last'} t {shown} (the stages below are its)"
+    return text
+
+
+_TIME_SUFFIX = re.compile(r" t(\d+)$")
+
+
+def _of_timepoint(progress: dict[str, Any], t: int) -> dict[str, Any]:
+    """``progress`` with only time point ``t``'s stages (``segment t3``) and the movie's own."""
+
+    def keep(name: str) -> bool:
+        found = _TIME_SUFFIX.search(name)
+        return found is None or int(found.group(1)) == t
+
+    return {
+        **progress,
+        "stages": {k: v for k, v in (progress.get("stages") or {}).items() if keep(k)},
+        "plan": {k: v for k, v in (progress.get("plan") or {}).items() if keep(k)},
+    }
 
 
 def _read_record(out: Path) -> dict[str, Any]:
@@ -158,7 +191,10 @@ def _now(record: dict[str, Any], progress: dict[str, Any], age: float, state: st
         lines += _field("workers", text)
     counts = record.get("counts")
     if state == "complete" and counts:
-        lines += _field("result", ", ".join(f"{k} {v}" for k, v in counts.items()))
+        result = [f"{k} {v}" for k, v in counts.items() if not isinstance(v, dict)]
+        if isinstance(counts.get("timepoints"), dict):  # per time point: in run.json
+            result.append(f"in {len(counts['timepoints'])} time points")
+        lines += _field("result", ", ".join(result))
     return lines
 
 
@@ -233,6 +269,9 @@ class _Disk:
     @classmethod
     def read(cls, out: Path, record: dict[str, Any]) -> _Disk:
         work = out / ".work"
+        current = (record.get("timepoints") or {}).get("current")
+        if current and "t" in current:  # a time-lapse: its current time point's folder
+            work, record = work / f"t{int(current['t']):04d}", current
         passes = _stored_passes(work) if work.is_dir() else []
         parts = len(list((work / "blocks").glob("*.parquet")))
         return cls(passes, parts, (record.get("blocks") or {}).get("total"))
@@ -265,8 +304,8 @@ def _redo(disk: _Disk, progress: dict[str, Any]) -> str:
     for name in names:
         if (stages.get(name) or {}).get("state") == "done":
             continue
-        if name == "segment" and disk.blocks is not None:
-            name = f"segment ({disk.blocks - disk.parts} of {disk.blocks} blocks)"
+        if name.split(" ")[0] == "segment" and disk.blocks is not None:
+            name = f"{name} ({disk.blocks - disk.parts} of {disk.blocks} blocks)"
         todo.append(name)
     text = ", ".join(todo) or "the remaining stages"
     if partial:

@@ -21,26 +21,34 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nucflow import measure, objects
+import nucflow
+from nucflow import io, measure, objects
 from nucflow.blockpass import Grid, pass_graph
 
 __all__ = [
     "Table",
     "Objects",
+    "channel_suffixes",
+    "intensity_readers",
+    "metadata",
+    "write_atomic",
     "part_name",
     "write_sums",
     "gather",
     "neighbours",
+    "border_blocks",
+    "clear_border",
     "write",
     "read_table",
 ]
@@ -59,6 +67,8 @@ class Table:
     parts: list[Path]
     metadata: dict[str, Any]
     empty: pd.DataFrame | None = None  # every column, no rows (the table of a run without nuclei)
+    dropped: int = 0  # nuclei touching the border, left out (measure.drop_border)
+    computed: int = 0  # blocks whose rows this attempt made (the others: reused)
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,67 @@ class Objects:
     spec: objects.Spec
     labels: Any
     intensities: dict[str, Any]
+
+
+def channel_suffixes(channels: Sequence[int]) -> list[str]:
+    """Column suffixes of the measured channels: ``""`` (the segmentation channel), then
+    ``_cN`` for each of ``measure.channels``."""
+    return ["", *(f"_c{c}" for c in channels)]
+
+
+def intensity_readers(stack: io.Stack, channels: Sequence[int]) -> dict[str, Any]:
+    """Channel suffix -> reader in stack coordinates (picklable), in column order.
+
+    Parameters
+    ----------
+    stack : nucflow.io.Stack
+        The opened input (its reader is the segmentation channel).
+    channels : sequence of int
+        ``measure.channels``: further channels of the same file.
+    """
+    readers = {"": stack.reader}
+    for c in channels:
+        readers[f"_c{c}"] = io.open_stack(stack.path, channel=c, timepoint=stack.timepoint).reader
+    return readers
+
+
+def metadata(params: Any, *, calibrated: bool) -> dict[str, Any]:
+    """What the table's Parquet schema metadata holds (under ``b"nucflow"``).
+
+    Parameters
+    ----------
+    params : nucflow.config.Params
+        The run's resolved parameters.
+    calibrated : bool
+        Whether the voxel size is known (from the input or the config): the unit is then
+        "micrometer", else "pixel" (lengths in voxels of side 1).
+
+    Returns
+    -------
+    dict
+        ``voxel_size``, ``unit``, ``nucflow`` (version), and the measurement settings that
+        shape the columns: ``properties`` (``measure.properties`` as requested), ``channels``,
+        ``percentiles``, ``shell_width_um``, ``neighbour_distance_um``, ``drop_border``.
+    """
+    return {
+        "voxel_size": list(params.voxel_size),
+        "unit": "micrometer" if calibrated else "pixel",
+        "nucflow": nucflow.__version__,
+        "properties": list(params.properties),
+        "channels": list(params.channels),
+        "percentiles": list(params.percentiles),
+        "shell_width_um": params.shell_width,
+        "neighbour_distance_um": params.neighbour_distance,
+        "drop_border": params.drop_border,
+    }
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` under a temporary name, then move it into place: a reader
+    (or ``--resume``) never sees a half-written file."""
+    partial_path = path.with_name(f".{path.name}.partial")
+    partial_path.write_bytes(data)
+    os.replace(partial_path, path)
 
 
 def part_name(index: tuple[int, ...]) -> str:
@@ -118,20 +189,14 @@ def write_sums(
     for owner in np.unique(flat[~mine]):
         folder = sums / _inbox(tuple(int(i) for i in np.unravel_index(owner, grid.counts)))
         folder.mkdir(exist_ok=True)
-        _write_atomic(folder / part_name(index), stats[flat == owner].to_parquet())
+        write_atomic(folder / part_name(index), stats[flat == owner].to_parquet())
     # Last: its presence says the block is done (resume, nucflow status).
-    _write_atomic(sums / part_name(index), stats[mine].to_parquet())
+    write_atomic(sums / part_name(index), stats[mine].to_parquet())
 
 
 def _inbox(owner: tuple[int, ...]) -> str:
     """The folder of the pieces of nuclei ``owner`` owns, sent by other blocks."""
     return "_".join(map(str, owner)) + ".in"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    partial_path = path.with_name(f".{path.name}.partial")
-    partial_path.write_bytes(data)
-    os.replace(partial_path, path)
 
 
 def _owners(labels: np.ndarray, grid: Grid, offset, full_shape) -> np.ndarray:
@@ -158,6 +223,8 @@ def gather(
     metadata: dict[str, Any],
     measured: Objects | None = None,
     owner: str = "seed",
+    drop_border: bool = False,
+    reuse: bool = False,
 ) -> Table:
     """Final rows of every block's own nuclei, written to ``out`` as one part per block.
 
@@ -186,8 +253,17 @@ def gather(
         Which block owns a label: the one holding its seed (``label - 1`` is the seed's linear
         index: nucflow's labels), or the one holding its first voxel in C order (any label
         image; the sums then carry a ``first`` column, the smallest linear index in the block).
+    drop_border : bool
+        Leave out the nuclei whose ``touches_border`` is true (``measure.drop_border``): each
+        task keeps their labels, bboxes and centroids in ``out/border/`` (the neighbour pass counts
+        them, :func:`clear_border` erases them from the label image).
+    reuse : bool
+        Keep the parts an earlier attempt wrote to ``out`` (``--resume`` with the same
+        fingerprint): a block whose part (or ``.none`` marker) exists is not made again.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    if not reuse:
+        shutil.rmtree(out, ignore_errors=True)
+    (out / _BORDER).mkdir(parents=True, exist_ok=True)
     blocks = [index for index, _ in grid.blocks()]
     per_block = max(1, math.ceil(QC_SAMPLE_ROWS / len(blocks)))
     task = partial(
@@ -203,23 +279,26 @@ def gather(
         sample=per_block,
         measured=measured,
         owner=owner,
+        drop_border=drop_border,
     )
     (results,) = runner.compute(
         pass_graph([partial(task, i) for i in blocks], "table"), label="table"
     )
-    samples = [s for _, _, s in results if len(s)]
+    samples = [r.sample for r in results if len(r.sample)]
     empty = empty_table(len(grid.shape), finalize["channel_suffixes"], measured)
     sample = pd.concat(samples, ignore_index=True) if samples else empty
-    parts = [out / part_name(i) for i, (n, _, _) in zip(blocks, results, strict=True) if n]
+    parts = [out / part_name(i) for i, r in zip(blocks, results, strict=True) if r.rows]
     if measured is not None and measured.spec.neighbours and parts:
         neighbours(runner, parts, grid, spec=measured.spec, reach=reach, metadata=metadata)
     return Table(
-        rows=sum(n for n, _, _ in results),
-        truncated=sum(t for _, t, _ in results),
+        rows=sum(r.rows for r in results),
+        truncated=sum(r.truncated for r in results),
         sample=sample,
         parts=parts,
         metadata=metadata,
         empty=empty,
+        dropped=sum(r.dropped for r in results),
+        computed=sum(r.computed for r in results),
     )
 
 
@@ -251,8 +330,13 @@ def _final_rows(
     sample: int,
     measured: Objects | None,
     owner: str,
-) -> tuple[int, int, pd.DataFrame]:
-    """Rows of the nuclei owned by block ``index``; (rows, truncated, QC sample)."""
+    drop_border: bool,
+) -> _Done:
+    """Rows of the nuclei owned by block ``index``, written to ``out``; what the driver
+    learns of them."""
+    done = _reused(out, index, sample)
+    if done is not None:
+        return done
     if owner == "seed":  # filed by owner (write_sums): this block's own file and its inbox
         paths = [sums / part_name(index)]
         inbox = sums / _inbox(index)
@@ -273,14 +357,69 @@ def _final_rows(
         if len(totals):
             totals = totals[where(totals["first"].to_numpy(np.uint64))]
     rows = measure.finalize(totals, **finalize)
+    dropped = 0
+    if drop_border:
+        border = rows["touches_border"].to_numpy(bool)
+        dropped = int(border.sum())
+        if dropped:  # kept for the neighbour pass and clear_border; measured no further
+            kept = [c for c in rows.columns if c.startswith(_BORDER_COLUMNS)]
+            write_atomic(border_path(out, index), rows.loc[border, kept].to_parquet())
+        rows = rows[~border].reset_index(drop=True)
     if measured is not None:
         rows = _with_objects(rows, measured, full_shape)
     if len(rows):
         _write_parquet(out / part_name(index), rows, metadata)
-    step = max(1, math.ceil(len(rows) / sample))
-    # A copy: a strided slice is a view that would keep the block's whole table alive in the
-    # results (the driver's, on threads: memory growing with the number of blocks).
-    return len(rows), int(rows["truncated"].sum()), rows.iloc[::step].copy().reset_index(drop=True)
+    else:  # says "done" to a resumed pass
+        write_atomic(out / _none_name(index), str(dropped).encode())
+    return _Done.of(rows, sample, dropped, computed=True)
+
+
+class _Done(NamedTuple):
+    """What a table task tells the driver of its block."""
+
+    rows: int
+    truncated: int
+    sample: pd.DataFrame  # the QC sample of its rows
+    dropped: int  # border nuclei left out
+    computed: bool  # False: an earlier attempt's part, reused
+
+    @classmethod
+    def of(cls, rows: pd.DataFrame, sample: int, dropped: int, *, computed: bool) -> _Done:
+        step = max(1, math.ceil(len(rows) / sample))
+        # A copy: a strided slice is a view that would keep the block's whole table alive in
+        # the results (the driver's, on threads: memory growing with the number of blocks).
+        picked = rows.iloc[::step].copy().reset_index(drop=True)
+        truncated = int(rows["truncated"].sum()) if len(rows) else 0
+        return cls(len(rows), truncated, picked, dropped, computed)
+
+
+def _none_name(index: tuple[int, ...]) -> str:
+    return "_".join(map(str, index)) + ".none"
+
+
+def _reused(out: Path, index: tuple[int, ...], sample: int) -> _Done | None:
+    """What an earlier attempt's task for block ``index`` returned, read back from its part
+    (None: not finished). ``gather`` empties ``out`` unless it may reuse it."""
+    border = border_path(out, index)
+    dropped = pq.read_metadata(border).num_rows if border.exists() else 0
+    part = out / part_name(index)
+    if part.exists():
+        rows = pq.ParquetFile(part).read().to_pandas()
+        return _Done.of(rows, sample, dropped, computed=False)
+    if (out / _none_name(index)).exists():
+        return _Done(0, 0, pd.DataFrame(), dropped, False)
+    return None
+
+
+#: The subfolder of a table pass' output holding each block's nuclei left out by drop_border.
+_BORDER = "border"
+#: What is kept of them: label and bbox (clear_border), centroid in µm (the neighbour pass).
+_BORDER_COLUMNS = ("label", "bbox_", "centroid_z_um", "centroid_y_um", "centroid_x_um")
+
+
+def border_path(out: Path, index: tuple[int, ...]) -> Path:
+    """Where block ``index``'s left-out border nuclei (label, bbox, centroid µm) are kept."""
+    return out / _BORDER / part_name(index)
 
 
 def _neighbourhood(index, reach, counts):
@@ -347,12 +486,102 @@ def _neighbour_task(path: Path, *, grid, near, distance, metadata) -> None:
     rows = pq.ParquetFile(path).read().to_pandas()
     columns = [f"centroid_{a}_um" for a in "zyx"[-len(grid.shape) :]]
     index = tuple(int(i) for i in path.stem.split("_"))
-    found = [path.with_name(part_name(n)) for n in _neighbourhood(index, near, grid.counts)]
+    # the nuclei drop_border leaves out are still neighbours: the table's rows are those of
+    # the whole table, less the border nuclei's own
+    found = [
+        f
+        for n in _neighbourhood(index, near, grid.counts)
+        for f in (path.with_name(part_name(n)), border_path(path.parent, n))
+    ]
     others = [pq.read_table(f, columns=columns).to_pandas() for f in found if f.exists()]
     rows["neighbours_count"], rows["neighbours_nearest_um"] = objects.neighbour_columns(
         rows[columns].to_numpy(), pd.concat(others)[columns].to_numpy(), distance=distance
     )
     _write_parquet(path, rows, metadata)
+
+
+def border_blocks(grid: Grid, reach: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The blocks that may hold a voxel of a nucleus touching the region's border.
+
+    Such a nucleus has a voxel on the border and every voxel within ``reach`` of its seed, so
+    all its voxels lie within ``2 * reach`` voxels of the border.
+    """
+    band = [2 * r + 1 for r in reach]
+    return [
+        index
+        for index, core in grid.blocks()
+        if any(
+            s.start < b or s.stop > n - b for s, b, n in zip(core, band, grid.shape, strict=True)
+        )
+    ]
+
+
+def clear_border(
+    runner: Any,
+    grid: Grid,
+    *,
+    labels: Any,
+    out: Path,
+    offset: tuple[int, ...],
+    reach: tuple[int, ...],
+) -> int:
+    """Erase the nuclei :func:`gather` left out with ``drop_border`` from the label image.
+
+    One task per block of :func:`border_blocks`: it reads the left-out nuclei (label, bbox)
+    of the blocks within ``reach`` (the owners of every nucleus with a voxel in it) and, if a
+    bbox meets its block, rewrites its block of ``labels`` with those labels set to 0 inside
+    their bboxes. The result equals
+    ``skimage.segmentation.clear_border`` of the whole label image (the region's border).
+
+    Parameters
+    ----------
+    runner : nucflow.cluster.Runner
+    grid : Grid
+        The segmentation's blocks (region coordinates; their cores are whole chunks of
+        ``labels``).
+    labels : zarr.Array
+        The label image, writable, in stack coordinates.
+    out : Path
+        ``gather``'s output folder.
+    offset : tuple of int
+        Where the region lies in the stack.
+    reach : tuple of int
+        Voxels per axis from a seed to the farthest voxel of its nucleus.
+
+    Returns
+    -------
+    int
+        Blocks rewritten.
+    """
+    near = _blocks_within(reach, grid.chunks)
+    task = partial(_clear_task, grid=grid, labels=labels, out=out, offset=offset, near=near)
+    tasks = [partial(task, index) for index in border_blocks(grid, reach)]
+    (written,) = runner.compute(pass_graph(tasks, "clear-border"), label="clear border")
+    return sum(written)
+
+
+def _clear_task(index, *, grid, labels, out, offset, near) -> bool:
+    found = [border_path(out, n) for n in _neighbourhood(index, near, grid.counts)]
+    dropped = [pq.read_table(f).to_pandas() for f in found if f.exists()]
+    if not dropped:
+        return False
+    rows = pd.concat(dropped)
+    core = [slice(s.start + o, s.stop + o) for s, o in zip(grid.core(index), offset, strict=True)]
+    axes = "zyx"[-len(core) :]
+    # each left-out nucleus' bbox within the block: O(its bbox) per nucleus, not a test of
+    # every voxel of the block against every left-out label
+    lo = np.maximum(rows[[f"bbox_min_{a}" for a in axes]].to_numpy(), [s.start for s in core])
+    hi = np.minimum(rows[[f"bbox_max_{a}" for a in axes]].to_numpy(), [s.stop for s in core])
+    inside = (lo < hi).all(1)
+    if not inside.any():
+        return False
+    block = np.asarray(labels[tuple(core)])
+    for label, a, b in zip(rows["label"].to_numpy()[inside], lo[inside], hi[inside], strict=True):
+        box = tuple(slice(x - s.start, y - s.start) for x, y, s in zip(a, b, core, strict=True))
+        view = block[box]
+        view[view == label] = 0
+    labels[tuple(core)] = block
+    return True
 
 
 def _write_parquet(path: Path, rows: pd.DataFrame, metadata: dict[str, Any]) -> None:
@@ -368,7 +597,8 @@ def _write_parquet(path: Path, rows: pd.DataFrame, metadata: dict[str, Any]) -> 
 def write(table: Table, output: Path, *, single_file_rows: int, empty: pd.DataFrame) -> str:
     """Write ``nuclei.parquet`` (and ``nuclei.csv``) into ``output``; returns how.
 
-    Up to ``single_file_rows`` rows: one Parquet file sorted by label, and a CSV. Above:
+    Up to ``single_file_rows`` rows: one Parquet file sorted by label (by ``t``, then label,
+    in a time-lapse), and a CSV. Above:
     the parts, moved into the folder ``nuclei.parquet/`` with a ``_common_metadata`` file,
     and no CSV. ``empty`` is the table's schema with no rows (for a run without nuclei).
     """
@@ -377,7 +607,8 @@ def write(table: Table, output: Path, *, single_file_rows: int, empty: pd.DataFr
         shutil.rmtree(final)
     if table.rows <= single_file_rows:
         frames = [pq.ParquetFile(p).read().to_pandas() for p in table.parts] or [empty]
-        rows = pd.concat(frames, ignore_index=True).sort_values("label", ignore_index=True)
+        order = ["t", "label"] if "t" in frames[0].columns else "label"  # a time-lapse: by t
+        rows = pd.concat(frames, ignore_index=True).sort_values(order, ignore_index=True)
         _write_parquet(final, rows, table.metadata)
         csv = output / "nuclei.csv"
         partial_csv = csv.with_name(".nuclei.csv.partial")

@@ -6,13 +6,15 @@ their region, so the graph pickles and runs on process, LocalCluster and SLURM w
 
 Layout: ``source`` (the ``Source`` protocol every format produces), ``formats`` (the registry
 ``open_stack`` consults), one module per format family (``zarr_format``, ``tiff_format``),
-``stack`` (``Stack``, ``open_stack`` and the axis policy), ``writers`` (OME-Zarr output).
+``stack`` (``Stack``, ``open_stack`` and the axis policy), ``writers`` (OME-Zarr output),
+``timelapse`` (one time point of a label image with a time axis).
 """
 
 from nucflow.io.formats import Format, register_format, supported_formats
 from nucflow.io.source import SUPPORTED_DTYPES, ChunkListing, Source
 from nucflow.io.stack import Stack, open_stack
 from nucflow.io.tiff_format import TiffFormat, TiffSlicesFormat
+from nucflow.io.timelapse import TimePoint, clear_timepoint
 from nucflow.io.writers import create_label_zarr, write_ome_zarr
 from nucflow.io.zarr_format import ZarrFormat
 
@@ -31,6 +33,8 @@ __all__ = [
     "Format",
     "Source",
     "Stack",
+    "TimePoint",
+    "clear_timepoint",
     "create_label_zarr",
     "open_stack",
     "register_format",

@@ -33,6 +33,7 @@ __all__ = [
     "file_token",
     "natural_key",
     "one_line",
+    "seconds",
 ]
 
 SUPPORTED_DTYPES = "unsigned/signed integers, float32, float64"
@@ -45,6 +46,15 @@ UM_PER_UNIT = {
     "\\u00b5m": 1.0,
     "millimeter": 1e3, "mm": 1e3, "centimeter": 1e4, "cm": 1e4, "meter": 1e6, "m": 1e6,
     "inch": 25400.0, "in": 25400.0,
+}  # fmt: skip
+
+# Seconds per unit of time; keys are lower case (OME-Zarr names, OME-TIFF symbols, ImageJ units).
+SECONDS_PER_UNIT = {
+    "second": 1.0, "s": 1.0, "sec": 1.0, "seconds": 1.0,
+    "millisecond": 1e-3, "ms": 1e-3, "msec": 1e-3, "microsecond": 1e-6, "µs": 1e-6, "us": 1e-6,
+    "nanosecond": 1e-9, "ns": 1e-9,
+    "minute": 60.0, "min": 60.0, "minutes": 60.0, "hour": 3600.0, "h": 3600.0, "hr": 3600.0,
+    "hours": 3600.0, "day": 86400.0, "d": 86400.0,
 }  # fmt: skip
 
 #: A region of a source: one int (axis fixed and dropped) or slice per axis, as numpy indexes.
@@ -86,6 +96,7 @@ class Image:
     scale: tuple[float | None, ...]  # µm per voxel per axis, None where unknown
     native_chunks: tuple[int, ...]  # the file's own chunking, to align dask blocks with it
     token: tuple[Any, ...]  # identifies the file version, for deterministic dask keys
+    time_interval_s: float | None = None  # seconds between time points, when the file says
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,7 @@ class Selection:
     source: Source
     index: tuple[int | None, ...]  # int: axis fixed at that index and dropped; None: kept
     path: str
+    roles: str = ""  # per axis of the source: t, c, s or d (see stack._resolve_roles)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -225,6 +237,16 @@ def file_token(path: str) -> tuple[str, int, int]:
     """Identity of one file's version: its absolute path, modification time and size."""
     st = os.stat(path)
     return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+
+def seconds(value: Any, unit: Any) -> float | None:
+    """``value`` in ``unit`` as seconds: None unless both are known and the interval positive."""
+    factor = SECONDS_PER_UNIT.get(str(unit).lower())
+    try:
+        interval = float(value) * factor if factor is not None else None
+    except (TypeError, ValueError):
+        return None
+    return interval if interval is not None and np.isfinite(interval) and interval > 0 else None
 
 
 def check_level(level: int, n_levels: int, path: str) -> None:

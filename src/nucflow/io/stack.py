@@ -1,12 +1,14 @@
 """``Stack``, the opened image, and ``open_stack``, which makes one from any registered format.
 
-The axis policy lives here: whatever the format, a Stack holds the spatial axes of time
-point 0 of one channel, in µm when the file says so.
+The axis policy lives here: whatever the format, a Stack holds the spatial axes of one time
+point (0 unless asked) of one channel, in µm when the file says so; ``Stack.at(t)`` is the same
+stack at another time point.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 from collections.abc import Sequence
@@ -42,6 +44,13 @@ class Stack:
         The path that was opened.
     n_channels : int
         Number of channels in the file (1 if it has no channel axis).
+    n_timepoints : int
+        Number of time points in the file (1 if it has no time axis).
+    timepoint : int
+        The time point ``data`` holds (0-based index along the file's time axis).
+    time_interval_s : float or None
+        Seconds between time points, when the metadata says (OME-Zarr time scale with a unit,
+        OME-TIFF ``TimeIncrement``, ImageJ ``finterval``).
     """
 
     data: da.Array
@@ -50,6 +59,9 @@ class Stack:
     voxel_size_known: bool
     path: str
     n_channels: int
+    n_timepoints: int = 1
+    timepoint: int = 0
+    time_interval_s: float | None = None
     # Reads ``data``'s voxels from the file: a Selection of the file's source, or a Cropped one.
     _selection: Selection | Cropped | None = field(default=None, repr=False, compare=False)
 
@@ -58,6 +70,34 @@ class Stack:
         """A small picklable object: ``reader[region]`` reads those voxels of ``data`` from the
         file directly (as each task of ``data`` does), as a numpy array, without a dask graph."""
         return self._selection if self._selection is not None else Computing(self.data)
+
+    def at(self, timepoint: int) -> Stack:
+        """This stack at another time point: same channel, blocks, crop and voxel size.
+
+        Parameters
+        ----------
+        timepoint : int
+            0-based index along the file's time axis.
+
+        Returns
+        -------
+        Stack
+            Lazy and picklable as this one.
+
+        Raises
+        ------
+        ParameterError
+            ``timepoint`` is not in ``0..n_timepoints - 1``.
+        """
+        _check_timepoint(timepoint, self.n_timepoints, self.path)
+        if timepoint == self.timepoint:
+            return self
+        reader = _reader_at(self.reader, int(timepoint))
+        name = "open_stack-" + tokenize(self.data.name, timepoint)
+        data = da.from_array(
+            reader, chunks=self.data.chunks, name=name, meta=self.data._meta, asarray=True
+        )
+        return dataclasses.replace(self, data=data, timepoint=int(timepoint), _selection=reader)
 
     def crop(self, box: Sequence[slice]) -> Stack:
         """The part ``box`` of this stack as a stack of its own (coordinates start at 0).
@@ -99,6 +139,7 @@ def open_stack(
     channel: int | None = None,
     level: int = 0,
     chunks: Sequence[int] | None = None,
+    timepoint: int = 0,
 ) -> Stack:
     """Open an image lazily as a dask array of its spatial axes.
 
@@ -120,11 +161,14 @@ def open_stack(
     chunks : sequence of int, optional
         Block shape of ``data``, one positive int per spatial axis. Default: multiples of
         the file's own chunks (pages, tiles) of about dask's ``array.chunk-size``.
+    timepoint : int, optional
+        Index along the time axis (OME ``t``, ImageJ/OME-TIFF ``T``); ``n_timepoints`` says
+        how many there are. Default 0 (also the only valid value without a time axis).
 
     Returns
     -------
     Stack
-        ``data`` is a (Z, Y, X) or (Y, X) dask array holding time point 0 of ``channel``;
+        ``data`` is a (Z, Y, X) or (Y, X) dask array holding ``timepoint`` of ``channel``;
         ``voxel_size`` is in µm, from OME-Zarr scale, OME-TIFF PhysicalSize or ImageJ
         resolution/spacing. If any spatial axis lacks a physical size, all are 1.0 and
         ``voxel_size_known`` is False (units are then pixels).
@@ -140,19 +184,22 @@ def open_stack(
     DtypeError
         The pixel type is not an integer or float32/float64.
     ParameterError
-        ``channel``, ``level`` or ``chunks`` is invalid.
+        ``channel``, ``level``, ``chunks`` or ``timepoint`` is invalid.
     """
     _check_index("level", level)
+    _check_index("timepoint", timepoint)
     if channel is not None:
         _check_index("channel", channel, allow_negative=True)
     name = os.fspath(path)
     if not isinstance(name, str):
         raise ParameterError(f"`path` must be a str path, got {name!r}")
     image = read_image(name, level)
-    return _to_stack(image, name, channel, chunks)
+    return _to_stack(image, name, channel, chunks, timepoint)
 
 
-def _to_stack(image: Image, path: str, channel: int | None, chunks: Any) -> Stack:
+def _to_stack(
+    image: Image, path: str, channel: int | None, chunks: Any, timepoint: int = 0
+) -> Stack:
     shape, dtype = tuple(image.source.shape), np.dtype(image.source.dtype)
     if 0 in shape:
         raise ShapeError(
@@ -172,9 +219,16 @@ def _to_stack(image: Image, path: str, channel: int | None, chunks: Any) -> Stac
         )
     n_channels = shape[chan_axes[0]] if chan_axes else 1
     chan = _check_channel(channel, n_channels, path)
-    index = tuple({"t": 0, "c": chan, "d": 0}.get(r) for r in roles)
+    time_axes = [i for i, r in enumerate(roles) if r == "t"]
+    n_timepoints = math.prod(shape[i] for i in time_axes)
+    if len(time_axes) > 1:
+        raise ShapeError(
+            f"{path} has shape {shape} with {len(time_axes)} time axes; nucflow supports one"
+        )
+    _check_timepoint(timepoint, n_timepoints, path)
+    index = tuple({"t": int(timepoint), "c": chan, "d": 0}.get(r) for r in roles)
     spatial = [i for i, r in enumerate(roles) if r == "s"]
-    sel = Selection(image.source, index, path)
+    sel = Selection(image.source, index, path, roles)
     blocks = _block_shape(chunks, sel.shape, dtype, [image.native_chunks[i] for i in spatial])
     name = "open_stack-" + tokenize(image.token, index, blocks)
     data = da.from_array(
@@ -184,7 +238,31 @@ def _to_stack(image: Image, path: str, channel: int | None, chunks: Any) -> Stac
     known = all(s is not None and np.isfinite(s) and s > 0 for s in sizes)
     voxel = tuple(float(s) for s in sizes if s is not None) if known else (1.0,) * len(spatial)
     axes = "zyx"[-len(spatial) :]
-    return Stack(data, voxel, axes, known, path, n_channels, sel)
+    interval = image.time_interval_s if n_timepoints > 1 else None
+    return Stack(
+        data, voxel, axes, known, path, n_channels, n_timepoints, int(timepoint), interval, sel
+    )
+
+
+def _reader_at(reader: Source, timepoint: int) -> Selection | Cropped:
+    """``reader`` (a Selection, or a crop of one) reading another time point."""
+    if isinstance(reader, Cropped):
+        return Cropped(_reader_at(reader.source, timepoint), reader.box)
+    if not isinstance(reader, Selection):
+        raise ParameterError("`Stack.at` needs a stack opened by open_stack, not a computed one")
+    roles_t = [i for i, r in enumerate(reader.roles) if r == "t"]
+    index = list(reader.index)
+    index[roles_t[0]] = timepoint
+    return dataclasses.replace(reader, index=tuple(index))
+
+
+def _check_timepoint(timepoint: Any, n_timepoints: int, path: str) -> None:
+    _check_index("timepoint", timepoint)
+    if timepoint >= n_timepoints:
+        raise ParameterError(
+            f"`timepoint` {timepoint} is out of range: {path} has {n_timepoints} time point(s); "
+            f"valid range 0..{n_timepoints - 1}"
+        )
 
 
 def _resolve_roles(roles: str | None, shape: tuple[int, ...], path: str) -> str:

@@ -31,6 +31,7 @@ from nucflow.io.source import (
     file_token,
     natural_key,
     one_line,
+    seconds,
 )
 
 __all__ = ["SliceSource", "TiffFormat", "TiffSlicesFormat", "TiffSource"]
@@ -184,6 +185,7 @@ def _read_tiff_file(path: str, level: int) -> Image:
             native = (page.tilelength, page.tilewidth) if page.is_tiled else page.shape[:2]
             roles = "".join(_TIFF_ROLES.get(a, "?") for a in s.axes)
             sizes = _tiff_physical_sizes(tif)
+            interval = _tiff_interval(tif) if "T" in s.axes else None
             scale = _tiff_scale(s.axes, sizes, series.shape, s.shape)
             native_full = tuple(
                 native[0] if a == "Y" else native[1] if a == "X" else 1 for a in s.axes
@@ -195,7 +197,24 @@ def _read_tiff_file(path: str, level: int) -> Image:
         raise FormatError(
             f"{path} cannot be read as TIFF ({one_line(e)}); check that the file is complete"
         ) from e
-    return Image(source, roles, scale, native_full, file_token(path) + (level,))
+    return Image(source, roles, scale, native_full, file_token(path) + (level,), interval)
+
+
+def _tiff_interval(tif: tifffile.TiffFile) -> float | None:
+    """Seconds between time points: OME ``TimeIncrement`` or ImageJ ``finterval``."""
+    if tif.is_ome and tif.ome_metadata:
+        try:
+            pixels = ET.fromstring(tif.ome_metadata).find(".//{*}Image/{*}Pixels")
+        except ET.ParseError:
+            return None
+        if pixels is None:
+            return None
+        # "s" is the OME schema's default unit of TimeIncrement.
+        return seconds(pixels.get("TimeIncrement"), pixels.get("TimeIncrementUnit", "s"))
+    meta = tif.imagej_metadata if tif.is_imagej else None
+    if meta and "finterval" in meta:
+        return seconds(meta["finterval"], meta.get("tunit", "sec"))  # ImageJ's default: sec
+    return None
 
 
 _TIFF_ROLES = {"T": "t", "C": "c", "S": "c", "Z": "s", "Y": "s", "X": "s"}

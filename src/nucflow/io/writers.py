@@ -106,6 +106,8 @@ def create_label_zarr(
     axes: str | None = None,
     dtype: str | np.dtype = "uint64",
     overwrite: bool = False,
+    timepoints: int | None = None,
+    time_interval_s: float | None = None,
 ) -> zarr.Array:
     """Create an empty (all 0) OME-Zarr label image for workers to fill in parallel.
 
@@ -130,6 +132,12 @@ def create_label_zarr(
         Integer label type, default uint64.
     overwrite : bool, optional
         Replace an existing ``path``; otherwise an existing path raises OutputError.
+    timepoints : int, optional
+        Add a leading time axis of this length (NGFF axis ``t`` of type ``time``; array
+        ``(T, *shape)`` in chunks of one time point, ``(1, *chunks)``).
+    time_interval_s : float, optional
+        Seconds between time points: the time axis' scale, with unit ``second`` (without it,
+        scale 1 and no unit).
 
     Returns
     -------
@@ -142,12 +150,18 @@ def create_label_zarr(
     chunks = _check_shape_like("chunks", chunks, len(shape))
     axes = _check_axes(axes, len(shape))
     scale, unit = _check_voxel_size(voxel_size, len(shape))
+    time_unit = None
+    if timepoints is not None:
+        (timepoints,) = _check_shape_like("timepoints", [timepoints], 1)
+        shape, chunks, axes = (timepoints, *shape), (1, *chunks), "t" + axes
+        time_unit = "second" if time_interval_s else None
+        scale = [float(time_interval_s or 1.0), *scale]
     dt = np.dtype(dtype)
     if dt.kind not in "ui":
         raise DtypeError(f"`dtype` {dt} is not an integer type; label images need e.g. uint64")
     _prepare_output(path, overwrite)
     root = zarr.open_group(path, mode="w", zarr_format=2)
-    arr = _create_level(root, shape, chunks, dt, axes, scale, unit, "labels")
+    arr = _create_level(root, shape, chunks, dt, axes, scale, unit, "labels", time_unit)
     root.attrs["image-label"] = {"version": "0.4"}
     return arr
 
@@ -219,8 +233,12 @@ def _create_level(
     scale: list[float],
     unit: str | None,
     name: str,
+    time_unit: str | None = None,
 ) -> zarr.Array:
-    """Create dataset "0" of ``group`` and the group's NGFF 0.4 multiscales metadata."""
+    """Create dataset "0" of ``group`` and the group's NGFF 0.4 multiscales metadata.
+
+    ``axes`` is spatial (``"zyx"``, ``"yx"``), or a leading ``"t"`` and spatial axes.
+    """
     arr = group.create_array(
         "0",
         shape=tuple(shape),
@@ -231,7 +249,12 @@ def _create_level(
         chunk_key_encoding={"name": "v2", "separator": "/"},
         config={"write_empty_chunks": False},
     )
-    axes_meta = [{"name": a, "type": "space", **({"unit": unit} if unit else {})} for a in axes]
+    axes_meta = [
+        {"name": a, "type": "time", **({"unit": time_unit} if time_unit else {})}
+        if a == "t"
+        else {"name": a, "type": "space", **({"unit": unit} if unit else {})}
+        for a in axes
+    ]
     group.attrs["multiscales"] = [
         {
             "version": "0.4",

@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 
 from nucflow.errors import FormatError, NucflowError
-from nucflow.io.source import UM_PER_UNIT, Image, Key, check_level, one_line
+from nucflow.io.source import UM_PER_UNIT, Image, Key, check_level, one_line, seconds
 
 __all__ = ["ZARR_MARKERS", "ZarrFormat", "ZarrSource"]
 
@@ -215,8 +215,11 @@ def _ome_zarr(group: zarr.Group, ms: Mapping[str, Any], path: str, level: int) -
             # No unit but a real scale: writers such as ome-zarr-py leave it out; assume µm.
             factor = UM_PER_UNIT.get((units[i] or "micrometer").lower())
             um[i] = None if factor is None else scale[i] * factor
+    # A time axis' scale is the interval between time points, if it has a unit of time.
+    times = [i for i, r in enumerate(roles or "") if r == "t"]
+    interval = seconds(scale[times[0]], units[times[0]]) if times else None
     source = ZarrSource(arr)
-    return Image(source, roles, tuple(um), source.chunk_grid, _zarr_token(path, arr))
+    return Image(source, roles, tuple(um), source.chunk_grid, _zarr_token(path, arr), interval)
 
 
 def _ngff_axes(axes: Any, ndim: int, path: str) -> tuple[str | None, list[str | None]]:
