@@ -472,3 +472,22 @@ def test_demo_scores_itself_and_keeps_earlier_folders(capsys, tmp_path):
     assert main(["demo", "--output", str(foreign), "--overwrite"]) == 2  # ...and so is this
     assert "is not a nucflow demo folder" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep"
+
+
+def test_help_imports_nothing_heavy_and_a_run_skips_scipy_stats():
+    """`nucflow --help` (issue 14: under 0.3 s) loads no numerical library; the run's modules
+    leave out scipy.stats (0.4 s) and matplotlib (only the QC pictures import it)."""
+    import subprocess
+    import sys
+
+    def loaded(code: str, names: list[str]) -> list[str]:
+        code += f"\nimport sys; print(*[m for m in {names} if m in sys.modules], sep=',')"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        return out.stdout.splitlines()[-1].split(",") if out.stdout.strip() else []
+
+    heavy = ["numpy", "scipy", "dask", "pandas", "zarr", "skimage", "matplotlib"]
+    help_code = (
+        "from nucflow.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+    )
+    assert loaded(help_code, heavy) == [""]
+    assert loaded("import nucflow.pipeline", ["scipy.stats", "matplotlib", "dask"]) == ["dask"]

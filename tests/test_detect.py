@@ -45,6 +45,23 @@ def test_blob_response_is_the_scale_normalized_laplacian_of_gaussian():
     assert np.abs(found - exact).max() <= 0.03 * np.ptp(exact)
 
 
+@pytest.mark.parametrize(
+    "region",
+    [
+        (slice(5, 25), slice(10, 30), slice(0, 50)),  # touches the x faces
+        (slice(0, 30), slice(0, 1), slice(49, 50)),  # one voxel at two faces
+        (slice(7, 9), slice(12, 33), slice(20, 31)),
+    ],
+)
+def test_blob_response_of_a_region_is_the_whole_response_there(region):
+    """The cropped Gaussian passes and differences give exactly the whole response's voxels."""
+    rng = np.random.default_rng(3)
+    image = rng.normal(100, 10, size=(30, 40, 50)).astype(np.float32)
+    params = _params(voxel=(1.0, 0.5, 0.5))
+    whole = blob_response(image, params)
+    np.testing.assert_array_equal(blob_response(image, params, region), whole[region])
+
+
 def test_noise_level_is_the_background_spread_whatever_the_nuclei():
     """Gaussian background noise of sd 3 under 30 % bright nuclei: the estimate is within 5 %."""
     rng = np.random.default_rng(1)

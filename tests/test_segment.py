@@ -108,3 +108,41 @@ def test_bad_parameters_are_named():
         SegmentParams((1.0, 1.0), 1.0, 1.0, 0.0)
     with pytest.raises(ParameterError, match="`voxel_size` must be > 0"):
         SegmentParams((1.0, -1.0), 1.0, 1.0, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "region", "half", "levels"),
+    [
+        ((20, 40, 40), (slice(0, 20), slice(0, 40), slice(0, 40)), (2, 4, 4), 2),  # plateaus
+        ((20, 40, 40), (slice(0, 20), slice(0, 40), slice(0, 40)), (2, 4, 4), 200),  # few ties
+        ((20, 40, 40), (slice(3, 17), slice(0, 25), slice(30, 40)), (2, 4, 4), 200),
+        ((20, 40, 40), (slice(5, 15), slice(9, 31), slice(9, 31)), (1, 3, 2), 0),  # floats
+        ((30, 50), (slice(0, 30), slice(10, 50)), (3, 3), 0),
+        ((30, 50), (slice(0, 30), slice(0, 50)), (2, 5), 2),
+        ((30, 50), (slice(0, 30), slice(10, 50)), (2, 5), 200),
+    ],
+)
+def test_box_maxima_equals_the_maximum_filter(shape, region, half, levels):
+    """Both paths (few candidates: direct boxes; plateaus: scipy's filter) give the voxels
+    where the maximum filter of the region with its clipped box context equals the value."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    values = ndimage.gaussian_filter(rng.random(shape, dtype=np.float32), 1.5)
+    if levels:  # integer plateaus, as capped distances have
+        scaled = (values - values.min()) / (values.max() - values.min())
+        values = np.floor(scaled * levels).astype(np.int32)
+    candidate = values[region] >= np.median(values)
+    around = tuple(
+        slice(max(0, s.start - h), min(n, s.stop + h))
+        for s, h, n in zip(region, half, shape, strict=True)
+    )
+    box = tuple(2 * h + 1 for h in half)
+    peak = ndimage.maximum_filter(values[around], size=box, mode="reflect")
+    inside = tuple(
+        slice(s.start - a.start, s.stop - a.start) for s, a in zip(region, around, strict=True)
+    )
+    expected = np.argwhere(candidate & (values[region] == peak[inside])) + [s.start for s in region]
+    found = segment.box_maxima(values, region, half, candidate)
+    np.testing.assert_array_equal(found, expected)
+    assert len(expected) > 0

@@ -39,7 +39,7 @@ from scipy import ndimage
 
 from nucflow.blockpass import padded
 from nucflow.errors import ParameterError
-from nucflow.segment import whole_voxels
+from nucflow.segment import box_maxima, whole_voxels
 
 __all__ = ["DetectParams", "blob_response", "foreground", "noise_gain", "noise_level", "seeds"]
 
@@ -111,7 +111,9 @@ class DetectParams:
         return tuple(max(2 * m, m + p + r) for m, p, r in zip(reach, peak, response, strict=True))
 
 
-def blob_response(image: np.ndarray, params: DetectParams) -> np.ndarray:
+def blob_response(
+    image: np.ndarray, params: DetectParams, region: tuple[slice, ...] | None = None
+) -> np.ndarray:
     """Scale-normalized negative Laplacian of Gaussian, in physical units (float32).
 
     The Gaussian is scipy's; the Laplacian of it is taken by central differences (one
@@ -121,21 +123,54 @@ def blob_response(image: np.ndarray, params: DetectParams) -> np.ndarray:
     ----------
     image : (M, N[, P]) ndarray
     params : DetectParams
+    region : tuple of slice, optional
+        Where the response is wanted (default: everywhere). Each Gaussian pass then runs only
+        on the lines the later passes and the differences need: the values are the same.
 
     Returns
     -------
-    (M, N[, P]) ndarray of float32
-        Positive at bright blobs; equal, away from a block's edges, to the whole-array result.
+    ndarray of float32
+        Shaped like ``image[region]``. Positive at bright blobs; equal, away from a block's
+        edges, to the whole-array result.
     """
-    smooth = ndimage.gaussian_filter(
-        np.asarray(image, np.float32), params.scale, mode="reflect", truncate=_TRUNCATE
-    )
-    sigma_um2 = (params.blob_radius / math.sqrt(smooth.ndim)) ** 2
-    total = np.zeros(smooth.shape, np.float32)
+    data = np.asarray(image, np.float32)
+    ndim = data.ndim
+    region = tuple(slice(0, n) for n in data.shape) if region is None else region
+    ext = padded(region, (1,) * ndim, data.shape)  # the differences' neighbours
+    smooth = _gaussian_within(data, params.scale, ext)
+    # Beyond the image's faces scipy's mode="reflect" repeats the edge voxel: pad where ext
+    # was clipped, so ``smooth`` is ``region`` grown by one voxel on every side.
+    pad = [
+        (1 - (r.start - e.start), 1 - (e.stop - r.stop)) for r, e in zip(region, ext, strict=True)
+    ]
+    if any(a or b for a, b in pad):
+        smooth = np.pad(smooth, pad, mode="symmetric")
+    inner = (slice(1, -1),) * ndim
+    twice = smooth[inner] * np.float32(2)
+    sigma_um2 = (params.blob_radius / math.sqrt(ndim)) ** 2
+    total = np.zeros(twice.shape, np.float32)
     for axis, voxel in enumerate(params.voxel_size):
-        second = ndimage.correlate1d(smooth, [1.0, -2.0, 1.0], axis=axis, mode="reflect")
-        total += second * np.float32(sigma_um2 / voxel**2)
-    return -total
+        before, after = list(inner), list(inner)
+        before[axis], after[axis] = slice(0, -2), slice(2, None)
+        second = smooth[tuple(before)] + smooth[tuple(after)]  # float32 in place: 3x faster
+        second -= twice  # than scipy's correlate1d, which works in float64
+        second *= np.float32(sigma_um2 / voxel**2)
+        total += second
+    return np.negative(total, out=total)
+
+
+def _gaussian_within(
+    data: np.ndarray, sigma: tuple[float, ...], keep: tuple[slice, ...]
+) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(data, sigma, mode="reflect")[keep]`` (float32): the same
+    1-D passes in the same order, each axis cut to ``keep`` once it is filtered."""
+    out = data
+    for axis, s in enumerate(sigma):
+        out = ndimage.gaussian_filter1d(out, s, axis=axis, mode="reflect", truncate=_TRUNCATE)
+        cut = [slice(None)] * data.ndim
+        cut[axis] = keep[axis]
+        out = out[tuple(cut)]
+    return out
 
 
 def seeds(
@@ -164,19 +199,12 @@ def seeds(
         Coordinates in ``response``.
     """
     half = params.voxels(params.peak_radius)
-    around = padded(region, half, response.shape)
-    inside = tuple(
-        slice(r.start - a.start, r.stop - a.start) for r, a in zip(region, around, strict=True)
-    )
-    box = tuple(2 * h + 1 for h in half)
-    peak = ndimage.maximum_filter(response[around], size=box, mode="reflect")[inside]
     inner = response[region]
     level = params.snr * params.noise
     if origin is None or params.stack_shape is None:
-        found = np.argwhere((inner == peak) & (inner >= level))
-        return found + np.array([s.start for s in region])
+        return box_maxima(response, region, half, inner >= level)
     # the gain is evaluated at the local maxima only (it is > 0, so R must be too)
-    found = np.argwhere((inner == peak) & (inner > 0)) + np.array([s.start for s in region])
+    found = box_maxima(response, region, half, inner > 0)
     gain = noise_gain(params, found + np.array(origin))
     return found[response[tuple(found.T)] >= level * gain]
 
@@ -297,7 +325,12 @@ def foreground(
     stop = np.array([c.stop for c in core])
     mask = np.zeros(tuple(stop - start), bool)
     offsets = _ball(params)
-    for seed in seeds(blob_response(data, params), params, near, origin=origin):
+    # The response is needed where seeds may be (near) and in their boxes.
+    around = padded(near, params.voxels(params.peak_radius), data.shape)
+    corner = np.array([a.start for a in around])
+    response = blob_response(data, params, around)
+    at = None if origin is None else tuple(int(o) for o in np.add(origin, corner))
+    for seed in seeds(response, params, _shifted(near, -corner), origin=at) + corner:
         if not data[tuple(seed)] > 0:  # a blob below the background has no contrast to share
             continue
         lo, hi = seed - reach, seed + reach + 1
@@ -311,6 +344,10 @@ def foreground(
         out = tuple(slice(a, b) for a, b in zip(cut_lo - start, cut_hi - start, strict=True))
         mask[out] |= claim[inner]
     return mask
+
+
+def _shifted(region: tuple[slice, ...], by: np.ndarray) -> tuple[slice, ...]:
+    return tuple(slice(r.start + b, r.stop + b) for r, b in zip(region, by, strict=True))
 
 
 def _ball(params: DetectParams) -> np.ndarray:
