@@ -356,3 +356,31 @@ def test_tissue_mask_preprocessing_equals_the_whole_array_steps(stack3d, tmp_pat
             downsample=params.background_downsample,
         ).compute()
     np.testing.assert_array_equal(image, expected)
+
+
+def test_tune_reads_the_tissue_mask_over_its_region(stack3d, tmp_path):
+    """`nucflow tune --region` with a tissue mask of the whole stack: the region of the mask
+    goes with the region of the image (as a run on both regions cut out as files of their own)."""
+    source, made = stack3d
+    tissue = np.ones(made.image.shape, np.uint8)
+    tissue[:, :60, :] = 0  # the mask's edge runs through the region
+    mask = tmp_path / "tissue.ome.zarr"
+    io.write_ome_zarr(mask, tissue, made.voxel_size)
+    region = (slice(0, 40), slice(30, 110), slice(20, 120))
+    cut, cut_mask = tmp_path / "cut.ome.zarr", tmp_path / "cut-tissue.ome.zarr"
+    io.write_ome_zarr(cut, made.image[region], made.voxel_size)
+    io.write_ome_zarr(cut_mask, tissue[region], made.voxel_size)
+    common = ["--chunks", "8", "32", "32", "--set"]
+    tuned, whole = tmp_path / "tuned", tmp_path / "cut-run"
+    box = [f"{s.start}:{s.stop}" for s in region]
+    argv = ["tune", "--input", str(source), "--output", str(tuned), "--region", *box]
+    assert main([*argv, *common, f"preprocess.tissue_mask={mask}"]) == 0
+    argv = ["run", "--input", str(cut), "--output", str(whole)]
+    assert main([*argv, *common, f"preprocess.tissue_mask={cut_mask}"]) == 0
+    table = pd.read_parquet(tuned / "nuclei.parquet")
+    assert len(table) > 0
+    pd.testing.assert_frame_equal(table, pd.read_parquet(whole / "nuclei.parquet"))
+    labels = [
+        zarr.open_array(str(d / "labels.ome.zarr" / "0"), mode="r")[:] for d in (tuned, whole)
+    ]
+    np.testing.assert_array_equal(*labels)

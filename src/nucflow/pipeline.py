@@ -362,7 +362,9 @@ def _tissue_smoothed(run: Run) -> da.Array:
     stacks; its memory is not bounded by construction)."""
     p = run.params
     assert p.tissue_mask is not None  # preprocess reads it only when one is given
-    tissue = io.open_stack(p.tissue_mask).data[run.region].rechunk(p.chunks) > 0
+    # the mask covers the whole file: a region of it (nucflow tune) reads the same region
+    where = _shifted(run.region, run.stack.origin)
+    tissue = io.open_stack(p.tissue_mask).data[where].rechunk(p.chunks) > 0
     sigma = tuple(p.sigma / v for v in p.voxel_size)
     data = _refuse_non_finite(run.data, run.stack.path)
     return filters.normalized_convolution(data, tissue, sigma).astype(np.float32)

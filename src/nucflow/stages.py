@@ -75,7 +75,8 @@ class Stage:
 
 
 def _tissue_mask_matches(stack: io.Stack, params: Params) -> None:
-    """A tissue mask must open and have the stack's spatial shape."""
+    """A tissue mask must open and have the stack's spatial shape (the whole file's, for a
+    region of it: ``nucflow tune``)."""
     if not params.tissue_mask:
         return
     from nucflow import io
@@ -84,10 +85,10 @@ def _tissue_mask_matches(stack: io.Stack, params: Params) -> None:
         mask = io.open_stack(params.tissue_mask)
     except NucflowError as e:
         raise ConfigError(f"`preprocess.tissue_mask`: {e}") from None
-    if tuple(mask.data.shape) != tuple(stack.data.shape):
+    if tuple(mask.data.shape) != stack.uncropped_shape:
         raise ConfigError(
             f"`preprocess.tissue_mask` {params.tissue_mask} has shape {tuple(mask.data.shape)} "
-            f"but the input has {tuple(stack.data.shape)}; give a mask of the input's shape"
+            f"but the input has {stack.uncropped_shape}; give a mask of the input's shape"
         )
 
 

@@ -71,6 +71,26 @@ class Stack:
         file directly (as each task of ``data`` does), as a numpy array, without a dask graph."""
         return self._selection if self._selection is not None else Computing(self.data)
 
+    @property
+    def origin(self) -> tuple[int, ...]:
+        """Where ``data[0, ...]`` lies in the file's spatial axes (not 0 for a crop)."""
+        origin = [0] * self.data.ndim
+        selection: object = self._selection
+        while isinstance(selection, Cropped):
+            origin = [o + b.start for o, b in zip(origin, selection.box, strict=True)]
+            selection = selection.source
+        return tuple(origin)
+
+    @property
+    def uncropped_shape(self) -> tuple[int, ...]:
+        """The spatial shape of the file's stack that ``data`` was cropped from (if it was)."""
+        selection: object = self._selection
+        while isinstance(selection, Cropped):
+            if not isinstance(selection.source, Cropped):
+                return tuple(selection.source.shape)
+            selection = selection.source
+        return tuple(self.data.shape)
+
     def at(self, timepoint: int) -> Stack:
         """This stack at another time point: same channel, blocks, crop and voxel size.
 
