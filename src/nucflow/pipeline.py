@@ -1010,9 +1010,10 @@ def _fresh_labels(run: Run) -> zarr.Array | io.TimePoint:
     if run.time is None:
         shape = tuple(run.stack.data.shape)
         return io.create_label_zarr(path, shape, p.chunks, p.voxel_size, overwrite=True)
-    movie = zarr.open_array(str(path / "0"), mode="r+")
-    io.clear_timepoint(movie, run.time)
-    return io.TimePoint(movie, run.time)
+    labels = label_image(run, mode="r+")
+    assert isinstance(labels, io.TimePoint)  # run.time is set: one time point of the movie
+    io.clear_timepoint(labels.array, run.time)
+    return labels
 
 
 def object_spec(run: Run) -> objects.Spec:
