@@ -517,3 +517,39 @@ def test_slurm_job_script_from_dask_config_with_settings_overriding(tmp_path, mo
     assert "#SBATCH -t 00:07:00" in script  # settings beat the user's config
     assert "#SBATCH --comment=nucflow-test" in script
     assert set(_squeue("-o", "%i")) == before
+
+
+def _freed_array_stays_mapped() -> bool:
+    """Allocate, touch and free a 48 MiB array (above glibc's largest mmap threshold, within
+    a thread's arena): is it still in this process' RSS?"""
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = rss()
+    array = np.ones(48 * 2**20, np.uint8)
+    del array
+    return rss() - before > 40 * 2**20
+
+
+def _in_fresh_python(code: str) -> str:
+    root = Path(__file__).resolve().parents[1]
+    script = f"import tests.test_cluster as t\n{code}"
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def test_every_backend_keeps_freed_block_arrays_mapped():
+    """glibc unmaps a freed 48 MiB array at once (the control, in a fresh process); in the
+    processes a run computes in (threads: this one; processes; LocalCluster workers) it is kept
+    for the next task, which saves a page fault per 4 KiB of every array of every task."""
+    assert _in_fresh_python("print(t._freed_array_stays_mapped())") == "False"
+    check = dask.delayed(_freed_array_stays_mapped)()
+    for spec, settings in (("processes", {"num_workers": 1}), ("local", {"n_workers": 1})):
+        with connect(spec, settings=settings, progress=False) as runner:
+            (kept,) = runner.compute(check)
+            assert kept, spec
+            if runner.client is not None:
+                assert all(runner.client.run(_freed_array_stays_mapped).values())
+    threads = "with t.connect('threads', progress=False): print(t._freed_array_stays_mapped())"
+    assert _in_fresh_python(threads) == "True"

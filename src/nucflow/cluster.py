@@ -24,6 +24,7 @@ connect to it; its dashboard listens on 127.0.0.1 unless ``dashboard_address`` s
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import difflib
 import inspect
 import ipaddress
@@ -613,6 +614,7 @@ class _Pool(Backend):
         # The scheduler function itself, not its name: for a name, dask imports distributed
         # (0.1 s) to look for a Client first.
         scheduler = _pool_scheduler(self.name)
+        keep_freed_arrays()
         config: dict[str, Any] = {"scheduler": scheduler}
         if num_workers is not None:
             config["num_workers"] = int(num_workers)
@@ -635,7 +637,53 @@ def _process_pool(num_workers: int | None) -> Any:
         os.environ["PYTHONHASHSEED"] = "6640"  # as dask: consistent hashing in the workers
     initializer = partial(mp.initialize_worker_process, user_initializer=None)
     workers = int(num_workers) if num_workers else mp.CPU_COUNT
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context(), initializer=initializer)
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=mp.get_context(),
+        initializer=partial(_initialize_worker_process, initializer),
+    )
+
+
+# glibc's malloc hands every array above its mmap threshold (at most 32 MiB) back to the
+# system when it is freed, and trims a freed heap top above 128 KiB: a pass whose tasks
+# allocate a block's arrays anew then pays a page fault per 4 KiB of each, every task (about
+# a third of a default run's CPU time was spent in the kernel, most of it there). Above these
+# limits the arrays stay mapped for the next task: a process keeps at most its largest task's
+# free arrays once more (at most 256 MiB left at the heap's top).
+_KEEP_MAPPED = 256 * 2**20
+_MALLOPT = {-1: _KEEP_MAPPED, -3: _KEEP_MAPPED}  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+
+
+def keep_freed_arrays() -> bool:
+    """Make glibc's malloc keep freed block-sized arrays for reuse in this process.
+
+    Returns
+    -------
+    bool
+        False where the C library is not glibc (nothing changed).
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in _MALLOPT.items())
+
+
+def _keep_freed_arrays_in_workers(client: Any) -> None:
+    """:func:`keep_freed_arrays` in every worker of ``client``'s cluster, also those started
+    later (adaptive Slurm jobs): for the workers nucflow starts only."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class KeepFreedArrays(WorkerPlugin):
+        def setup(self, worker: Any) -> None:
+            keep_freed_arrays()
+
+    client.register_plugin(KeepFreedArrays(), name="nucflow-keep-freed-arrays")
+
+
+def _initialize_worker_process(initializer: Any) -> None:
+    keep_freed_arrays()
+    initializer()
 
 
 def _pool_scheduler(kind: str) -> Any:
@@ -690,6 +738,7 @@ class _Local(Backend):
         if req.adapt is not None:
             cluster.adapt(minimum=req.adapt[0], maximum=req.adapt[1])
         client = stack.enter_context(Client(cluster))
+        _keep_freed_arrays_in_workers(client)
         local = _is_loopback(kwargs["dashboard_address"].rpartition(":")[0])
         return Runner(
             self.name, client=client, cluster=cluster, progress=progress, dashboard_local=local
@@ -953,6 +1002,7 @@ class _Slurm(Backend):
         if credentials is not None:
             credentials.cluster = cluster
         client = stack.enter_context(Client(cluster))
+        _keep_freed_arrays_in_workers(client)
         local = _is_loopback(kwargs["scheduler_options"]["dashboard_address"].rpartition(":")[0])
         return Runner(
             self.name, client=client, cluster=cluster, progress=progress, dashboard_local=local
