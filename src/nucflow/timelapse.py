@@ -174,7 +174,7 @@ def _prepare_labels(run: pipeline.Run) -> None:
     p, stack = run.params, run.stack
     path = run.output / "labels.ome.zarr"
     shape = (stack.n_timepoints, *stack.data.shape)
-    chunks = (1, *p.chunks)
+    chunks = (1, *pipeline.label_chunks(p.chunks))
     marker = run.output / pipeline.WORK / f"labels{fingerprint.SUFFIX}"
     made_by = _fingerprint(run)
     try:
@@ -187,7 +187,7 @@ def _prepare_labels(run: pipeline.Run) -> None:
         found = io.create_label_zarr(
             path,
             stack.data.shape,
-            p.chunks,
+            chunks[1:],
             p.voxel_size,
             overwrite=True,
             timepoints=stack.n_timepoints,
