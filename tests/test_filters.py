@@ -682,3 +682,20 @@ def test_errors(call, error, match):
         return
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("ndim,connectivity", [(2, 1), (2, 2), (3, 1), (3, 2), (3, 3), (1, 1)])
+def test_component_labels_are_ndimage_labels(ndim, connectivity):
+    """components.label (cc3d in 2D and 3D) numbers components exactly as ndimage.label, for
+    any memory layout (cc3d alone numbers Fortran-ordered arrays in their own order, and
+    mislabels bool input in 8- and 26-connectivity) and down to one-voxel-thin arrays."""
+    rng = np.random.default_rng(ndim + connectivity)
+    structure = ndi.generate_binary_structure(ndim, connectivity)
+    shapes = {1: [(500,)], 2: [(120, 90), (1, 9), (7, 1)], 3: [(30, 40, 50), (1, 6, 5)]}[ndim]
+    for shape in shapes * 20:
+        mask = rng.random(shape) < rng.uniform(0.3, 0.6)
+        for layout in (mask, np.asfortranarray(mask), mask[..., ::-1]):
+            expected, count = ndi.label(layout, structure=structure)
+            labels, found = components.label(layout, connectivity)
+            assert found == count
+            np.testing.assert_array_equal(labels, expected)

@@ -38,6 +38,7 @@ import numpy as np
 from scipy import ndimage
 
 from nucflow.blockpass import padded
+from nucflow.components import label
 from nucflow.errors import ParameterError
 from nucflow.segment import box_maxima, whole_voxels
 
@@ -371,7 +372,7 @@ def _claim(data, seed, lo, hi, ball, fraction) -> np.ndarray:
     in_ball = ball[inner]
     level = fraction * float(data[tuple(seed)])  # > 0: seeds have a positive response
     allowed = (data[box] >= level) & in_ball
-    components, _ = ndimage.label(allowed)
+    components, _ = label(allowed)
     claim = np.zeros(tuple(hi - lo), bool)
     own = components[tuple(seed - clipped_lo)]
     claim[inner] = components == own

@@ -35,6 +35,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from nucflow.blockpass import padded
+from nucflow.components import label
 from nucflow.errors import ParameterError
 
 __all__ = [
@@ -351,7 +352,7 @@ def _squared_offsets(lo, hi, seed, voxel) -> np.ndarray:
 
 
 def _connected_to_seed(allowed: np.ndarray, seed_local: np.ndarray) -> np.ndarray:
-    components, _ = ndimage.label(allowed)
+    components, _ = label(allowed)
     return components == components[tuple(seed_local)]
 
 
