@@ -7,6 +7,7 @@ Example: the seed recipe "closing 5×5 then opening 2×2" on a 2D image is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from nucflow import pipeline, stages
@@ -15,12 +16,17 @@ from nucflow.errors import ParameterError
 STAGES = stages.PREPROCESS  # checked before the run starts
 
 
-def run(job: pipeline.Run) -> dict[str, Any]:
-    if job.timepoints is not None and len(job.timepoints) > 1:
+def check_timepoints(timepoints: Sequence[int] | None) -> None:
+    """Refuse several time points (checked before the output is claimed, and by :func:`run`)."""
+    if timepoints is not None and len(timepoints) > 1:
         raise ParameterError(
-            f"--flow preprocess filters one time point but {len(job.timepoints)} are selected; "
+            f"--flow preprocess filters one time point but {len(timepoints)} are selected; "
             "pass one, e.g. --timepoints 0"
         )
+
+
+def run(job: pipeline.Run) -> dict[str, Any]:
+    check_timepoints(job.timepoints)
     with job.stage("filter"):
         path = pipeline.write_stack(job, pipeline.configured_filters(job), "filtered.ome.zarr")
     return pipeline.finish_stack(job, path)

@@ -256,6 +256,21 @@ def test_bad_timepoints_exit_2_with_one_line(movie3d, tmp_path, capsys, given, m
     assert not out.exists()  # refused before the output is claimed
 
 
+def test_preprocess_flow_with_several_time_points_exits_2_before_claiming(
+    movie3d, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    argv = ["run", "--flow", "preprocess", "--input", str(movie3d["zarr"]), "--output", str(out)]
+    assert main([*argv, "--timepoints", "0,2"]) == 2
+    assert capsys.readouterr().err == (
+        "nucflow run: error: --flow preprocess filters one time point but 2 are selected; pass "
+        "one, e.g. --timepoints 0\n"
+    )
+    assert not out.exists()  # refused before the output is claimed
+    assert main([*argv, "--timepoints", "1"]) == 0
+    assert (out / "filtered.ome.zarr").is_dir()
+
+
 def test_timepoints_on_a_stack_without_time_axis_exit_2(movie3d, tmp_path, capsys):
     alone = movie3d["zarr"].parent / "t0.ome.zarr"
     argv = ["plan", "--input", str(alone), "--timepoints", "0"]

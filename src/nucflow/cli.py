@@ -337,15 +337,20 @@ def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     if points:  # the run's stack is its first time point (the QC pictures show it)
         stack = stack.at(points[0])
     flow = _load_flow(args.flow)
-    _check_flow(flow, stack, params)
+    _check_flow(flow, stack, params, points)
     return _in_run(args, stack, params, config, flow.run, timepoints=points)
 
 
-def _check_flow(flow: ModuleType, stack: Any, params: Any) -> None:
-    """The whole configuration checked against the stack before the output is claimed."""
+def _check_flow(
+    flow: ModuleType, stack: Any, params: Any, timepoints: Sequence[int] | None = None
+) -> None:
+    """The whole configuration checked against the stack (and a flow's own check of the time
+    points, if it has one) before the output is claimed."""
     from nucflow import stages
 
     stages.check(getattr(flow, "STAGES", ()), stack, params)
+    if hasattr(flow, "check_timepoints"):
+        flow.check_timepoints(timepoints)
 
 
 def _in_run(
