@@ -9,7 +9,7 @@ import pytest
 import zarr
 from scipy import ndimage
 
-from nucflow import io, synth
+from nucflow import detect, io, synth
 from nucflow.cli import main
 from nucflow.detect import DetectParams, blob_response, foreground, noise_gain, noise_level
 from nucflow.evaluate import accuracy_report
@@ -43,6 +43,17 @@ def test_blob_response_is_the_scale_normalized_laplacian_of_gaussian():
     exact = -(iso.scale[0] ** 2) * ndimage.gaussian_laplace(image, iso.scale[0])
     found = blob_response(image, iso)
     assert np.abs(found - exact).max() <= 0.03 * np.ptp(exact)
+
+
+@pytest.mark.parametrize("shape", [(30, 40, 50), (40, 50)])
+def test_blob_gaussian_is_scipys_gaussian_exactly(shape):
+    """The blob response's Gaussian (filtered with the slowest axis moved last, cut to a
+    region axis by axis) equals scipy's gaussian_filter of the whole float32 image there."""
+    image = np.random.default_rng(5).normal(100, 10, size=shape).astype(np.float32)
+    sigma = (2.3, 4.6, 4.6)[-len(shape) :]
+    keep = tuple(slice(3, n - 4) for n in shape)
+    expected = ndimage.gaussian_filter(image, sigma, mode="reflect", truncate=detect._TRUNCATE)
+    np.testing.assert_array_equal(detect._gaussian_within(image, sigma, keep), expected[keep])
 
 
 @pytest.mark.parametrize(
