@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import cc3d
 import dask.array as da
@@ -70,7 +70,9 @@ def again(array: da.Array, name: str) -> da.Array:
 Decision = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-_CC3D_CONNECTIVITY = {(2, 1): 4, (2, 2): 8, (3, 1): 6, (3, 2): 18, (3, 3): 26}
+_CC3D_CONNECTIVITY: dict[tuple[int, int], Literal[4, 8, 6, 18, 26]] = {
+    (2, 1): 4, (2, 2): 8, (3, 1): 6, (3, 2): 18, (3, 3): 26,
+}  # fmt: skip
 
 
 def label(mask: np.ndarray, connectivity: int = 1) -> tuple[np.ndarray, int]:
