@@ -649,7 +649,10 @@ def _process_pool(num_workers: int | None) -> Any:
 # allocate a block's arrays anew then pays a page fault per 4 KiB of each, every task (about
 # a third of a default run's CPU time was spent in the kernel, most of it there). Above these
 # limits the arrays stay mapped for the next task: a process keeps at most its largest task's
-# free arrays once more (at most 256 MiB left at the heap's top).
+# free arrays once more (at most 256 MiB left at the heap's top). Only where no memory monitor
+# watches the RSS (threads, processes): a distributed worker with a memory limit would count
+# the kept arrays as its own, pause at 80 % and never get them back (its nanny sets glibc to
+# trim at 64 KiB for that reason), so LocalCluster and Slurm workers keep glibc's defaults.
 _KEEP_MAPPED = 256 * 2**20
 _MALLOPT = {-1: _KEEP_MAPPED, -3: _KEEP_MAPPED}  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
 
@@ -667,18 +670,6 @@ def keep_freed_arrays() -> bool:
     except (OSError, AttributeError):
         return False
     return all(mallopt(param, value) == 1 for param, value in _MALLOPT.items())
-
-
-def _keep_freed_arrays_in_workers(client: Any) -> None:
-    """:func:`keep_freed_arrays` in every worker of ``client``'s cluster, also those started
-    later (adaptive Slurm jobs): for the workers nucflow starts only."""
-    from distributed.diagnostics.plugin import WorkerPlugin
-
-    class KeepFreedArrays(WorkerPlugin):
-        def setup(self, worker: Any) -> None:
-            keep_freed_arrays()
-
-    client.register_plugin(KeepFreedArrays(), name="nucflow-keep-freed-arrays")
 
 
 def _initialize_worker_process(initializer: Any) -> None:
@@ -738,7 +729,6 @@ class _Local(Backend):
         if req.adapt is not None:
             cluster.adapt(minimum=req.adapt[0], maximum=req.adapt[1])
         client = stack.enter_context(Client(cluster))
-        _keep_freed_arrays_in_workers(client)
         local = _is_loopback(kwargs["dashboard_address"].rpartition(":")[0])
         return Runner(
             self.name, client=client, cluster=cluster, progress=progress, dashboard_local=local
@@ -1002,7 +992,6 @@ class _Slurm(Backend):
         if credentials is not None:
             credentials.cluster = cluster
         client = stack.enter_context(Client(cluster))
-        _keep_freed_arrays_in_workers(client)
         local = _is_loopback(kwargs["scheduler_options"]["dashboard_address"].rpartition(":")[0])
         return Runner(
             self.name, client=client, cluster=cluster, progress=progress, dashboard_local=local
