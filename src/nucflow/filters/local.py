@@ -107,11 +107,11 @@ def gaussian_filter1d(
 
 def _block_gaussian(block: np.ndarray, *, sigma: tuple, truncate: float, mode: str) -> np.ndarray:
     """``scipy.ndimage.gaussian_filter`` of the float32 block: its 1-D passes, in its order."""
-    out = block.astype(np.float32)  # a copy, as scipy's, even where no axis is filtered
+    out = block.astype(np.float32, copy=False)
     for axis, s in enumerate(sigma):
         if s > 1e-15:  # scipy's own cut-off
-            out = gaussian_filter1d(out, s, axis, truncate=truncate, mode=mode)
-    return out
+            out = gaussian_filter1d(out, s, axis, truncate=truncate, mode=mode)  # a new array
+    return out.copy() if out is block else out  # scipy's result is never the input itself
 
 
 def _block_uniform(block: np.ndarray, *, size: tuple) -> np.ndarray:
