@@ -151,6 +151,8 @@ def test_run_directory_is_complete_and_readable(stack3d, tmp_path):
     table, labels = run_flow(source, out, "--chunks", "20", "64", "64")
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "complete"
+    # README: level 0 in half a block per axis where the side is even and >= 64
+    assert zarr.open_array(str(out / "labels.ome.zarr" / "0"), mode="r").chunks == (20, 32, 32)
     assert record["counts"] == {"nuclei": len(table), "truncated": int(table["truncated"].sum())}
     assert not (out / ".work").exists()
     # background cells: background_radius (0.75 x diameter) / voxel / 3, at least 1
