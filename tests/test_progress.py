@@ -75,6 +75,32 @@ def test_redirected_stderr_gets_few_complete_lines(stack3d, run_cli, tmp_path, s
     _check_redirected_log(stack3d[0], run_cli, tmp_path, extra, dashboard=spec == "local")
 
 
+#: Runs the CLI, then logs as distributed's event loop may after the cluster closed.
+MAIN_THEN_LATE_LOGS = (
+    "import logging, sys; from nucflow.cli import main; code = main(); "
+    "late = logging.getLogger('distributed.batched'); "
+    "late.info('Batched Comm Closed (late)'); late.warning('a late warning'); sys.exit(code)"
+)
+
+
+@pytest.mark.timeout(300)
+def test_distributed_info_logged_after_the_cluster_closed_stays_off_stderr(
+    stack3d, run_cli, tmp_path
+):
+    """The shutdown race a Slurm CI run hit: a comm closed after the cluster restored
+    distributed's log level printed an INFO record and its traceback into the job log."""
+    args = run_cli.args(stack3d[0], tmp_path / "out", "--cluster", "local", "--jobs", "1")
+    proc = subprocess.run(
+        [sys.executable, "-c", MAIN_THEN_LATE_LOGS, *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Batched Comm Closed" not in proc.stderr
+    assert "distributed.batched - WARNING - a late warning" in proc.stderr  # warnings still show
+
+
 @pytest.mark.slurm
 @pytest.mark.timeout(600)
 @pytest.mark.usefixtures("slurm_cluster")

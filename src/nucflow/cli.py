@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -367,6 +368,8 @@ def _in_run(
     from nucflow import cluster, pipeline
 
     with cluster.connect(args.cluster, **_cluster_options(args, config)) as runner:
+        if not args.debug:
+            _quiet_distributed_info()
         job = pipeline.open_run(
             stack,
             params,
@@ -383,6 +386,18 @@ def _in_run(
             pipeline.fail(job, error)
             raise
     return job, result
+
+
+def _quiet_distributed_info() -> None:
+    """Keep distributed's INFO records off the command's stderr (the batch job's log).
+
+    distributed logs at INFO to stderr once imported; the clusters mute its handler only while
+    open, and a comm that the event loop closes after that logs "Batched Comm Closed" with a
+    traceback. Its warnings and errors still show; ``--debug`` keeps distributed's own level.
+    """
+    if "distributed" in sys.modules:  # its import sets the level this overrides
+        logger = logging.getLogger("distributed")
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
 
 
 def _run(args: argparse.Namespace) -> None:
