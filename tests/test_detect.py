@@ -11,7 +11,14 @@ from scipy import ndimage
 
 from nucflow import detect, io, synth
 from nucflow.cli import main
-from nucflow.detect import DetectParams, blob_response, foreground, noise_gain, noise_level
+from nucflow.detect import (
+    DetectParams,
+    blob_response,
+    foreground,
+    least_gain,
+    noise_gain,
+    noise_level,
+)
 from nucflow.evaluate import accuracy_report
 
 VOXEL_3D = (2.0, 0.5, 0.5)  # light-sheet-like: z four times coarser than y and x
@@ -106,6 +113,22 @@ def test_noise_gain_is_the_measured_noise_of_the_response_near_faces():
         assert noise_gain(params, at)[0] == pytest.approx(measured, rel=0.03), (axis, position)
     assert noise_gain(params, np.array([[0, 48, 48]]))[0] > 1.2  # the face itself is noisier
     assert noise_gain(params, np.array([[15, 48, 48]]))[0] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("shape", "voxel", "smoothing"),
+    [
+        ((30, 96, 96), (1.0, 0.5, 0.5), (0.5, 1.0, 1.0)),
+        ((7, 50, 44), (2.0, 0.5, 0.5), ()),
+        ((60, 50), (0.5, 0.5), ()),
+    ],
+)
+def test_least_gain_is_the_smallest_noise_gain_of_every_stack_position(shape, voxel, smoothing):
+    """The seeds' candidate test uses it in place of the gain at each voxel: it must never
+    exceed the gain anywhere (else a seed would be lost), and is attained somewhere."""
+    params = _params(voxel=voxel, stack_shape=shape, smoothing=smoothing)
+    everywhere = np.argwhere(np.ones(shape, bool))
+    assert least_gain(params) == noise_gain(params, everywhere).min()
 
 
 @pytest.mark.parametrize("faces", ["noise gain at faces", "no stack shape"])

@@ -43,7 +43,15 @@ from nucflow.errors import ParameterError
 from nucflow.filters.local import gaussian_filter1d
 from nucflow.segment import box_maxima, whole_voxels
 
-__all__ = ["DetectParams", "blob_response", "foreground", "noise_gain", "noise_level", "seeds"]
+__all__ = [
+    "DetectParams",
+    "blob_response",
+    "foreground",
+    "least_gain",
+    "noise_gain",
+    "noise_level",
+    "seeds",
+]
 
 _TRUNCATE = 4.0  # Gaussian reach of the blob response, in standard deviations
 
@@ -205,8 +213,10 @@ def seeds(
     level = params.snr * params.noise
     if origin is None or params.stack_shape is None:
         return box_maxima(response, region, half, inner >= level)
-    # the gain is evaluated at the local maxima only (it is > 0, so R must be too)
-    found = box_maxima(response, region, half, inner > 0)
+    # A seed needs R >= level * gain at its position, so at least level * the least gain:
+    # a candidate test that leaves the blobs and not the noise's maxima. The gain is then
+    # evaluated at the box maxima only.
+    found = box_maxima(response, region, half, inner >= level * least_gain(params))
     gain = noise_gain(params, found + np.array(origin))
     return found[response[tuple(found.T)] >= level * gain]
 
@@ -235,16 +245,38 @@ def noise_gain(params: DetectParams, positions: np.ndarray) -> np.ndarray:
     (K,) ndarray of float64
         Standard deviation relative to the stack's interior (1 far from every face).
     """
+    lines = _lines(params)
+    return _gain(params, [line.index(np.asarray(positions)[:, k]) for k, line in enumerate(lines)])
+
+
+@functools.lru_cache(maxsize=8)
+def least_gain(params: DetectParams) -> float:
+    """The smallest :func:`noise_gain` anywhere in the stack (params with ``stack_shape``).
+
+    Every stack position maps to a position on each axis' line and every line position is
+    some stack position's, so this is the minimum over all combinations of line positions,
+    each computed as :func:`noise_gain` computes it (the same values, bit for bit).
+    """
+    sizes = [len(line.products[0]) for line in _lines(params)]
+    grids = np.meshgrid(*[np.arange(n) for n in sizes], indexing="ij")
+    return float(_gain(params, [grid.ravel() for grid in grids]).min())
+
+
+def _lines(params: DetectParams) -> list[_Line]:
     assert params.stack_shape is not None
     smoothing = params.smoothing or (0.0,) * len(params.scale)
-    lines = [
+    return [
         _Line.of(n, pre, scale)
         for n, pre, scale in zip(params.stack_shape, smoothing, params.scale, strict=True)
     ]
+
+
+def _gain(params: DetectParams, at: list[np.ndarray]) -> np.ndarray:
+    """Noise gain at positions on the axes' lines (``at``: one index array per axis)."""
+    lines = _lines(params)
     weights = [params.blob_radius**2 / len(params.voxel_size) / v**2 for v in params.voxel_size]
-    here = [line.index(np.asarray(positions)[:, k]) for k, line in enumerate(lines)]
     deep = [np.array([line.middle]) for line in lines]
-    return np.sqrt(_variance(lines, here, weights) / _variance(lines, deep, weights))
+    return np.sqrt(_variance(lines, at, weights) / _variance(lines, deep, weights))
 
 
 def _variance(lines: list[_Line], at: list[np.ndarray], weights: list[float]) -> np.ndarray:

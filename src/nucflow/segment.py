@@ -211,7 +211,12 @@ def box_maxima(
         Coordinates in ``values``, in C order.
     """
     start = np.array([s.start for s in region])
-    local = np.argwhere(candidate & _not_below_neighbours(values, region))
+    if np.count_nonzero(candidate) <= candidate.size // _SPARSE_CANDIDATES:
+        # few candidates (a threshold well above the noise): test only their neighbours
+        local = np.argwhere(candidate)
+        local = local[_not_below_neighbours_at(values, local + start)]
+    else:
+        local = np.argwhere(candidate & _not_below_neighbours(values, region))
     if len(local) > candidate.size // _DENSE_CANDIDATES:  # plateaus: the filter costs less
         around = padded(region, half, values.shape)
         inside = tuple(
@@ -231,6 +236,9 @@ def box_maxima(
 # Beyond one candidate per this many voxels, box_maxima uses scipy's maximum filter; and it
 # reads the boxes of this many candidates at a time (~13 MB of indices for a 5x9x9 box).
 _DENSE_CANDIDATES, _BATCH = 32, 4096
+# Up to one candidate per this many voxels, their face neighbours are read one by one: six
+# whole-array comparisons cost more.
+_SPARSE_CANDIDATES = 16
 
 
 def _not_below_neighbours(values: np.ndarray, region: tuple[slice, ...]) -> np.ndarray:
@@ -248,6 +256,21 @@ def _not_below_neighbours(values: np.ndarray, region: tuple[slice, ...]) -> np.n
             out = [slice(None)] * len(region)
             out[axis] = slice(lo - s.start, hi - s.start)
             keep[tuple(out)] &= values[tuple(own)] >= values[tuple(other)]
+    return keep
+
+
+def _not_below_neighbours_at(values: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Per coordinate: is ``values`` there >= each of its face neighbours inside ``values``?"""
+    flat = np.ravel_multi_index(tuple(coords.T), values.shape)
+    line = values.reshape(-1)
+    own = line[flat]
+    keep = np.ones(len(coords), bool)
+    strides = np.cumprod((values.shape[1:] + (1,))[::-1])[::-1]  # in elements, C order
+    for axis, (n, stride) in enumerate(zip(values.shape, strides, strict=True)):
+        for step in (-1, 1):
+            inside = (coords[:, axis] + step >= 0) & (coords[:, axis] + step < n)
+            other = line[np.where(inside, flat + step * int(stride), flat)]
+            keep &= own >= other  # outside: compared with itself
     return keep
 
 
