@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,7 +12,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-__all__ = ["write"]
+__all__ = ["preload", "write"]
 
 _REGION = 256  # side of a QC region in y and x, voxels
 _GAP = 4  # white pixels between panels
@@ -69,6 +70,17 @@ def write(
     return [
         (slice(y.start + y0, y.stop + y0), slice(x.start + x0, x.stop + x0)) for y, x in windows
     ]
+
+
+def preload() -> None:
+    """Import matplotlib in a helper thread (a run calls this as its table pass starts), so
+    that its ~0.3 s import is not on the write stage's path."""
+    threading.Thread(target=_import_matplotlib, name="nucflow-qc-import", daemon=True).start()
+
+
+def _import_matplotlib() -> None:
+    import matplotlib.backends.backend_agg  # noqa: F401 - what Figure.savefig draws with
+    import matplotlib.figure  # noqa: F401
 
 
 def _project(data: da.Array, window: tuple[slice, ...]) -> da.Array:
