@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import DIAMETER, MIB, run_measured  # noqa: E402
 
 VOXEL = (1.0, 0.5, 0.5)
-NUCFLOW = [sys.executable, "-c", "from nucflow.cli import main; raise SystemExit(main())"]
+NUCFLOW = [sys.executable, "-c", "from nucflow.cli import console; console()"]
 
 
 def make_stores_main(folder: str, shape: str, chunks: str, region: str, at: str, nuclei: str):

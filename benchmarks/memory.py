@@ -56,7 +56,7 @@ def make_stacks_main(folder: str) -> None:
 
 
 def run(source: Path, output: Path, cluster: str, extra: list[str]) -> dict:
-    code = "from nucflow.cli import main; raise SystemExit(main())"
+    code = "from nucflow.cli import console; console()"
     cmd = [sys.executable, "-c", code, "run", "--input", str(source), "--output", str(output)]
     cmd += ["--cluster", cluster, "--overwrite", *extra]
     measured = run_measured(cmd, output.with_suffix(".log"))

@@ -49,7 +49,7 @@ SHARED = [["solidity", "area_convex", "feret_diameter_max"], ["surface_area", "s
 
 
 def _run(source: Path, out: Path, properties: str) -> dict[str, float]:
-    code = "from nucflow.cli import main; raise SystemExit(main())"
+    code = "from nucflow.cli import console; console()"
     argv = [sys.executable, "-c", code, "run", "--input", str(source)]
     argv += ["--output", str(out), "--chunks", "32", "128", "128", "--overwrite"]
     argv += ["--set", f"measure.properties={properties}", "--set", "qc.enabled=false"]

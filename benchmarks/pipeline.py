@@ -505,7 +505,7 @@ def run_nucflow(
     output = folder / name
     if output.exists():  # an earlier repeat's
         shutil.rmtree(output)
-    code = "from nucflow.cli import main; raise SystemExit(main())"
+    code = "from nucflow.cli import console; console()"  # what the nucflow script runs
     cmd = [
         sys.executable,
         "-c",

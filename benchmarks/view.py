@@ -37,7 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def make_run(folder: Path) -> Path:
     """Draw the stack and run nucflow on it (subprocesses: the CLI as users call it)."""
     source, out = folder / "input.ome.zarr", folder / "run"
-    nucflow = [sys.executable, "-c", "from nucflow.cli import main; raise SystemExit(main())"]
+    nucflow = [sys.executable, "-c", "from nucflow.cli import console; console()"]
     shape = [str(n) for n in SHAPE]
     subprocess.run([*nucflow, "synth", str(source), "--shape", *shape, "--nuclei", "600",
                     "--diameter", "8"], check=True)  # fmt: skip

@@ -379,8 +379,9 @@ def test_existing_nucflow_output_needs_resume_or_overwrite(capsys, data, tmp_pat
 
 
 def run_console(*argv: str) -> subprocess.CompletedProcess:
-    """``nucflow ARGV`` in a fresh interpreter, so stderr also shows warnings printed by the CLI."""
-    command = "from nucflow.cli import main; raise SystemExit(main())"
+    """``nucflow ARGV`` in a fresh interpreter, as the installed script runs it (its entry
+    point), so stderr also shows warnings printed by the CLI."""
+    command = "from nucflow.cli import console; console()"
     return subprocess.run(
         [sys.executable, "-c", command, *argv], capture_output=True, text=True, timeout=120
     )
@@ -395,6 +396,22 @@ def test_console_script_missing_input(tmp_path):
         r"^nucflow run: error: input \S+/missing\.zarr does not exist; check the path$",
     )  # fmt: skip
     assert proc.stdout == ""
+
+
+def test_console_script_exits_with_mains_code_after_flushing_its_output(tmp_path):
+    """The console command skips the interpreter's teardown (cli.console): the exit code is
+    still main's, output to a pipe is complete, and an uncaught exception (--debug) still
+    fails the process with its traceback."""
+    made = run_console("synth", str(tmp_path / "s.zarr"), "--shape", "8", "32", "32")
+    assert made.returncode == 0, made.stderr
+    assert re.fullmatch(
+        r"nucflow synth: \d+ nuclei, .* -> \S+/s\.zarr \(truth at .*\)\n", made.stdout
+    )
+    assert io.open_stack(str(tmp_path / "s.zarr")).data.shape == (8, 32, 32)
+    missing = ["run", "--input", str(tmp_path / "no.zarr"), "--output", str(tmp_path / "out")]
+    crashed = run_console(*missing, "--debug")
+    assert crashed.returncode == 1
+    assert crashed.stderr.startswith("Traceback") and "InputPathError" in crashed.stderr
 
 
 def test_console_script_zarr_v3_string_dtype_is_one_line(tmp_path):

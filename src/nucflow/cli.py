@@ -8,6 +8,7 @@ in its exit code: 0 complete, 3 running, 1 failed or stopped (2 as above: not a 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import ctypes
 import importlib.util
@@ -226,6 +227,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     return code or 0
+
+
+def console() -> NoReturn:
+    """The ``nucflow`` command: :func:`main`, then an exit without the interpreter's teardown.
+
+    When ``main`` returns, every output is written and closed and every cluster is shut down;
+    freeing the objects of the ~1600 modules a run imports would still add ~0.35 s to each
+    command. Threads are joined and the libraries' exit handlers run as usual; then
+    :func:`_skip_teardown`, registered before them, ends the process with ``main``'s code.
+    """
+    global _EXIT_CODE
+    _EXIT_CODE = main()
+    sys.exit(_EXIT_CODE)
+
+
+_EXIT_CODE: int | None = None  # set once main returned (not on an uncaught exception)
+
+
+def _skip_teardown() -> None:
+    if _EXIT_CODE is None:  # not the console command, or it failed with a traceback
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_EXIT_CODE)
+
+
+atexit.register(_skip_teardown)  # at import, so it runs after every handler registered later
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
