@@ -18,6 +18,9 @@ def _params(overrides: list[str], shape: tuple[int, ...]) -> config.Params:
 CONFIGS = {
     "default": [],
     "label pyramid of two levels": [],  # with levels down to 32 x 32 (see the test)
+    "cell minima in a pass of their own (blocks not whole cells)": [
+        "preprocess.background_downsample=3"
+    ],
     "no background, no hole filling": ["preprocess.background=none", "mask.fill_holes=false"],
     "exact top-hat, global threshold, no size filter": [
         "preprocess.background_downsample=1",
@@ -46,6 +49,10 @@ def test_a_run_stores_and_passes_what_its_stages_declare(
     assert passes == {st.name: len(st.passes(params, full)) for st in stages.NUCLEI}
     if name == "label pyramid of two levels":
         assert passes["pyramid"] == 2 == len(record["pyramid_shapes"]) - 1
+    if "preprocess.background" not in " ".join(sets):
+        assert passes["preprocess"] == 3  # the Gaussian's pass stored the cell minima
+    if name.startswith("cell minima"):
+        assert passes["preprocess"] == 4
 
 
 def test_each_stage_reads_the_input_or_an_earlier_stage():

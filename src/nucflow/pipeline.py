@@ -35,7 +35,18 @@ import pandas as pd
 import zarr
 
 import nucflow
-from nucflow import components, detect, filters, fingerprint, io, lock, measure, objects, resample
+from nucflow import (
+    components,
+    detect,
+    filters,
+    fingerprint,
+    io,
+    lock,
+    measure,
+    objects,
+    resample,
+    stages,
+)
 from nucflow import progress as progress_report
 from nucflow import table as table_stage
 from nucflow.blockpass import Grid, Region, fmt_region, padded, pass_graph
@@ -322,7 +333,8 @@ def preprocess(run: Run) -> zarr.Array:
     to :func:`nucflow.filters.subtract_background` of the Gaussian. Each pass reads its block
     and halo from the stored result of the pass before (the first from the input, refusing
     NaN/inf voxels) and writes its block: the reduced-resolution background runs as three
-    such passes (cell minima, the background on the cells, interpolation and subtraction).
+    such passes (cell minima, the background on the cells, interpolation and subtraction); the
+    Gaussian's pass stores the cell minima itself where blocks are whole cells.
     """
     p = run.params
     sigma = tuple(p.sigma / v for v in p.voxel_size)
@@ -335,27 +347,69 @@ def preprocess(run: Run) -> zarr.Array:
         steps.append(("white_tophat", {"footprint": footprint}))
     final = exact_tophat or p.background == "none"
     name = "preprocessed" if final else "smoothed"
+    cells = None
     if p.tissue_mask:
         image = _tissue_smoothed(run)
         image = filters.chain(image, steps) if steps else image  # the exact top-hat, if any
         smoothed = _store_lazy(run, image, name, label="preprocess", ranged=final)
     else:
-        check = partial(_check_finite, path=run.stack.path) if run.data.dtype.kind == "f" else None
-        grid = Grid(_region_shape(run.region), p.chunks)
-        smoothed = filter_pass(
-            run,
-            name,
-            run.stack.reader,
-            steps,
-            grid,
-            region=run.region,
-            check=check,
-            label="preprocess",
-            ranged=final,
-        )
+        smoothed, cells = _gaussian_pass(run, name, steps, final=final)
     if final:
         return smoothed
-    return _subtract_background(run, smoothed)
+    return _subtract_background(run, smoothed, cells)
+
+
+def _gaussian_pass(
+    run: Run, name: str, steps: list[tuple[str, dict[str, Any]]], *, final: bool
+) -> tuple[zarr.Array, zarr.Array | None]:
+    """The first pass, from the input; and the cell minima when it stored them too."""
+    p = run.params
+    stored = _reuse(run, name)
+    if stored is not None:
+        return stored, None
+    check = partial(_check_finite, path=run.stack.path) if run.data.dtype.kind == "f" else None
+    grid = Grid(_region_shape(run.region), p.chunks)
+    cells = None if final else _cells_pooled_while_smoothing(run, grid.shape)
+    smoothed = filter_pass(
+        run,
+        name,
+        run.stack.reader,
+        steps,
+        grid,
+        region=run.region,
+        check=check,
+        label="preprocess",
+        ranged=final,
+        reusable=False,
+        also=None if cells is None else partial(_pool_into, target=cells, p=p),
+    )
+    if cells is not None:
+        _mark_done(run, "cells")
+    return smoothed, cells
+
+
+def _cells_pooled_while_smoothing(run: Run, shape: tuple[int, ...]) -> zarr.Array | None:
+    """The cell minima's array for the Gaussian's pass to fill (None: they take a pass of their
+    own, :func:`stages.pools_while_smoothing`); it saves reading the smoothed stack again."""
+    if not stages.pools_while_smoothing(run.params):
+        return None
+    stored = _reuse(run, "cells")  # in the flow's order; never reusable once smoothed is not
+    assert stored is None
+    return _create(run, "cells", _cell_grid(run.params, shape), np.float32)
+
+
+def _cell_grid(p: Params, shape: tuple[int, ...]) -> Grid:
+    """The cells of ``background_downsample`` voxels, in blocks of the run's blocks' cells."""
+    factors = tuple(p.background_downsample)
+    cell_chunks = tuple(max(1, c // f) for c, f in zip(p.chunks, factors, strict=True))
+    return Grid(resample.pooled_shape(shape, factors), cell_chunks)
+
+
+def _pool_into(core: Region, block: np.ndarray, *, target: zarr.Array, p: Params) -> None:
+    """Store the cell minima of a block that starts at a cell corner."""
+    factors = tuple(p.background_downsample)
+    cells = tuple(slice(c.start // f, -(-c.stop // f)) for c, f in zip(core, factors, strict=True))
+    target[cells] = resample.min_pool_block(block, factors=factors)
 
 
 def _tissue_smoothed(run: Run) -> da.Array:
@@ -375,17 +429,20 @@ def _region_shape(region: Sequence[slice]) -> tuple[int, ...]:
     return tuple(s.stop - s.start for s in region)
 
 
-def _subtract_background(run: Run, smoothed: zarr.Array) -> zarr.Array:
+def _subtract_background(
+    run: Run, smoothed: zarr.Array, cells: zarr.Array | None = None
+) -> zarr.Array:
     """``max(smoothed - background, 0)``, the background estimated on cells of
     ``background_downsample`` voxels (as :func:`nucflow.filters.subtract_background`).
 
-    The cells are 1/prod(downsample) of the stack (1/32 with the defaults) and stored, not held.
+    The cells are 1/prod(downsample) of the stack (1/32 with the defaults) and stored, not held;
+    ``cells``: already stored by the Gaussian's pass.
     """
     p = run.params
     factors = tuple(p.background_downsample)
-    cell_chunks = tuple(max(1, c // f) for c, f in zip(p.chunks, factors, strict=True))
-    cell_grid = Grid(resample.pooled_shape(smoothed.shape, factors), cell_chunks)
-    cells = _reuse(run, "cells")
+    cell_grid = _cell_grid(p, tuple(smoothed.shape))
+    if cells is None:
+        cells = _reuse(run, "cells")
     if cells is None:
         cells = _create(run, "cells", cell_grid, np.float32)
         tasks = [
@@ -551,6 +608,7 @@ def _store_blocks(
     ranged: bool = False,
     reusable: bool = True,
     per_block: dict[tuple[int, ...], dict[str, Any]] | None = None,
+    also: Callable[[Region, np.ndarray], None] | None = None,
 ) -> zarr.Array:
     """One pass writing ``compute(core)`` for every block of ``grid`` to ``.work/<name>.zarr``.
 
@@ -561,6 +619,7 @@ def _store_blocks(
     needs them and would otherwise read the whole stack once more) and are kept in its
     attributes as ``value_range``. With ``reusable`` (default), a result an earlier attempt
     stored is reused when ``--resume`` may (pass False when the caller has checked already).
+    ``also(core, block)`` stores more from each computed block (its cells, say).
     """
     stored = _reuse(run, name) if reusable else None
     if stored is not None:
@@ -573,6 +632,7 @@ def _store_blocks(
             compute=partial(compute, **per_block[index]) if per_block else compute,
             target=target,
             ranged=ranged,
+            also=also,
         )
         for index, core in grid.blocks()
     ]
@@ -587,10 +647,17 @@ def _store_blocks(
 
 
 def _write_task(
-    core: Region, *, compute: Callable, target: zarr.Array, ranged: bool
+    core: Region,
+    *,
+    compute: Callable,
+    target: zarr.Array,
+    ranged: bool,
+    also: Callable[[Region, np.ndarray], None] | None = None,
 ) -> tuple[Any, Any] | None:
     out = compute(core)
     target[core] = out
+    if also is not None:
+        also(core, out)
     if ranged and out.size:
         return out.min().item(), out.max().item()
     return None
@@ -607,12 +674,18 @@ def filter_pass(
     check: Callable | None = None,
     label: str,
     ranged: bool = False,
+    reusable: bool = True,
+    also: Callable[[Region, np.ndarray], None] | None = None,
 ) -> zarr.Array:
     """``filters.chain(source[region], steps)`` stored as ``.work/<name>.zarr``, each task
-    reading its block and halo from ``source`` (anything with shape, dtype and slicing)."""
+    reading its block and halo from ``source`` (anything with shape, dtype and slicing);
+    ``reusable`` and ``also`` as in :func:`_store_blocks`."""
     block = filters.BlockFilter.of(steps, len(grid.shape), source.dtype)
     compute = partial(block.read, source, region=region, check=check)
-    return _store_blocks(run, name, grid, block.dtype, compute, label=label, ranged=ranged)
+    return _store_blocks(
+        run, name, grid, block.dtype, compute, label=label, ranged=ranged, reusable=reusable,
+        also=also,
+    )  # fmt: skip
 
 
 def _store_lazy(run: Run, array: da.Array, name: str, *, label: str, ranged: bool) -> zarr.Array:

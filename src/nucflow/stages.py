@@ -28,7 +28,16 @@ if TYPE_CHECKING:
     from nucflow import io
     from nucflow.config import Params
 
-__all__ = ["Result", "Stage", "NUCLEI", "PREPROCESS", "RESULT_PARAMS", "pass_grids", "check"]
+__all__ = [
+    "Result",
+    "Stage",
+    "NUCLEI",
+    "PREPROCESS",
+    "RESULT_PARAMS",
+    "pass_grids",
+    "check",
+    "pools_while_smoothing",
+]
 
 Check = Callable[["io.Stack", "Params"], None]
 
@@ -113,7 +122,8 @@ _PREPROCESS_PARAMS = (
 
 # the Gaussian pass; with the exact top-hat or no background it is the preprocessing
 SMOOTHED = Result("smoothed", params=_PREPROCESS_PARAMS)
-# the reduced-resolution background: cell minima, then the background on the cells
+# the reduced-resolution background: cell minima (stored by the Gaussian's pass when blocks are
+# whole cells: pools_while_smoothing), then the background on the cells
 CELLS = Result("cells", ("cells",), ("chunks", "background_downsample"))
 BACKGROUND = Result(
     "background",
@@ -168,7 +178,18 @@ def _preprocess_results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...
     exact = p.background == "tophat" and max(p.background_downsample) == 1
     if exact or p.background == "none":
         return (PREPROCESSED,)
-    return (SMOOTHED, CELLS, BACKGROUND, PREPROCESSED)
+    cells = replace(CELLS, passes=()) if pools_while_smoothing(p) else CELLS
+    return (SMOOTHED, cells, BACKGROUND, PREPROCESSED)
+
+
+def pools_while_smoothing(p: Params) -> bool:
+    """Does the Gaussian's pass also store the cell minima (no pass of their own)?
+
+    Yes when every block is a whole number of cells (each block then pools into cells of its
+    own) and the Gaussian is a block pass (not the tissue mask's normalized convolution).
+    """
+    whole = all(c % f == 0 for c, f in zip(p.chunks, p.background_downsample, strict=True))
+    return whole and not p.tissue_mask
 
 
 def _mask_results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
