@@ -146,11 +146,28 @@ def test_morphology_decomposed_and_even(op):
     )
 
 
-def test_morphology_bool():
-    x = _blobs(SHAPE_2D)
-    fp = morph.disk(2)
-    out = filters.opening(da.from_array(x, chunks=(5, 37)), fp)
-    np.testing.assert_array_equal(out.compute(), morph.opening(x, fp))
+BOOL_FOOTPRINTS = {  # footprint, and whether the numpy shifts (not scikit-image) apply
+    "disk": (morph.disk(2), True),
+    "anisotropic ellipsoid": (filters.ellipsoid(2.0, (2.0, 1.0, 1.0)), True),
+    "1x3x3 box (the mask's opening)": (np.ones((1, 3, 3), bool), True),
+    "even box": (np.ones((2, 4, 3), bool), False),
+    "ring": (morph.disk(2).astype(bool) & ~np.pad(morph.disk(1), 1).astype(bool), False),
+}
+
+
+@pytest.mark.parametrize("name", BOOL_FOOTPRINTS)
+@pytest.mark.parametrize("op", ["erosion", "dilation", "opening", "closing"])
+def test_morphology_bool(name, op):
+    """Binary masks take numpy shifts where the footprint's lines are centred intervals: the
+    same as scikit-image's whole-array call, at the image's faces too."""
+    from nucflow.filters.local import _centred_intervals
+
+    footprint, shifts = BOOL_FOOTPRINTS[name]
+    assert (_centred_intervals(footprint) is not None) == shifts
+    x = _blobs(SHAPE_2D if footprint.ndim == 2 else SHAPE_3D)
+    chunks = (5, 37) if x.ndim == 2 else (7, 13, 11)
+    out = getattr(filters, op)(da.from_array(x, chunks=chunks), footprint)
+    np.testing.assert_array_equal(out.compute(), getattr(morph, op)(x, footprint))
 
 
 # --------------------------------------------------------------------------- chain and depth

@@ -74,7 +74,68 @@ def _skimage_footprint(footprint: tuple) -> Any:
 
 
 def _block_morphology(block: np.ndarray, *, name: str, footprint: tuple) -> np.ndarray:
-    return getattr(skimage.morphology, name)(block, _skimage_footprint(footprint))
+    flat = _skimage_footprint(footprint)
+    binary = _centred_intervals(flat) if block.dtype == bool and name in _BINARY else None
+    if binary is not None:
+        return _BINARY[name](block, binary)
+    return getattr(skimage.morphology, name)(block, flat)
+
+
+def _centred_intervals(footprint: Any) -> np.ndarray | None:
+    """The footprint as a bool array if it is one array of 0/1 with odd sides whose every
+    axis-parallel line is an interval centred on the footprint's centre (point-symmetric and
+    without gaps, as an ellipsoid); else None.
+
+    For such a footprint scikit-image's mirroring beyond the image's faces repeats voxels
+    already in the window, so a binary erosion (dilation) is the AND (OR) of the in-image
+    shifts alone.
+    """
+    if not isinstance(footprint, np.ndarray) or footprint.dtype.kind not in "biu":
+        return None
+    if footprint.size == 0 or any(n % 2 == 0 for n in footprint.shape):
+        return None
+    if not np.isin(footprint, (0, 1)).all():
+        return None
+    flat = footprint.astype(bool)
+    if not np.array_equal(flat, np.flip(flat)):
+        return None
+    for axis in range(flat.ndim):
+        after = np.logical_or.accumulate(flat, axis=axis)
+        before = np.flip(np.logical_or.accumulate(np.flip(flat, axis), axis=axis), axis)
+        if not np.array_equal(flat, after & before):  # a gap inside a line
+            return None
+    return flat
+
+
+def _shifted(mask: np.ndarray, footprint: np.ndarray, combine: Any, sign: int) -> np.ndarray:
+    """``combine`` (AND / OR) of ``mask`` shifted by each offset of the footprint, within the
+    image (numpy on whole arrays: ~5x scipy's binary and grey filters on a 1x3x3 box)."""
+    out = mask.copy()
+    centre = np.array(footprint.shape) // 2
+    for offset in np.argwhere(footprint) - centre:
+        if not offset.any():
+            continue
+        pairs = list(zip(sign * offset, mask.shape, strict=True))
+        target = tuple(slice(max(0, -o), n - max(0, o)) for o, n in pairs)
+        source = tuple(slice(max(0, o), n - max(0, -o)) for o, n in pairs)
+        combine(out[target], mask[source], out=out[target])
+    return out
+
+
+def _binary_erosion(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    return _shifted(mask, footprint, np.logical_and, 1)
+
+
+def _binary_dilation(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    return _shifted(mask, footprint, np.logical_or, -1)
+
+
+_BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "erosion": _binary_erosion,
+    "dilation": _binary_dilation,
+    "opening": lambda m, f: _binary_dilation(_binary_erosion(m, f), f),
+    "closing": lambda m, f: _binary_erosion(_binary_dilation(m, f), f),
+}
 
 
 def _block_extended_opening(block: np.ndarray, *, footprint: tuple) -> np.ndarray:
