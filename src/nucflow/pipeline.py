@@ -21,7 +21,6 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -1036,10 +1035,6 @@ def table(run: Run) -> table_stage.Table:
     (:func:`nucflow.table.clear_border`).
     """
     p = run.params
-    if p.qc:
-        from nucflow import qc
-
-        qc.preload()  # matplotlib's import, while the pass computes
     shape = _region_shape(run.region)
     grid = _segment_grid(run, shape)
     reach = run.segment_params.voxels(p.max_radius)
@@ -1073,20 +1068,6 @@ def table(run: Run) -> table_stage.Table:
         )
         run.facts["dropped_border"] = made.dropped
     return made
-
-
-def _write_qc(run: Run, table: table_stage.Table) -> None:
-    from nucflow import qc
-
-    labels = da.from_zarr(str(run.output / "labels.ome.zarr" / "0"))
-    if run.timepoints is not None:  # the pictures show the stack's (first) time point
-        labels = labels[run.stack.timepoint]
-    labels = labels[run.region]
-    sample = table.sample
-    windows = qc.write(run.output / "qc", run.data, labels, sample, origin=run.offset)
-    run.facts["qc_outline_windows_yx"] = [[[s.start, s.stop] for s in w] for w in windows]
-    if len(sample) < table.rows:
-        run.facts["qc_sample_rows"] = len(sample)
 
 
 def label_image(run: Run, mode: str = "r") -> zarr.Array | io.TimePoint:
@@ -1206,9 +1187,7 @@ def finish_stack(run: Run, path: Path) -> dict[str, Any]:
 def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
     """Write the table, QC pictures and the final run.json; remove the intermediates."""
     p = run.params
-    with run.stage("write"), ThreadPoolExecutor(1) as helper:
-        # the pictures read the labels and the input only: drawn while the tables are written
-        pictures = helper.submit(_write_qc, run, table) if p.qc else None
+    with run.stage("write"):
         empty = table.empty
         if empty is None:
             empty = measure.empty_table(len(run.region), table_stage.channel_suffixes(p.channels))
@@ -1225,8 +1204,18 @@ def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
                 f"grouped by block; no nuclei.csv above measure.single_file_rows = "
                 f"{p.single_file_rows:,} rows"
             )
-        if pictures is not None:
-            pictures.result()
+        if p.qc:
+            from nucflow import qc
+
+            labels = da.from_zarr(str(run.output / "labels.ome.zarr" / "0"))
+            if run.timepoints is not None:  # the pictures show the stack's (first) time point
+                labels = labels[run.stack.timepoint]
+            labels = labels[run.region]
+            sample = table.sample
+            windows = qc.write(run.output / "qc", run.data, labels, sample, origin=run.offset)
+            run.facts["qc_outline_windows_yx"] = [[[s.start, s.stop] for s in w] for w in windows]
+            if len(sample) < table.rows:
+                run.facts["qc_sample_rows"] = len(sample)
     counts = {"nuclei": table.rows, "truncated": table.truncated}
     if run.timepoints is not None:
         counts["timepoints"] = run.facts.get("timepoints", {}).get("counts", {})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +11,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-__all__ = ["preload", "write"]
+__all__ = ["write"]
 
 _REGION = 256  # side of a QC region in y and x, voxels
 _GAP = 4  # white pixels between panels
@@ -70,18 +69,6 @@ def write(
     return [
         (slice(y.start + y0, y.stop + y0), slice(x.start + x0, x.stop + x0)) for y, x in windows
     ]
-
-
-def preload() -> None:
-    """Import what draws the pictures in a helper thread (a run calls this as its table pass
-    starts), so that the ~0.5 s of imports are not on the write stage's path."""
-    threading.Thread(target=_import_drawing, name="nucflow-qc-import", daemon=True).start()
-
-
-def _import_drawing() -> None:
-    import matplotlib.backends.backend_agg  # noqa: F401 - what Figure.savefig draws with
-    import matplotlib.figure  # noqa: F401
-    import skimage.segmentation  # noqa: F401 - find_boundaries (~0.2 s: the whole subpackage)
 
 
 def _project(data: da.Array, window: tuple[slice, ...]) -> da.Array:
