@@ -246,7 +246,8 @@ def noise_gain(params: DetectParams, positions: np.ndarray) -> np.ndarray:
         Standard deviation relative to the stack's interior (1 far from every face).
     """
     lines = _lines(params)
-    return _gain(params, [line.index(np.asarray(positions)[:, k]) for k, line in enumerate(lines)])
+    at = [line.index(np.asarray(positions)[:, k]) for k, line in enumerate(lines)]
+    return _gain(params, lines, at)
 
 
 @functools.lru_cache(maxsize=8)
@@ -257,9 +258,9 @@ def least_gain(params: DetectParams) -> float:
     some stack position's, so this is the minimum over all combinations of line positions,
     each computed as :func:`noise_gain` computes it (the same values, bit for bit).
     """
-    sizes = [len(line.products[0]) for line in _lines(params)]
-    grids = np.meshgrid(*[np.arange(n) for n in sizes], indexing="ij")
-    return float(_gain(params, [grid.ravel() for grid in grids]).min())
+    lines = _lines(params)
+    grids = np.meshgrid(*[np.arange(len(line.products[0])) for line in lines], indexing="ij")
+    return float(_gain(params, lines, [grid.ravel() for grid in grids]).min())
 
 
 def _lines(params: DetectParams) -> list[_Line]:
@@ -271,9 +272,8 @@ def _lines(params: DetectParams) -> list[_Line]:
     ]
 
 
-def _gain(params: DetectParams, at: list[np.ndarray]) -> np.ndarray:
+def _gain(params: DetectParams, lines: list[_Line], at: list[np.ndarray]) -> np.ndarray:
     """Noise gain at positions on the axes' lines (``at``: one index array per axis)."""
-    lines = _lines(params)
     weights = [params.blob_radius**2 / len(params.voxel_size) / v**2 for v in params.voxel_size]
     deep = [np.array([line.middle]) for line in lines]
     return np.sqrt(_variance(lines, at, weights) / _variance(lines, deep, weights))

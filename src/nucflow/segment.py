@@ -261,16 +261,14 @@ def _not_below_neighbours(values: np.ndarray, region: tuple[slice, ...]) -> np.n
 
 def _not_below_neighbours_at(values: np.ndarray, coords: np.ndarray) -> np.ndarray:
     """Per coordinate: is ``values`` there >= each of its face neighbours inside ``values``?"""
-    flat = np.ravel_multi_index(tuple(coords.T), values.shape)
-    line = values.reshape(-1)
-    own = line[flat]
+    index = [coords[:, axis] for axis in range(values.ndim)]
+    own = values[tuple(index)]
     keep = np.ones(len(coords), bool)
-    strides = np.cumprod((values.shape[1:] + (1,))[::-1])[::-1]  # in elements, C order
-    for axis, (n, stride) in enumerate(zip(values.shape, strides, strict=True)):
+    for axis, n in enumerate(values.shape):
         for step in (-1, 1):
-            inside = (coords[:, axis] + step >= 0) & (coords[:, axis] + step < n)
-            other = line[np.where(inside, flat + step * int(stride), flat)]
-            keep &= own >= other  # outside: compared with itself
+            moved = list(index)
+            moved[axis] = np.clip(index[axis] + step, 0, n - 1)  # outside: itself
+            keep &= own >= values[tuple(moved)]
     return keep
 
 
