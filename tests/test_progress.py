@@ -241,7 +241,7 @@ def test_pass_plan_matches_the_passes_a_run_makes(stack3d, run_cli, tmp_path):
 def test_plan_counts_the_tasks_of_the_passes_a_run_makes(stack3d, run_cli, tmp_path):
     """One description of the pass structure (nuclei_pass_grids): the ETA's passes and
     `nucflow plan`'s task count both follow it, here with a background on cells of one voxel
-    (four preprocess passes, which plan once counted as one)."""
+    (three preprocess passes, the cells stored by the Gaussian's; plan once counted one)."""
     out = tmp_path / "out"
     sets = ["preprocess.background=gaussian", "preprocess.background_downsample=1"]
     run_cli(stack3d[0], out, *(a for s in sets for a in ("--set", s)))
@@ -253,7 +253,11 @@ def test_plan_counts_the_tasks_of_the_passes_a_run_makes(stack3d, run_cli, tmp_p
     assert {name: len(stage["passes"]) for name, stage in stages.items()} == nuclei_passes(
         params, shape
     )
-    assert len(stages["preprocess"]["passes"]) == 4
+    assert [p["label"] for p in stages["preprocess"]["passes"]] == [
+        "preprocess",
+        "background",
+        "subtract background",
+    ]
     tasks = pass_tasks(params, shape)
     for name, stage in stages.items():
         if stage["passes"] and name != "threshold":  # the threshold adds its histogram tree
