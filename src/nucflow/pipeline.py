@@ -369,6 +369,7 @@ def _gaussian_pass(
     check = partial(_check_finite, path=run.stack.path) if run.data.dtype.kind == "f" else None
     grid = Grid(_region_shape(run.region), p.chunks)
     cells = None if final else _cells_pooled_while_smoothing(run, grid.shape)
+    factors = tuple(p.background_downsample)
     smoothed = filter_pass(
         run,
         name,
@@ -380,7 +381,7 @@ def _gaussian_pass(
         label="preprocess",
         ranged=final,
         reusable=False,
-        also=None if cells is None else partial(_pool_into, target=cells, p=p),
+        also=None if cells is None else partial(_pool_into, target=cells, factors=factors),
     )
     if cells is not None:
         _mark_done(run, "cells")
@@ -404,9 +405,8 @@ def _cell_grid(p: Params, shape: tuple[int, ...]) -> Grid:
     return Grid(resample.pooled_shape(shape, factors), cell_chunks)
 
 
-def _pool_into(core: Region, block: np.ndarray, *, target: zarr.Array, p: Params) -> None:
+def _pool_into(core: Region, block: np.ndarray, *, target: zarr.Array, factors: tuple) -> None:
     """Store the cell minima of a block that starts at a cell corner."""
-    factors = tuple(p.background_downsample)
     cells = tuple(slice(c.start // f, -(-c.stop // f)) for c, f in zip(core, factors, strict=True))
     target[cells] = resample.min_pool_block(block, factors=factors)
 
