@@ -189,6 +189,28 @@ def test_resume_with_another_later_parameter_reuses_the_stages_before(
 
 
 @pytest.mark.timeout(300)
+def test_resume_remakes_the_block_histograms_a_stored_stack_lacks(
+    killed_in_segmentation, stack3d, run_cli, tmp_path, capsys
+):
+    """The noise estimate sums the block histograms the preprocessing pass stored beside its
+    stack; when one is missing, a pass makes them all again from the stored stack: the same
+    noise level, to the last bit."""
+    out = tmp_path / "out"
+    shutil.copytree(killed_in_segmentation[0], out)
+    stored = out / ".work" / "preprocessed.histogram"
+    files = sorted(stored.iterdir())
+    assert len(files) == CHUNK_GRID
+    files[0].unlink()
+    capsys.readouterr()
+    code = main(run_cli.args(stack3d[0], out, "--resume", "--set", "detect.fraction=0.4"))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert _record(out)["stages"]["preprocessed"]["action"] == "reused"
+    assert f"histograms {CHUNK_GRID}/{CHUNK_GRID} blocks (100%)" in err  # the pass that made them
+    assert _record(out)["noise"] == _record(killed_in_segmentation[0])["noise"]
+
+
+@pytest.mark.timeout(300)
 def test_resume_on_a_changed_input_is_refused(stack3d, run_cli, tmp_path, capsys):
     source = tmp_path / "input.ome.zarr"
     shutil.copytree(stack3d[0], source)

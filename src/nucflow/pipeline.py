@@ -39,6 +39,7 @@ from nucflow import (
     detect,
     filters,
     fingerprint,
+    histogram,
     io,
     lock,
     measure,
@@ -584,6 +585,7 @@ def _create(run: Run, name: str, grid: Grid, dtype: Any) -> zarr.Array:
     chunk). Float stacks are stored raw: compressing noise costs 3x the write for ~20%.
     Every chunk is written: testing each for emptiness costs more than it saves here."""
     dtype = np.dtype(dtype)
+    shutil.rmtree(_histograms(run, name), ignore_errors=True)  # they were of the old array
     return zarr.create_array(
         str(_path(run, name)),
         shape=grid.shape,
@@ -616,14 +618,17 @@ def _store_blocks(
 
     With ``ranged``, the stored stack's minimum and maximum ride on the pass (the threshold
     needs them and would otherwise read the whole stack once more) and are kept in its
-    attributes as ``value_range``. With ``reusable`` (default), a result an earlier attempt
-    stored is reused when ``--resume`` may (pass False when the caller has checked already).
-    ``also(core, block)`` stores more from each computed block (its cells, say).
+    attributes as ``value_range``; so do the blocks' value histograms (the noise estimate's,
+    :func:`_stack_histogram`), in ``.work/<name>.histogram/``. With ``reusable`` (default), a
+    result an earlier attempt stored is reused when ``--resume`` may (pass False when the
+    caller has checked already). ``also(core, block)`` stores more from each computed block
+    (its cells, say).
     """
     stored = _reuse(run, name) if reusable else None
     if stored is not None:
         return stored
     target = _create(run, name, grid, dtype)
+    histograms = _fresh_histograms(run, name) if ranged else None
     tasks = [
         partial(
             _write_task,
@@ -631,6 +636,7 @@ def _store_blocks(
             compute=partial(compute, **per_block[index]) if per_block else compute,
             target=target,
             ranged=ranged,
+            histograms=histograms,
             also=also,
         )
         for index, core in grid.blocks()
@@ -651,15 +657,46 @@ def _write_task(
     compute: Callable,
     target: zarr.Array,
     ranged: bool,
+    histograms: Path | None = None,
     also: Callable[[Region, np.ndarray], None] | None = None,
 ) -> tuple[Any, Any] | None:
     out = compute(core)
     target[core] = out
     if also is not None:
         also(core, out)
+    if histograms is not None:
+        _write_histogram(core, out, folder=histograms)
     if ranged and out.size:
         return out.min().item(), out.max().item()
     return None
+
+
+def _histograms(run: Run, name: str) -> Path:
+    """Where the block histograms of ``.work/<name>.zarr`` are kept (:func:`_create` empties it)."""
+    return run.work / f"{name}.histogram"
+
+
+def _fresh_histograms(run: Run, name: str) -> Path:
+    folder = _histograms(run, name)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    return folder
+
+
+def _write_histogram(core: Region, block: np.ndarray, *, folder: Path) -> None:
+    name = "_".join(str(s.start) for s in core)  # unique per block, whatever the grid
+    table_stage.write_atomic(folder / name, histogram.encode(block))
+
+
+def _histogram_files(folder: Path) -> list[Path]:
+    """The blocks' histogram files (not a partial one a killed task left)."""
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir() if not path.name.startswith("."))
+
+
+def _histogram_task(core: Region, *, source: zarr.Array, folder: Path) -> None:
+    _write_histogram(core, np.asarray(source[core]), folder=folder)
 
 
 def filter_pass(
@@ -762,9 +799,8 @@ def _threshold(run: Run, image: zarr.Array) -> float:
     return float(value) * p.threshold_factor
 
 
-# Histogram bins of the noise estimate: a coarse histogram finds the mode, a fine one spans
-# the values up to a little above it. Small partial histograms per block (40 KiB together):
-# their number grows with the stack, so each must stay small.
+# Bins of the noise estimate: a coarse histogram finds the mode, a fine one spans the values
+# up to a little above it (both derived from the stack's range-free histogram).
 _MODE_BINS, _NOISE_BINS, _ABOVE_MODE = 1024, 4096, 8
 
 
@@ -778,19 +814,36 @@ def _value_range(image: zarr.Array) -> tuple[float, float] | None:
 
 
 def _noise(run: Run, image: zarr.Array) -> float:
-    """The background noise of the stored image, from two histogram reductions over the stack."""
-    low, high = _value_range(image) or (0.0, 0.0)
+    """The background noise of the stored image (:func:`nucflow.detect.noise_level`), from
+    equal-width histograms derived from its range-free one (no pass over it when the pass
+    that stored it kept its histograms)."""
+    values = _stack_histogram(run, image)
+    low, high = values.low, values.high
     if not high > low:
         return 1.0  # a constant image: no blob passes any positive threshold anyway
     # Values at the minimum are left out: a top-hat is exactly 0 wherever the opening touches
     # the image, a spike that is not the noise's mode.
     above_min = float(np.nextafter(np.float32(low), np.float32(np.inf)))
-    data = da.from_zarr(image)
-    with dask.config.set(scheduler=run.runner.scheduler):  # reductions like the threshold's
-        coarse, edges = da.histogram(data, bins=_MODE_BINS, range=(above_min, high))
-        top = float(edges[min(int(np.argmax(coarse.compute())) + _ABOVE_MODE, _MODE_BINS)])
-        fine, fine_edges = da.histogram(data, bins=_NOISE_BINS, range=(above_min, top))
-        return detect.noise_level(np.asarray(fine.compute()), np.asarray(fine_edges))
+    edges = np.linspace(above_min, high, _MODE_BINS + 1)
+    top = float(edges[min(int(np.argmax(values.counts_in(edges))) + _ABOVE_MODE, _MODE_BINS)])
+    fine_edges = np.linspace(above_min, top, _NOISE_BINS + 1)
+    return detect.noise_level(values.counts_in(fine_edges), fine_edges)
+
+
+def _stack_histogram(run: Run, image: zarr.Array) -> histogram.Histogram:
+    """The sum of the stored preprocessed image's block histograms, read one at a time (the
+    driver's memory stays bounded); a pass makes them if its own pass did not store them."""
+    folder = _histograms(run, "preprocessed")
+    grid = Grid(tuple(image.shape), run.params.chunks)
+    files = _histogram_files(folder)
+    if len(files) != len(grid):
+        folder = _fresh_histograms(run, "preprocessed")
+        tasks = [
+            partial(_histogram_task, core, source=image, folder=folder) for _, core in grid.blocks()
+        ]
+        run.runner.compute(pass_graph(tasks, "histograms"), label="histograms")
+        files = _histogram_files(folder)
+    return histogram.Histogram.of(path.read_bytes() for path in files)
 
 
 class Above:
