@@ -26,6 +26,7 @@ truncated (see :mod:`nucflow.measure`).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -340,8 +341,8 @@ def partition(
     seed_distance = np.zeros(labels.shape, np.float32)
     best = np.full(labels.shape, np.inf)
     reach = np.array(params.voxels(params.max_radius))
-    voxel = np.asarray(params.voxel_size)
-    reach_sq = params.max_radius**2
+    boxes = _seed_box(tuple(map(int, reach)), tuple(params.voxel_size), params.max_radius)
+    d_sq_box, within_box, distance_box = boxes
     unit_sq = params.distance_unit**2
     for seed, seed_id in zip(seeds, seed_ids, strict=True):
         lo = np.maximum(seed - reach, 0)
@@ -349,27 +350,33 @@ def partition(
         cut_lo, cut_hi = np.maximum(lo, start), np.minimum(hi, stop)
         if np.any(cut_hi <= cut_lo):
             continue
-        d_sq = _squared_offsets(lo, hi, seed, voxel)
+        # the seed's box, clipped at the mask's faces, within the box around any seed
+        at = tuple(slice(a, b) for a, b in zip(lo - seed + reach, hi - seed + reach, strict=True))
         box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-        connected = _connected_to_seed(mask[box] & (d_sq <= reach_sq), seed - lo)
-        score = d_sq - float(dist_sq[tuple(seed)]) * unit_sq
+        connected = _connected_to_seed(mask[box] & within_box[at], seed - lo)
         inner = tuple(slice(a, b) for a, b in zip(cut_lo - lo, cut_hi - lo, strict=True))
         out = tuple(slice(a, b) for a, b in zip(cut_lo - start, cut_hi - start, strict=True))
-        wins = connected[inner] & (score[inner] < best[out])
-        best[out][wins] = score[inner][wins]
-        labels[out][wins] = np.uint64(seed_id) + np.uint64(1)
-        seed_distance[out][wins] = np.sqrt(d_sq[inner][wins])
+        score = d_sq_box[at][inner] - float(dist_sq[tuple(seed)]) * unit_sq
+        wins = connected[inner] & (score < best[out])
+        np.copyto(best[out], score, where=wins)
+        np.copyto(labels[out], np.uint64(seed_id) + np.uint64(1), where=wins)
+        np.copyto(seed_distance[out], distance_box[at][inner], where=wins)
     return labels, seed_distance
 
 
-def _squared_offsets(lo, hi, seed, voxel) -> np.ndarray:
-    """Squared physical distance from ``seed`` over the box [lo, hi), summed in a fixed order."""
-    total = np.zeros((1,) * len(lo))
-    for axis, (a, b, s, v) in enumerate(zip(lo, hi, seed, voxel, strict=True)):
-        shape = [1] * len(lo)
-        shape[axis] = b - a
-        total = total + (((np.arange(a, b) - s) * v) ** 2).reshape(shape)
-    return total
+@functools.lru_cache(maxsize=8)
+def _seed_box(
+    reach: tuple[int, ...], voxel: tuple[float, ...], max_radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Over the box of ``reach`` voxels around a seed: squared physical distance to it (the
+    per-axis squares summed in a fixed order), whether within ``max_radius``, the distance."""
+    offsets = [np.arange(-r, r + 1) for r in reach]
+    total = np.zeros((1,) * len(reach))
+    for axis, (offset, v) in enumerate(zip(offsets, voxel, strict=True)):
+        shape = [1] * len(reach)
+        shape[axis] = len(offset)
+        total = total + ((offset * v) ** 2).reshape(shape)
+    return total, total <= max_radius**2, np.sqrt(total).astype(np.float32)
 
 
 def _connected_to_seed(allowed: np.ndarray, seed_local: np.ndarray) -> np.ndarray:
