@@ -493,7 +493,7 @@ def test_demo_scores_itself_and_keeps_earlier_folders(capsys, tmp_path):
 
 def test_help_imports_nothing_heavy_and_a_run_skips_scipy_stats():
     """`nucflow --help` (issue 14: under 0.3 s) loads no numerical library; the run's modules
-    leave out scipy.stats (0.4 s) and matplotlib (only the QC pictures import it)."""
+    leave out scipy.stats (0.4 s) and matplotlib (the QC pictures are drawn with Pillow)."""
     import subprocess
     import sys
 
