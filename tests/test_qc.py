@@ -45,3 +45,18 @@ def test_distributions_picture_draws_each_histogram_bar_to_scale(tmp_path):
     empty = tmp_path / "empty.png"
     qc._histograms(empty, table.iloc[:0])
     assert not np.any(np.all(np.asarray(Image.open(empty).convert("RGB")) == BLUE, axis=-1))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_outline_pixels_are_scikit_images_inner_boundaries(seed):
+    """Random labels (every pixel a boundary case, the image edges included) and blobs."""
+    from skimage.measure import label
+    from skimage.segmentation import find_boundaries
+
+    rng = np.random.default_rng(seed)
+    noisy = rng.integers(0, 4, (50, 61))
+    blobs = label(rng.random((80, 90)) > 0.6)
+    for labels in (noisy, blobs):
+        expected = find_boundaries(labels, mode="inner")
+        np.testing.assert_array_equal(qc._inner_boundaries(labels), expected)
+        assert 0 < expected.sum() < expected.size

@@ -116,14 +116,13 @@ def _outline_picture(path: Path, projections: Sequence[tuple[np.ndarray, np.ndar
     """One panel per window, one pixel per voxel: the projection in grey (1st to 99.8th
     percentile), label outlines in orange, panels separated by white gaps."""
     import imagecodecs
-    from skimage.segmentation import find_boundaries
 
     panels = []
     for picture, flat in projections:
         low, high = np.percentile(picture, (1, 99.8))
         grey = np.clip((picture - low) / max(high - low, 1e-12), 0, 1)
         rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
-        rgb[find_boundaries(flat, mode="inner")] = _OUTLINE_RGB
+        rgb[_inner_boundaries(flat)] = _OUTLINE_RGB
         panels.append(rgb)
     height = max(p.shape[0] for p in panels)
     gap = np.full((height, _GAP, 3), 255, np.uint8)
@@ -133,6 +132,17 @@ def _outline_picture(path: Path, projections: Sequence[tuple[np.ndarray, np.ndar
         padded[: panel.shape[0]] = panel
         row += [padded, gap]
     path.write_bytes(imagecodecs.png_encode(np.concatenate(row[:-1], axis=1)))
+
+
+def _inner_boundaries(labels: np.ndarray) -> np.ndarray:
+    """Labelled pixels with a differently labelled face neighbour: skimage's
+    ``find_boundaries(labels, mode="inner")`` (whose import costs ~0.2 s of a small run)."""
+    from scipy import ndimage
+
+    cross = ndimage.generate_binary_structure(labels.ndim, 1)
+    spread = ndimage.grey_dilation(labels, footprint=cross, mode="nearest")
+    shrunk = ndimage.grey_erosion(labels, footprint=cross, mode="nearest")
+    return (spread != shrunk) & (labels != 0)
 
 
 def _histograms(path: Path, table: pd.DataFrame) -> None:
