@@ -1129,6 +1129,12 @@ def label_image(run: Run, mode: str = "r") -> zarr.Array | io.TimePoint:
     return labels if run.time is None else io.TimePoint(labels, run.time)
 
 
+def label_dtype(shape: Sequence[int]) -> np.dtype:
+    """uint32 when every id fits (1 + a voxel's linear index: stacks up to 4.29 G voxels), else
+    uint64: half the bytes to write, read and downsample for all but the largest stacks."""
+    return np.dtype(np.uint32 if math.prod(shape) <= np.iinfo(np.uint32).max else np.uint64)
+
+
 def label_chunks(chunks: Sequence[int]) -> tuple[int, ...]:
     """Storage chunks of ``labels.ome.zarr``: a block's half along each axis where it splits
     evenly into halves of at least 32 voxels.
@@ -1146,8 +1152,8 @@ def _fresh_labels(run: Run) -> zarr.Array | io.TimePoint:
     path = run.output / "labels.ome.zarr"
     if run.time is None:
         shape = tuple(run.stack.data.shape)
-        chunks = label_chunks(p.chunks)
-        return io.create_label_zarr(path, shape, chunks, p.voxel_size, overwrite=True)
+        chunks, dtype = label_chunks(p.chunks), label_dtype(shape)
+        return io.create_label_zarr(path, shape, chunks, p.voxel_size, dtype=dtype, overwrite=True)
     labels = label_image(run, mode="r+")
     assert isinstance(labels, io.TimePoint)  # run.time is set: one time point of the movie
     io.clear_timepoint(labels.array, run.time)
@@ -1219,7 +1225,7 @@ def _segment_core(
         mask, params, origin=origin, global_shape=shape, core=local_core
     )
     if lab.any():
-        labels[core] = lab
+        labels[core] = lab.astype(labels.dtype, copy=False)
     return measure.block_stats(lab, seed_distance, intensities, origin=[c.start for c in core])
 
 

@@ -189,6 +189,7 @@ def _prepare_labels(run: pipeline.Run) -> None:
             stack.data.shape,
             chunks[1:],
             p.voxel_size,
+            dtype=pipeline.label_dtype(stack.data.shape),
             overwrite=True,
             timepoints=stack.n_timepoints,
             time_interval_s=stack.time_interval_s,
