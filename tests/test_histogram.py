@@ -37,9 +37,21 @@ def test_keys_follow_the_values_and_each_bin_holds_its_values():
     assert np.all((upper - lower)[big] <= np.abs(values[finite][big]) / 128)
 
 
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "non-negative"])
+def test_a_blocks_counts_are_its_keys_counts(signed):
+    """Non-negative blocks (a background subtraction's) take a shortcut: the same counts, -0.0
+    counted as 0.0."""
+    values = _values() if signed else np.maximum(_values(), np.float32(0))
+    values[:7] = -0.0
+    counts = histogram.Histogram.of([histogram.encode(values)]).counts
+    np.testing.assert_array_equal(counts, np.bincount(histogram.keys(values), minlength=1 << 16))
+    assert counts[histogram.keys(np.float32([0.0]))[0]] == np.count_nonzero(values == 0)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "non-negative"])
 @pytest.mark.parametrize("pieces", [1, 2, 7, 64])
-def test_the_sum_of_block_histograms_is_the_same_on_every_chunking(pieces):
-    values = _values()
+def test_the_sum_of_block_histograms_is_the_same_on_every_chunking(pieces, signed):
+    values = _values() if signed else np.maximum(_values(), np.float32(0))
     whole = histogram.Histogram.of([histogram.encode(values)])
     parts = histogram.Histogram.of(histogram.encode(p) for p in np.array_split(values, pieces))
     np.testing.assert_array_equal(parts.counts, whole.counts)

@@ -40,9 +40,14 @@ def _lower_edges(bins: np.ndarray) -> np.ndarray:
 
 def encode(block: np.ndarray) -> bytes:
     """One block's histogram, extremes and count at the minimum, as bytes (see the module)."""
-    values = np.asarray(block, np.float32).ravel()
-    counts = np.bincount(keys(values), minlength=BINS)
+    values = np.ascontiguousarray(block, np.float32).ravel()
     low = values.min()
+    if low >= 0:  # a background subtraction's output: the sign bit is 0 (or -0.0's, cleared)
+        counts = np.zeros(BINS, np.int64)
+        top = (values.view(np.uint32) >> 16).astype(np.uint16) & np.uint16(0x7FFF)
+        counts[BINS // 2 :] = np.bincount(top, minlength=BINS // 2)
+    else:
+        counts = np.bincount(keys(values), minlength=BINS)
     header = np.array([low, values.max()], np.float64).tobytes()
     header += np.array([np.count_nonzero(values == low)], np.int64).tobytes()
     bins = np.flatnonzero(counts)
