@@ -122,7 +122,13 @@ def _smallest_int(limit: int) -> type:
     return np.int32 if limit < np.iinfo(np.int32).max else np.int64
 
 
-_EDT_THREADS = min(4, len(os.sched_getaffinity(0)))
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):  # Linux: the CPUs this process may run on
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+_EDT_THREADS = min(4, _usable_cpus())
 
 
 def distance_squared(mask: np.ndarray, params: SegmentParams) -> np.ndarray:
@@ -391,7 +397,10 @@ def _seed_box(
         shape = [1] * len(reach)
         shape[axis] = len(offset)
         total = total + ((offset * v) ** 2).reshape(shape)
-    return total, total <= max_radius**2, np.sqrt(total).astype(np.float32)
+    boxes = total, total <= max_radius**2, np.sqrt(total).astype(np.float32)
+    for box in boxes:  # shared by every call (and thread) with this geometry
+        box.setflags(write=False)
+    return boxes
 
 
 def _connected_to_seed(allowed: np.ndarray, seed_local: np.ndarray) -> np.ndarray:
