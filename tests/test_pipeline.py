@@ -152,7 +152,9 @@ def test_run_directory_is_complete_and_readable(stack3d, tmp_path):
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "complete"
     # README: level 0 in half a block per axis where the side is even and >= 64
-    assert zarr.open_array(str(out / "labels.ome.zarr" / "0"), mode="r").chunks == (20, 32, 32)
+    level0 = zarr.open_array(str(out / "labels.ome.zarr" / "0"), mode="r")
+    assert level0.chunks == (20, 32, 32)
+    assert level0.dtype == np.uint32  # every label of a stack this small fits (README)
     assert record["counts"] == {"nuclei": len(table), "truncated": int(table["truncated"].sum())}
     assert not (out / ".work").exists()
     # background cells: background_radius (0.75 x diameter) / voxel / 3, at least 1
@@ -191,6 +193,15 @@ def _check_outlines(path, windows, labels):
         assert edges.any()
         np.testing.assert_array_equal((panel == (255, 140, 0)).all(axis=-1), edges)
         left += width + 4
+
+
+def test_labels_are_uint32_up_to_the_largest_stack_whose_labels_fit():
+    """A label is 1 + a voxel's linear index: uint32 holds them up to 2**32 - 1 voxels."""
+    from nucflow.pipeline import label_dtype
+
+    assert label_dtype((1, 65535, 65537)) == np.uint32  # 2**32 - 1 voxels
+    assert label_dtype((2, 65536, 32768)) == np.uint64  # 2**32 voxels
+    assert label_dtype((2048, 16384, 16384)) == np.uint64
 
 
 def test_measures_other_channels(tmp_path):
