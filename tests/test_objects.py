@@ -433,3 +433,35 @@ def test_measure_checks_a_partitioned_table_and_writes_it(small3d, tmp_path):
     assert (out / "nuclei.parquet").is_dir() and not (out / "nuclei.csv").exists()
     table = pd.read_parquet(out / "nuclei.parquet")
     assert sorted(table["label"]) == sorted(np.unique(labels)[1:])
+
+
+class _Unread:
+    """A channel reader that must not be read."""
+
+    def __getitem__(self, where):
+        raise AssertionError(f"a shape property read the channel at {where}")
+
+
+def test_shape_properties_read_no_channel():
+    """Properties of the shape alone (the defaults) equal regionprops without decompressing a
+    channel; a per-channel property reads it."""
+    made = make_nuclei((20, 48, 48), n_nuclei=6, seed=3)
+    labels = made.truth
+    rows = pd.DataFrame({"label": np.unique(labels)[1:]})
+    boxes = ndimage.find_objects(labels)
+    for k, a in enumerate("zyx"):
+        rows[f"bbox_min_{a}"] = [boxes[i - 1][k].start for i in rows["label"]]
+        rows[f"bbox_max_{a}"] = [boxes[i - 1][k].stop for i in rows["label"]]
+    shape_only = ["extent", "euler_number", "solidity"]
+    spec = objects.Spec.of(shape_only, ndim=3, voxel_size=(2.0, 0.5, 0.5))
+    found = objects.measure_rows(
+        rows, labels=labels, intensities={"": _Unread()}, spec=spec, shape=labels.shape
+    )
+    expected = regionprops_table(labels, spacing=(2.0, 0.5, 0.5), properties=shape_only)
+    for name in shape_only:
+        np.testing.assert_array_equal(found[name].to_numpy(), expected[name])
+    spec = objects.Spec.of(["intensity_median"], ndim=3, voxel_size=(2.0, 0.5, 0.5))
+    with pytest.raises(AssertionError, match="read the channel"):
+        objects.measure_rows(
+            rows, labels=labels, intensities={"": _Unread()}, spec=spec, shape=labels.shape
+        )

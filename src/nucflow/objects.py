@@ -62,7 +62,8 @@ class Crop:
     mask : (M, N[, P]) ndarray of bool
         The nucleus in its bounding box (regionprops' ``image``).
     intensity : (M, N[, P], C) ndarray
-        The channels over the same box, channel last.
+        The channels over the same box, channel last (C = 0 when no property asks for
+        intensities: none are read).
     origin : tuple of int
         Global coordinates of ``mask[0, 0(, 0)]``.
     voxel_size : tuple of float
@@ -84,7 +85,8 @@ class Crop:
     @cached_property
     def region(self) -> Any:
         """``skimage.measure.regionprops`` of the crop (lazy, cached per property)."""
-        return regionprops(self.mask.astype(np.uint8), self.intensity, spacing=self.voxel_size)[0]
+        intensity = self.intensity if self.intensity.shape[-1] else None
+        return regionprops(self.mask.astype(np.uint8), intensity, spacing=self.voxel_size)[0]
 
     @cached_property
     def convex(self) -> np.ndarray:
@@ -143,7 +145,7 @@ class Property:
     parts : str
         "" (one value), "axes" (one per spatial axis) or "percentiles".
     per_channel : bool
-        One set of columns per measured channel.
+        One set of columns per measured channel (the properties that read intensities).
     dims : tuple of int
         Dimensionalities it exists for.
     alias : str
@@ -493,6 +495,8 @@ def measure_rows(
     lo = rows[[f"bbox_min_{a}" for a in axes]].to_numpy(np.int64)
     hi = rows[[f"bbox_max_{a}" for a in axes]].to_numpy(np.int64)
     margin = np.asarray(spec.margin())
+    if not any(PROPERTIES[n].per_channel for n in names):
+        intensities = {}  # shape alone: the stack's channels are not read (nor decompressed)
     box = _Box.read(lo.min(0) - margin, hi.max(0) + margin, labels, intensities, shape)
     values = np.empty((len(rows), len(columns)))
     for i, label in enumerate(rows["label"].to_numpy()):
@@ -529,8 +533,10 @@ class _Box:
         shape = np.asarray(shape)
         start, stop = np.maximum(lo, 0), np.minimum(hi, shape)
         where = tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
-        channels = np.stack([np.asarray(r[where]) for r in intensities.values()], -1)
-        return cls(start, np.asarray(labels[where]), channels, shape)
+        found = np.asarray(labels[where])
+        channels = [np.asarray(r[where]) for r in intensities.values()]
+        stacked = np.stack(channels, -1) if channels else np.empty((*found.shape, 0), np.uint8)
+        return cls(start, found, stacked, shape)
 
     def crop(self, lo, hi, grow=0) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
         """(labels, intensity, origin) of the bbox ``[lo, hi)`` grown by ``grow`` voxels per
