@@ -30,7 +30,13 @@ import pandas as pd
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 from scipy.spatial.distance import pdist
-from skimage.measure import find_contours, marching_cubes, mesh_surface_area, regionprops
+from skimage.measure import (
+    euler_number,
+    find_contours,
+    marching_cubes,
+    mesh_surface_area,
+    regionprops,
+)
 from skimage.morphology import convex_hull_image
 
 from nucflow.errors import ConfigError
@@ -246,6 +252,17 @@ def _feret_diameter_max(crop: Crop, _settings: Settings) -> list[float]:
     return [math.sqrt(np.max(pdist(scaled, "sqeuclidean")))]
 
 
+def _extent(crop: Crop, _settings: Settings) -> list[float]:
+    """regionprops' ``extent`` (``area / area_bbox``, both in µm), without its object."""
+    voxel = np.prod(np.asarray(crop.voxel_size, np.float64))
+    return [float((np.sum(crop.mask) * voxel) / (crop.mask.size * voxel))]
+
+
+def _euler_number(crop: Crop, _settings: Settings) -> list[float]:
+    """regionprops' ``euler_number`` (full connectivity), without its object."""
+    return [float(euler_number(crop.mask, crop.mask.ndim))]
+
+
 def _area_convex(crop: Crop, _settings: Settings) -> list[float]:
     return [float(crop.convex.sum()) * math.prod(crop.voxel_size)]
 
@@ -313,8 +330,8 @@ PROPERTIES: dict[str, Property] = {
     "area_convex": Property("ndim", _area_convex),
     "area_filled": Property("ndim", _rp("area_filled")),
     "solidity": Property(0, _solidity),
-    "extent": Property(0, _rp("extent")),
-    "euler_number": Property(0, _rp("euler_number")),
+    "extent": Property(0, _extent),
+    "euler_number": Property(0, _euler_number),
     "feret_diameter_max": Property(_LENGTH, _feret_diameter_max),
     "eccentricity": Property(0, _rp("eccentricity"), dims=(2,)),
     "orientation": Property(0, _rp("orientation"), dims=(2,)),
