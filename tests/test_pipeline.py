@@ -108,8 +108,36 @@ def test_stored_passes_equal_the_whole_array_steps(stack3d, tmp_path, background
         expected > threshold, filters.ellipsoid(params.opening_radius, params.voxel_size)
     )
     min_voxels = int(params.min_volume / math.prod(params.voxel_size))
-    clean = morph.remove_small_objects(ndimage.binary_fill_holes(opened), max_size=min_voxels)
+    filled = ndimage.binary_fill_holes(opened)
+    clean = morph.remove_small_objects(filled, max_size=min_voxels)
     np.testing.assert_array_equal(mask, clean)
+    # a selection that changes nothing stores nothing (its result is its source)
+    work = tmp_path / "a" / ".work"
+    for name, before, after in (("filled", opened, filled), ("mask", filled, clean)):
+        unchanged = np.array_equal(before, after)
+        assert (work / f"{name}.same").exists() == unchanged, name
+        assert (work / f"{name}.zarr").exists() == (not unchanged), name
+
+
+def test_component_selections_that_keep_everything_store_nothing(stack3d, tmp_path):
+    """With the local detection no hole is left to fill and no object is too small: each
+    selection keeps every component, so its result is its source (marked ``.same``), and the
+    pass that would copy it is skipped."""
+    import math
+
+    source, made = stack3d
+    out = tmp_path / "a"
+    params, _, _, mask = _stages_on(source, out, (13, 37, 41))
+    work = out / ".work"
+    opened = np.asarray(zarr.open_array(str(work / "opened.zarr"), mode="r"))
+    np.testing.assert_array_equal(mask, opened)
+    np.testing.assert_array_equal(ndimage.binary_fill_holes(opened), opened)
+    components, count = ndimage.label(opened)
+    smallest = np.bincount(components.ravel())[1:].min()
+    assert count and smallest > int(params.min_volume / math.prod(params.voxel_size))
+    for name in ("filled", "mask"):
+        assert (work / f"{name}.same").exists() and (work / f"{name}.done").exists()
+        assert not (work / f"{name}.zarr").exists()
 
 
 def test_accuracy_3d(stack3d, one_block):

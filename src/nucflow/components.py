@@ -320,6 +320,12 @@ class BlockComponents:
         """(count, sizes, touches border) of the crossing components, as :func:`join` takes."""
         return int(self.crossing.sum()), self.sizes[self.crossing], self.border[self.crossing]
 
+    def keeps_own(self, decide: Decision) -> bool:
+        """Whether ``decide`` keeps every component that lies wholly in the block."""
+        own = ~self.crossing
+        own[0] = False
+        return bool(np.asarray(decide(self.sizes, self.border), bool)[own].all())
+
     def faces(self) -> dict[str, np.ndarray]:
         """Joined ids on each shared face: ``"{axis}lo"``/``"{axis}hi"`` -> 2D (or 1D) array."""
         out = {}

@@ -566,13 +566,31 @@ def _path(run: Run, name: str) -> Path:
     return run.work / f"{name}.zarr"
 
 
-def _reuse(run: Run, name: str) -> zarr.Array | None:
+def _reuse(run: Run, name: str, *, source: zarr.Array | None = None) -> zarr.Array | None:
     """The stored result ``name`` of an earlier attempt, if ``--resume`` may reuse it (same
-    fingerprint: :func:`nucflow.fingerprint.reusable`). Call once per stored result."""
+    fingerprint: :func:`nucflow.fingerprint.reusable`). Call once per stored result.
+
+    With ``source``: a result found equal to it (:func:`_same_as`) is ``source`` itself."""
     path, done = _path(run, name), run.work / f"{name}.done"
+    same = _same_path(run, name)
+    if source is not None and same.exists():
+        path = same
     if fingerprint.reusable(run, name, path, done):
-        return zarr.open_array(str(path), mode="r")
+        return source if path == same else zarr.open_array(str(path), mode="r")
     return None
+
+
+def _same_path(run: Run, name: str) -> Path:
+    """The mark of a result equal to its source, stored as that source alone."""
+    return run.work / f"{name}.same"
+
+
+def _same_as(run: Run, name: str, source: zarr.Array) -> zarr.Array:
+    """Record that result ``name`` equals ``source`` (nothing written) and return it."""
+    shutil.rmtree(_path(run, name), ignore_errors=True)
+    table_stage.write_atomic(_same_path(run, name), b"")
+    _mark_done(run, name)
+    return source
 
 
 def _mark_done(run: Run, name: str) -> None:
@@ -919,31 +937,47 @@ def select_components(
     number: ~40 bytes each, those touching a block face); each block writes what is kept.
     With ``invert``, the components of ``~source`` are selected and the result is inverted
     (hole filling keeps the background that touches the image border).
+
+    When every component is kept, the third pass is skipped: the result is ``source`` itself
+    and ``.work/<name>.same`` says so (to ``--resume``).
     """
-    stored = _reuse(run, name)
+    stored = _reuse(run, name, source=source)
     if stored is not None:
         return stored
+    _same_path(run, name).unlink(missing_ok=True)
     grid = Grid(tuple(source.shape), run.params.chunks)
     faces = run.work / f"{name}.faces"
     faces.mkdir(exist_ok=True)
     blocks = [index for index, _ in grid.blocks()]
     summarize = [
-        partial(_summarize_task, index, source=source, grid=grid, invert=invert, faces=faces)
+        partial(
+            _summarize_task,
+            index,
+            source=source,
+            grid=grid,
+            invert=invert,
+            faces=faces,
+            decide=decide,
+        )
         for index in blocks
     ]
-    (summaries,) = run.runner.compute(pass_graph(summarize, f"{name}-summaries"), label=name)
+    (found,) = run.runner.compute(pass_graph(summarize, f"{name}-summaries"), label=name)
+    summaries = [summary for summary, _ in found]
     match = [partial(_match_task, index, faces=faces, grid=grid) for index in blocks]
     (matched,) = run.runner.compute(pass_graph(match, f"{name}-faces"), label=name)
+    shutil.rmtree(faces, ignore_errors=True)
     where = [(axis, index) for index in blocks for axis, _ in grid.neighbours_above(index)]
     pairs = [p for per_block in matched for p in per_block]
     keep = components.join(summaries, pairs, blocks=blocks, where=where, decide=decide)
+    if all(own for _, own in found) and all(table[1:].all() for table in keep.values()):
+        # Every component kept (no hole, no small object: the usual case with the local
+        # detection): the result is the source, and the pass that would copy it is skipped.
+        return _same_as(run, name, source)
     compute = partial(_kept_task, decide=decide, source=source, grid=grid, invert=invert)
     per_block = {index: {"keep": table} for index, table in keep.items()}
-    kept = _store_blocks(
+    return _store_blocks(
         run, name, grid, bool, compute, label=name, reusable=False, per_block=per_block
     )
-    shutil.rmtree(faces, ignore_errors=True)
-    return kept
 
 
 def _edges(grid: Grid, index: tuple[int, ...]) -> list[tuple[bool, bool]]:
@@ -962,12 +996,19 @@ def _face_file(faces: Path, index: tuple[int, ...]) -> Path:
 
 
 def _summarize_task(
-    index: tuple[int, ...], *, source: zarr.Array, grid: Grid, invert: bool, faces: Path
-) -> tuple[int, np.ndarray, np.ndarray]:
+    index: tuple[int, ...],
+    *,
+    source: zarr.Array,
+    grid: Grid,
+    invert: bool,
+    faces: Path,
+    decide: components.Decision,
+) -> tuple[tuple[int, np.ndarray, np.ndarray], bool]:
+    """The block's crossing components (for the join), and whether it keeps all its own."""
     found = _block_components(index, source, grid, invert)
     faces_of: dict[str, Any] = found.faces()  # names -> arrays (not savez's own keywords)
     np.savez_compressed(_face_file(faces, index), **faces_of)
-    return found.summary()
+    return found.summary(), found.keeps_own(decide)
 
 
 def _match_task(index: tuple[int, ...], *, faces: Path, grid: Grid) -> list[np.ndarray]:

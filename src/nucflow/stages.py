@@ -142,7 +142,8 @@ THRESHOLD = Result(
     ),
 )  # fmt: skip
 # detection (or the threshold) and the opening in one pass; hole filling and small-object
-# removal are global: three passes each (block components, join, keep)
+# removal are global: three passes each (block components, join, keep; the keep pass is
+# skipped when every component is kept, the result then being its source)
 OPENED = Result("opened", params=("opening_radius",))
 FILLED = Result("filled", ("blocks",) * 3, ("fill_holes", "min_volume"))
 MASK = Result("mask", ("blocks",) * 3, ("opening_radius", "fill_holes", "min_volume"))
