@@ -75,15 +75,39 @@ def _stages_on(source, out, chunks, *overrides):
         return params, np.asarray(image), run.facts, np.asarray(mask)
 
 
+def _whole_array_steps(image, params, background, threshold):
+    """The stored passes' whole-array counterparts: preprocessed image, opened, filled and
+    cleaned masks."""
+    import math
+
+    import dask.array as da
+    import skimage.morphology as morph
+
+    from nucflow import filters
+
+    whole = da.from_array(image, chunks=image.shape)
+    sigma = tuple(params.sigma / v for v in params.voxel_size)
+    expected = filters.subtract_background(
+        filters.gaussian(whole, sigma),
+        method=background,
+        radius=params.background_radius,
+        voxel_size=params.voxel_size,
+        downsample=params.background_downsample,
+    ).compute()
+    opened = expected > threshold
+    if params.opening_radius > 0:
+        opened = morph.opening(opened, filters.ellipsoid(params.opening_radius, params.voxel_size))
+    min_voxels = int(params.min_volume / math.prod(params.voxel_size))
+    filled = ndimage.binary_fill_holes(opened)
+    return expected, opened, filled, morph.remove_small_objects(filled, max_size=min_voxels)
+
+
 @pytest.mark.parametrize("background", ["tophat", "median", "gaussian"])
 def test_stored_passes_equal_the_whole_array_steps(stack3d, tmp_path, background):
     """Each stage's passes read blocks and halos from the stage before: the stored stacks equal
     the whole-array scipy/scikit-image steps (the reduced-resolution background as
     ``filters.subtract_background`` on one block, itself tested against scipy)."""
-    import math
-
     import dask.array as da
-    import skimage.morphology as morph
 
     from nucflow import filters
 
@@ -93,23 +117,9 @@ def test_stored_passes_equal_the_whole_array_steps(stack3d, tmp_path, background
         source, tmp_path / "a", (13, 37, 41), setting, "threshold.method=otsu"
     )
     threshold = facts["threshold"]
-    whole = da.from_array(made.image, chunks=made.image.shape)
-    sigma = tuple(params.sigma / v for v in params.voxel_size)
-    expected = filters.subtract_background(
-        filters.gaussian(whole, sigma),
-        method=background,
-        radius=params.background_radius,
-        voxel_size=params.voxel_size,
-        downsample=params.background_downsample,
-    ).compute()
+    expected, opened, filled, clean = _whole_array_steps(made.image, params, background, threshold)
     np.testing.assert_array_equal(image, expected)
     assert threshold == pytest.approx(float(filters.threshold(da.from_array(expected))))
-    opened = morph.opening(
-        expected > threshold, filters.ellipsoid(params.opening_radius, params.voxel_size)
-    )
-    min_voxels = int(params.min_volume / math.prod(params.voxel_size))
-    filled = ndimage.binary_fill_holes(opened)
-    clean = morph.remove_small_objects(filled, max_size=min_voxels)
     np.testing.assert_array_equal(mask, clean)
     # a selection that changes nothing stores nothing (its result is its source)
     work = tmp_path / "a" / ".work"
@@ -117,6 +127,32 @@ def test_stored_passes_equal_the_whole_array_steps(stack3d, tmp_path, background
         unchanged = np.array_equal(before, after)
         assert (work / f"{name}.same").exists() == unchanged, name
         assert (work / f"{name}.zarr").exists() == (not unchanged), name
+
+
+def test_component_selections_that_change_a_few_blocks_equal_the_whole_array(stack3d, tmp_path):
+    """A hollow nucleus (a hole to fill) and specks (objects too small) in a few of 64 blocks:
+    both selections store their result, the other blocks are kept as they are, and the mask
+    equals the whole-array steps."""
+    _, made = stack3d
+    image = made.image.copy()
+    bright = image.max()
+    z, y, x = np.ogrid[tuple(slice(0, n) for n in image.shape)]
+    vz, vy, vx = made.voxel_size
+    radius = np.sqrt(((z - 20) * vz) ** 2 + ((y - 64) * vy) ** 2 + ((x - 20) * vx) ** 2)
+    image[radius <= 6.0] = bright  # a shell 2 µm thick around a dark core
+    image[radius <= 4.0] = 0
+    for speck in ((5, 100, 100), (30, 20, 110)):  # 2 x 2 x 2 voxels
+        image[tuple(slice(c, c + 2) for c in speck)] = bright
+    source = tmp_path / "holes.ome.zarr"
+    io.write_ome_zarr(source, image, made.voxel_size)
+    settings = ("threshold.method=otsu", "mask.opening_radius=0")
+    params, _, facts, mask = _stages_on(source, tmp_path / "a", (13, 37, 41), *settings)
+    _, opened, filled, clean = _whole_array_steps(image, params, "tophat", facts["threshold"])
+    assert not np.array_equal(opened, filled) and not np.array_equal(filled, clean)
+    np.testing.assert_array_equal(mask, clean)
+    work = tmp_path / "a" / ".work"
+    for name in ("filled", "mask"):
+        assert (work / f"{name}.zarr").exists() and not (work / f"{name}.same").exists()
 
 
 def test_component_selections_that_keep_everything_store_nothing(stack3d, tmp_path):

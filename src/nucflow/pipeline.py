@@ -969,12 +969,18 @@ def select_components(
     where = [(axis, index) for index in blocks for axis, _ in grid.neighbours_above(index)]
     pairs = [p for per_block in matched for p in per_block]
     keep = components.join(summaries, pairs, blocks=blocks, where=where, decide=decide)
-    if all(own for _, own in found) and all(table[1:].all() for table in keep.values()):
+    keeps_all = {
+        index: own and bool(keep[index][1:].all())
+        for index, (_, own) in zip(blocks, found, strict=True)
+    }
+    if all(keeps_all.values()):
         # Every component kept (no hole, no small object: the usual case with the local
         # detection): the result is the source, and the pass that would copy it is skipped.
         return _same_as(run, name, source)
     compute = partial(_kept_task, decide=decide, source=source, grid=grid, invert=invert)
-    per_block = {index: {"keep": table} for index, table in keep.items()}
+    per_block = {
+        index: {"keep": table, "keeps_all": keeps_all[index]} for index, table in keep.items()
+    }
     return _store_blocks(
         run, name, grid, bool, compute, label=name, reusable=False, per_block=per_block
     )
@@ -1028,7 +1034,10 @@ def _kept_task(
     invert: bool,
     keep: np.ndarray,
     decide: components.Decision,
+    keeps_all: bool,
 ) -> np.ndarray:
+    if keeps_all:  # the block as it is: no labelling
+        return np.asarray(source[core], dtype=bool)
     kept = _block_components(grid.index_of(core), source, grid, invert).kept(keep, decide)
     return ~kept if invert else kept
 
