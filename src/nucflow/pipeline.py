@@ -586,10 +586,12 @@ def _same_path(run: Run, name: str) -> Path:
 
 
 def _same_as(run: Run, name: str, source: zarr.Array) -> zarr.Array:
-    """Record that result ``name`` equals ``source`` (nothing written) and return it."""
+    """Record that result ``name`` equals ``source`` (nothing written; one planned pass the
+    fewer) and return it."""
     shutil.rmtree(_path(run, name), ignore_errors=True)
     table_stage.write_atomic(_same_path(run, name), b"")
     _mark_done(run, name)
+    progress_report.skipped(run)
     return source
 
 

@@ -648,6 +648,18 @@ def expect(run: Any, plan: Mapping[str, int]) -> None:
         tracker.plan = dict(plan)
 
 
+def skipped(run: Any) -> None:
+    """A planned pass of ``run``'s current stage has nothing to do (a component selection that
+    keeps every component): the stage's plan shrinks by one, so its pass count, ETA and
+    ``planned_passes`` stay true."""
+    tracker = getattr(run, "progress", None)
+    if tracker is None or tracker.current is None:
+        return
+    name = tracker.current.name
+    if tracker.plan.get(name):
+        tracker.plan[name] -= 1
+
+
 def nuclei_pass_grids(params: Params, shape: tuple[int, ...]) -> dict[str, tuple[str, ...]]:
     """The passes each stage of the nuclei flow runs on a stack of ``shape`` (spatial axes),
     in order, each named by the grid it runs on (:meth:`nucflow.stages.Stage.passes`), as
