@@ -1,18 +1,22 @@
-"""Tests of issue 19, "secure by default on shared clusters", from the attacker's side.
+"""Tests of issues 19 and 27 (12), "secure by default on shared clusters", from the attacker's
+side.
 
 A stranger is another process that knows a scheduler's address but holds none of the run's
 credentials. It tries a plain TCP client, a TLS connection without a certificate, and a TLS
 client with a valid certificate of its own (``Security.temporary()``); every try must be
-refused. The control test shows the same script connecting, and running code, where nothing
-protects the scheduler. Dashboards are probed with a TCP connect on this machine's
-non-loopback address. The Slurm test needs the one-node cluster of .ci/slurm-up.sh. Workers
-scratch in the test's own folder: purging the machine-wide /tmp/dask-scratch-space, which
-other runs share, can take long enough for distributed to warn (an error under pytest).
+refused, and the file the stranger's function would write on a worker must not appear. The
+control test shows the same script connecting, and writing that file, where nothing protects
+the scheduler. Dashboards are probed with a TCP connect on this machine's non-loopback address;
+the workers' HTTP servers by the listening sockets of their processes. The Slurm test needs
+the one-node cluster of .ci/slurm-up.sh. Workers scratch in the test's own folder: purging the
+machine-wide /tmp/dask-scratch-space, which other runs share, can take long enough for
+distributed to warn (an error under pytest).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import stat
@@ -42,15 +46,24 @@ from distributed import Client
 from distributed.comm import connect
 from distributed.security import Security
 
-address = sys.argv[1]
+address, marks = sys.argv[1], sys.argv[2]
 host_port = address.split("://", 1)[1]
+
+
+def leave_a_mark(path):
+    import os
+
+    with open(path, "w") as file:
+        file.write(str(os.getpid()))
+    return os.getpid()
 
 
 def client_try(kind, target, security=None):
     try:
         with Client(target, timeout=5, security=security) as client:
-            pid = client.submit(lambda: __import__("os").getpid(), pure=False).result(timeout=10)
-            print(f"ACCEPTED {kind}: ran code in process {pid}", flush=True)
+            mark = f"{marks}/{kind}"
+            pid = client.submit(leave_a_mark, mark, pure=False).result(timeout=10)
+            print(f"ACCEPTED {kind}: ran code in process {pid}, wrote {mark}", flush=True)
     except Exception as error:
         print(f"refused {kind}: {type(error).__name__}: {error}".replace("\n", " "), flush=True)
 
@@ -85,11 +98,17 @@ TRIES = {
 
 
 def _stranger(address: str, tmp_path: Path) -> dict[str, str]:
-    """Run the stranger against ``address``; {kind: its line}."""
+    """Run the stranger against ``address``; {kind: its line}. The files its code wrote on a
+    worker, if any ran, are in ``tmp_path / "marks"``."""
     script = tmp_path / "stranger.py"
     script.write_text(STRANGER)
+    marks = tmp_path / "marks"
+    marks.mkdir(exist_ok=True)
     proc = subprocess.run(
-        [sys.executable, str(script), address], capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), address, str(marks)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     lines = [
         line
@@ -100,11 +119,31 @@ def _stranger(address: str, tmp_path: Path) -> dict[str, str]:
     return {line.split(" ", 2)[1].rstrip(":"): line for line in lines}
 
 
-def _assert_all_refused(outcome: dict[str, str]) -> None:
+def _assert_all_refused(outcome: dict[str, str], tmp_path: Path) -> None:
     assert sorted(outcome) == sorted(TRIES)
     for kind, line in outcome.items():
         assert line.startswith(f"refused {kind}: "), line
         assert re.search(TRIES[kind], line), line
+    assert list((tmp_path / "marks").iterdir()) == []  # no code of the stranger's ran
+
+
+def _worker_http_hosts(runner) -> set[str]:
+    """The hosts every worker's HTTP server (metrics, health; dashboard) listens on, from the
+    sockets its process holds open (psutil), not from what the worker reports."""
+    import psutil
+
+    def listening(dask_worker) -> tuple[int, list[int]]:
+        from distributed.comm.utils import get_tcp_server_addresses
+
+        return os.getpid(), [port for _, port in get_tcp_server_addresses(dask_worker.http_server)]
+
+    hosts = set()
+    for pid, ports in runner.client.run(listening).values():
+        assert ports, "a worker serves no HTTP"
+        for conn in psutil.Process(pid).net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port in ports:
+                hosts.add(conn.laddr.ip)
+    return hosts
 
 
 def _external_ip() -> str:
@@ -141,14 +180,38 @@ def _owner_only(path: Path, mode: int) -> None:
 
 
 def test_stranger_script_works_where_nothing_protects_the_scheduler(tmp_path):
-    # The control: LocalCluster's default binds to loopback with plain TCP, which any user
-    # of this machine can reach; the stranger's plain TCP client gets in and runs code.
-    settings = {"n_workers": 1, "local_directory": str(tmp_path / "scratch")}
-    with connect("local", settings=settings, progress=False) as runner:
-        address = runner.client.scheduler.address
+    # The control: distributed's own LocalCluster default binds to loopback with plain TCP,
+    # which any user of this machine can reach (what `--cluster local` was before issue 27):
+    # the stranger's plain TCP client gets in and its function writes a file as us.
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1, dashboard_address=None, local_directory=str(tmp_path / "scratch")
+    ) as cluster:
+        address = cluster.scheduler_address
         outcome = _stranger(address, tmp_path)
     assert address.startswith("tcp://127.0.0.1:")
     assert outcome["plain-tcp"].startswith("ACCEPTED plain-tcp: ran code in process")
+    assert (tmp_path / "marks" / "plain-tcp").is_file()
+
+
+def test_local_on_loopback_speaks_tls_and_refuses_strangers(tmp_path):
+    # `--cluster local` as the CLI starts it: LocalCluster on 127.0.0.1 (configs/cluster/
+    # local.yaml), reachable by every user of this machine, so it needs the run's credentials.
+    values, _ = _array()
+    settings = {"n_workers": 2, "local_directory": str(tmp_path / "scratch")}
+    with connect("local", settings=settings, progress=False) as runner:
+        address = runner.client.scheduler.address
+        outcome = _stranger(address, tmp_path)
+        total, out = _compute_both(runner)  # the run's own client and workers still connect
+        http = _worker_http_hosts(runner)
+        workers = list(runner.client.scheduler_info()["workers"])
+    assert address.startswith("tls://127.0.0.1:")
+    assert workers and all(w.startswith("tls://127.0.0.1:") for w in workers)
+    _assert_all_refused(outcome, tmp_path)
+    assert total == values.sum()
+    np.testing.assert_array_equal(out, _expected_map_blocks(values, 137))
+    assert http == {"127.0.0.1"}
 
 
 def test_local_beyond_loopback_speaks_tls_and_refuses_strangers(tmp_path):
@@ -162,11 +225,27 @@ def test_local_beyond_loopback_speaks_tls_and_refuses_strangers(tmp_path):
         total, out = _compute_both(runner)  # the run's own workers still connect
         port = _dashboard_port(runner)
         dashboard = _answers("127.0.0.1", port), _answers(host, port)
+        http = _worker_http_hosts(runner)
     assert address.startswith(f"tls://{host}:")
-    _assert_all_refused(outcome)
+    _assert_all_refused(outcome, tmp_path)
     assert total == values.sum()
     np.testing.assert_array_equal(out, _expected_map_blocks(values, 137))
     assert dashboard == (True, False)  # on loopback only, not on the network address
+    assert http == {"127.0.0.1"}  # the workers' HTTP servers too, though they serve on `host`
+
+
+def test_local_every_interface_keeps_worker_http_on_loopback_unless_asked(tmp_path):
+    # cluster.host=0.0.0.0: scheduler and workers listen on every interface (TLS), their
+    # HTTP servers on loopback; cluster.worker_dashboard_address opens them, with a warning.
+    settings = {"n_workers": 1, "host": "0.0.0.0", "local_directory": str(tmp_path / "scratch")}
+    with connect("local", settings=settings, progress=False) as runner:
+        kept = _worker_http_hosts(runner)
+        assert runner.client.scheduler.address.startswith("tls://")
+    assert kept == {"127.0.0.1"}
+    opened = {**settings, "worker_dashboard_address": ":0"}
+    with pytest.warns(UserWarning, match=r"^the dask dashboard on 0\.0\.0\.0:0 is open"):
+        with connect("local", settings=opened, progress=False) as runner:
+            assert _worker_http_hosts(runner) == {"0.0.0.0"}
 
 
 def test_local_dashboard_stays_on_loopback_and_link_says_so(capsys):
@@ -343,7 +422,7 @@ def test_slurm_run_refuses_strangers_and_removes_its_credentials(tmp_path, monke
         port = _dashboard_port(runner)
         dashboard = _answers("127.0.0.1", port), _answers(host, port)
     assert address.startswith("tls://")
-    _assert_all_refused(outcome)
+    _assert_all_refused(outcome, tmp_path)
     assert total == values.sum()
     np.testing.assert_array_equal(out, _expected_map_blocks(values, 137))
     assert -1 not in set(jobs.tolist())  # computed in Slurm jobs

@@ -16,9 +16,14 @@ collections with a progress bar. Specs:
 ``tcp://HOST:PORT``, ``tls://HOST:PORT`` (or ``scheduler_file=``)
     an existing scheduler, which closing the context leaves running.
 
-Security: a scheduler nucflow starts on a network (``slurm``; ``local`` bound beyond loopback)
-speaks TLS with credentials made for the run, so only the run's own client and workers can
-connect to it; its dashboard listens on 127.0.0.1 unless ``dashboard_address`` says otherwise.
+Security: every scheduler nucflow starts (``local``, on 127.0.0.1 too, and ``slurm``) speaks
+TLS with credentials made for the run, so only the run's own client and workers can connect to
+it; its dashboard, and a LocalCluster's workers' HTTP servers, listen on 127.0.0.1 unless
+``dashboard_address`` (``worker_dashboard_address``) says otherwise.
+
+Walltimes: a Slurm worker retires before its job's walltime (:class:`_Lifetime`): it takes no
+new task, lets its running ones finish while there is time, hands its results over and leaves;
+the scheduler reruns what it could not finish without counting that as a worker's death.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ _LOCAL_KEYS = frozenset(
         "local_directory",
         "host",
         "scheduler_port",
+        "worker_dashboard_address",
     }
 )
 _POOL_KEYS = frozenset({"num_workers"})
@@ -568,9 +574,9 @@ def connect(
     Notes
     -----
     Leaving the context closes what ``connect`` created (client, LocalCluster, Slurm jobs),
-    never a scheduler it merely connected to. ``slurm``, and ``local`` with a ``host`` that
-    is not loopback, use TLS with credentials made for this run (the worker jobs read them
-    from a 0700 folder of 0600 files, removed on leaving); others cannot connect.
+    never a scheduler it merely connected to. ``local`` and ``slurm`` use TLS with credentials
+    made for this run (Slurm's worker jobs read them from a 0700 folder of 0600 files, removed
+    on leaving); others cannot connect.
     """
     backend, req = _prepare(spec, scheduler_file, jobs, adapt, settings, dashboard_address)
     with contextlib.ExitStack() as stack:
@@ -736,19 +742,33 @@ class _Local(Backend):
 
 
 def _secure_local(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """LocalCluster keywords with a loopback dashboard, and TLS when it binds beyond loopback.
+    """LocalCluster keywords with TLS for the run, and its HTTP servers on loopback.
 
-    LocalCluster binds to 127.0.0.1 unless given a ``host``; a ``:PORT`` dashboard binds
-    to that same host, so it is spelled out here for the check.
+    Every LocalCluster speaks TLS with credentials made for the run (held in memory; its
+    worker processes get them from the cluster): on 127.0.0.1 too, where any user of the
+    machine could otherwise connect and run code as the run's owner. LocalCluster binds to
+    127.0.0.1 unless given a ``host``; a ``:PORT`` dashboard binds to that same host, so it
+    is spelled out here for the check. The workers' HTTP servers (metrics, health; a dashboard
+    with bokeh) listen on their host unless told otherwise: on 127.0.0.1 when that host is
+    not loopback.
     """
     host = "127.0.0.1" if kwargs.get("host") is None else _address_host(str(kwargs["host"]))
-    dashboard = str(kwargs.get("dashboard_address") or DEFAULT_DASHBOARD)
-    if dashboard.startswith(":"):
-        dashboard = f"{host}{dashboard}" if ":" not in host else f"[{host}]{dashboard}"
-    kwargs = {**kwargs, "dashboard_address": _check_dashboard(dashboard)}
-    if not _is_loopback(host):
-        kwargs["security"] = _temporary_security()
+    kwargs = {**kwargs, "dashboard_address": _check_dashboard(_spelled(kwargs, host))}
+    if kwargs.get("worker_dashboard_address") is not None:
+        given = _spelled(kwargs, host, "worker_dashboard_address")
+        kwargs["worker_dashboard_address"] = _check_dashboard(given)
+    elif not _is_loopback(host):
+        kwargs["worker_dashboard_address"] = DEFAULT_DASHBOARD
+    kwargs["security"] = _temporary_security()
     return kwargs
+
+
+def _spelled(kwargs: dict[str, Any], host: str, key: str = "dashboard_address") -> str:
+    """A dashboard address with its host spelled out: ``:PORT`` binds to the cluster's host."""
+    address = str(kwargs.get(key) or DEFAULT_DASHBOARD)
+    if address.startswith(":"):
+        address = f"{host}{address}" if ":" not in host else f"[{host}]{address}"
+    return address
 
 
 class _Existing(Backend):
