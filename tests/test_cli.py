@@ -358,8 +358,9 @@ def test_existing_foreign_output_is_refused_and_untouched(capsys, data, tmp_path
     (out / "keep.txt").write_text("precious")
     code, err = cli(capsys, "run", "--input", data["u16"], "--output", str(out), *extra)
     pattern = (
-        r"output directory \S+/results exists and is not a nucflow output \(no run\.json\); "
-        r"nucflow will not delete it: choose another --output$"
+        r"output directory \S+/results is not a nucflow output \(no valid \.nucflow-output\.json: "
+        r"nucflow did not create it\), and nucflow deletes only what it wrote; choose another "
+        r"--output$"
         if extra
         else r"output directory \S+/results exists; pass --resume to continue it or "
         r"--overwrite to replace it$"
@@ -438,13 +439,15 @@ def nan_stack(tmp_path) -> str:
 )
 def test_non_finite_voxels_are_refused(capsys, nan_stack, tmp_path, extra):
     out = tmp_path / "out"
-    code, err = cli(capsys, "run", "--input", nan_stack, "--output", str(out), *extra)
+    voxel = ["--voxel-size", "1", "1", "1"]  # else a warning line says lengths are pixels
+    code, err = cli(capsys, "run", "--input", nan_stack, "--output", str(out), *voxel, *extra)
     assert_refused(
         code, err,
         r"^nucflow run: error: input \S+/nan\.zarr has 17 NaN or infinite voxel\(s\) in block "
         r"\[0:16, 0:48, 0:48\]; replace them \(e\.g\. with 0\) before running nucflow$",
     )  # fmt: skip
-    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    # A new output refused mid-run is withdrawn: the same command runs once the input is fixed.
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -487,7 +490,8 @@ def test_demo_scores_itself_and_keeps_earlier_folders(capsys, tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
     assert main(["demo", "--output", str(foreign), "--overwrite"]) == 2  # ...and so is this
-    assert "is not a nucflow demo folder" in capsys.readouterr().err
+    assert "is not a nucflow output" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     assert (foreign / "notes.txt").read_text() == "keep"
 
 

@@ -15,7 +15,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -120,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     _stack_options(run)
     run.add_argument("--output", required=True, help="output directory")
     run.add_argument(
-        "--flow", default="nuclei", help="nuclei (default), preprocess, or a flow .py file"
+        "--flow", help="nuclei (default), preprocess, or a flow .py file (--resume: the recorded)"
     )
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -278,19 +277,38 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     from nucflow import config as config_module
     from nucflow import io
 
-    config = config_module.load(args.config, options=_options(args), overrides=args.set)
-    stack = io.open_stack(args.input, channel=config["channel"])
+    config = config_module.load(
+        args.config,
+        options=_options(args),
+        overrides=args.set,
+        recorded=getattr(args, "recorded_config", None),
+    )
+    voxel = config["voxel_size"]
+    stack = io.open_stack(args.input, channel=config["channel"], voxel_size=voxel)
     given = getattr(args, "region", None)  # nucflow tune: the region is the stack
     box = _region(given, stack.data.shape) if given else None
     shape = stack.crop(box).data.shape if box else stack.data.shape
     params = config_module.resolve(config, shape=shape, voxel_size=stack.voxel_size)
     # Reopen on the run's blocks: the default (~128 MiB blocks, shaped by the stack) would make
     # each task's memory depend on the stack's shape.
-    stack = io.open_stack(args.input, channel=config["channel"], chunks=params.chunks)
+    stack = io.open_stack(
+        args.input, channel=config["channel"], chunks=params.chunks, voxel_size=voxel
+    )
     if box:
         stack = stack.crop(box)
     _check_channels(params, stack, args.input)
     return stack, params, config
+
+
+def _warn_pixels(stack: Any) -> None:
+    """One line when lengths are pixels: said once the command's checks have passed."""
+    if not stack.voxel_size_known:
+        axes = " ".join(stack.axes.upper())
+        warnings.warn(
+            f"no voxel size in {stack.path}: lengths (--diameter, the table's _um columns) are "
+            f"in pixels; pass --voxel-size {axes} in µm",
+            stacklevel=2,
+        )
 
 
 def _check_channels(params: Any, stack: Any, path: str) -> None:
@@ -358,10 +376,28 @@ def _cluster_options(args: argparse.Namespace, config: dict[str, Any]) -> dict[s
     }
 
 
+def _continue_recorded(args: argparse.Namespace) -> None:
+    """``--resume``: what the command line leaves out comes from the recorded run (its
+    run.json: config, flow, time points), so the run continues as it was started."""
+    from nucflow import pipeline
+
+    record = pipeline.recorded_run(args.output) if args.resume else None
+    if record is None:
+        return
+    args.recorded_config = record.get("config")
+    if getattr(args, "flow", "") is None:
+        args.flow = record.get("flow")
+    selected = (record.get("timepoints") or {}).get("selected")
+    if getattr(args, "timepoints", "") is None and selected:
+        args.timepoints = ",".join(map(str, selected))
+
+
 def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """Run a flow for parsed ``run`` arguments; returns the run and the flow's result."""
     from nucflow import timelapse
 
+    _continue_recorded(args)
+    args.flow = args.flow or "nuclei"
     stack, params, config = _prepare(args)
     points = timelapse.select(getattr(args, "timepoints", None), stack)
     if points:  # the run's stack is its first time point (the QC pictures show it)
@@ -409,6 +445,9 @@ def _in_run(
             overwrite=args.overwrite,
             timepoints=timepoints,
         )
+        if getattr(args, "flow", None):  # what --resume continues
+            job.facts["flow"] = args.flow
+        _warn_pixels(stack)
         try:
             result = body(job)
         except BaseException as error:
@@ -448,15 +487,23 @@ def _measure(args: argparse.Namespace) -> None:
     from nucflow import io, remeasure
 
     start = time.perf_counter()
-    config = config_module.load(None, options={"channel": args.channel}, overrides=args.set)
+    _continue_recorded(args)
+    config = config_module.load(
+        None,
+        options={"channel": args.channel},
+        overrides=args.set,
+        recorded=getattr(args, "recorded_config", None),
+    )
     remeasure.check_output(args.output, args.labels)
-    labels = remeasure.open_labels(args.labels)
-    stack = io.open_stack(args.input, channel=config["channel"])
+    labels = remeasure.open_labels(args.labels, voxel_size=config["voxel_size"])
+    stack = io.open_stack(args.input, channel=config["channel"], voxel_size=config["voxel_size"])
     remeasure.check_match(labels, stack, config["voxel_size"])
     voxel = labels.voxel_size if labels.voxel_size_known else stack.voxel_size
     params = config_module.resolve(config, shape=stack.data.shape, voxel_size=voxel)
     params = remeasure.without_qc(params)
-    stack = io.open_stack(args.input, channel=config["channel"], chunks=params.chunks)
+    stack = io.open_stack(
+        args.input, channel=config["channel"], chunks=params.chunks, voxel_size=config["voxel_size"]
+    )
     _check_channels(params, stack, args.input)
     job, counts = _in_run(
         args, stack, params, config, partial(remeasure.measure_run, labels=labels)
@@ -509,6 +556,7 @@ def _plan(args: argparse.Namespace) -> None:
     # checks the cluster options before the calibration runs
     where = cluster.describe(args.cluster, **_cluster_options(args, config))
     timepoints = len(points) if points else None
+    _warn_pixels(stack)
     print(make_plan(stack, params, config, flow.run, timepoints=timepoints))
     print(f"cluster    {where}")
 
@@ -564,22 +612,22 @@ def _demo(args: argparse.Namespace) -> None:
     import numpy as np
     import zarr
 
-    from nucflow import io, synth
+    from nucflow import io, outdir, synth
     from nucflow.evaluate import accuracy_report
 
     folder = Path(args.output).resolve()
-    if folder.exists():
-        if not args.overwrite:
-            raise OutputError(f"demo folder {folder} exists; pass --overwrite or another --output")
-        if not (folder / "input.ome.zarr").exists():
-            raise OutputError(f"{folder} is not a nucflow demo folder; choose another --output")
-        shutil.rmtree(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
+        raise OutputError(f"demo folder {folder} exists; pass --overwrite or another --output")
+    found = outdir.check_claimable(folder, resume=False, overwrite=True)
+    made_directory = outdir.make_directory(folder)
+    claim = outdir.claim(folder, found, overwrite=True)
+    claim.made_directory = made_directory
     made = synth.make_nuclei(DEMO_SHAPE, conditions=synth.LIGHTSHEET, **DEMO_STACK)
-    source = folder / "input.ome.zarr"
+    source = claim.entry("input.ome.zarr")
     io.write_ome_zarr(source, made.image, made.voxel_size, labels={"truth": made.truth})
     chunks = [str(n // 2) for n in DEMO_SHAPE]
     run_args = _parser().parse_args(
-        ["run", "--input", str(source), "--output", str(folder / "run"), "--chunks", *chunks]
+        ["run", "--input", str(source), "--output", str(claim.entry("run")), "--chunks", *chunks]
     )
     start = time.perf_counter()
     job, result = execute(run_args)

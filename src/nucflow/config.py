@@ -157,8 +157,10 @@ def load(
     *,
     options: Mapping[str, Any] | None = None,
     overrides: Iterable[str] = (),
+    recorded: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Merge the defaults, a config file, CLI options and ``key=value`` overrides.
+    """Merge the defaults, a recorded run's config, a config file, CLI options and
+    ``key=value`` overrides, each over the ones before.
 
     Parameters
     ----------
@@ -168,6 +170,8 @@ def load(
         Dotted key -> value, from CLI options (``None`` values are ignored).
     overrides : iterable of str
         ``"section.key=value"`` strings; values are parsed as YAML.
+    recorded : mapping, optional
+        The configuration a run recorded (run.json's ``config``): ``--resume`` continues it.
 
     Returns
     -------
@@ -175,6 +179,8 @@ def load(
         The nested, validated configuration.
     """
     config = _read_yaml(resource_path("configs", "nuclei.yaml"))
+    if recorded is not None:
+        _merge(config, recorded, source="the recorded run.json")
     if path is not None:
         _merge(config, _read_yaml(Path(path)), source=str(path))
     flat = {k: v for k, v in (options or {}).items() if v is not None}

@@ -15,6 +15,7 @@ __all__ = [
     "ClusterError",
     "CorruptDataError",
     "BlockError",
+    "Terminated",
 ]
 
 
@@ -68,3 +69,7 @@ class BlockError(RuntimeError):
     Not a :class:`NucflowError`: the CLI reports it on one line with exit code 1. Failures
     caused by bad input keep their own class, with the block named in the message.
     """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, or SLURM at the end of the walltime): an interruption like Ctrl-C."""

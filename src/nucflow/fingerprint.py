@@ -8,11 +8,12 @@ only if its stored fingerprint equals the one this run computes; otherwise it re
 stage and every stage after it, saying which and why in one line. A run on a changed input is
 refused (:func:`start`): nothing stored from the old input is worth keeping.
 
-The input's identity: its absolute path, shape, dtype, chunk layout, the channel read, the
-content of every zarr metadata file, the names of all its files, the modification times of its
-directories (zarr replaces a chunk by renaming, which changes its directory's time) and the size
-and modification time of up to :data:`SAMPLED_FILES` of its files (for a TIFF file: also the
-first and last 64 KiB of its content). A ``preprocess.tissue_mask`` file is identified the
+The input's identity: its real path (absolute, symlinks resolved: the same however the path is
+spelled), shape, dtype, chunk layout, the channel read, the content of every zarr metadata file,
+the names of all its files, the modification times of its directories (zarr replaces a chunk by
+renaming, which changes its directory's time) and the size and modification time of up to
+:data:`SAMPLED_FILES` of its files (for a TIFF file: also the first and last 64 KiB of its
+content). A ``preprocess.tissue_mask`` file is identified the
 same way, as part of the preprocessing's parameters.
 """
 
@@ -97,7 +98,7 @@ def input_identity(stack: io.Stack, *, channel: int | None = None) -> dict[str, 
     source = getattr(stack.reader, "source", None)  # None for a cropped or computed stack
     layout = list(source.chunk_grid) if isinstance(source, io.ChunkListing) else None
     return {
-        "path": os.path.abspath(stack.path),
+        "path": os.path.realpath(stack.path),
         "shape": list(stack.data.shape),
         "dtype": str(stack.data.dtype),
         "channel": channel,
@@ -107,13 +108,15 @@ def input_identity(stack: io.Stack, *, channel: int | None = None) -> dict[str, 
 
 
 def _files_digest(path: str) -> str:
+    """Of the files themselves: the same however ``path`` is spelled (relative, absolute,
+    through a symlink)."""
     digest = hashlib.sha256()
     if os.path.isfile(path):
-        _add_file(digest, path, content=True)
+        _add_file(digest, os.path.realpath(path), content=True)
     elif os.path.isdir(path):
-        _add_tree(digest, path)
+        _add_tree(digest, os.path.realpath(path))
     else:  # a glob pattern of TIFF slices
-        for name in sorted(glob.glob(path)):
+        for name in sorted(os.path.realpath(p) for p in glob.glob(path)):
             _add_file(digest, name, content=False)
     return digest.hexdigest()
 
@@ -173,7 +176,7 @@ def start(run: Any, previous_record: dict[str, Any] | None) -> None:
     params = _plain(vars(run.params))
     if run.params.tissue_mask:  # preprocessing reads it: its content matters like the input's
         mask = run.params.tissue_mask
-        params["tissue_mask"] = {"path": os.path.abspath(mask), "files": _files_digest(mask)}
+        params["tissue_mask"] = {"path": os.path.realpath(mask), "files": _files_digest(mask)}
     run.lineage = Lineage(identity, params)
     run.facts["input_identity"] = identity
     run.facts["stages"] = run.lineage.stages

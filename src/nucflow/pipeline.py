@@ -12,6 +12,7 @@ arrays and return lazy arrays or small results.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
@@ -44,6 +45,7 @@ from nucflow import (
     lock,
     measure,
     objects,
+    outdir,
     resample,
     stages,
 )
@@ -52,7 +54,14 @@ from nucflow import table as table_stage
 from nucflow.blockpass import Grid, Region, fmt_region, padded, pass_graph
 from nucflow.config import Params
 from nucflow.detect import DetectParams
-from nucflow.errors import BlockError, ConfigError, NucflowError, OutputError, ParameterError
+from nucflow.errors import (
+    BlockError,
+    ConfigError,
+    NucflowError,
+    OutputError,
+    ParameterError,
+    Terminated,
+)
 from nucflow.segment import SegmentParams, segment_block
 
 __all__ = [
@@ -74,7 +83,8 @@ __all__ = [
 ]
 
 WORK = ".work"
-RUN_JSON = "run.json"
+LABELS = "labels.ome.zarr"
+RUN_JSON = outdir.RUN_JSON
 
 
 @dataclass
@@ -91,6 +101,7 @@ class Run:
     facts: dict[str, Any] = field(default_factory=dict)
     region: tuple[slice, ...] = ()
     lock: lock.OutputLock | None = None  # held from open_run to finish/fail
+    claim: outdir.Claim | None = None  # the output directory's manifest (open_run)
     lineage: fingerprint.Lineage | None = None  # what --resume may reuse (fingerprint.start)
     progress: Any = field(default=None, repr=False, compare=False)  # nucflow.progress.attach
     # A time-lapse: the time points to segment (None: the input has no time axis). Each is
@@ -102,6 +113,11 @@ class Run:
     def work(self) -> Path:
         root = self.output / WORK
         return root if self.time is None else root / timepoint_folder(self.time)
+
+    def entry(self, name: str) -> Path:
+        """``output / name``, listed in the output's manifest first: only listed entries are
+        ever deleted by ``--overwrite`` (:mod:`nucflow.outdir`). Call before creating it."""
+        return self.claim.entry(name) if self.claim is not None else self.output / name
 
     @property
     def data(self) -> da.Array:
@@ -149,30 +165,42 @@ def open_run(
     """Claim the output directory and mark the run as running.
 
     One run at a time writes to a directory: the run takes its lock (:mod:`nucflow.lock`)
-    before changing anything in it, and :func:`finish` or :func:`fail` releases it.
-    ``timepoints`` (a time-lapse: the time points to segment; ``stack`` holds the first)
-    makes the flow segment each of them (:func:`nucflow.timelapse.each`).
+    before changing anything in it, and :func:`finish` or :func:`fail` releases it. Only a
+    directory nucflow claimed is reused or emptied, and only the entries it wrote
+    (:mod:`nucflow.outdir`). ``timepoints`` (a time-lapse: the time points to segment;
+    ``stack`` holds the first) makes the flow segment each of them
+    (:func:`nucflow.timelapse.each`).
 
     Raises
     ------
     OutputError
         The directory exists without ``resume``/``overwrite``, is not a nucflow output
-        directory, lies inside the input, or another run holds its lock.
+        directory or holds entries nucflow did not write, overlaps an input, or another run
+        holds its lock.
     InputChangedError
         ``resume`` and the input is not the one the stored run read.
     """
     out = Path(output).resolve()
-    _check_not_inside_input(out, Path(stack.path).resolve())
-    if out.exists():
-        _claim_existing(out, resume=resume, overwrite=overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    check_apart(out, stack.path, what="the input")
+    if params.tissue_mask:
+        check_apart(out, params.tissue_mask, what="preprocess.tissue_mask")
+    if out.is_dir() and (holder := lock.holder_of(out)):  # say who, whatever else is wrong
+        raise OutputError(
+            f"output directory {out} is in use by {holder}; wait for that run to end, or stop "
+            "it, or choose another --output"
+        )
+    outdir.check_claimable(out, resume=resume, overwrite=overwrite)
+    made_directory = outdir.make_directory(out)
     held = lock.acquire(out)
-    try:
-        if overwrite:
-            _clear(out)
-        (out / WORK).mkdir(exist_ok=True)
-        before = _read_run_json(out)
+    try:  # checked again holding the lock: nothing changes the directory now but this run
+        found = outdir.check_claimable(out, resume=resume, overwrite=overwrite)
+        claim = outdir.claim(out, found, overwrite=overwrite)
+        claim.made_directory = made_directory
+        claim.entry(WORK).mkdir(exist_ok=True)
+        claim.entry(RUN_JSON)
+        before = _read_run_json(out) if not claim.fresh else None
         run = Run(stack, params, out, runner, config, resume=resume and before is not None)
+        run.claim = claim
         run.timepoints = None if timepoints is None else tuple(timepoints)
         run.lock = held
         run.region = data_region(stack, params.chunks)
@@ -186,23 +214,40 @@ def open_run(
     return run
 
 
+def check_apart(out: Path, source: str | os.PathLike[str], *, what: str) -> None:
+    """Refuse an output that is, holds, or lies inside any path the input ``source`` reads
+    (each file of a glob, the zarr hierarchy around an array; symlinks followed).
+
+    Raises
+    ------
+    OutputError
+        Naming the input path and the fix.
+    """
+    for path in io.input_paths(source):
+        if out == path or path in out.parents:
+            raise OutputError(
+                f"--output {out} is inside {what} {path}; choose a directory outside it"
+            )
+        if out in path.parents:
+            raise OutputError(f"--output {out} contains {what} {path}; choose another directory")
+
+
+def recorded_run(output: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The run.json of a nucflow output directory (its claim's), or None."""
+    out = Path(output).resolve()
+    found = outdir.read_claim(out)
+    record = _read_run_json(out)
+    if found is None or record is None or record.get("claim") != found.claim_id:
+        return None
+    return record
+
+
 def _read_run_json(out: Path) -> dict[str, Any] | None:
     try:
         found = json.loads((out / RUN_JSON).read_text())
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return None
     return found if isinstance(found, dict) else None
-
-
-def _clear(out: Path) -> None:
-    """Empty an output directory for --overwrite, keeping this run's lock."""
-    for entry in out.iterdir():
-        if entry.name == lock.LOCK_NAME:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
 
 
 def _release(run: Run) -> None:
@@ -232,44 +277,12 @@ def data_region(stack: io.Stack, chunks: tuple[int, ...]) -> tuple[slice, ...]:
     return region
 
 
-def _check_not_inside_input(out: Path, source: Path) -> None:
-    if out == source or source in out.parents:
-        raise OutputError(
-            f"--output {out} is inside the input {source}; choose a directory outside it"
-        )
-    if out in source.parents:
-        raise OutputError(f"--output {out} contains the input {source}; choose another directory")
-
-
-def _claim_existing(out: Path, *, resume: bool, overwrite: bool) -> None:
-    if not out.is_dir():
-        raise OutputError(f"--output {out} exists and is not a directory; choose another path")
-    if holder := lock.holder_of(out):  # say who, whatever else is wrong with the directory
-        raise OutputError(
-            f"output directory {out} is in use by {holder}; wait for that run to end, or stop "
-            "it, or choose another --output"
-        )
-    is_ours = (out / RUN_JSON).is_file() or (out / lock.LOCK_NAME).is_file()
-    empty = not any(p.name != lock.LOCK_NAME for p in out.iterdir())
-    if empty:
-        return
-    if not (resume or overwrite):
-        raise OutputError(
-            f"output directory {out} exists; pass --resume to continue it or --overwrite to "
-            "replace it"
-        )
-    if not is_ours:
-        raise OutputError(
-            f"output directory {out} exists and is not a nucflow output (no run.json); "
-            "nucflow will not delete it: choose another --output"
-        )
-
-
 def write_run_json(run: Run, status: str, **extra: Any) -> None:
     """Write run.json atomically."""
     p = run.params
     record = {
         "status": status,
+        "claim": run.claim.claim_id if run.claim is not None else None,
         "nucflow": nucflow.__version__,
         "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "input": run.stack.path,
@@ -316,10 +329,30 @@ def _versions() -> dict[str, str]:
 
 
 def fail(run: Run, error: BaseException) -> None:
-    """Mark the run as failed (never complete) with the reason; release the output."""
-    if run.lock is None or run.lock.lost is None:  # else run.json is another run's now
-        write_run_json(run, "failed", error=f"{type(error).__name__}: {error}")
+    """Mark the run failed, or interrupted (never complete); release the output.
+
+    A new output refused for bad input (a :class:`NucflowError`, e.g. a NaN found mid-run)
+    is withdrawn instead: this run's entries and claim are removed, so the same command runs
+    again once the input is fixed, with no ``--overwrite``. A run.json that cannot be
+    written (no space left) stays "running" with no lock: ``nucflow status`` says stopped.
+    """
+    ours = run.lock is None or run.lock.lost is None  # else run.json is another run's now
+    withdraw = ours and isinstance(error, NucflowError) and bool(run.claim and run.claim.fresh)
+    if ours and not withdraw:
+        if isinstance(error, KeyboardInterrupt):
+            signal = "SIGTERM" if isinstance(error, Terminated) else "SIGINT"
+            extra: dict[str, Any] = {"signal": signal}
+        else:
+            extra = {"error": f"{type(error).__name__}: {error}"}
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        with contextlib.suppress(OSError):
+            write_run_json(run, status, **extra)
+    if withdraw and run.claim is not None:
+        with contextlib.suppress(OSError):
+            run.claim.withdraw()
     _release(run)
+    if withdraw and run.claim is not None:
+        run.claim.remove_directory()
 
 
 # ----------------------------------------------------------------------------- stages
@@ -516,7 +549,7 @@ def configured_steps(p: Params, *, ndim: int) -> list[tuple[str, dict[str, Any]]
 
 def write_stack(run: Run, image: da.Array, name: str) -> Path:
     """Write a result stack as OME-Zarr into the output directory (streamed block by block)."""
-    path = run.output / name
+    path = run.entry(name)
     partial = run.work / name
     if partial.exists():
         shutil.rmtree(partial)
@@ -1062,7 +1095,7 @@ def segment(run: Run, mask: zarr.Array) -> None:
     """
     shape = tuple(mask.shape)
     full_shape = tuple(run.stack.data.shape)
-    labels_path = run.output / "labels.ome.zarr"
+    labels_path = run.entry(LABELS)
     parts_dir = run.work / "blocks"
     # Labels and block parts are reused only with the fingerprint they were made with.
     reuse = fingerprint.reusable(run, "segment", labels_path, parts_dir)
@@ -1201,7 +1234,7 @@ def label_chunks(chunks: Sequence[int]) -> tuple[int, ...]:
 def _fresh_labels(run: Run) -> zarr.Array | io.TimePoint:
     """An empty label image for the segmentation (a time-lapse: its time point emptied)."""
     p = run.params
-    path = run.output / "labels.ome.zarr"
+    path = run.entry(LABELS)
     if run.time is None:
         shape = tuple(run.stack.data.shape)
         chunks, dtype = label_chunks(p.chunks), label_dtype(shape)
@@ -1295,6 +1328,15 @@ def finish_stack(run: Run, path: Path) -> dict[str, Any]:
     return counts
 
 
+def write_table(run: Run, table: table_stage.Table, empty: pd.DataFrame) -> str:
+    """``nuclei.parquet`` and ``nuclei.csv`` (:func:`nucflow.table.write`), listed first."""
+    for name in table_stage.OUTPUT_NAMES:
+        run.entry(name)
+    return table_stage.write(
+        table, run.output, single_file_rows=run.params.single_file_rows, empty=empty
+    )
+
+
 def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
     """Write the table, QC pictures and the final run.json; remove the intermediates."""
     p = run.params
@@ -1302,9 +1344,7 @@ def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
         empty = table.empty
         if empty is None:
             empty = measure.empty_table(len(run.region), table_stage.channel_suffixes(p.channels))
-        written = table_stage.write(
-            table, run.output, single_file_rows=p.single_file_rows, empty=empty
-        )
+        written = write_table(run, table, empty)
         from nucflow import labels_table
 
         rows = labels_table.write(run.output / "labels.ome.zarr", run.output / "nuclei.parquet")
@@ -1323,7 +1363,7 @@ def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
                 labels = labels[run.stack.timepoint]
             labels = labels[run.region]
             sample = table.sample
-            windows = qc.write(run.output / "qc", run.data, labels, sample, origin=run.offset)
+            windows = qc.write(run.entry("qc"), run.data, labels, sample, origin=run.offset)
             run.facts["qc_outline_windows_yx"] = [[[s.start, s.stop] for s in w] for w in windows]
             if len(sample) < table.rows:
                 run.facts["qc_sample_rows"] = len(sample)
@@ -1331,10 +1371,15 @@ def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
     if run.timepoints is not None:
         counts["timepoints"] = run.facts.get("timepoints", {}).get("counts", {})
     if table.truncated:
+        fix = (
+            f"rerun with --set segment.max_radius={1.5 * p.max_radius:g} (or a larger --diameter)"
+            if calibrated(run)
+            else "the input has no voxel size: pass --voxel-size (anisotropic voxels counted as "
+            "cubes make nuclei look elongated), then check --diameter"
+        )
         warnings.warn(
             f"{table.truncated} nuclei reached segment.max_radius = {p.max_radius:g}; they may be "
-            f"cut: rerun with --set segment.max_radius={1.5 * p.max_radius:g} (or a larger "
-            "--diameter)",
+            f"cut: {fix}",
             stacklevel=2,
         )
     if run.lock is not None:

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from nucflow import fingerprint, io, measure, pipeline, progress, table
 from nucflow.blockpass import Grid, Region, pass_graph
-from nucflow.errors import NucflowError, OutputError, ParameterError, ShapeError
+from nucflow.errors import NucflowError, ParameterError, ShapeError
 
 __all__ = ["open_labels", "check_match", "measure_run", "MAX_READ_BLOCKS"]
 
@@ -48,7 +48,12 @@ __all__ = ["open_labels", "check_match", "measure_run", "MAX_READ_BLOCKS"]
 MAX_READ_BLOCKS = 64
 
 
-def open_labels(path: str, *, chunks: tuple[int, ...] | None = None) -> io.Stack:
+def open_labels(
+    path: str,
+    *,
+    chunks: tuple[int, ...] | None = None,
+    voxel_size: tuple[float, ...] | None = None,
+) -> io.Stack:
     """The label image at ``path`` (e.g. a run's ``labels.ome.zarr``), checked to be one.
 
     Raises
@@ -57,7 +62,7 @@ def open_labels(path: str, *, chunks: tuple[int, ...] | None = None) -> io.Stack
         ``path`` cannot be opened, or holds no integer labels.
     """
     try:
-        labels = io.open_stack(path, chunks=chunks)
+        labels = io.open_stack(path, chunks=chunks, voxel_size=voxel_size)
     except NucflowError as error:
         raise type(error)(f"--labels: {error}") from None
     if labels.data.dtype.kind not in "ui":
@@ -301,9 +306,7 @@ def _repeated(folder: Path, *, bucket: int, buckets: int) -> int | None:
 def _finish(run: pipeline.Run, made: table.Table) -> dict[str, Any]:
     with run.stage("write"):
         _check_unique(run, made)  # one pass: each label in one row
-        written = table.write(
-            made, run.output, single_file_rows=run.params.single_file_rows, empty=made.empty
-        )
+        written = pipeline.write_table(run, made, made.empty)
         if written == "dataset":
             run.facts["table"] = "nuclei.parquet/ is a partitioned dataset; no nuclei.csv"
     counts = {"nuclei": made.rows}
@@ -317,12 +320,9 @@ def _finish(run: pipeline.Run, made: table.Table) -> dict[str, Any]:
 
 
 def check_output(output: str | os.PathLike[str], labels: str) -> None:
-    """Refuse an output directory that holds the labels, or lies inside them."""
-    out, source = Path(output).resolve(), Path(labels).resolve()
-    if out == source or out in source.parents or source in out.parents:
-        raise OutputError(
-            f"--output {out} overlaps --labels {source}; choose a directory apart from the labels"
-        )
+    """Refuse an output directory that holds the labels, or lies inside them (or their
+    zarr hierarchy)."""
+    pipeline.check_apart(Path(output).resolve(), labels, what="--labels")
 
 
 def without_qc(params: Any) -> Any:

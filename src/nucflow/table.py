@@ -39,6 +39,7 @@ from nucflow.blockpass import Grid, pass_graph
 __all__ = [
     "Table",
     "Objects",
+    "OUTPUT_NAMES",
     "channel_suffixes",
     "intensity_readers",
     "metadata",
@@ -594,6 +595,10 @@ def _write_parquet(path: Path, rows: pd.DataFrame, metadata: dict[str, Any]) -> 
     os.replace(partial_path, path)
 
 
+#: What :func:`write` may create in the output directory.
+OUTPUT_NAMES = ("nuclei.parquet", "nuclei.csv")
+
+
 def write(table: Table, output: Path, *, single_file_rows: int, empty: pd.DataFrame) -> str:
     """Write ``nuclei.parquet`` (and ``nuclei.csv``) into ``output``; returns how.
 
@@ -612,6 +617,8 @@ def write(table: Table, output: Path, *, single_file_rows: int, empty: pd.DataFr
         _write_parquet(final, rows, table.metadata)
         csv = output / "nuclei.csv"
         partial_csv = csv.with_name(".nuclei.csv.partial")
+        if table.metadata.get("unit") == "pixel":  # a CSV has no metadata to say so
+            rows = rows.assign(length_unit="pixel")
         rows.to_csv(partial_csv, index=False)
         os.replace(partial_csv, csv)
         return "file"

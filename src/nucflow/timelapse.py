@@ -172,7 +172,7 @@ def _prepare_labels(run: pipeline.Run) -> None:
     input and parameters: ``.work/labels.fingerprint.json``); empty the time points not
     selected."""
     p, stack = run.params, run.stack
-    path = run.output / "labels.ome.zarr"
+    path = run.entry(pipeline.LABELS)
     shape = (stack.n_timepoints, *stack.data.shape)
     chunks = (1, *pipeline.label_chunks(p.chunks))
     marker = run.output / pipeline.WORK / f"labels{fingerprint.SUFFIX}"

@@ -10,7 +10,7 @@ Layout: ``source`` (the ``Source`` protocol every format produces), ``formats`` 
 ``timelapse`` (one time point of a label image with a time axis).
 """
 
-from nucflow.io.formats import Format, register_format, supported_formats
+from nucflow.io.formats import Format, input_paths, register_format, supported_formats
 from nucflow.io.source import SUPPORTED_DTYPES, ChunkListing, Source
 from nucflow.io.stack import Stack, open_stack
 from nucflow.io.tiff_format import TiffFormat, TiffSlicesFormat
@@ -36,6 +36,7 @@ __all__ = [
     "TimePoint",
     "clear_timepoint",
     "create_label_zarr",
+    "input_paths",
     "open_stack",
     "register_format",
     "write_ome_zarr",

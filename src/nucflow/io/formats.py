@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import glob
 import os
+from pathlib import Path
 from typing import Protocol
 
 from nucflow.errors import FormatError, InputPathError
 from nucflow.io.source import Image, natural_key
 
-__all__ = ["Format", "read_image", "register_format", "supported_formats"]
+_ZARR_GROUP_FILES = ("zarr.json", ".zgroup")
+
+__all__ = ["Format", "input_paths", "read_image", "register_format", "supported_formats"]
 
 
 class Format(Protocol):
@@ -78,3 +81,22 @@ def read_image(path: str, level: int) -> Image:
             f"{path} is a folder with no {looked_for}; supported: {supported_formats()}"
         )
     raise FormatError(f"{path} is not an image nucflow can read; supported: {supported_formats()}")
+
+
+def input_paths(path: str | os.PathLike[str]) -> list[Path]:
+    """Every path an input spelled ``path`` reads, resolved (symlinks followed).
+
+    A glob pattern gives each file it matches; a file or folder gives itself, and a folder
+    inside a zarr hierarchy gives the hierarchy's root group (``image.ome.zarr/0`` is part of
+    ``image.ome.zarr``, whose ``labels/`` a writer must not touch either).
+    """
+    name = os.fspath(path)
+    if not os.path.exists(name) and glob.has_magic(name):
+        return [Path(p).resolve() for p in sorted(glob.glob(name))]
+    found = Path(name).resolve()
+    root = found
+    for parent in found.parents:
+        if not any((parent / marker).is_file() for marker in _ZARR_GROUP_FILES):
+            break
+        root = parent
+    return [found] if root == found else [found, root]

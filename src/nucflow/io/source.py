@@ -97,6 +97,7 @@ class Image:
     native_chunks: tuple[int, ...]  # the file's own chunking, to align dask blocks with it
     token: tuple[Any, ...]  # identifies the file version, for deterministic dask keys
     time_interval_s: float | None = None  # seconds between time points, when the file says
+    scale_key: str = "metadata"  # where ``scale`` came from, for error messages
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
-from nucflow.errors import DtypeError, ParameterError, ShapeError
+from nucflow.errors import DtypeError, FormatError, ParameterError, ShapeError
 from nucflow.io.formats import read_image
 from nucflow.io.source import SUPPORTED_DTYPES, Computing, Cropped, Image, Selection, Source
 
@@ -160,6 +160,7 @@ def open_stack(
     level: int = 0,
     chunks: Sequence[int] | None = None,
     timepoint: int = 0,
+    voxel_size: Sequence[float] | None = None,
 ) -> Stack:
     """Open an image lazily as a dask array of its spatial axes.
 
@@ -184,6 +185,9 @@ def open_stack(
     timepoint : int, optional
         Index along the time axis (OME ``t``, ImageJ/OME-TIFF ``T``); ``n_timepoints`` says
         how many there are. Default 0 (also the only valid value without a time axis).
+    voxel_size : sequence of float, optional
+        µm per voxel, one per spatial axis: replaces the metadata's (``--voxel-size``), which
+        is then not checked.
 
     Returns
     -------
@@ -198,7 +202,8 @@ def open_stack(
     InputPathError
         ``path`` does not exist (or a pattern matches nothing).
     FormatError
-        ``path`` is not a supported image, or a group holds several arrays.
+        ``path`` is not a supported image, a group holds several arrays, or the metadata's
+        voxel size is not finite and positive (and ``voxel_size`` is not given).
     ShapeError
         The image is 1D or has more than 3 spatial axes, or ``channel`` is missing.
     DtypeError
@@ -214,11 +219,16 @@ def open_stack(
     if not isinstance(name, str):
         raise ParameterError(f"`path` must be a str path, got {name!r}")
     image = read_image(name, level)
-    return _to_stack(image, name, channel, chunks, timepoint)
+    return _to_stack(image, name, channel, chunks, timepoint, voxel_size)
 
 
 def _to_stack(
-    image: Image, path: str, channel: int | None, chunks: Any, timepoint: int = 0
+    image: Image,
+    path: str,
+    channel: int | None,
+    chunks: Any,
+    timepoint: int = 0,
+    voxel_size: Sequence[float] | None = None,
 ) -> Stack:
     shape, dtype = tuple(image.source.shape), np.dtype(image.source.dtype)
     if 0 in shape:
@@ -254,14 +264,41 @@ def _to_stack(
     data = da.from_array(
         sel, chunks=blocks, name=name, meta=np.empty((0,) * len(spatial), dtype), asarray=True
     )
-    sizes = [image.scale[i] for i in spatial]
-    known = all(s is not None and np.isfinite(s) and s > 0 for s in sizes)
-    voxel = tuple(float(s) for s in sizes if s is not None) if known else (1.0,) * len(spatial)
+    voxel, known = _voxel_size([image.scale[i] for i in spatial], voxel_size, image, path)
     axes = "zyx"[-len(spatial) :]
     interval = image.time_interval_s if n_timepoints > 1 else None
     return Stack(
         data, voxel, axes, known, path, n_channels, n_timepoints, int(timepoint), interval, sel
     )
+
+
+def _voxel_size(
+    sizes: list[float | None], given: Sequence[float] | None, image: Image, path: str
+) -> tuple[tuple[float, ...], bool]:
+    """µm per voxel and whether it is known: ``given``, else the metadata's (checked)."""
+    if given is not None:
+        if len(given) != len(sizes):
+            raise ParameterError(
+                f"`voxel_size` has {len(given)} values but the stack has {len(sizes)} axes; "
+                f"pass {' '.join('ZYX'[-len(sizes) :])}"
+            )
+        if not all(_finite_positive(s) for s in given):
+            raise ParameterError(f"`voxel_size` must be numbers > 0, got {list(given)!r}")
+        return tuple(float(s) for s in given), True
+    if not all(s is None or _finite_positive(s) for s in sizes):
+        shown = ", ".join("none" if s is None else f"{s:g}" for s in sizes)
+        raise FormatError(
+            f"{path}: the voxel size in its metadata ({image.scale_key}) is ({shown}) µm, "
+            f"which is not finite and positive; fix the metadata or pass --voxel-size "
+            f"{' '.join('ZYX'[-len(sizes) :])} in µm"
+        )
+    if any(s is None for s in sizes):
+        return (1.0,) * len(sizes), False
+    return tuple(float(s) for s in sizes if s is not None), True
+
+
+def _finite_positive(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and math.isfinite(value) and value > 0
 
 
 def _reader_at(reader: Source, timepoint: int) -> Selection | Cropped:

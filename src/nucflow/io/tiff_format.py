@@ -185,6 +185,7 @@ def _read_tiff_file(path: str, level: int) -> Image:
             native = (page.tilelength, page.tilewidth) if page.is_tiled else page.shape[:2]
             roles = "".join(_TIFF_ROLES.get(a, "?") for a in s.axes)
             sizes = _tiff_physical_sizes(tif)
+            _is_ome = bool(tif.is_ome and tif.ome_metadata)
             interval = _tiff_interval(tif) if "T" in s.axes else None
             scale = _tiff_scale(s.axes, sizes, series.shape, s.shape)
             native_full = tuple(
@@ -197,7 +198,8 @@ def _read_tiff_file(path: str, level: int) -> Image:
         raise FormatError(
             f"{path} cannot be read as TIFF ({one_line(e)}); check that the file is complete"
         ) from e
-    return Image(source, roles, scale, native_full, file_token(path) + (level,), interval)
+    key = "OME-TIFF PhysicalSizeX/Y/Z" if _is_ome else "ImageJ resolution and spacing"
+    return Image(source, roles, scale, native_full, file_token(path) + (level,), interval, key)
 
 
 def _tiff_interval(tif: tifffile.TiffFile) -> float | None:
@@ -330,4 +332,6 @@ def _read_slices(files: Sequence[str], path: str, level: int) -> Image:
     with tifffile.TiffFile(files[0]) as tif:
         z = _tiff_physical_sizes(tif).get("Z")
     token = (tuple(files), first.token, last.token)
-    return Image(source, "sss", (z, *first.scale), (1, *first.native_chunks), token)
+    return Image(
+        source, "sss", (z, *first.scale), (1, *first.native_chunks), token, None, first.scale_key
+    )

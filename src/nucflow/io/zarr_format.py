@@ -219,7 +219,8 @@ def _ome_zarr(group: zarr.Group, ms: Mapping[str, Any], path: str, level: int) -
     times = [i for i, r in enumerate(roles or "") if r == "t"]
     interval = seconds(scale[times[0]], units[times[0]]) if times else None
     source = ZarrSource(arr)
-    return Image(source, roles, tuple(um), source.chunk_grid, _zarr_token(path, arr), interval)
+    key = "OME-Zarr multiscales coordinateTransformations scale"
+    return Image(source, roles, tuple(um), source.chunk_grid, _zarr_token(path, arr), interval, key)
 
 
 def _ngff_axes(axes: Any, ndim: int, path: str) -> tuple[str | None, list[str | None]]:
