@@ -189,7 +189,10 @@ def _block_nl_means(
         sigma=sigma,
         preserve_range=True,
     )
-    return out.astype(np.float32, copy=False)
+    # skimage's kernels squeeze every axis of length 1 out of the result (a (1, 1, 1) block
+    # comes back 0-d, a (1, Y, X) one 2D): give the block its own shape back, so that a step
+    # after this one, and the engine's 1-voxel dtype trial, see the axes they were given.
+    return out.reshape(block.shape).astype(np.float32, copy=False)
 
 
 def nl_means(

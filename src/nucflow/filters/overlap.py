@@ -52,7 +52,13 @@ def _grow_chunks(chunks: tuple[int, ...], depth: int) -> tuple[int, ...]:
 
 def _run_steps(block: np.ndarray, *, steps: tuple[tuple[str, dict], ...]) -> np.ndarray:
     for name, params in steps:
-        block = STEPS[name].block(block, **params)
+        out = STEPS[name].block(block, **params)
+        if out.shape != block.shape:  # a kernel broke the contract: say which, not numpy's why
+            raise RuntimeError(
+                f"filter step {name!r} returned a block of shape {out.shape} for one of shape "
+                f"{block.shape}; a step must keep the shape of its block"
+            )
+        block = out
     return block
 
 
