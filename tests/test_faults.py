@@ -294,10 +294,9 @@ def test_damaged_input_chunk_fails_with_one_line_and_input_untouched(
     named = tuple(slice(a, b) for a, b in zip(bounds[::2], bounds[1::2], strict=True))
     assert _overlap(named, damaged), f"{_fmt(named)} is not in the damaged chunk {_fmt(damaged)}"
 
-    record = _record(out)
-    assert record["status"] == "failed"
-    assert record["error"].startswith("CorruptDataError: cannot decode region")
-    assert not (out / "nuclei.parquet").exists() and not (out / "nuclei.csv").exists()
+    # Refused while reading the input, before any stage was stored: the new output is
+    # withdrawn, so the same command runs once the file is re-copied.
+    assert not out.exists()
     assert _tree_digest(source) == before  # not one byte of the input changed
 
 

@@ -331,13 +331,19 @@ def _versions() -> dict[str, str]:
 def fail(run: Run, error: BaseException) -> None:
     """Mark the run failed, or interrupted (never complete); release the output.
 
-    A new output refused for bad input (a :class:`NucflowError`, e.g. a NaN found mid-run)
-    is withdrawn instead: this run's entries and claim are removed, so the same command runs
-    again once the input is fixed, with no ``--overwrite``. A run.json that cannot be
-    written (no space left) stays "running" with no lock: ``nucflow status`` says stopped.
+    A new output refused for bad input (a :class:`NucflowError`, e.g. a NaN found while
+    preprocessing) before any stage was stored is withdrawn instead: this run's entries and
+    claim are removed, so the same command runs again once the input is fixed, with no
+    ``--overwrite``. A run.json that cannot be written (no space left) stays "running" with no
+    lock: ``nucflow status`` says stopped.
     """
     ours = run.lock is None or run.lock.lost is None  # else run.json is another run's now
-    withdraw = ours and isinstance(error, NucflowError) and bool(run.claim and run.claim.fresh)
+    withdraw = (
+        ours
+        and isinstance(error, NucflowError)
+        and bool(run.claim and run.claim.fresh)
+        and not any((run.output / WORK).rglob(f"*{fingerprint.SUFFIX}"))
+    )
     if ours and not withdraw:
         if isinstance(error, KeyboardInterrupt):
             signal = "SIGTERM" if isinstance(error, Terminated) else "SIGINT"

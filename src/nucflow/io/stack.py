@@ -298,7 +298,7 @@ def _voxel_size(
 
 
 def _finite_positive(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and math.isfinite(value) and value > 0
+    return isinstance(value, numbers.Real) and math.isfinite(value) and float(value) > 0
 
 
 def _reader_at(reader: Source, timepoint: int) -> Selection | Cropped:
