@@ -23,14 +23,15 @@ from nucflow.progress import fmt_rate, fmt_seconds
 __all__ = ["Report", "status", "EXIT_CODES"]
 
 #: Exit code of ``nucflow status`` per state: a script polls it.
-EXIT_CODES = {"complete": 0, "running": 3, "failed": 1, "stopped": 1}
+EXIT_CODES = {"complete": 0, "running": 3, "failed": 1, "interrupted": 1, "stopped": 1}
 
 _LABEL = 10  # width of the field names
 
 
 @dataclass(frozen=True)
 class Report:
-    """A run's state (``complete``, ``running``, ``failed`` or ``stopped``) and its text."""
+    """A run's state (``complete``, ``running``, ``failed``, ``interrupted`` or ``stopped``)
+    and its text."""
 
     state: str
     text: str
@@ -52,7 +53,10 @@ def status(output: str | os.PathLike[str]) -> Report:
     -------
     Report
         ``stopped`` is a run whose run.json still says running but whose process, on this
-        host, is gone (killed, out of memory, out of walltime).
+        host, is gone (killed, out of memory, out of walltime); ``interrupted`` one that
+        SIGINT (Ctrl-C) or SIGTERM ended, ``failed`` one that an error ended. Unless running,
+        the segmentation's blocks done are those whose part is on disk when more are there
+        than run.json counted (it is rewritten only every ``progress.record_s`` seconds).
 
     Raises
     ------
@@ -66,16 +70,19 @@ def status(output: str | os.PathLike[str]) -> Report:
     state = record["status"]
     if state == "running" and _gone(progress):
         state = "stopped"
-    lines = [_headline(out, state, progress, age)]
+    signal = _signal(record)
+    if signal:  # also a run.json of an older nucflow: failed, "KeyboardInterrupt: "
+        state = "interrupted"
+    lines = [_headline(out, state, progress, age, signal)]
     movie = record.get("timepoints") or {}
     current = (movie.get("current") or {}).get("t")
     if movie:  # a time-lapse: the stages of its current (or last) time point
         shown = current if current is not None else (movie.get("done") or [None])[-1]
         lines += _field("movie", _movie_line(movie, shown, current is not None))
         progress = _of_timepoint(progress, shown) if shown is not None else progress
-    lines += _now(record, progress, age, state)
-    lines += _field("stages", _stages(progress))
-    disk = _Disk.read(out, record)  # counted once: both lines below tell the same moment
+    disk = _Disk.read(out, record)  # counted once: every line tells the same moment
+    lines += _now(record, progress, age, state, disk)
+    lines += _field("stages", _stages(progress, state))
     lines += _field("on disk", _on_disk(out, disk))
     if state == "failed":
         lines += _field("error", record.get("error", "unknown (run.json names none)"))
@@ -130,6 +137,15 @@ def _read_record(out: Path) -> dict[str, Any]:
     return record
 
 
+def _signal(record: dict[str, Any]) -> str | None:
+    """The signal that ended an interrupted run: run.json's, else an older nucflow's error."""
+    if record["status"] == "interrupted":
+        return str(record.get("signal") or "signal unknown")
+    error = str(record.get("error", "")) if record["status"] == "failed" else ""
+    found = re.match(r"(KeyboardInterrupt|Terminated)\b", error)
+    return None if found is None else {"Terminated": "SIGTERM"}.get(found[1], "SIGINT")
+
+
 def _age(updated: str | None) -> float:
     """Seconds since run.json was written."""
     try:
@@ -157,7 +173,9 @@ def _field(name: str, value: str | None) -> list[str]:
     return [f"  {name:<{_LABEL}}{value}"] if value else []
 
 
-def _headline(out: Path, state: str, progress: dict[str, Any], age: float) -> str:
+def _headline(
+    out: Path, state: str, progress: dict[str, Any], age: float, signal: str | None
+) -> str:
     where = ""
     if progress.get("pid"):
         where = f" (pid {progress['pid']} on {progress.get('host', '?')}"
@@ -167,15 +185,19 @@ def _headline(out: Path, state: str, progress: dict[str, Any], age: float) -> st
             f"nucflow status {out}: stopped — run.json says running but process "
             f"{progress.get('pid')} on {progress.get('host')} is gone (killed?)"
         )
+    if signal:
+        return f"nucflow status {out}: interrupted ({signal}); --resume continues it"
     return f"nucflow status {out}: {state}{where if state == 'running' else ''}"
 
 
-def _now(record: dict[str, Any], progress: dict[str, Any], age: float, state: str) -> list[str]:
+def _now(
+    record: dict[str, Any], progress: dict[str, Any], age: float, state: str, disk: _Disk
+) -> list[str]:
     """Stage, blocks, rate, elapsed and ETAs; workers while running; counts when complete."""
     lines: list[str] = []
     running = state == "running"
     if progress.get("stage") and state != "complete":
-        lines += _field("stage", _stage_line(progress, age if running else 0.0))
+        lines += _field("stage", _stage_line(progress, age, None if running else disk))
     elapsed = progress.get("elapsed_s")
     if elapsed is not None:
         elapsed += age if running else 0.0
@@ -202,22 +224,29 @@ def _minus(eta: float | None, age: float) -> str:
     return fmt_seconds(None if eta is None else max(0.0, eta - age))
 
 
-def _stage_line(progress: dict[str, Any], age: float) -> str:
+def _stage_line(progress: dict[str, Any], age: float, disk: _Disk | None) -> str:
+    """The current stage and pass, and the stage's ETA while running; ``disk`` (a run no
+    longer running): the segmentation's blocks are the parts stored when more are there than
+    run.json counted."""
     name = progress["stage"]
     stage = (progress.get("stages") or {}).get(name, {})
     passes, planned = stage.get("passes", []), stage.get("planned_passes")
     text = f"{name} (pass {len(passes)}/{planned})" if planned else name
-    current = progress.get("pass")
+    current, where = progress.get("pass"), ""
+    if disk and disk.blocks and name.split(" ")[0] == "segment":
+        if disk.parts > (current or {}).get("done", -1):
+            current = {"label": "segment", "done": disk.parts, "total": disk.blocks}
+            where = " on disk"
     if current and current.get("total"):
-        percent = int(100 * current["done"] / current["total"])
-        text += f": {current['label']} {current['done']}/{current['total']} blocks ({percent}%)"
+        done, total = current["done"], current["total"]
+        text += f": {current['label']} {done}/{total} blocks{where} ({int(100 * done / total)}%)"
     if progress.get("rate_mvoxel_s") is not None:
         text += f", {fmt_rate(progress['rate_mvoxel_s'])} Mvoxel/s"
     eta = (progress.get("eta_s") or {}).get("stage")
-    return text + f", stage ETA {_minus(eta, age)}"
+    return text + (f", stage ETA {_minus(eta, age)}" if disk is None else "")
 
 
-def _stages(progress: dict[str, Any]) -> str:
+def _stages(progress: dict[str, Any], state: str) -> str:
     stages = progress.get("stages") or {}
     names = list(stages) + [n for n in progress.get("plan") or {} if n not in stages]
     parts = []
@@ -227,8 +256,10 @@ def _stages(progress: dict[str, Any]) -> str:
             parts.append(f"{name} -")
         elif stage["state"] == "running":
             parts.append(f"{name} running")
-        else:
-            parts.append(f"{name} {stage['state']} {fmt_seconds(stage['elapsed_s'])}")
+        else:  # the stage a signal ended is recorded failed
+            failed = state == "interrupted" and stage["state"] == "failed"
+            shown = "interrupted" if failed else stage["state"]
+            parts.append(f"{name} {shown} {fmt_seconds(stage['elapsed_s'])}")
     return ", ".join(parts)
 
 
