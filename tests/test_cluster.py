@@ -553,3 +553,55 @@ def test_threads_and_processes_keep_freed_block_arrays_mapped_workers_do_not():
         assert runner.compute(check) == (True,)
     with connect("local", settings={"n_workers": 1}, progress=False) as runner:
         assert runner.compute(check) == (False,)
+
+
+def _first_try_outlives_its_worker(block: np.ndarray, marks: str, delay: float, block_info=None):
+    """Block 0's first try runs far past its worker's walltime (its worker leaves under it);
+    every other try, and every other block, works ``delay`` seconds."""
+    index = block_info[None]["chunk-location"][0]
+    first = Path(marks, f"first-{index}")
+    if index == 0 and not first.exists():
+        first.touch()
+        time.sleep(600)
+    Path(marks, f"{index}-{os.getenv('SLURM_JOB_ID')}-{time.time():.0f}").touch()
+    time.sleep(delay)
+    return block + 1
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("slurm_cluster")
+def test_slurm_walltime_retirement_is_not_a_worker_death(tmp_path, monkeypatch):
+    """Issue 27 (13): one worker job at a time with a one-minute walltime, and no failure
+    allowed (``allowed-failures: 0``: one task lost to a dying worker fails the computation).
+    Each worker retires before its walltime, mid-task; its replacement starts while it finishes
+    and takes its results; block 0's first try, still running when its worker must leave, is
+    rerun elsewhere without counting as a death. distributed's own ``--lifetime`` failed this
+    (KilledWorker after 215 s with the default 3 failures allowed)."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    values = np.arange(6, dtype=np.int64)
+    blocks = da.from_array(values, chunks=1)
+    slow = blocks.map_blocks(_first_try_outlives_its_worker, str(marks), 12.0, dtype=np.int64)
+    settings = {**_slurm_settings(tmp_path, monkeypatch), "walltime": "00:01:00"}
+    config = {
+        "distributed.scheduler.allowed-failures": 0,
+        "distributed.deploy.lost-worker-timeout": "2s",
+    }
+    start = time.monotonic()
+    with dask.config.set(config):
+        with connect("slurm", settings=settings, jobs=1, progress=False) as runner:
+            with pytest.warns(UserWarning, match=r"^a block of the slow pass took 12 s, more"):
+                (total, out) = runner.compute(slow.sum(), slow, label="slow")
+    elapsed = time.monotonic() - start
+    assert total == (values + 1).sum()
+    np.testing.assert_array_equal(out, values + 1)
+    logs = {p.stem: p.read_text() for p in (tmp_path / "logs").glob("dask-worker-*.err")}
+    retired = [t for t in logs.values() if "retires before its job's walltime" in t]
+    mid_task = [t for t in retired if re.search(r"no new tasks; [1-9]\d* running", t)]
+    rerun = [t for t in logs.values() if re.search(r"[1-9]\d* to rerun elsewhere", t)]
+    handed = [t for t in logs.values() if "results handed over" in t]
+    assert len(logs) >= 2 and mid_task and rerun and handed, (elapsed, logs)
+    assert not any("DUE TO TIME LIMIT" in t for t in logs.values())
+    print(f"walltime compute: {elapsed:.0f} s, {len(logs)} jobs, {len(retired)} retired")

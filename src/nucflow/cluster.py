@@ -34,6 +34,7 @@ import difflib
 import inspect
 import ipaddress
 import json
+import logging
 import os
 import re
 import shutil
@@ -355,6 +356,9 @@ class Runner:
         self.dashboard_link = _dashboard_link(client, dashboard_local)
         self._scheduler = scheduler
         self.num_workers = num_workers
+        #: When workers retire before their jobs' walltime (``slurm`` with a walltime), else None.
+        self.lifetime: Lifetime | None = None
+        self._warned_block_time = False
         #: Draws and counts every pass; a run replaces it with its own (nucflow.progress).
         self.reporter: _progress.Reporter = _progress.Reporter(draw=progress)
 
@@ -400,9 +404,26 @@ class Runner:
             futures = self.client.compute(list(collections), retries=retries)
             result = tuple(self.client.gather(futures))
             failed = False
-            return result
         finally:
             watch.finish(failed)
+        self._check_block_time(counter.longest, label)
+        return result
+
+    def _check_block_time(self, seconds: float, label: str) -> None:
+        """One warning when a block took more than a quarter of a worker's time before it
+        retires (:attr:`lifetime`): a block running at a retirement is lost past the margin."""
+        if self.lifetime is None or self._warned_block_time:
+            return
+        if seconds > self.lifetime.shortest / 4:
+            self._warned_block_time = True
+            warnings.warn(
+                f"a block of the {label or 'pass'} pass took {seconds:.0f} s, more than a "
+                f"quarter of the {self.lifetime.shortest} s a worker computes before it retires "
+                f"(walltime {self.lifetime.walltime} s): use smaller --chunks, or a longer "
+                "walltime, or blocks will be lost and rerun at each retirement",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _compute_local(self, collections: tuple, label: str, parts: set) -> tuple:
         from dask.callbacks import Callback
@@ -440,6 +461,8 @@ class _StreamCounter:
         self._client = client
         self._pending = set(parts)
         self.watch: Any = None
+        #: The longest compute time of a counted block seen so far (s).
+        self.longest = 0.0
         self._last = time.monotonic()
         # The first call starts the stream's recording; "0s" asks for nothing older.
         with contextlib.suppress(Exception):
@@ -457,6 +480,12 @@ class _StreamCounter:
         done = {
             r["key"] for r in records if r.get("key") in self._pending and r.get("status") == "OK"
         }
+        for record in records:
+            if record.get("key") not in done:
+                continue
+            for span in record.get("startstops", ()):
+                if span.get("action") == "compute":
+                    self.longest = max(self.longest, span["stop"] - span["start"])
         self._pending -= done
         if done and self.watch is not None:
             self.watch.advance(len(done))
@@ -894,11 +923,16 @@ def _slurm_options(options: dict, jobqueue: Any) -> dict[str, Any]:
     if "name" in kwargs:
         kwargs["job_name"] = kwargs.pop("name")
     kwargs = _secure_slurm(kwargs)
-    walltime = kwargs.get("walltime") or dask.config.get("jobqueue.slurm.walltime", None)
-    extra = kwargs["worker_extra_args"]
-    if walltime and "--lifetime" not in extra:
-        kwargs["worker_extra_args"] = [*extra, *lifetime_args(walltime)]
     return kwargs
+
+
+def _slurm_lifetime(kwargs: dict[str, Any]) -> Lifetime | None:
+    """The retirement schedule of the worker jobs, from their walltime; None without one, or
+    where the user's worker options set distributed's own ``--lifetime``."""
+    walltime = _configured(kwargs, "walltime", None)
+    if not walltime or "--lifetime" in kwargs["worker_extra_args"]:
+        return None
+    return Lifetime.of(walltime)
 
 
 def _configured(kwargs: dict[str, Any], key: str, default: Any) -> Any:
@@ -944,19 +978,197 @@ def walltime_seconds(walltime: str | int) -> int:
     return int(days or 0) * 86400 + seconds
 
 
-def lifetime_args(walltime: str | int) -> list[str]:
-    """dask-worker options that retire a worker gracefully before Slurm kills its job.
+@dataclass(frozen=True)
+class Lifetime:
+    """When a worker of a job with a walltime retires, in seconds after its job started.
 
-    The worker stops taking tasks and hands over what it holds a margin before the walltime
-    (10 % of it, at least 30 s, at most 5 min); lifetimes are staggered by up to half the
-    margin so that the jobs of one submission do not all leave at once. Adaptive scaling
-    submits a job to replace each one that ends, and the scheduler reruns only the tasks that
-    were running on it: each task writes its own block, so a rerun rewrites the same bytes.
+    ``stop``: it takes no new task from ``stop - stagger`` (drawn uniformly per worker, so the
+    jobs of one submission do not all leave at once) to ``stop``; ``leave``: it has left by
+    then, whatever it is running, ahead of Slurm's kill at ``walltime``.
     """
-    total = walltime_seconds(walltime)
-    margin = min(max(total // 10, 30), 300, total // 2)
-    stagger = margin // 2
-    return ["--lifetime", f"{total - margin}s", "--lifetime-stagger", f"{stagger}s"]
+
+    walltime: int
+    stop: int
+    stagger: int
+    leave: int
+
+    @classmethod
+    def of(cls, walltime: str | int) -> Lifetime:
+        """The schedule for a Slurm ``--time``: a margin of 10 % (at least 30 s, at most 5 min,
+        at most half the walltime) before the walltime to stop taking tasks, staggered by up
+        to half the margin; leaving a third of the margin (at least 10 s) before the kill."""
+        total = walltime_seconds(walltime)
+        margin = min(max(total // 10, 30), 300, total // 2)
+        leave = total - min(max(margin // 3, 10), margin)
+        return cls(total, total - margin, margin // 2, leave)
+
+    @property
+    def shortest(self) -> int:
+        """Seconds a worker computes at least before it stops taking tasks."""
+        return self.stop - self.stagger
+
+
+#: The event topic a retiring worker announces itself on (``{"phase": "retiring" | "left"}``).
+_WALLTIME_TOPIC = "nucflow-walltime"
+
+
+def _walltime_plugin(lifetime: Lifetime) -> Any:
+    """The worker plugin that retires a worker before its job's walltime (:func:`_retire`)."""
+    cls = globals().get("_WalltimePlugin") or __getattr__("_WalltimePlugin")  # made on first use
+    return cls(lifetime)
+
+
+def _make_walltime_plugin_class() -> type:
+    # A WorkerPlugin subclass, made when first needed: importing distributed for it when this
+    # module is imported would cost every threads run ~0.1 s. It is pickled by reference
+    # (nucflow.cluster._WalltimePlugin), which the module's __getattr__ resolves on a worker.
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class _WalltimePlugin(WorkerPlugin):
+        """Retires its worker before the walltime of the job it runs in (:func:`_retire`)."""
+
+        name = "nucflow-walltime"
+        idempotent = True
+
+        def __init__(self, lifetime: Lifetime) -> None:
+            self.lifetime = lifetime
+            self._handle: Any = None
+
+        def setup(self, worker: Any) -> None:
+            import random
+
+            started = _job_started(worker)
+            stop = started + self.lifetime.stop - random.uniform(0, self.lifetime.stagger)
+            leave = started + self.lifetime.leave
+            delay = max(0.0, stop - time.time())
+            self._handle = worker.loop.call_later(delay, _retire, worker, leave)
+
+        def teardown(self, worker: Any) -> None:
+            if self._handle is not None:
+                worker.loop.remove_timeout(self._handle)
+
+    _WalltimePlugin.__module__ = __name__
+    _WalltimePlugin.__qualname__ = "_WalltimePlugin"
+    return _WalltimePlugin
+
+
+def __getattr__(name: str) -> Any:
+    if name == "_WalltimePlugin":
+        cls = _make_walltime_plugin_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _job_started(worker: Any) -> float:
+    """When the worker's job started (epoch s): its nanny's process, else its own."""
+    import psutil
+
+    process = psutil.Process()
+    if worker.nanny:
+        with contextlib.suppress(psutil.Error):
+            return min(process.create_time(), process.parent().create_time())
+    return process.create_time()
+
+
+async def _retire(worker: Any, leave: float) -> None:
+    """Leave the cluster before the walltime, without the scheduler counting it as a death.
+
+    The worker takes no new task (status ``closing_gracefully``: the scheduler sends it none)
+    and announces itself, so that the run submits a job to replace it; it lets its running
+    tasks finish while there is time (until ``leave``), hands the results it holds to another
+    worker when one is there (the replacement, once it has started), then unregisters as an
+    *expected* departure: the scheduler reruns whatever was still running elsewhere without
+    counting it towards ``distributed.scheduler.allowed-failures``. Only then does it close.
+    (distributed's own ``--lifetime`` closes the worker even when its results found no other
+    worker, and the scheduler then counts every task it was running as lost to a dying worker:
+    ``KilledWorker`` after four walltimes.)
+    """
+    import asyncio
+
+    from distributed.core import Status
+
+    if worker.status not in (Status.running, Status.paused):
+        return
+    log = logging.getLogger("distributed.worker.nucflow")  # in the job's log, as the worker's
+    address = worker.address
+    worker.status = Status.closing_gracefully
+    worker.log_event(_WALLTIME_TOPIC, {"phase": "retiring", "worker": address})
+    running = len(worker.state.executing)
+    log.info(
+        "nucflow: %s retires before its job's walltime: no new tasks; %d running, leaving "
+        "within %.0f s",
+        address,
+        running,
+        leave - time.time(),
+    )
+    while worker.state.executing and time.time() < leave:
+        await asyncio.sleep(0.2)
+    handed = False
+    while not handed and time.time() < leave:
+        stimulus = f"nucflow-walltime-{time.time()}"
+        with contextlib.suppress(Exception):
+            moved = await worker.scheduler.retire_workers(
+                workers=[address], close_workers=False, remove=False, stimulus_id=stimulus
+            )
+            handed = address in moved  # nothing only this worker holds (any more)
+        if not handed:
+            await asyncio.sleep(1.0)
+    unfinished = len(worker.state.executing)
+    log.info(
+        "nucflow: %s leaves: %d of %d running task(s) finished, %d to rerun elsewhere; %s",
+        address,
+        running - min(running, unfinished),
+        running,
+        unfinished,
+        "results handed over"
+        if handed
+        else f"no worker took its {len(worker.data)} result(s), to recompute",
+    )
+    worker.log_event(_WALLTIME_TOPIC, {"phase": "left", "worker": address})
+    with contextlib.suppress(Exception):
+        await worker.scheduler.unregister(
+            address=address, stimulus_id=f"nucflow-walltime-{time.time()}", expected=True
+        )
+    await worker.close(nanny=True, executor_wait=False, reason="worker-lifetime-reached")
+
+
+class _Handover:
+    """Driver side of a worker's retirement: one more job while it retires.
+
+    When a worker announces it retires, the adaptive bounds grow by one, so a replacement job is
+    submitted while the old one still runs (with ``--jobs 1`` its results then have somewhere
+    to go); they shrink back once the old job has left the cluster (``lost-worker-timeout``
+    after the worker left, when the cluster drops the job).
+    """
+
+    def __init__(self, cluster: Any, low: int, high: int) -> None:
+        self.cluster = cluster
+        self.low, self.high = low, high
+        self.retiring: set[str] = set()
+
+    def adapt(self) -> None:
+        extra = len(self.retiring)
+        self.cluster.adapt(minimum_jobs=self.low + extra, maximum_jobs=self.high + extra)
+
+    def __call__(self, event: tuple[float, dict]) -> None:
+        import asyncio
+
+        msg = event[1]
+        worker = str(msg.get("worker"))
+        if msg.get("phase") == "retiring" and worker not in self.retiring:
+            self.retiring.add(worker)
+            self.adapt()
+        elif msg.get("phase") == "left" and worker in self.retiring:
+            delay = dask.utils.parse_timedelta(
+                dask.config.get("distributed.deploy.lost-worker-timeout")
+            )
+            asyncio.get_running_loop().call_later(delay + 1.0, self._gone, worker)
+
+    def _gone(self, worker: str) -> None:
+        if worker in self.retiring:
+            self.retiring.discard(worker)
+            self.adapt()
 
 
 class _Slurm(Backend):
@@ -1008,14 +1220,21 @@ class _Slurm(Backend):
         low, high = req.adapt if req.adapt is not None else (req.jobs or 1, req.jobs or 1)
         # Adaptive even for a fixed count: cluster.scale(jobs=N) never replaces a job that
         # Slurm ended (walltime, preemption, scancel), and the computation would wait forever.
-        cluster.adapt(minimum_jobs=low, maximum_jobs=high)
+        handover = _Handover(cluster, low, high)
+        handover.adapt()
         if credentials is not None:
             credentials.cluster = cluster
         client = stack.enter_context(Client(cluster))
+        lifetime = _slurm_lifetime(kwargs)
+        if lifetime is not None:
+            client.subscribe_topic(_WALLTIME_TOPIC, handover)
+            client.register_plugin(_walltime_plugin(lifetime))
         local = _is_loopback(kwargs["scheduler_options"]["dashboard_address"].rpartition(":")[0])
-        return Runner(
+        runner = Runner(
             self.name, client=client, cluster=cluster, progress=progress, dashboard_local=local
         )
+        runner.lifetime = lifetime
+        return runner
 
 
 def _private_log_directory(kwargs: dict[str, Any]) -> None:
