@@ -318,16 +318,33 @@ def nan_stack(tmp_path) -> Path:
     return path
 
 
-def test_status_of_a_failed_run(nan_stack, run_cli, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(run_cli.args(nan_stack, out)) == 2
+FAILING_FLOW = """
+from nucflow import pipeline, progress
+from nucflow.errors import ParameterError
+
+
+def run(job):
+    progress.expect(job, progress.nuclei_passes(job.params, tuple(job.stack.data.shape)))
+    with job.stage("preprocess"):
+        pipeline.preprocess(job)
+    with job.stage("threshold"):
+        raise ParameterError("the threshold refused this stack (a test)")
+"""
+
+
+def test_status_of_a_failed_run(stack3d, run_cli, tmp_path, capsys):
+    """A run that fails after storing a stage keeps its output (a new one refused before any
+    stage was stored is withdrawn: tests/test_cli.py); status names the error."""
+    flow, out = tmp_path / "failing.py", tmp_path / "out"
+    flow.write_text(FAILING_FLOW)
+    assert main(run_cli.args(stack3d[0], out, "--flow", str(flow))) == 2
     code, text = _status(out, capsys)
     assert code == 1
     assert text.startswith(f"nucflow status {out}: failed\n")
-    assert re.search(r"\n  error     ParameterError: input .* NaN or infinite voxel", text)
-    assert re.search(r"\n  stages    preprocess failed \S+, threshold -, mask -", text)
-    redo = r"\n  resume    would redo preprocess, threshold, mask, segment, table, pyramid, write"
-    assert re.search(redo, text)
+    assert "\n  error     ParameterError: the threshold refused this stack (a test)" in text
+    assert re.search(r"\n  stages    preprocess done \S+, threshold failed \S+, mask -", text)
+    redo = r"\n  resume    would redo threshold, mask, segment, table, pyramid, write"
+    assert re.search(redo, text), text
 
 
 @pytest.mark.timeout(300)

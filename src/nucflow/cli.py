@@ -15,7 +15,9 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -24,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
 
-from nucflow.errors import NucflowError, OutputError, ParameterError
+from nucflow.errors import NucflowError, OutputError, ParameterError, Terminated
 
 __all__ = ["main"]
 
@@ -203,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "view": _view,
     }[args.command]
     _one_malloc_arena()
+    previous = _sigterm_raises()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
@@ -213,9 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"nucflow {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"nucflow {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated): run.json says so
+        name = "SIGTERM" if isinstance(stop, Terminated) else "SIGINT"
+        print(f"nucflow {args.command}: interrupted ({name})", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
+    except BrokenPipeError:  # `nucflow status OUT | head -1`: the reader has what it wanted
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter closes it)
+        return 0
     except Exception as error:  # an unexpected failure, reported without a traceback unless --debug
         if args.debug:
             raise
@@ -225,7 +233,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return code or 0
+
+
+def _sigterm_raises() -> Any:
+    """Make SIGTERM (``kill``, SLURM's end of walltime) raise :class:`Terminated` in the main
+    thread, so a run records itself as interrupted; returns the handler it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated("SIGTERM")
+
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 def console() -> NoReturn:
@@ -411,10 +434,12 @@ def _check_flow(
     flow: ModuleType, stack: Any, params: Any, timepoints: Sequence[int] | None = None
 ) -> None:
     """The whole configuration checked against the stack (and a flow's own check of the time
-    points, if it has one) before the output is claimed."""
-    from nucflow import stages
+    points, if it has one) before the output is claimed: also the keys this flow does not
+    read (``filter.steps`` in the nuclei flow), so a bad value never waits for another flow."""
+    from nucflow import pipeline, stages
 
     stages.check(getattr(flow, "STAGES", ()), stack, params)
+    pipeline.configured_steps(params, ndim=stack.data.ndim)
     if hasattr(flow, "check_timepoints"):
         flow.check_timepoints(timepoints)
 
