@@ -26,7 +26,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
 
-from nucflow.errors import NucflowError, OutputError, ParameterError, Terminated
+from nucflow.errors import (
+    NucflowError,
+    OutputError,
+    ParameterError,
+    Terminated,
+    environment_message,
+)
 
 __all__ = ["main"]
 
@@ -227,6 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # an unexpected failure, reported without a traceback unless --debug
         if args.debug:
             raise
+        # The machine's (read-only, full, forbidden), not a bug: said as such.
+        if message := environment_message(error, getattr(args, "output", None)):
+            print(f"nucflow {args.command}: error: {message}", file=sys.stderr)
+            return 2
         print(
             f"nucflow {args.command}: unexpected error: {type(error).__name__}: {error} "
             "(rerun with --debug for a traceback)",
@@ -298,7 +308,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     """Config, stack and resolved parameters from the command line."""
     from nucflow import config as config_module
-    from nucflow import io
+    from nucflow import io, plan
 
     config = config_module.load(
         args.config,
@@ -320,7 +330,19 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     if box:
         stack = stack.crop(box)
     _check_channels(params, stack, args.input)
+    plan.check_native_chunks(stack)
     return stack, params, config
+
+
+def _warn_cost(params: Any, stack: Any) -> None:
+    """One line before the work starts when the blocks are too small for their halo."""
+    from nucflow import pipeline
+    from nucflow.plan import cost_warning
+
+    region = pipeline.data_region(stack, params.chunks)
+    found = cost_warning(params, tuple(s.stop - s.start for s in region))
+    if found:
+        warnings.warn(found, stacklevel=2)
 
 
 def _warn_pixels(stack: Any) -> None:
@@ -427,6 +449,8 @@ def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         stack = stack.at(points[0])
     flow = _load_flow(args.flow)
     _check_flow(flow, stack, params, points)
+    if args.flow == "nuclei":
+        _warn_cost(params, stack)
     return _in_run(args, stack, params, config, flow.run, timepoints=points)
 
 
@@ -590,7 +614,8 @@ def _status(args: argparse.Namespace) -> int:
     from nucflow.status import status
 
     report = status(args.output)
-    print(report.text)
+    with contextlib.suppress(BrokenPipeError):  # `| head -1`: the state is still the exit code
+        print(report.text, flush=True)
     return report.exit_code
 
 

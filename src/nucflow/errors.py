@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "NucflowError",
     "InputPathError",
@@ -16,6 +18,7 @@ __all__ = [
     "CorruptDataError",
     "BlockError",
     "Terminated",
+    "environment_message",
 ]
 
 
@@ -73,3 +76,29 @@ class BlockError(RuntimeError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, or SLURM at the end of the walltime): an interruption like Ctrl-C."""
+
+
+#: OSErrors that say something about the machine, not a bug: errno -> (what, the fix).
+_ENVIRONMENT = {
+    errno.EROFS: ("is on a read-only file system", "choose an --output on a writable one"),
+    errno.ENOSPC: (
+        "is on a full file system",
+        "free space or choose an --output with room; --resume then continues the run",
+    ),
+    errno.EDQUOT: (
+        "is over your disk quota",
+        "free space or choose an --output with room; --resume then continues the run",
+    ),
+    errno.EACCES: ("is not accessible to you", "fix its permissions or choose another path"),
+    errno.EPERM: ("is not accessible to you", "fix its permissions or choose another path"),
+}
+
+
+def environment_message(error: BaseException, output: object = None) -> str | None:
+    """One line for an OSError of the machine (read-only, full, forbidden), else None;
+    ``output`` is named when the error names no file (a write inside a library)."""
+    if not isinstance(error, OSError) or error.errno not in _ENVIRONMENT:
+        return None
+    what, fix = _ENVIRONMENT[error.errno]
+    where = error.filename or (f"--output {output}" if output else "a file nucflow writes")
+    return f"{where} {what} ({error.strerror}); {fix}"

@@ -61,6 +61,7 @@ from nucflow.errors import (
     OutputError,
     ParameterError,
     Terminated,
+    environment_message,
 )
 from nucflow.segment import SegmentParams, segment_block
 
@@ -1291,6 +1292,8 @@ def _segment_task(
     except NucflowError as e:
         raise type(e)(f"block {fmt_region(core)}: {e}") from e
     except Exception as e:
+        if environment_message(e):  # the machine's (disk full, read-only): said as it is
+            raise
         raise BlockError(
             f"block {fmt_region(core)} failed: {type(e).__name__}: {e}; if it ran out of "
             "memory, rerun with smaller --chunks"

@@ -26,9 +26,10 @@ from nucflow import io, pipeline, progress, pyramid, resample, stages, table
 from nucflow.blockpass import Grid, pass_graph
 from nucflow.cluster import Runner
 from nucflow.config import Params
+from nucflow.errors import ParameterError
 from nucflow.segment import whole_voxels
 
-__all__ = ["Plan", "make_plan"]
+__all__ = ["Plan", "make_plan", "check_native_chunks", "cost_warning", "read_overlap"]
 
 # Stages whose work grows with the segmentation halo.
 _PER_PADDED_BLOCK = ("segment", "write")
@@ -182,7 +183,7 @@ def make_plan(
     shape = tuple(s.stop - s.start for s in region)
     halo = pipeline.segment_halo(params)
     blocks = list(pipeline.blocks_of(shape, params.chunks))
-    padded = sum(math.prod(_padded_shape(core, halo, shape)) for _, core in blocks)
+    padded = _padded_voxels(shape, params.chunks, halo)
     n_tasks = sum(pass_tasks(params, shape).values())
     graph_seconds = _graph_seconds(shape, params)
     box, timings, peak, nuclei = _calibrate(stack, params, config, flow, region, halo)
@@ -330,3 +331,74 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def memory_per_thread(threads: int | None = None) -> int:
+    """Bytes of memory this machine has per worker thread: physical memory, or the process's
+    address-space limit if lower, over the threads."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        total = min(total, soft)
+    return total // (threads or os.cpu_count() or 1)
+
+
+def check_native_chunks(stack: io.Stack, *, threads: int | None = None) -> None:
+    """Refuse an input stored in chunks that a task could not hold.
+
+    Every read decompresses whole stored chunks; one larger than a quarter of the memory
+    per worker thread (:func:`memory_per_thread`) would fail with MemoryError mid-run.
+
+    Raises
+    ------
+    ParameterError
+        Naming the chunk shape, its size, the budget and the fix.
+    """
+    if not stack.native_chunks:
+        return
+    size = math.prod(stack.native_chunks) * stack.data.dtype.itemsize
+    budget = memory_per_thread(threads) // 4
+    if size > budget:
+        shape = "x".join(map(str, stack.native_chunks))
+        raise ParameterError(
+            f"--input {stack.path} is stored in chunks of {shape} voxels ({size / 2**30:.2f} GiB "
+            f"each), and every read decompresses whole chunks: more than a quarter of the "
+            f"{4 * budget / 2**30:.2f} GiB per worker thread here; rewrite the input in smaller "
+            "chunks (e.g. 64x256x256), or run where each thread has more memory"
+        )
+
+
+def _padded_voxels(shape: tuple[int, ...], chunks: tuple[int, ...], halo: tuple[int, ...]) -> int:
+    blocks = pipeline.blocks_of(shape, chunks)
+    return sum(math.prod(_padded_shape(core, halo, shape)) for _, core in blocks)
+
+
+def read_overlap(shape: tuple[int, ...], chunks: tuple[int, ...], halo: tuple[int, ...]) -> float:
+    """Voxels the segmentation reads (each block with its halo) over the stack's voxels."""
+    return _padded_voxels(shape, chunks, halo) / math.prod(shape)
+
+
+#: Above this read overlap a run warns that its blocks are too small for their halo.
+MAX_OVERLAP = 4.0
+
+
+def cost_warning(params: Params, shape: tuple[int, ...]) -> str | None:
+    """One line when the blocks are too small for the halo (reads above :data:`MAX_OVERLAP`
+    times the data, or a block thinner than its halo), with the ``--chunks`` to use instead."""
+    from nucflow.config import default_chunks
+
+    halo = pipeline.segment_halo(params)
+    overlap = read_overlap(shape, params.chunks, halo)
+    thin = any(c < h and c < n for c, h, n in zip(params.chunks, halo, shape, strict=True))
+    if overlap <= MAX_OVERLAP and not thin:
+        return None
+    better = tuple(
+        min(n, max(c, 2 * h)) for c, h, n in zip(default_chunks(shape), halo, shape, strict=True)
+    )
+    return (
+        f"--chunks {' '.join(map(str, params.chunks))} with a halo of "
+        f"{' '.join(map(str, halo))} voxels reads {overlap:.1f}x the data; --chunks "
+        f"{' '.join(map(str, better))} reads {read_overlap(shape, better, halo):.1f}x"
+    )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nucflow.errors import OutputError
+from nucflow.lock import LOCK_NAME
 from nucflow.progress import fmt_rate, fmt_seconds
 
 __all__ = ["Report", "status", "EXIT_CODES"]
@@ -68,7 +69,7 @@ def status(output: str | os.PathLike[str]) -> Report:
     progress = record.get("progress") or {}
     age = _age(record.get("updated"))
     state = record["status"]
-    if state == "running" and _gone(progress):
+    if state == "running" and (_gone(progress) or _unlocked(out)):
         state = "stopped"
     signal = _signal(record)
     if signal:  # also a run.json of an older nucflow: failed, "KeyboardInterrupt: "
@@ -169,6 +170,14 @@ def _gone(progress: dict[str, Any]) -> bool:
     return False
 
 
+def _unlocked(out: Path) -> bool:
+    """run.json says running but no run holds the output's lock: its process ended without
+    rewriting run.json (killed, or its disk was full), on any host."""
+    if (out / LOCK_NAME).exists():
+        return False
+    return _read_record(out)["status"] == "running"  # not finished meanwhile
+
+
 def _field(name: str, value: str | None) -> list[str]:
     return [f"  {name:<{_LABEL}}{value}"] if value else []
 
@@ -183,7 +192,8 @@ def _headline(
     if state == "stopped":
         return (
             f"nucflow status {out}: stopped — run.json says running but process "
-            f"{progress.get('pid')} on {progress.get('host')} is gone (killed?)"
+            f"{progress.get('pid')} on {progress.get('host')} is gone or holds no lock "
+            "(killed? out of walltime? a full disk?)"
         )
     if signal:
         return f"nucflow status {out}: interrupted ({signal}); --resume continues it"

@@ -64,6 +64,8 @@ class Stack:
     time_interval_s: float | None = None
     # Reads ``data``'s voxels from the file: a Selection of the file's source, or a Cropped one.
     _selection: Selection | Cropped | None = field(default=None, repr=False, compare=False)
+    #: The file's own chunk shape over all its axes (a read decompresses whole chunks).
+    native_chunks: tuple[int, ...] = ()
 
     @property
     def reader(self) -> Source:
@@ -268,7 +270,17 @@ def _to_stack(
     axes = "zyx"[-len(spatial) :]
     interval = image.time_interval_s if n_timepoints > 1 else None
     return Stack(
-        data, voxel, axes, known, path, n_channels, n_timepoints, int(timepoint), interval, sel
+        data,
+        voxel,
+        axes,
+        known,
+        path,
+        n_channels,
+        n_timepoints,
+        int(timepoint),
+        interval,
+        sel,
+        native_chunks=tuple(int(n) for n in image.native_chunks),
     )
 
 
