@@ -345,9 +345,10 @@ def _warn_cost(params: Any, stack: Any) -> None:
         warnings.warn(found, stacklevel=2)
 
 
-def _warn_pixels(stack: Any) -> None:
-    """One line when lengths are pixels: said once the command's checks have passed."""
-    if not stack.voxel_size_known:
+def _warn_pixels(stack: Any, known: bool | None = None) -> None:
+    """One line when lengths are pixels (``known``: the stack's voxel size is, unless told):
+    said once the command's checks have passed."""
+    if not (stack.voxel_size_known if known is None else known):
         axes = " ".join(stack.axes.upper())
         warnings.warn(
             f"no voxel size in {stack.path}: lengths (--diameter, the table's _um columns) are "
@@ -476,9 +477,11 @@ def _in_run(
     body: Any,
     *,
     timepoints: tuple[int, ...] | None = None,
+    voxel_size_known: bool | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """``body(run)`` on the run claiming ``args.output`` on ``args.cluster``; a failure marks
-    the run failed. ``timepoints``: those of a time-lapse to segment."""
+    the run failed. ``timepoints``: those of a time-lapse to segment; ``voxel_size_known``:
+    whether lengths are µm (default: the stack says)."""
     from nucflow import cluster, pipeline
 
     with cluster.connect(args.cluster, **_cluster_options(args, config)) as runner:
@@ -496,7 +499,7 @@ def _in_run(
         )
         if getattr(args, "flow", None):  # what --resume continues
             job.facts["flow"] = args.flow
-        _warn_pixels(stack)
+        _warn_pixels(stack, voxel_size_known)
         try:
             result = body(job)
         except BaseException as error:
@@ -555,7 +558,12 @@ def _measure(args: argparse.Namespace) -> None:
     )
     _check_channels(params, stack, args.input)
     job, counts = _in_run(
-        args, stack, params, config, partial(remeasure.measure_run, labels=labels)
+        args,
+        stack,
+        params,
+        config,
+        partial(remeasure.measure_run, labels=labels),
+        voxel_size_known=labels.voxel_size_known or stack.voxel_size_known,
     )
     elapsed = time.perf_counter() - start
     print(f"nucflow measure: {counts['nuclei']} labels in {elapsed:.1f} s -> {job.output}")

@@ -339,27 +339,31 @@ def fail(run: Run, error: BaseException) -> None:
     lock: ``nucflow status`` says stopped.
     """
     ours = run.lock is None or run.lock.lost is None  # else run.json is another run's now
-    withdraw = (
-        ours
-        and isinstance(error, NucflowError)
-        and bool(run.claim and run.claim.fresh)
-        and not any((run.output / WORK).rglob(f"*{fingerprint.SUFFIX}"))
-    )
-    if ours and not withdraw:
+    withdrawn = run.claim if ours and _withdrawable(run, error) else None
+    if withdrawn is not None:
+        with contextlib.suppress(OSError):
+            withdrawn.withdraw()
+    elif ours:
         if isinstance(error, KeyboardInterrupt):
             signal = "SIGTERM" if isinstance(error, Terminated) else "SIGINT"
-            extra: dict[str, Any] = {"signal": signal}
+            status, extra = "interrupted", {"signal": signal}
         else:
-            extra = {"error": f"{type(error).__name__}: {error}"}
-        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            status, extra = "failed", {"error": f"{type(error).__name__}: {error}"}
         with contextlib.suppress(OSError):
             write_run_json(run, status, **extra)
-    if withdraw and run.claim is not None:
-        with contextlib.suppress(OSError):
-            run.claim.withdraw()
     _release(run)
-    if withdraw and run.claim is not None:
-        run.claim.remove_directory()
+    if withdrawn is not None:
+        withdrawn.remove_directory()
+
+
+def _withdrawable(run: Run, error: BaseException) -> bool:
+    """Bad input, in an output this run claimed anew, before any stage was stored."""
+    return (
+        isinstance(error, NucflowError)
+        and run.claim is not None
+        and run.claim.fresh
+        and not any((run.output / WORK).rglob(f"*{fingerprint.SUFFIX}"))
+    )
 
 
 # ----------------------------------------------------------------------------- stages
