@@ -461,10 +461,10 @@ def _check_flow(
     """The whole configuration checked against the stack (and a flow's own check of the time
     points, if it has one) before the output is claimed: also the keys this flow does not
     read (``filter.steps`` in the nuclei flow), so a bad value never waits for another flow."""
-    from nucflow import pipeline, stages
+    from nucflow import stages
 
     stages.check(getattr(flow, "STAGES", ()), stack, params)
-    pipeline.configured_steps(params, ndim=stack.data.ndim)
+    stages.configured_steps(params, ndim=stack.data.ndim)
     if hasattr(flow, "check_timepoints"):
         flow.check_timepoints(timepoints)
 

@@ -298,6 +298,12 @@ class Params:
     neighbour_distance: float = 16.0
     drop_border: bool = False
 
+    @property
+    def min_voxels(self) -> int:
+        """``min_volume`` in whole voxels: small-object removal keeps larger components (and
+        is skipped when this is 0)."""
+        return int(self.min_volume / math.prod(self.voxel_size))
+
 
 def resolve(
     config: Mapping[str, Any], *, shape: tuple[int, ...], voxel_size: tuple[float, ...]

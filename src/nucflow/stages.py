@@ -17,11 +17,11 @@ stored and the passes it ran with these declarations.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from nucflow import filters
 from nucflow.errors import ConfigError, NucflowError
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ __all__ = [
     "pass_grids",
     "check",
     "pools_while_smoothing",
+    "configured_steps",
 ]
 
 Check = Callable[["io.Stack", "Params"], None]
@@ -108,9 +109,30 @@ def _threshold_complete(_stack: io.Stack, params: Params) -> None:
 
 def _filter_steps_valid(stack: io.Stack, params: Params) -> None:
     """Every ``filter.steps`` entry names a filter and takes its parameters."""
-    from nucflow import pipeline  # the stage bodies import this module's users
+    configured_steps(params, ndim=stack.data.ndim)
 
-    pipeline.configured_steps(params, ndim=stack.data.ndim)
+
+def configured_steps(p: Params, *, ndim: int) -> list[tuple[str, dict[str, Any]]]:
+    """``filter.steps`` with lengths in voxels, each step checked against its filter.
+
+    Raises
+    ------
+    ConfigError
+        A step names no filter, or its filter does not take its parameters.
+    """
+    steps = []
+    for name, given in p.filter_steps:
+        if name not in filters.STEPS:
+            raise ConfigError(
+                f"`filter.steps`: unknown filter {name!r}; use one of {', '.join(filters.STEPS)}"
+            )
+        try:
+            in_voxels = filters.in_voxels(name, given, p.voxel_size)  # µm -> voxels
+            filters.depth_of(name, ndim=ndim, **in_voxels)  # checks the step's parameters
+        except NucflowError as e:
+            raise ConfigError(f"`filter.steps`: {e}") from None
+        steps.append((name, in_voxels))
+    return steps
 
 
 # ----------------------------------------------------------------------------- results
@@ -194,8 +216,7 @@ def pools_while_smoothing(p: Params) -> bool:
 
 
 def _mask_results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
-    min_voxels = int(p.min_volume / math.prod(p.voxel_size))
-    return (OPENED, *((FILLED,) if p.fill_holes else ()), *((MASK,) if min_voxels > 0 else ()))
+    return (OPENED, *((FILLED,) if p.fill_holes else ()), *((MASK,) if p.min_voxels > 0 else ()))
 
 
 def _table_results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:

@@ -1,0 +1,71 @@
+"""The table stage: each nucleus' row made by the block owning its seed."""
+
+from __future__ import annotations
+
+from nucflow import (
+    fingerprint,
+    objects,
+    stages,
+)
+from nucflow import table as table_stage
+from nucflow.pipeline.rundir import Run, calibrated
+from nucflow.pipeline.segment import label_image, segment_grid
+from nucflow.pipeline.store import region_shape
+
+
+def table(run: Run) -> table_stage.Table:
+    """One row per nucleus, made final by the block owning its seed (:mod:`nucflow.table`).
+
+    The driver holds counts and a sample of at most ``table.QC_SAMPLE_ROWS`` rows. With
+    ``measure.drop_border``, the owner leaves out its nuclei touching the border, and a pass
+    over the blocks near the border erases them from ``labels.ome.zarr``
+    (:func:`nucflow.table.clear_border`).
+    """
+    p = run.params
+    shape = region_shape(run.region)
+    grid = segment_grid(run, shape)
+    reach = run.segment_params.voxels(p.max_radius)
+    labels = label_image(run, mode="r+")
+    measured = table_stage.Objects(
+        object_spec(run), labels, table_stage.intensity_readers(run.stack, p.channels)
+    )
+    made = table_stage.gather(
+        run.runner,
+        grid,
+        sums=run.work / "blocks",
+        out=run.work / "table",
+        offset=run.offset,
+        full_shape=tuple(run.stack.data.shape),
+        reach=reach,
+        finalize={
+            "voxel_size": p.voxel_size,
+            "shape": shape,
+            "origin": run.offset,
+            "max_radius": p.max_radius,
+            "channel_suffixes": table_stage.channel_suffixes(p.channels),
+        },
+        metadata=table_stage.metadata(p, calibrated=calibrated(run)),
+        measured=measured,
+        drop_border=p.drop_border,
+    )
+    if p.drop_border:
+        fingerprint.forget(
+            run, stages.SEGMENT.name
+        )  # the labels are no longer the segmentation's alone
+        table_stage.clear_border(
+            run.runner, grid, labels=labels, out=run.work / "table", offset=run.offset, reach=reach
+        )
+        run.facts["dropped_border"] = made.dropped
+    return made
+
+
+def object_spec(run: Run) -> objects.Spec:
+    """The object-level properties of ``measure.properties``, checked against the stack."""
+    p = run.params
+    return objects.Spec.of(
+        p.properties,
+        ndim=len(p.voxel_size),
+        voxel_size=p.voxel_size,
+        suffixes=table_stage.channel_suffixes(p.channels),
+        settings=objects.Settings(p.percentiles, p.shell_width, p.neighbour_distance),
+    )

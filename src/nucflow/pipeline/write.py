@@ -1,0 +1,90 @@
+"""The last stage: the table files, QC pictures and the final run.json."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import pandas as pd
+
+from nucflow import (
+    measure,
+)
+from nucflow import table as table_stage
+from nucflow.pipeline.rundir import Run, calibrated, release, write_run_json
+
+
+def finish_stack(run: Run, path: Path) -> dict[str, Any]:
+    """Mark a filter-only run complete."""
+    if run.lock is not None:
+        run.lock.check()  # never "complete" over another run's output
+    shutil.rmtree(run.work, ignore_errors=True)
+    counts = {"stack": path.name}
+    write_run_json(run, "complete", counts=counts)
+    release(run)
+    return counts
+
+
+def write_table(run: Run, table: table_stage.Table, empty: pd.DataFrame) -> str:
+    """``nuclei.parquet`` and ``nuclei.csv`` (:func:`nucflow.table.write`), listed first."""
+    for name in table_stage.OUTPUT_NAMES:
+        run.entry(name)
+    return table_stage.write(
+        table, run.output, single_file_rows=run.params.single_file_rows, empty=empty
+    )
+
+
+def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
+    """Write the table, QC pictures and the final run.json; remove the intermediates."""
+    p = run.params
+    with run.stage("write"):
+        empty = table.empty
+        if empty is None:
+            empty = measure.empty_table(len(run.region), table_stage.channel_suffixes(p.channels))
+        written = write_table(run, table, empty)
+        from nucflow import labels_table
+
+        rows = labels_table.write(run.output / "labels.ome.zarr", run.output / "nuclei.parquet")
+        run.facts["labels_table"] = f"labels.ome.zarr/tables/{labels_table.NAME} ({rows} rows)"
+        if written == "dataset":
+            run.facts["table"] = (
+                f"nuclei.parquet/ is a partitioned dataset of {len(table.parts)} part(s), rows "
+                f"grouped by block; no nuclei.csv above measure.single_file_rows = "
+                f"{p.single_file_rows:,} rows"
+            )
+        if p.qc:
+            from nucflow import qc
+
+            labels = da.from_zarr(str(run.output / "labels.ome.zarr" / "0"))
+            if run.timepoints is not None:  # the pictures show the stack's (first) time point
+                labels = labels[run.stack.timepoint]
+            labels = labels[run.region]
+            sample = table.sample
+            windows = qc.write(run.entry("qc"), run.data, labels, sample, origin=run.offset)
+            run.facts["qc_outline_windows_yx"] = [[[s.start, s.stop] for s in w] for w in windows]
+            if len(sample) < table.rows:
+                run.facts["qc_sample_rows"] = len(sample)
+    counts = {"nuclei": table.rows, "truncated": table.truncated}
+    if run.timepoints is not None:
+        counts["timepoints"] = run.facts.get("timepoints", {}).get("counts", {})
+    if table.truncated:
+        fix = (
+            f"rerun with --set segment.max_radius={1.5 * p.max_radius:g} (or a larger --diameter)"
+            if calibrated(run)
+            else "the input has no voxel size: pass --voxel-size (anisotropic voxels counted as "
+            "cubes make nuclei look elongated), then check --diameter"
+        )
+        warnings.warn(
+            f"{table.truncated} nuclei reached segment.max_radius = {p.max_radius:g}; they may be "
+            f"cut: {fix}",
+            stacklevel=2,
+        )
+    if run.lock is not None:
+        run.lock.check()  # never "complete" over another run's output
+    shutil.rmtree(run.work, ignore_errors=True)
+    write_run_json(run, "complete", counts=counts)
+    release(run)
+    return counts
