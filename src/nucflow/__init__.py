@@ -6,8 +6,8 @@ import os
 from typing import Any
 
 from nucflow.errors import NucflowError
+from nucflow.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["NucflowError", "__version__", "read_table"]
 
 

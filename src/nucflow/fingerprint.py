@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nucflow
 from nucflow import io, stages
 from nucflow.errors import InputChangedError
+from nucflow.version import __version__
 
 __all__ = ["STAGE_PARAMS", "SAMPLED_FILES", "Lineage", "input_identity", "start", "reusable",
            "record", "forget", "add_input"]  # fmt: skip
@@ -55,7 +55,7 @@ class Lineage:
 
     identity: dict[str, Any]
     params: dict[str, Any]
-    version: str = nucflow.__version__
+    version: str = __version__
     previous: str = ""  # fingerprint of the last stage asked about
     broken: str | None = None  # first stage recomputed on --resume: every later one is too
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # run.json "stages"

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nucflow
 from nucflow import lock
 from nucflow.errors import OutputError
+from nucflow.version import __version__
 
 __all__ = ["CLAIM_NAME", "RUN_JSON", "Claim", "claim", "check_claimable", "read_claim"]
 
@@ -88,7 +88,7 @@ class Claim:
         record = {
             "schema": _SCHEMA,
             "claim": self.claim_id,
-            "nucflow": nucflow.__version__,
+            "nucflow": __version__,
             "claimed": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "entries": sorted(self.entries),
         }

@@ -32,9 +32,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import nucflow
 from nucflow import io, measure, objects
 from nucflow.blockpass import Grid, pass_graph
+from nucflow.version import __version__
 
 __all__ = [
     "Table",
@@ -133,7 +133,7 @@ def metadata(params: Any, *, calibrated: bool) -> dict[str, Any]:
     return {
         "voxel_size": list(params.voxel_size),
         "unit": "micrometer" if calibrated else "pixel",
-        "nucflow": nucflow.__version__,
+        "nucflow": __version__,
         "properties": list(params.properties),
         "channels": list(params.channels),
         "percentiles": list(params.percentiles),

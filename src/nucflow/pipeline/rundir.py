@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 import zarr
 
-import nucflow
 from nucflow import (
     fingerprint,
     io,
@@ -43,6 +42,7 @@ from nucflow.errors import (
     Terminated,
 )
 from nucflow.segment import SegmentParams
+from nucflow.version import __version__
 
 WORK = ".work"
 
@@ -246,7 +246,7 @@ def write_run_json(run: Run, status: str, **extra: Any) -> None:
     record = {
         "status": status,
         "claim": run.claim.claim_id if run.claim is not None else None,
-        "nucflow": nucflow.__version__,
+        "nucflow": __version__,
         "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "input": run.stack.path,
         "shape": list(run.stack.data.shape),
