@@ -59,6 +59,7 @@ from nucflow.errors import ClusterError
 __all__ = [
     "BACKENDS",
     "Backend",
+    "Lifetime",
     "Runner",
     "connect",
     "describe",
