@@ -106,7 +106,8 @@ def test_resume_after_the_border_was_cleared_segments_again(stacks, one_block, t
     sets = [a for s in [PROPERTIES, *SETTINGS, drop] for a in ("--set", s)]
     assert main([*argv, "--flow", str(flow), *sets]) == 1
     assert not (out / ".work" / "segment.fingerprint.json").exists()
-    table, labels = _run(stacks[3], out, chunks, drop, "--resume")
+    # --flow=nuclei: a resume continues the recorded flow (stopped.py) unless told otherwise
+    table, labels = _run(stacks[3], out, chunks, drop, "--resume", "--flow=nuclei")
     record = json.loads((out / "run.json").read_text())
     assert record["stages"]["segment"] == {
         "action": "computed",

@@ -25,7 +25,7 @@ import dask.threaded
 import numpy as np
 import pytest
 
-from nucflow.cluster import connect, describe
+from nucflow.cluster import Lifetime, connect, describe
 from nucflow.errors import ClusterError
 from nucflow.progress import Reporter
 
@@ -516,7 +516,24 @@ def test_slurm_job_script_from_dask_config_with_settings_overriding(tmp_path, mo
     assert "#SBATCH --mem=4G" in script  # slurm.yaml fills what the config leaves null
     assert "#SBATCH -t 00:07:00" in script  # settings beat the user's config
     assert "#SBATCH --comment=nucflow-test" in script
+    # workers retire through nucflow's plugin (no distributed --lifetime, issue 27 (13))
+    assert "--lifetime" not in script and runner.lifetime == Lifetime.of("00:07:00")
     assert set(_squeue("-o", "%i")) == before
+
+
+@pytest.mark.parametrize(
+    ("walltime", "schedule"),
+    [
+        ("00:01:00", (60, 30, 15, 50)),  # the 30 s minimum margin; leaves 10 s before the kill
+        ("10", (600, 540, 30, 580)),  # minutes, as Slurm reads a bare number
+        ("04:00:00", (14400, 14100, 150, 14300)),  # the 5 min maximum margin
+        ("1-00", (86400, 86100, 150, 86300)),
+    ],
+)
+def test_lifetime_schedule_from_the_walltime(walltime, schedule):
+    lifetime = Lifetime.of(walltime)
+    assert (lifetime.walltime, lifetime.stop, lifetime.stagger, lifetime.leave) == schedule
+    assert lifetime.shortest == lifetime.stop - lifetime.stagger
 
 
 def _freed_array_stays_mapped() -> bool:

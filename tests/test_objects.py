@@ -326,7 +326,7 @@ def test_measure_refuses_bad_inputs(small3d, tmp_path, capsys):
     )  # fmt: skip
     assert "unknown property 'solidty'; did you mean 'solidity'?" in err
     err = _measure(capsys, "--labels", truth, "--input", str(source), "--output", str(source))
-    assert "overlaps --labels" in err
+    assert "contains --labels" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -55,23 +55,27 @@ def test_slurm_run_gives_identical_outputs_from_real_jobs(
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(600)
 @pytest.mark.usefixtures("slurm_cluster")
 def test_slurm_run_longer_than_a_walltime_completes(
     stack3d, reference_run, run_cli, slurm_jobqueue, tmp_path
 ):
-    """Worker jobs with a one-minute walltime retire gracefully before Slurm would kill them;
-    adaptive scaling replaces them and the run, several walltimes long, equals the local one."""
+    """One worker job at a time with a one-minute walltime, several walltimes of work, and no
+    worker death allowed (issue 27, 13): each worker retires before Slurm would kill it, with a
+    block running; a replacement job starts meanwhile and takes its results; the run equals
+    the threaded one."""
     import time
 
     import dask
 
     logs = slurm_jobqueue
     start = time.monotonic()
-    # A job whose worker left is dropped from the cluster (and replaced) after this delay.
     settings = {
         "jobqueue.slurm.walltime": "00:01:00",
+        # A job whose worker left is dropped from the cluster (and replaced) after this delay.
         "distributed.deploy.lost-worker-timeout": "2s",
+        # A single task lost to a dying worker fails the run: retiring must not count as one.
+        "distributed.scheduler.allowed-failures": 0,
     }
     with dask.config.set(settings):
         # small blocks: many tasks, so that one worker job needs several walltimes
@@ -82,7 +86,15 @@ def test_slurm_run_longer_than_a_walltime_completes(
     np.testing.assert_array_equal(labels, reference_run[1])
     job_logs = {p.stem: p.read_text() for p in logs.glob("dask-worker-*.err")}
     retired = [job for job, text in job_logs.items() if "worker-lifetime-reached" in text]
-    # several worker jobs, one after another, each leaving before its walltime
-    assert len(job_logs) >= 2 and retired, (elapsed, sorted(job_logs))
+    mid_task = [
+        job
+        for job, text in job_logs.items()
+        if re.search(r"retires before its job's walltime: no new tasks; [1-9]\d* running", text)
+    ]
+    # several worker jobs, one after another, each leaving before its walltime, mid-task
+    assert len(job_logs) >= 2 and retired and mid_task, (elapsed, sorted(job_logs))
     assert not any("DUE TO TIME LIMIT" in text for text in job_logs.values())
-    print(f"walltime run: {elapsed:.0f} s, {len(job_logs)} jobs, {len(retired)} retired")
+    print(
+        f"walltime run: {elapsed:.0f} s, {len(job_logs)} jobs, {len(retired)} retired, "
+        f"{len(mid_task)} mid-task"
+    )

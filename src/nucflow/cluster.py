@@ -59,6 +59,7 @@ from nucflow.errors import ClusterError
 __all__ = [
     "BACKENDS",
     "Backend",
+    "Lifetime",
     "Runner",
     "connect",
     "describe",
@@ -1093,7 +1094,8 @@ async def _retire(worker: Any, leave: float) -> None:
     log = logging.getLogger("distributed.worker.nucflow")  # in the job's log, as the worker's
     address = worker.address
     worker.status = Status.closing_gracefully
-    worker.log_event(_WALLTIME_TOPIC, {"phase": "retiring", "worker": address})
+    name = str(worker.name)
+    worker.log_event(_WALLTIME_TOPIC, {"phase": "retiring", "worker": address, "name": name})
     running = len(worker.state.executing)
     log.info(
         "nucflow: %s retires before its job's walltime: no new tasks; %d running, leaving "
@@ -1125,7 +1127,7 @@ async def _retire(worker: Any, leave: float) -> None:
         if handed
         else f"no worker took its {len(worker.data)} result(s), to recompute",
     )
-    worker.log_event(_WALLTIME_TOPIC, {"phase": "left", "worker": address})
+    worker.log_event(_WALLTIME_TOPIC, {"phase": "left", "worker": address, "name": name})
     with contextlib.suppress(Exception):
         await worker.scheduler.unregister(
             address=address, stimulus_id=f"nucflow-walltime-{time.time()}", expected=True
@@ -1138,8 +1140,9 @@ class _Handover:
 
     When a worker announces it retires, the adaptive bounds grow by one, so a replacement job is
     submitted while the old one still runs (with ``--jobs 1`` its results then have somewhere
-    to go); they shrink back once the old job has left the cluster (``lost-worker-timeout``
-    after the worker left, when the cluster drops the job).
+    to go); they shrink back when it leaves, and its job leaves the cluster's ``worker_spec``:
+    otherwise the cluster would start a job of the same name once the old one has ended, for
+    adaptive scaling to cancel a few seconds later.
     """
 
     def __init__(self, cluster: Any, low: int, high: int) -> None:
@@ -1152,23 +1155,24 @@ class _Handover:
         self.cluster.adapt(minimum_jobs=self.low + extra, maximum_jobs=self.high + extra)
 
     def __call__(self, event: tuple[float, dict]) -> None:
-        import asyncio
-
         msg = event[1]
-        worker = str(msg.get("worker"))
-        if msg.get("phase") == "retiring" and worker not in self.retiring:
+        worker, phase = str(msg.get("worker")), msg.get("phase")
+        if phase == "retiring" and worker not in self.retiring:
             self.retiring.add(worker)
             self.adapt()
-        elif msg.get("phase") == "left" and worker in self.retiring:
-            delay = dask.utils.parse_timedelta(
-                dask.config.get("distributed.deploy.lost-worker-timeout")
-            )
-            asyncio.get_running_loop().call_later(delay + 1.0, self._gone, worker)
-
-    def _gone(self, worker: str) -> None:
-        if worker in self.retiring:
+        elif phase == "left" and worker in self.retiring:
             self.retiring.discard(worker)
+            self._forget(str(msg.get("name")))
             self.adapt()
+
+    def _forget(self, name: str) -> None:
+        """Drop the job a worker named ``name`` runs in from the cluster's plan (dask-jobqueue
+        names a job's workers JOB, or JOB-SUFFIX when it runs several processes)."""
+        spec = self.cluster.worker_spec
+        for job, options in list(spec.items()):
+            names = [f"{job}{suffix}" for suffix in options.get("group", ())] or [str(job)]
+            if name in names:
+                del spec[job]
 
 
 class _Slurm(Backend):

@@ -280,8 +280,14 @@ def _to_stack(
         int(timepoint),
         interval,
         sel,
-        native_chunks=tuple(int(n) for n in image.native_chunks),
+        native_chunks=_chunk_shape(image.native_chunks),
     )
+
+
+def _chunk_shape(native: Sequence[Any]) -> tuple[int, ...]:
+    """The file's chunk shape, or () when its metadata gives none usable (a damaged header)."""
+    ok = all(isinstance(n, numbers.Integral) and n > 0 for n in native)
+    return tuple(int(n) for n in native) if ok else ()
 
 
 def _voxel_size(
