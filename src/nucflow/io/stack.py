@@ -286,7 +286,7 @@ def _to_stack(
 
 def _chunk_shape(native: Sequence[Any]) -> tuple[int, ...]:
     """The file's chunk shape, or () when its metadata gives none usable (a damaged header)."""
-    ok = all(isinstance(n, numbers.Integral) and n > 0 for n in native)
+    ok = all(isinstance(n, numbers.Integral) and int(n) > 0 for n in native)
     return tuple(int(n) for n in native) if ok else ()
 
 
