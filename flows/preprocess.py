@@ -7,26 +7,35 @@ Example: the seed recipe "closing 5×5 then opening 2×2" on a 2D image is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from nucflow import pipeline, stages
-from nucflow.errors import ParameterError
+from nucflow import flowrun, pipeline, stages
 
-STAGES = stages.PREPROCESS  # checked before the run starts
+FILTERED = stages.Result("filtered", stored=False)  # the one overlapped pass, as OME-Zarr
 
 
-def check_timepoints(timepoints: Sequence[int] | None) -> None:
-    """Refuse several time points (checked before the output is claimed, and by :func:`run`)."""
-    if timepoints is not None and len(timepoints) > 1:
-        raise ParameterError(
-            f"--flow preprocess filters one time point but {len(timepoints)} are selected; "
-            "pass one, e.g. --timepoints 0"
-        )
+def _filter_steps_valid(stack: Any, params: Any) -> None:
+    """Every ``filter.steps`` entry names a filter and takes its parameters."""
+    stages.configured_steps(params, ndim=stack.data.ndim)
+
+
+def _filter(job: pipeline.Run, _inputs: Mapping[str, Any]) -> dict[str, Any]:
+    path = pipeline.write_stack(job, pipeline.configured_filters(job), "filtered.ome.zarr")
+    return {"stack": path.name}
+
+
+STAGES = (
+    stages.Stage(
+        "filter",
+        ("input",),
+        stages.only(FILTERED),
+        (_filter_steps_valid,),
+        body=_filter,
+        one_timepoint="filters",
+    ),
+)
 
 
 def run(job: pipeline.Run) -> dict[str, Any]:
-    check_timepoints(job.timepoints)
-    with job.stage("filter"):
-        path = pipeline.write_stack(job, pipeline.configured_filters(job), "filtered.ome.zarr")
-    return pipeline.finish_stack(job, path)
+    return flowrun.run(job, STAGES)

@@ -84,6 +84,8 @@ def test_drop_border_equals_clear_border_of_the_one_block_result(
 STOPPED_FLOW = """
 from nucflow import pipeline
 
+STAGES = pipeline.NUCLEI
+
 
 def run(job):
     found = pipeline.foreground(job, pipeline.preprocess(job))

@@ -22,8 +22,10 @@ from nucflow.blockpass import pass_graph
 from nucflow.cli import main
 from nucflow.cluster import connect
 from nucflow.config import load, resolve
+from nucflow.pipeline import NUCLEI
 from nucflow.plan import pass_tasks
-from nucflow.progress import Reporter, RunProgress, Settings, nuclei_passes
+from nucflow.progress import Reporter, RunProgress, Settings
+from nucflow.stages import flow_passes
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d nucflow: "
 TIME = r"(\d+\.\ds|\d+s|\d+m\d\ds|\d+h\d\dm|\?)"
@@ -225,14 +227,14 @@ class _Log:
 
 
 def test_pass_plan_matches_the_passes_a_run_makes(stack3d, run_cli, tmp_path):
-    """nuclei_passes (the run's ETA) must count the passes pipeline really runs."""
+    """flow_passes (the run's ETA) must count the passes pipeline really runs."""
     out = tmp_path / "out"
     run_cli(stack3d[0], out, "--set", "mask.min_volume=0")
     progress = json.loads((out / "run.json").read_text())["progress"]
     made = {name: len(stage["passes"]) for name, stage in progress["stages"].items()}
     config = load(options={"chunks": [8, 32, 32]}, overrides=["mask.min_volume=0"])
     params = resolve(config, shape=(40, 128, 128), voxel_size=(1.0, 0.5, 0.5))
-    declared = nuclei_passes(params, (40, 128, 128))
+    declared = flow_passes(NUCLEI, params, (40, 128, 128))
     assert declared["mask"] == 4  # thresholding, then three passes of hole filling only
     # the local detection leaves no hole here: hole filling skips its writing pass, and the
     # run's plan says so
@@ -242,7 +244,7 @@ def test_pass_plan_matches_the_passes_a_run_makes(stack3d, run_cli, tmp_path):
 
 
 def test_plan_counts_the_tasks_of_the_passes_a_run_makes(stack3d, run_cli, tmp_path):
-    """One description of the pass structure (nuclei_pass_grids): the ETA's passes and
+    """One description of the pass structure (the stages' pass grids): the ETA's passes and
     `nucflow plan`'s task count both follow it, here with a background on cells of one voxel
     (three preprocess passes, the cells stored by the Gaussian's; plan once counted one)."""
     out = tmp_path / "out"
@@ -254,7 +256,7 @@ def test_plan_counts_the_tasks_of_the_passes_a_run_makes(stack3d, run_cli, tmp_p
     shape = tuple(b - a for a, b in record["data_region"])
     params = resolve(config, shape=shape, voxel_size=(1.0, 0.5, 0.5))
     made = {name: len(stage["passes"]) for name, stage in stages.items()}
-    declared = nuclei_passes(params, shape)
+    declared = flow_passes(NUCLEI, params, shape)
     # hole filling and small-object removal keep every component here: each skips its writing
     # pass (two passes, of a task per block and one more, the fewer); the run's plan says so
     assert made == {**declared, "mask": declared["mask"] - 2} == record["progress"]["plan"]
@@ -319,16 +321,22 @@ def nan_stack(tmp_path) -> Path:
 
 
 FAILING_FLOW = """
-from nucflow import pipeline, progress
+from nucflow import flowrun, pipeline, stages
 from nucflow.errors import ParameterError
 
 
+def _refuse(job, inputs):
+    raise ParameterError("the threshold refused this stack (a test)")
+
+
+REFUSING = stages.Stage(
+    "threshold", ("preprocess",), stages.only(stages.THRESHOLD), body=_refuse, per_timepoint=True
+)
+STAGES = (pipeline.NUCLEI[0], REFUSING, *pipeline.NUCLEI[2:])
+
+
 def run(job):
-    progress.expect(job, progress.nuclei_passes(job.params, tuple(job.stack.data.shape)))
-    with job.stage("preprocess"):
-        pipeline.preprocess(job)
-    with job.stage("threshold"):
-        raise ParameterError("the threshold refused this stack (a test)")
+    return flowrun.run(job, STAGES)
 """
 
 

@@ -94,7 +94,7 @@ def test_memory_limited_local_cluster_never_pauses_spills_or_restarts(tmp_path):
     whose float32 intermediates are 134 MiB each: each task holds one 32x128x128 block and
     its halo, so no worker reaches the spill threshold (70 %), pauses (80 %) or is restarted
     by its nanny. (At 300 MiB the same run pauses its workers: the check can fail.)"""
-    from nucflow import cli, cluster, io, pipeline
+    from nucflow import cluster, flowrun, io, pipeline
     from nucflow import config as config_module
 
     made = synth.make_nuclei((128, 512, 512), n_nuclei=1200, diameter=8.0, seed=5)
@@ -108,7 +108,7 @@ def test_memory_limited_local_cluster_never_pauses_spills_or_restarts(tmp_path):
         client = runner.client
         workers = set(client.scheduler_info()["workers"])
         job = pipeline.open_run(stack, params, tmp_path / "out", runner=runner, config=conf)
-        counts = cli._load_flow("nuclei").run(job)
+        counts = flowrun.load_flow("nuclei").run(job)
         assert set(client.scheduler_info()["workers"]) == workers  # none restarted
         spilled = client.run(lambda dask_worker: dask_worker.data.spilled_total.disk)
         logs = [

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from nucflow import config, pyramid, stages
+from nucflow import config, flowrun, pipeline, pyramid
 
 
 def _params(overrides: list[str], shape: tuple[int, ...]) -> config.Params:
@@ -43,10 +43,10 @@ def test_a_run_stores_and_passes_what_its_stages_declare(
     shape = tuple(b - a for a, b in record["data_region"])
     params = _params(sets, shape)
     full = tuple(record["shape"])
-    declared = [r.name for st in stages.NUCLEI for r in st.results(params, full) if r.stored]
+    declared = [r.name for st in pipeline.NUCLEI for r in st.results(params, full) if r.stored]
     assert list(record["stages"]) == declared  # fingerprinted results, in the order made
     passes = {n: len(s["passes"]) for n, s in record["progress"]["stages"].items()}
-    expected = {st.name: len(st.passes(params, full)) for st in stages.NUCLEI}
+    expected = {st.name: len(st.passes(params, full)) for st in pipeline.NUCLEI}
     # a component selection that keeps everything skips its third pass (its result is its
     # source): two passes labelled with its name instead of three
     labels = [p["label"] for p in record["progress"]["stages"]["mask"]["passes"]]
@@ -64,7 +64,7 @@ def test_a_run_stores_and_passes_what_its_stages_declare(
 
 
 def test_each_stage_reads_the_input_or_an_earlier_stage():
-    for flow in (stages.NUCLEI, stages.PREPROCESS):
+    for flow in (flowrun.load_flow(name).STAGES for name in ("nuclei", "preprocess", "mask")):
         made = {"input"}
         for stage in flow:
             assert set(stage.reads) <= made, (stage.name, set(stage.reads) - made)

@@ -11,7 +11,6 @@ import argparse
 import atexit
 import contextlib
 import ctypes
-import importlib.util
 import json
 import logging
 import os
@@ -396,21 +395,6 @@ def _adapt(text: str | None) -> tuple[int, int] | None:
     return int(low), int(high)
 
 
-def _load_flow(name: str) -> ModuleType:
-    from nucflow.config import resource_path
-
-    path = Path(name) if name.endswith(".py") else resource_path("flows", f"{name}.py")
-    if not path.is_file():
-        raise ParameterError(
-            f"--flow {name!r}: no such flow ({path}); use nuclei, preprocess or a .py file"
-        )
-    spec = importlib.util.spec_from_file_location(f"nucflow_flow_{path.stem}", path)
-    assert spec is not None and spec.loader is not None  # a .py file always has a loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _cluster_options(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
     """Keywords of ``cluster.connect`` / ``cluster.describe`` from the command line."""
     return {
@@ -440,7 +424,7 @@ def _continue_recorded(args: argparse.Namespace) -> None:
 
 def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """Run a flow for parsed ``run`` arguments; returns the run and the flow's result."""
-    from nucflow import timelapse
+    from nucflow import flowrun, timelapse
 
     _continue_recorded(args)
     args.flow = args.flow or "nuclei"
@@ -448,25 +432,28 @@ def execute(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     points = timelapse.select(getattr(args, "timepoints", None), stack)
     if points:  # the run's stack is its first time point (the QC pictures show it)
         stack = stack.at(points[0])
-    flow = _load_flow(args.flow)
-    _check_flow(flow, stack, params, points)
+    flow = flowrun.load_flow(args.flow)
+    _check_flow(flow, stack, params, points, name=args.flow)
     if args.flow == "nuclei":
         _warn_cost(params, stack)
     return _in_run(args, stack, params, config, flow.run, timepoints=points)
 
 
 def _check_flow(
-    flow: ModuleType, stack: Any, params: Any, timepoints: Sequence[int] | None = None
+    flow: ModuleType,
+    stack: Any,
+    params: Any,
+    timepoints: Sequence[int] | None = None,
+    *,
+    name: str = "nuclei",
 ) -> None:
-    """The whole configuration checked against the stack (and a flow's own check of the time
-    points, if it has one) before the output is claimed: also the keys this flow does not
-    read (``filter.steps`` in the nuclei flow), so a bad value never waits for another flow."""
-    from nucflow import stages
+    """The whole configuration checked against the stack, by the flow's stages (and the time
+    points they take), before the output is claimed: also the keys this flow does not read
+    (``filter.steps`` in the nuclei flow), so a bad value never waits for another flow."""
+    from nucflow import flowrun, stages
 
-    stages.check(getattr(flow, "STAGES", ()), stack, params)
+    flowrun.check(flow.STAGES, stack, params, timepoints, name=name)
     stages.configured_steps(params, ndim=stack.data.ndim)
-    if hasattr(flow, "check_timepoints"):
-        flow.check_timepoints(timepoints)
 
 
 def _in_run(
@@ -601,20 +588,20 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from nucflow import cluster, timelapse
+    from nucflow import cluster, flowrun, timelapse
     from nucflow.plan import make_plan
 
     stack, params, config = _prepare(args)
     points = timelapse.select(args.timepoints, stack)
     if points:
         stack = stack.at(points[0])
-    flow = _load_flow("nuclei")
+    flow = flowrun.load_flow("nuclei")
     _check_flow(flow, stack, params)
     # checks the cluster options before the calibration runs
     where = cluster.describe(args.cluster, **_cluster_options(args, config))
     timepoints = len(points) if points else None
     _warn_pixels(stack)
-    print(make_plan(stack, params, config, flow.run, timepoints=timepoints))
+    print(make_plan(stack, params, config, flow, timepoints=timepoints))
     print(f"cluster    {where}")
 
 

@@ -15,14 +15,14 @@ import resource
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 import dask
 import dask.local
 
-from nucflow import io, pipeline, progress, pyramid, resample, stages, table
+from nucflow import io, pipeline, pyramid, resample, stages, table
 from nucflow.blockpass import Grid, pass_graph
 from nucflow.cluster import Runner
 from nucflow.config import Params
@@ -54,6 +54,7 @@ class Plan:
     block_nuclei: int
     threads: int
     timepoints: int | None = None  # a time-lapse: time points selected (each a run of its own)
+    flow: tuple[stages.Stage, ...] = pipeline.NUCLEI  # the stages planned
 
     @property
     def block_seconds(self) -> float:
@@ -128,7 +129,7 @@ class Plan:
                 f"halo       {self.halo} voxels (segmentation; from diameter "
                 f"{self.params.diameter:g})",
                 f"overlap    {self.overlap:.2f}x the data is read while segmenting",
-                f"stages     {_stages_line(self.params, tuple(self.stack.data.shape))}",
+                f"stages     {_stages_line(self.flow, self.params, tuple(self.stack.data.shape))}",
                 f"tasks      {self.n_tasks} in passes of at most {self.n_blocks + 1} (a pass's "
                 f"graph built in {self.graph_seconds:.1f} s)",
                 f"one block  {self.block_seconds:.1f} s on one thread, peak "
@@ -155,7 +156,7 @@ def make_plan(
     stack: io.Stack,
     params: Params,
     config: dict[str, Any],
-    flow: Callable[[pipeline.Run], Any],
+    flow: Any,
     *,
     threads: int | None = None,
     timepoints: int | None = None,
@@ -168,8 +169,9 @@ def make_plan(
     params : Params
     config : dict
         The loaded configuration (recorded in the scratch run).
-    flow : callable
-        The flow's ``run(job)``, run once on a single block to calibrate.
+    flow : module
+        The flow (:func:`nucflow.flowrun.load_flow`): its ``run(job)`` runs once on a single
+        block to calibrate; its ``STAGES`` give the passes and tasks.
     threads : int, optional
         Worker threads the estimate assumes; default: this machine's cores.
     timepoints : int, optional
@@ -184,9 +186,9 @@ def make_plan(
     halo = pipeline.segment_halo(params)
     blocks = list(pipeline.blocks_of(shape, params.chunks))
     padded = _padded_voxels(shape, params.chunks, halo)
-    n_tasks = sum(pass_tasks(params, shape).values())
+    n_tasks = sum(pass_tasks(params, shape, flow.STAGES).values())
     graph_seconds = _graph_seconds(shape, params)
-    box, timings, peak, nuclei = _calibrate(stack, params, config, flow, region, halo)
+    box, timings, peak, nuclei = _calibrate(stack, params, config, flow.run, region, halo)
     return Plan(
         stack=stack,
         params=params,
@@ -203,6 +205,7 @@ def make_plan(
         block_nuclei=nuclei,
         threads=threads or os.cpu_count() or 1,
         timepoints=timepoints,
+        flow=tuple(flow.STAGES),
     )
 
 
@@ -212,13 +215,15 @@ def _padded_shape(core: tuple[slice, ...], halo: tuple[int, ...], shape: tuple[i
     ]
 
 
-def pass_tasks(params: Params, shape: tuple[int, ...]) -> dict[str, int]:
-    """Tasks per stage of the nuclei flow on a region of ``shape``, from its passes
-    (:func:`nucflow.progress.nuclei_pass_grids`).
+def pass_tasks(
+    params: Params, shape: tuple[int, ...], flow: Sequence[stages.Stage] = pipeline.NUCLEI
+) -> dict[str, int]:
+    """Tasks per stage of ``flow`` (default: the nuclei flow) on a region of ``shape``, from
+    its passes (:func:`nucflow.stages.pass_grids`).
 
     Every pass is one task per block of its grid plus one that gathers the blocks' small
-    results; the threshold's histogram pass adds dask's reduction tree (a task per 8 partial
-    sums).
+    results; a result that is a histogram reduction adds one task per block and dask's
+    reduction tree (a task per 8 partial sums).
     """
     blocks = len(Grid(shape, params.chunks))
     factors = tuple(params.background_downsample)
@@ -234,19 +239,19 @@ def pass_tasks(params: Params, shape: tuple[int, ...]) -> dict[str, int]:
         level = tuple(math.ceil(n / f) for n, f in zip(level, level_factors, strict=True))
         grids[f"level{k}"] = len(Grid(level, params.chunks))
     tasks = {}
-    for stage, passes in progress.nuclei_pass_grids(params, shape).items():
-        n = sum(grids[grid] + 1 for grid in passes)
-        if stage == "threshold":
+    for stage in flow:
+        n = sum(grids[grid] + 1 for grid in stage.passes(params, shape))
+        if any(result.reduction for result in stage.results(params, shape)):
             n += blocks + math.ceil(blocks / 7) + 1
         if n:
-            tasks[stage] = n
+            tasks[stage.name] = n
     return tasks
 
 
-def _stages_line(params: Params, shape: tuple[int, ...]) -> str:
-    """``preprocess 4 passes -> smoothed, cells, ... | threshold ...``: the declared stages."""
+def _stages_line(flow: Sequence[stages.Stage], params: Params, shape: tuple[int, ...]) -> str:
+    """``preprocess 4 passes -> smoothed, cells, ... | threshold ...``: the flow's stages."""
     parts = []
-    for stage in stages.NUCLEI:
+    for stage in flow:
         passes = len(stage.passes(params, shape))
         stored = [r.name for r in stage.results(params, shape) if r.stored]
         text = f"{stage.name} {passes} pass{'es' if passes != 1 else ''}"

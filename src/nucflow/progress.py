@@ -32,7 +32,7 @@ from functools import partial
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from nucflow.config import Params
+    pass
 
 __all__ = [
     "Settings",
@@ -42,8 +42,6 @@ __all__ = [
     "attach",
     "stage",
     "expect",
-    "nuclei_pass_grids",
-    "nuclei_passes",
     "fmt_seconds",
     "fmt_rate",
 ]
@@ -658,19 +656,3 @@ def skipped(run: Any) -> None:
     name = tracker.current.name
     if tracker.plan.get(name):
         tracker.plan[name] -= 1
-
-
-def nuclei_pass_grids(params: Params, shape: tuple[int, ...]) -> dict[str, tuple[str, ...]]:
-    """The passes each stage of the nuclei flow runs on a stack of ``shape`` (spatial axes),
-    in order, each named by the grid it runs on (:meth:`nucflow.stages.Stage.passes`), as
-    :data:`nucflow.stages.NUCLEI` declares them. :func:`nuclei_passes` (ETAs) and
-    ``nucflow.plan.pass_tasks`` (task counts) derive from it.
-    """
-    from nucflow import stages
-
-    return stages.pass_grids(stages.NUCLEI, params, shape)
-
-
-def nuclei_passes(params: Params, shape: tuple[int, ...]) -> dict[str, int]:
-    """Passes each stage of the nuclei flow computes, for ETAs (see :func:`nuclei_pass_grids`)."""
-    return {stage: len(passes) for stage, passes in nuclei_pass_grids(params, shape).items()}

@@ -1,24 +1,26 @@
-"""The flows' stages, declared: what each reads and stores, what it depends on, its passes.
+"""What a stage is: :class:`Stage` (what it reads, the results it stores, the parameters they
+depend on, its passes, its checks, its body) and :class:`Result`; the stored results declared.
 
-A flow (``flows/*.py``) runs its stages in order; each stage is a few passes from stored inputs
-to stored outputs (:mod:`nucflow.blockpass`). This module is the one description of that
-structure, and everything that needs it derives from it:
+A flow (``flows/*.py``) is a tuple of stages, run in order by :func:`nucflow.flowrun.run`; each
+stage is a few passes from stored inputs to stored outputs (:mod:`nucflow.blockpass`). The
+nuclei pipeline's stages are in :mod:`nucflow.pipeline` (one module per stage, each with its
+``STAGE``); a flow may declare stages of its own. Everything that needs a flow's structure asks
+its stages:
 
 - :mod:`nucflow.fingerprint`: the parameters each stored result depends on (``--resume``);
-- :mod:`nucflow.progress`: the passes each stage runs (the run's ETA);
+- :mod:`nucflow.flowrun`: the passes each stage runs (the run's ETA), and the stage bodies;
 - :mod:`nucflow.plan`: tasks per stage, and the stage list it prints;
 - ``nucflow run``: :func:`check` validates the whole configuration against the stack before
   the output directory is claimed, so a mistake costs neither a claimed directory nor a
   stage's work.
 
-The stage bodies live in :mod:`nucflow.pipeline`; a test runs each flow and compares what it
-stored and the passes it ran with these declarations.
+A test runs each flow and compares what it stored and the passes it ran with its stages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from nucflow import filters
@@ -31,16 +33,18 @@ if TYPE_CHECKING:
 __all__ = [
     "Result",
     "Stage",
-    "NUCLEI",
-    "PREPROCESS",
+    "flow_passes",
+    "only",
     "RESULT_PARAMS",
     "pass_grids",
     "check",
     "pools_while_smoothing",
     "configured_steps",
+    "Body",
 ]
 
 Check = Callable[["io.Stack", "Params"], None]
+Body = Callable[[Any, Mapping[str, Any]], Any]  # (nucflow.pipeline.Run, inputs) -> its result
 
 
 @dataclass(frozen=True)
@@ -58,22 +62,31 @@ class Result:
     passes: tuple[str, ...] = ("blocks",)
     params: tuple[str, ...] | None = None
     stored: bool = True
+    reduction: bool = False  # also a histogram reduction over the blocks (not a pass)
 
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage of a flow: the results it makes from what it ``reads``.
+    """A stage of a flow: the results it makes from what it ``reads``, and the body that makes
+    them.
 
     ``reads`` names the input stack (``"input"``) or earlier stages (their last result);
     ``results(params, shape)`` says which results this configuration makes on a stack of
     ``shape`` (spatial axes), in order; ``checks`` validate the configuration against the stack
-    before anything is written.
+    before anything is written. ``body(run, inputs)`` does the stage's work on a
+    :class:`nucflow.pipeline.Run` (``inputs``: what each stage in ``reads`` returned, by name)
+    and returns what later stages read. ``per_timepoint`` stages run once per time point of a
+    time-lapse (:func:`nucflow.timelapse.each`), the others once per run; ``one_timepoint``
+    (a verb, e.g. "filters") marks a stage that handles a single time point only.
     """
 
     name: str
     reads: tuple[str, ...]
     results: Callable[[Params, tuple[int, ...]], tuple[Result, ...]]
     checks: tuple[Check, ...] = field(default=())
+    body: Body | None = field(default=None, compare=False)
+    per_timepoint: bool = False
+    one_timepoint: str = ""
 
     def passes(self, params: Params, shape: tuple[int, ...]) -> tuple[str, ...]:
         """The grids of this stage's passes, in order: ``"blocks"``, ``"cells"``,
@@ -82,34 +95,6 @@ class Stage:
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def _tissue_mask_matches(stack: io.Stack, params: Params) -> None:
-    """A tissue mask must open and have the stack's spatial shape (the whole file's, for a
-    region of it: ``nucflow tune``)."""
-    if not params.tissue_mask:
-        return
-    from nucflow import io
-
-    try:
-        mask = io.open_stack(params.tissue_mask)
-    except NucflowError as e:
-        raise ConfigError(f"`preprocess.tissue_mask`: {e}") from None
-    if tuple(mask.data.shape) != stack.uncropped_shape:
-        raise ConfigError(
-            f"`preprocess.tissue_mask` {params.tissue_mask} has shape {tuple(mask.data.shape)} "
-            f"but the input has {stack.uncropped_shape}; give a mask of the input's shape"
-        )
-
-
-def _threshold_complete(_stack: io.Stack, params: Params) -> None:
-    if params.threshold_method == "value" and params.threshold_value is None:
-        raise ConfigError("`threshold.method` is value but `threshold.value` is null; set both")
-
-
-def _filter_steps_valid(stack: io.Stack, params: Params) -> None:
-    """Every ``filter.steps`` entry names a filter and takes its parameters."""
-    configured_steps(params, ndim=stack.data.ndim)
 
 
 def configured_steps(p: Params, *, ndim: int) -> list[tuple[str, dict[str, Any]]]:
@@ -162,6 +147,7 @@ THRESHOLD = Result(
         "threshold_method", "threshold_value", "threshold_factor", "blob_radius", "snr",
         "fraction", "peak_radius", "max_radius",
     ),
+    reduction=True,
 )  # fmt: skip
 # detection (or the threshold) and the opening in one pass; hole filling and small-object
 # removal are global: three passes each (block components, join, keep; the keep pass is
@@ -180,8 +166,6 @@ BORDER = Result("border", ("border",), stored=False)
 PYRAMID = Result("pyramid", (), ("voxel_size",))
 # table files, QC pictures, run.json
 WRITE = Result("write", (), stored=False)
-# the preprocess flow's one overlapped pass, written as OME-Zarr
-FILTERED = Result("filtered", stored=False)
 # nucflow measure: each block's sums of the labels (an input: fingerprint.add_input) and the
 # channels, then the rows made from them
 MEASURE_SUMS = Result("measure-sums", params=("chunks", "channels"))
@@ -197,14 +181,6 @@ RESULT_PARAMS: dict[str, tuple[str, ...] | None] = {
 """Every stored result -> the parameters its fingerprint covers (``None``: all)."""
 
 
-def _preprocess_results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
-    exact = p.background == "tophat" and max(p.background_downsample) == 1
-    if exact or p.background == "none":
-        return (PREPROCESSED,)
-    cells = replace(CELLS, passes=()) if pools_while_smoothing(p) else CELLS
-    return (SMOOTHED, cells, BACKGROUND, PREPROCESSED)
-
-
 def pools_while_smoothing(p: Params) -> bool:
     """Does the Gaussian's pass also store the cell minima (no pass of their own)?
 
@@ -215,39 +191,7 @@ def pools_while_smoothing(p: Params) -> bool:
     return whole and not p.tissue_mask
 
 
-def _mask_results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
-    return (OPENED, *((FILLED,) if p.fill_holes else ()), *((MASK,) if p.min_voxels > 0 else ()))
-
-
-def _table_results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
-    neighbours = (NEIGHBOURS,) if "neighbours" in p.properties else ()
-    return (TABLE, *neighbours, *((BORDER,) if p.drop_border else ()))
-
-
-def _pyramid_results(p: Params, shape: tuple[int, ...]) -> tuple[Result, ...]:
-    from nucflow import pyramid
-
-    levels = len(pyramid.level_factors(shape, p.voxel_size))
-    return (replace(PYRAMID, passes=tuple(f"level{k}" for k in range(1, levels + 1))),)
-
-
 # ----------------------------------------------------------------------------- flows
-
-NUCLEI: tuple[Stage, ...] = (
-    Stage("preprocess", ("input",), _preprocess_results, (_tissue_mask_matches,)),
-    Stage("threshold", ("preprocess",), lambda _p, _s: (THRESHOLD,), (_threshold_complete,)),
-    Stage("mask", ("preprocess", "threshold"), _mask_results),
-    Stage("segment", ("mask", "input"), lambda _p, _s: (SEGMENT,)),
-    Stage("table", ("segment", "input"), _table_results),
-    Stage("pyramid", ("segment",), _pyramid_results),
-    Stage("write", ("table", "pyramid"), lambda _p, _s: (WRITE,)),
-)
-"""The nuclei flow (``flows/nuclei.py``)."""
-
-PREPROCESS: tuple[Stage, ...] = (
-    Stage("filter", ("input",), lambda _p, _s: (FILTERED,), (_filter_steps_valid,)),
-)
-"""The preprocess flow (``flows/preprocess.py``): ``filter.steps`` as one overlapped pass."""
 
 
 def pass_grids(
@@ -256,6 +200,16 @@ def pass_grids(
     """Stage name -> the grids of its passes, in order, for this configuration and a stack of
     ``shape`` (spatial axes)."""
     return {stage.name: stage.passes(params, shape) for stage in flow}
+
+
+def flow_passes(flow: Sequence[Stage], params: Params, shape: tuple[int, ...]) -> dict[str, int]:
+    """Stage name -> how many passes it runs (the run's ETA counts them)."""
+    return {name: len(grids) for name, grids in pass_grids(flow, params, shape).items()}
+
+
+def only(*results: Result) -> Callable[[Params, tuple[int, ...]], tuple[Result, ...]]:
+    """A stage's ``results`` when they do not depend on the configuration."""
+    return lambda _params, _shape: results
 
 
 def check(flow: Sequence[Stage], stack: io.Stack, params: Params) -> None:

@@ -4,6 +4,7 @@ removal as global component selections (block components, a join, a keep pass)."
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ from nucflow import (
     stages,
 )
 from nucflow.blockpass import Grid, Region, pass_graph
+from nucflow.config import Params
 from nucflow.pipeline.rundir import Run
 from nucflow.pipeline.store import filter_pass, reuse, same_as, same_path, store_blocks
 from nucflow.pipeline.threshold import Above, Detected
+from nucflow.stages import Result
 
 
 def clean_mask(run: Run, found: Above | Detected) -> zarr.Array:
@@ -172,3 +175,19 @@ def _kept_task(
         return np.asarray(source[core], dtype=bool)
     kept = _block_components(grid.index_of(core), source, grid, invert).kept(keep, decide)
     return ~kept if invert else kept
+
+
+def _results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
+    return (
+        stages.OPENED,
+        *((stages.FILLED,) if p.fill_holes else ()),
+        *((stages.MASK,) if p.min_voxels > 0 else ()),
+    )
+
+
+def _body(run: Run, inputs: Mapping[str, Any]) -> zarr.Array:
+    return clean_mask(run, inputs["threshold"])
+
+
+STAGE = stages.Stage("mask", ("preprocess", "threshold"), _results, body=_body, per_timepoint=True)
+"""Detection and opening, hole filling, small-object removal."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from nucflow import (
 )
 from nucflow.blockpass import Grid, Region, pass_graph
 from nucflow.config import Params
+from nucflow.errors import ConfigError, NucflowError
 from nucflow.pipeline.rundir import Run
 from nucflow.pipeline.store import (
     check_finite,
@@ -35,6 +38,7 @@ from nucflow.pipeline.store import (
     store_blocks,
     store_lazy,
 )
+from nucflow.stages import Result
 
 
 def preprocess(run: Run) -> zarr.Array:
@@ -218,3 +222,37 @@ def write_stack(run: Run, image: da.Array, name: str) -> Path:
         shutil.rmtree(path)
     os.replace(partial, path)
     return path
+
+
+def _results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
+    exact = p.background == "tophat" and max(p.background_downsample) == 1
+    if exact or p.background == "none":
+        return (stages.PREPROCESSED,)
+    cells = replace(stages.CELLS, passes=()) if stages.pools_while_smoothing(p) else stages.CELLS
+    return (stages.SMOOTHED, cells, stages.BACKGROUND, stages.PREPROCESSED)
+
+
+def _tissue_mask_matches(stack: io.Stack, params: Params) -> None:
+    """A tissue mask must open and have the stack's spatial shape (the whole file's, for a
+    region of it: ``nucflow tune``)."""
+    if not params.tissue_mask:
+        return
+    try:
+        mask = io.open_stack(params.tissue_mask)
+    except NucflowError as e:
+        raise ConfigError(f"`preprocess.tissue_mask`: {e}") from None
+    if tuple(mask.data.shape) != stack.uncropped_shape:
+        raise ConfigError(
+            f"`preprocess.tissue_mask` {params.tissue_mask} has shape {tuple(mask.data.shape)} "
+            f"but the input has {stack.uncropped_shape}; give a mask of the input's shape"
+        )
+
+
+def _body(run: Run, _inputs: Mapping[str, Any]) -> zarr.Array:
+    return preprocess(run)
+
+
+STAGE = stages.Stage(
+    "preprocess", ("input",), _results, (_tissue_mask_matches,), body=_body, per_timepoint=True
+)
+"""Smoothing and background subtraction (with a tissue mask: normalized convolution)."""

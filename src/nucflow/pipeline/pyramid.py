@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
 import zarr
 
 from nucflow import (
     fingerprint,
     stages,
 )
+from nucflow import pyramid as pyramid_levels
+from nucflow.config import Params
 from nucflow.pipeline.rundir import Run
+from nucflow.stages import Result
 
 
 def pyramid(run: Run) -> None:
@@ -18,8 +25,6 @@ def pyramid(run: Run) -> None:
     0 elsewhere). Blocks an earlier attempt finished (marks in ``.work/pyramid/``) are skipped
     on ``--resume`` when the labels are the ones it downsampled (same fingerprint chain).
     """
-    from nucflow import pyramid as pyramid_levels
-
     marks = run.work / "pyramid"
     keep = fingerprint.reusable(run, stages.PYRAMID.name, marks)
     fingerprint.record(
@@ -35,3 +40,16 @@ def pyramid(run: Run) -> None:
         run.runner, path, factors, method="nearest", region=region, marks=marks, keep=keep
     )
     run.facts["pyramid_shapes"] = [list(s) for s in shapes]
+
+
+def _results(p: Params, shape: tuple[int, ...]) -> tuple[Result, ...]:
+    levels = len(pyramid_levels.level_factors(shape, p.voxel_size))
+    return (replace(stages.PYRAMID, passes=tuple(f"level{k}" for k in range(1, levels + 1))),)
+
+
+def _body(run: Run, _inputs: Mapping[str, Any]) -> None:
+    pyramid(run)
+
+
+STAGE = stages.Stage("pyramid", ("segment",), _results, body=_body)
+"""The label image's coarser levels, once for the whole label image (every time point)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -180,3 +180,13 @@ def _segment_core(
     if lab.any():
         labels[core] = lab.astype(labels.dtype, copy=False)
     return measure.block_stats(lab, seed_distance, intensities, origin=[c.start for c in core])
+
+
+def _body(run: Run, inputs: Mapping[str, Any]) -> None:
+    segment(run, inputs["mask"])
+
+
+STAGE = stages.Stage(
+    "segment", ("mask", "input"), stages.only(stages.SEGMENT), body=_body, per_timepoint=True
+)
+"""Seam-free labels and each block's sums."""

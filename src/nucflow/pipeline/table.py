@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from nucflow import (
     fingerprint,
     objects,
     stages,
 )
 from nucflow import table as table_stage
+from nucflow.config import Params
 from nucflow.pipeline.rundir import Run, calibrated
 from nucflow.pipeline.segment import label_image, segment_grid
 from nucflow.pipeline.store import region_shape
+from nucflow.stages import Result
 
 
 def table(run: Run) -> table_stage.Table:
@@ -69,3 +74,16 @@ def object_spec(run: Run) -> objects.Spec:
         suffixes=table_stage.channel_suffixes(p.channels),
         settings=objects.Settings(p.percentiles, p.shell_width, p.neighbour_distance),
     )
+
+
+def _results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
+    neighbours = (stages.NEIGHBOURS,) if "neighbours" in p.properties else ()
+    return (stages.TABLE, *neighbours, *((stages.BORDER,) if p.drop_border else ()))
+
+
+def _body(run: Run, _inputs: Mapping[str, Any]) -> table_stage.Table:
+    return table(run)
+
+
+STAGE = stages.Stage("table", ("segment", "input"), _results, body=_body, per_timepoint=True)
+"""One row per nucleus, by the block owning its seed."""

@@ -4,7 +4,7 @@ level of the local detection), before any block decides what is foreground."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, cast
 
@@ -18,12 +18,14 @@ from nucflow import (
     filters,
     fingerprint,
     histogram,
+    io,
     stages,
 )
 from nucflow import table as table_stage
 from nucflow.blockpass import Grid, padded, pass_graph
 from nucflow.config import Params
 from nucflow.detect import DetectParams
+from nucflow.errors import ConfigError
 from nucflow.pipeline.rundir import Run
 from nucflow.pipeline.store import (
     fresh_histograms,
@@ -162,3 +164,23 @@ class Detected:
         core = shifted(wanted, tuple(-r.start for r in read))
         origin = tuple(r.start for r in read)
         return detect.foreground(np.asarray(self.source[read]), self.params, core, origin=origin)
+
+
+def _threshold_complete(_stack: io.Stack, params: Params) -> None:
+    if params.threshold_method == "value" and params.threshold_value is None:
+        raise ConfigError("`threshold.method` is value but `threshold.value` is null; set both")
+
+
+def _body(run: Run, inputs: Mapping[str, Any]) -> Above | Detected:
+    return foreground(run, inputs["preprocess"])
+
+
+STAGE = stages.Stage(
+    "threshold",
+    ("preprocess",),
+    stages.only(stages.THRESHOLD),
+    (_threshold_complete,),
+    body=_body,
+    per_timepoint=True,
+)
+"""The global values before local work; what decides the foreground of every block."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +13,23 @@ import pandas as pd
 
 from nucflow import (
     measure,
+    stages,
 )
 from nucflow import table as table_stage
 from nucflow.pipeline.rundir import Run, calibrated, release, write_run_json
 
 
 def finish_stack(run: Run, path: Path) -> dict[str, Any]:
-    """Mark a filter-only run complete."""
+    """Mark a filter-only run complete (its stack is ``path``)."""
+    return complete(run, {"stack": path.name})
+
+
+def complete(run: Run, counts: dict[str, Any]) -> dict[str, Any]:
+    """The run's end: run.json says complete (with ``counts``), written last; the intermediates
+    removed; the output released. A flow's last act (:func:`nucflow.flowrun.run`)."""
     if run.lock is not None:
         run.lock.check()  # never "complete" over another run's output
     shutil.rmtree(run.work, ignore_errors=True)
-    counts = {"stack": path.name}
     write_run_json(run, "complete", counts=counts)
     release(run)
     return counts
@@ -38,35 +45,41 @@ def write_table(run: Run, table: table_stage.Table, empty: pd.DataFrame) -> str:
 
 
 def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
-    """Write the table, QC pictures and the final run.json; remove the intermediates."""
-    p = run.params
+    """The write stage (:func:`write_outputs`), then the final run.json (:func:`complete`)."""
     with run.stage("write"):
-        empty = table.empty
-        if empty is None:
-            empty = measure.empty_table(len(run.region), table_stage.channel_suffixes(p.channels))
-        written = write_table(run, table, empty)
-        from nucflow import labels_table
+        counts = write_outputs(run, table)
+    return complete(run, counts)
 
-        rows = labels_table.write(run.output / "labels.ome.zarr", run.output / "nuclei.parquet")
-        run.facts["labels_table"] = f"labels.ome.zarr/tables/{labels_table.NAME} ({rows} rows)"
-        if written == "dataset":
-            run.facts["table"] = (
-                f"nuclei.parquet/ is a partitioned dataset of {len(table.parts)} part(s), rows "
-                f"grouped by block; no nuclei.csv above measure.single_file_rows = "
-                f"{p.single_file_rows:,} rows"
-            )
-        if p.qc:
-            from nucflow import qc
 
-            labels = da.from_zarr(str(run.output / "labels.ome.zarr" / "0"))
-            if run.timepoints is not None:  # the pictures show the stack's (first) time point
-                labels = labels[run.stack.timepoint]
-            labels = labels[run.region]
-            sample = table.sample
-            windows = qc.write(run.entry("qc"), run.data, labels, sample, origin=run.offset)
-            run.facts["qc_outline_windows_yx"] = [[[s.start, s.stop] for s in w] for w in windows]
-            if len(sample) < table.rows:
-                run.facts["qc_sample_rows"] = len(sample)
+def write_outputs(run: Run, table: table_stage.Table) -> dict[str, Any]:
+    """Write the table and the QC pictures; the counts run.json records."""
+    p = run.params
+    empty = table.empty
+    if empty is None:
+        empty = measure.empty_table(len(run.region), table_stage.channel_suffixes(p.channels))
+    written = write_table(run, table, empty)
+    from nucflow import labels_table
+
+    rows = labels_table.write(run.output / "labels.ome.zarr", run.output / "nuclei.parquet")
+    run.facts["labels_table"] = f"labels.ome.zarr/tables/{labels_table.NAME} ({rows} rows)"
+    if written == "dataset":
+        run.facts["table"] = (
+            f"nuclei.parquet/ is a partitioned dataset of {len(table.parts)} part(s), rows "
+            f"grouped by block; no nuclei.csv above measure.single_file_rows = "
+            f"{p.single_file_rows:,} rows"
+        )
+    if p.qc:
+        from nucflow import qc
+
+        labels = da.from_zarr(str(run.output / "labels.ome.zarr" / "0"))
+        if run.timepoints is not None:  # the pictures show the stack's (first) time point
+            labels = labels[run.stack.timepoint]
+        labels = labels[run.region]
+        sample = table.sample
+        windows = qc.write(run.entry("qc"), run.data, labels, sample, origin=run.offset)
+        run.facts["qc_outline_windows_yx"] = [[[s.start, s.stop] for s in w] for w in windows]
+        if len(sample) < table.rows:
+            run.facts["qc_sample_rows"] = len(sample)
     counts = {"nuclei": table.rows, "truncated": table.truncated}
     if run.timepoints is not None:
         counts["timepoints"] = run.facts.get("timepoints", {}).get("counts", {})
@@ -82,9 +95,12 @@ def finish(run: Run, table: table_stage.Table) -> dict[str, Any]:
             f"cut: {fix}",
             stacklevel=2,
         )
-    if run.lock is not None:
-        run.lock.check()  # never "complete" over another run's output
-    shutil.rmtree(run.work, ignore_errors=True)
-    write_run_json(run, "complete", counts=counts)
-    release(run)
     return counts
+
+
+def _body(run: Run, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    return write_outputs(run, inputs["table"])
+
+
+STAGE = stages.Stage("write", ("table", "pyramid"), stages.only(stages.WRITE), body=_body)
+"""The table files and QC pictures (then the run completes: :func:`complete`)."""
