@@ -291,12 +291,13 @@ class Params:
     channels: tuple[int, ...]
     single_file_rows: int
     qc: bool
-    filter_steps: tuple[tuple[str, dict[str, Any]], ...] = ()
-    properties: tuple[str, ...] = ()
-    percentiles: tuple[float, ...] = (5.0, 25.0, 75.0, 95.0)
-    shell_width: float = 1.0
-    neighbour_distance: float = 16.0
-    drop_border: bool = False
+    # Defaults live in configs/nuclei.yaml alone: :func:`resolve` sets every field.
+    filter_steps: tuple[tuple[str, dict[str, Any]], ...]
+    properties: tuple[str, ...]
+    percentiles: tuple[float, ...]
+    shell_width: float
+    neighbour_distance: float
+    drop_border: bool
 
     @property
     def min_voxels(self) -> int:

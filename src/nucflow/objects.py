@@ -157,7 +157,10 @@ class Property:
     alias : str
         The existing moment column(s) it equals (documentation; no column is added).
     table : bool
-        Computed from the table's rows (neighbours), not from the crop.
+        A cross-block measurement: computed from the rows of the nuclei around each one, in a
+        pass of its own after the table (:func:`nucflow.table.neighbours`), not from the crop.
+    columns : tuple of str
+        The fixed column names of a ``table`` property.
     isotropic : bool
         scikit-image computes it for equal voxel sides only (2D perimeters).
     """
@@ -170,6 +173,7 @@ class Property:
     alias: str = ""
     table: bool = False
     isotropic: bool = False
+    columns: tuple[str, ...] = ()
 
 
 #: scikit-image's tolerance for a voxel centre on a hull facet (``convex_hull_image``)
@@ -347,8 +351,14 @@ PROPERTIES: dict[str, Property] = {
     "intensity_median": Property(0, _median, per_channel=True),
     "intensity_percentile": Property(0, _percentiles, parts="percentiles", per_channel=True),
     "shell_intensity_mean": Property(0, _shell_mean, per_channel=True),
-    "neighbours": Property(table=True),
+    "neighbours": Property(table=True, columns=("neighbours_count", "neighbours_nearest_um")),
 }
+
+
+def cross_block(properties: Sequence[str]) -> bool:
+    """Whether any of ``properties`` is measured across blocks, from the table's rows (a pass
+    after the table: ``neighbours``)."""
+    return any(PROPERTIES[name].table for name in properties if name in PROPERTIES)
 
 
 def _unit_suffix(unit: int | str, ndim: int) -> str:
@@ -368,8 +378,8 @@ def property_columns(
     prop = PROPERTIES[name]
     if prop.alias:
         return []
-    if name == "neighbours":
-        return ["neighbours_count", "neighbours_nearest_um"]
+    if prop.columns:
+        return list(prop.columns)
     base = _base_name(name, prop, ndim)
     unit = _unit_suffix(prop.unit, ndim)
     if prop.parts == "axes":
@@ -427,7 +437,8 @@ class Spec:
 
     @property
     def neighbours(self) -> bool:
-        return "neighbours" in self.properties
+        """Whether a cross-block (``table``) property asks for the pass after the table."""
+        return cross_block(self.properties)
 
     def columns(self) -> list[str]:
         """Every column the object pass and the neighbour pass add, in table order."""

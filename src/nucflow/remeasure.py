@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from nucflow import fingerprint, io, measure, pipeline, progress, table
+from nucflow import fingerprint, io, measure, objects, pipeline, progress, table
 from nucflow.blockpass import Grid, Region, pass_graph
 from nucflow.errors import NucflowError, ParameterError, ShapeError
 
@@ -106,7 +106,7 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
         Counts: ``nuclei`` (rows).
     """
     p = run.params
-    progress.expect(run, {"sums": 1, "table": 1 + ("neighbours" in p.properties), "write": 1})
+    progress.expect(run, {"sums": 1, "table": 1 + objects.cross_block(p.properties), "write": 1})
     shape = tuple(run.stack.data.shape)
     run.region = tuple(slice(0, n) for n in shape)  # labels may lie anywhere
     grid = Grid(shape, p.chunks)

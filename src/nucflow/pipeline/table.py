@@ -77,7 +77,7 @@ def object_spec(run: Run) -> objects.Spec:
 
 
 def _results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
-    neighbours = (stages.NEIGHBOURS,) if "neighbours" in p.properties else ()
+    neighbours = (stages.NEIGHBOURS,) if objects.cross_block(p.properties) else ()
     return (stages.TABLE, *neighbours, *((stages.BORDER,) if p.drop_border else ()))
 
 
