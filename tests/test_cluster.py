@@ -622,3 +622,16 @@ def test_slurm_walltime_retirement_is_not_a_worker_death(tmp_path, monkeypatch):
     assert len(logs) >= 2 and mid_task and rerun and handed, (elapsed, logs)
     assert not any("DUE TO TIME LIMIT" in t for t in logs.values())
     print(f"walltime compute: {elapsed:.0f} s, {len(logs)} jobs, {len(retired)} retired")
+
+
+@pytest.mark.parametrize("name", ["local", "slurm"])
+def test_the_packaged_cluster_defaults_are_read(name):
+    """configs/cluster/NAME.yaml fills what the user's settings leave out (a path that points
+    nowhere would silently give no defaults)."""
+    import yaml
+
+    from nucflow.cluster.options import _defaults
+    from nucflow.config import resource_path
+
+    shipped = yaml.safe_load(resource_path("configs", f"cluster/{name}.yaml").read_text())
+    assert shipped and _defaults(name) == {k.replace("-", "_"): v for k, v in shipped.items()}

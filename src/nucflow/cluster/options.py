@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from nucflow.config import resource_path
 from nucflow.errors import ClusterError
 
 #: Seconds to wait for an existing scheduler before giving up with a ClusterError.
@@ -78,13 +77,10 @@ def _check_keys(settings: Mapping[str, Any], allowed: frozenset[str], kind: str)
 
 def _defaults(name: str) -> dict[str, Any]:
     """Read configs/cluster/NAME.yaml: from the wheel (nucflow/_configs) or the source tree."""
-    candidates = [resources.files("nucflow") / "_configs" / "cluster" / f"{name}.yaml"]
-    # Editable installs and the source tree keep configs/ at the repository root.
-    candidates.append(Path(__file__).resolve().parents[2] / "configs" / "cluster" / f"{name}.yaml")
-    for path in candidates:
-        if path.is_file():
-            data = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(data, dict):
-                raise ClusterError(f"{path} must hold a mapping of settings")
-            return _normalize(data)
-    return {}
+    path = resource_path("configs", f"cluster/{name}.yaml")
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ClusterError(f"{path} must hold a mapping of settings")
+    return _normalize(data)
