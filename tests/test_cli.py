@@ -283,7 +283,8 @@ BAD_INPUTS = {
     ),
     "unknown flow": (
         "run --input {u16} --output {out} --flow nope",
-        r"--flow 'nope': no such flow \(\S+/nope\.py\); use nuclei, preprocess, mask or a \.py file$",
+        r"--flow 'nope': no such flow \(\S+/nope\.py\); use nuclei, preprocess, mask or a "
+        r"\.py file$",
     ),
     # the whole configuration is checked against the stack before the output is claimed
     # (nucflow.stages): a mistake found by a stage must not leave a claimed, failed output

@@ -65,8 +65,11 @@ class Claim:
         return self.path / name
 
     def clear(self) -> None:
-        """Delete every entry of the manifest (``--overwrite``); the claim stays, emptied."""
-        for name in self.entries:
+        """Delete every entry of the manifest (``--overwrite``); the claim stays, emptied.
+
+        run.json goes first: a clearing killed half-way never leaves a run.json saying
+        complete beside outputs that are gone."""
+        for name in sorted(self.entries, key=lambda n: n != RUN_JSON):
             for target in (self.path / name, self.path / f".{name}{_PARTIAL}"):
                 _remove(target)
         self.entries = []
@@ -122,6 +125,12 @@ def read_claim(out: Path) -> Claim | None:
     return Claim(out, record["claim"], list(record["entries"]))
 
 
+def _is_claim_or_lock(name: str) -> bool:
+    """The lock and its files, or the temporary name of a claim a killed run never finished."""
+    lock_file = name == lock.LOCK_NAME or name.startswith(lock.LOCK_NAME + ".")
+    return lock_file or name == CLAIM_NAME + _PARTIAL
+
+
 def _is_nucflow_file(name: str, entries: list[str]) -> bool:
     """The claim, the lock and their temporary names, the manifest's entries and theirs."""
     if name in entries or name in (CLAIM_NAME, CLAIM_NAME + _PARTIAL):
@@ -143,14 +152,17 @@ def check_claimable(out: Path, *, resume: bool, overwrite: bool) -> Claim | None
         ``overwrite`` is given; it has no nucflow claim; its run.json is not the claim's; or
         it holds an entry nucflow did not write (named in the message).
     """
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise OutputError(f"--output {out} lies under {parent}, a file; choose another path")
     if not out.exists() and not out.is_symlink():
         return None
     if not out.is_dir():
         raise OutputError(f"--output {out} exists and is not a directory; choose another path")
     names = sorted(p.name for p in out.iterdir())
     found = read_claim(out)
-    if not [n for n in names if not (n == lock.LOCK_NAME or n.startswith(lock.LOCK_NAME + "."))]:
-        return found  # empty but for a lock: claimed anew (or again) by this run
+    if all(_is_claim_or_lock(n) for n in names):
+        return found  # empty but for a lock or a claim never finished: claimed by this run
     if not (resume or overwrite):
         raise OutputError(
             f"output directory {out} exists; pass --resume to continue it or --overwrite to "

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from nucflow.errors import OutputError
-from nucflow.lock import LOCK_NAME
+from nucflow.lock import holder_of
+from nucflow.outdir import CLAIM_NAME, read_claim
 from nucflow.progress import fmt_rate, fmt_seconds
 
 __all__ = ["Report", "status", "EXIT_CODES"]
@@ -135,6 +136,12 @@ def _read_record(out: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(record, dict) or record.get("status") not in EXIT_CODES:
         raise OutputError(f"{path} has no nucflow status; is it a nucflow run.json?")
+    claim = read_claim(out)
+    if claim is None or record.get("claim") != claim.claim_id:
+        raise OutputError(
+            f"{path} is not the run.json of a nucflow output (no {CLAIM_NAME} names it: copied "
+            "or written by hand?); give the --output directory of a nucflow run"
+        )
     return record
 
 
@@ -171,9 +178,10 @@ def _gone(progress: dict[str, Any]) -> bool:
 
 
 def _unlocked(out: Path) -> bool:
-    """run.json says running but no run holds the output's lock: its process ended without
+    """run.json says running but no live run holds the output's lock (none, or a stale one: a
+    dead process on this host, or no heartbeat for minutes): its process ended without
     rewriting run.json (killed, or its disk was full), on any host."""
-    if (out / LOCK_NAME).exists():
+    if holder_of(out) is not None:
         return False
     return _read_record(out)["status"] == "running"  # not finished meanwhile
 

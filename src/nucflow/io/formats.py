@@ -86,17 +86,23 @@ def read_image(path: str, level: int) -> Image:
 def input_paths(path: str | os.PathLike[str]) -> list[Path]:
     """Every path an input spelled ``path`` reads, resolved (symlinks followed).
 
-    A glob pattern gives each file it matches; a file or folder gives itself, and a folder
-    inside a zarr hierarchy gives the hierarchy's root group (``image.ome.zarr/0`` is part of
-    ``image.ome.zarr``, whose ``labels/`` a writer must not touch either).
+    A glob pattern gives each file it matches; a file or folder gives itself; and each of them
+    inside a zarr hierarchy also gives the hierarchy's root group (``image.ome.zarr/0`` is part
+    of ``image.ome.zarr``, whose ``labels/`` a writer must not touch either).
     """
     name = os.fspath(path)
     if not os.path.exists(name) and glob.has_magic(name):
-        return [Path(p).resolve() for p in sorted(glob.glob(name))]
-    found = Path(name).resolve()
-    root = found
-    for parent in found.parents:
+        found = [Path(p).resolve() for p in sorted(glob.glob(name))]
+    else:
+        found = [Path(name).resolve()]
+    return list(dict.fromkeys(p for each in found for p in (each, _zarr_root(each))))
+
+
+def _zarr_root(path: Path) -> Path:
+    """The outermost zarr group holding ``path`` (``path`` itself if none does)."""
+    root = path
+    for parent in path.parents:
         if not any((parent / marker).is_file() for marker in _ZARR_GROUP_FILES):
             break
         root = parent
-    return [found] if root == found else [found, root]
+    return root
