@@ -144,3 +144,25 @@ def slurm_jobqueue(tmp_path) -> Path:
     }
     with dask.config.set({f"jobqueue.slurm.{k}": v for k, v in jobqueue.items()}):
         yield logs
+
+
+# --- file systems of their own (root only: CI runs as root) ---------------------------------
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount tmpfs file systems under tmp_path (root only, as in CI); unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a file system needs root (CI runs as root)")
+    mounted: list[Path] = []
+
+    def mount(name: str, options: str) -> Path:
+        target = tmp_path / name
+        target.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], check=True)
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in reversed(mounted):
+        subprocess.run(["umount", "-l", str(target)], check=False)

@@ -869,25 +869,6 @@ def test_an_output_directory_situation(case, world, tmp_path, monkeypatch, capsy
 # --- read-only and full file systems (root only: they mount tmpfs) -------------------------
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """Mount tmpfs file systems under tmp_path (root only, as in CI); unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a file system needs root (CI runs as root)")
-    mounted: list[Path] = []
-
-    def mount(name: str, options: str) -> Path:
-        target = tmp_path / name
-        target.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], check=True)
-        mounted.append(target)
-        return target
-
-    yield mount
-    for target in reversed(mounted):
-        subprocess.run(["umount", "-l", str(target)], check=False)
-
-
 def remount_read_only(target: Path) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(target)], check=True)
 

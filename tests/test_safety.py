@@ -248,25 +248,6 @@ def test_no_voxel_size_is_said_and_recorded_as_pixels(slices, tmp_path, capsys):
 # --- 6. the machine's errors -----------------------------------------------------------------
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """Mount tmpfs file systems under tmp_path (root only, as in CI); unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a file system needs root (CI runs as root)")
-    mounted: list[Path] = []
-
-    def mount(name: str, options: str) -> Path:
-        target = tmp_path / name
-        target.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], check=True)
-        mounted.append(target)
-        return target
-
-    yield mount
-    for target in mounted:
-        subprocess.run(["umount", "-l", str(target)], check=False)
-
-
 def test_a_read_only_output_exits_2_naming_it(base, tmpfs, capsys):
     target = tmpfs("ro", "ro,size=1m") / "out"
     code, err = cli(capsys, "run", "--input", str(base), "--output", str(target))
