@@ -431,3 +431,39 @@ def test_bad_filter_steps_are_refused_by_the_nuclei_flow_too(base, tmp_path, cap
     code, err = cli(capsys, *argv)
     refused(code, err, r"`filter\.steps`")
     assert not out.exists()
+
+
+# --- 13. a block longer than a worker lives before its walltime ---------------------------------
+
+
+def test_plan_says_whether_a_block_fits_the_walltime(base, capsys):
+    from nucflow.cli.commands import _walltime_line
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fits = _walltime_line(3.0, 20, (64, 256, 256))
+        long = _walltime_line(6.0, 20, (64, 256, 256))
+    assert fits.endswith("one block takes 3.0 s on one thread")
+    assert long.endswith("(too long: see the warning)")
+    assert [str(w.message) for w in caught] == [
+        "one block takes 6.0 s, more than a quarter of a worker's 20 s before its walltime: "
+        "pass --chunks 64 128 128 or a longer walltime"
+    ]
+    # nucflow plan --cluster slurm with a one-minute walltime says it (no job is started)
+    capsys.readouterr()
+    argv = [
+        "plan",
+        "--input",
+        str(base),
+        "--cluster",
+        "slurm",
+        "--set",
+        "cluster.walltime=00:01:00",
+    ]
+    assert main(argv) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("walltime")]
+    assert len(said) == 1 and re.fullmatch(
+        r"walltime   a worker computes for at least 15 s before it retires; one block takes "
+        r"[\d.]+ s on one thread( \(too long: see the warning\))?",
+        said[0],
+    ), said

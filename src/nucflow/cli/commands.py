@@ -323,10 +323,31 @@ def _plan(args: argparse.Namespace) -> None:
     _check_flow(flow, stack, params)
     # checks the cluster options before the calibration runs
     where = cluster.describe(args.cluster, **_cluster_options(args, config))
+    life = cluster.lifetime(args.cluster, **_cluster_options(args, config))
     timepoints = len(points) if points else None
     _warn_pixels(stack)
-    print(make_plan(stack, params, config, flow, timepoints=timepoints))
+    made = make_plan(stack, params, config, flow, timepoints=timepoints)
+    print(made)
     print(f"cluster    {where}")
+    if life is not None:
+        print(f"walltime   {_walltime_line(made.block_seconds, life.shortest, params.chunks)}")
+
+
+def _walltime_line(block_seconds: float, lifetime: float, chunks: Sequence[int]) -> str:
+    """Whether a block fits a worker's time before its walltime retirement (a quarter of it)."""
+    line = (
+        f"a worker computes for at least {lifetime:.0f} s before it retires; one block takes "
+        f"{block_seconds:.1f} s on one thread"
+    )
+    if block_seconds <= lifetime / 4:
+        return line
+    smaller = " ".join(map(str, (*chunks[:-2], *(max(1, c // 2) for c in chunks[-2:]))))
+    warnings.warn(
+        f"one block takes {block_seconds:.1f} s, more than a quarter of a worker's "
+        f"{lifetime:.0f} s before its walltime: pass --chunks {smaller} or a longer walltime",
+        stacklevel=2,
+    )
+    return line + " (too long: see the warning)"
 
 
 def _status(args: argparse.Namespace) -> int:

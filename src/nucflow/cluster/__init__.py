@@ -60,6 +60,7 @@ __all__ = [
     "Runner",
     "connect",
     "describe",
+    "lifetime",
     "CONNECT_TIMEOUT",
     "DEFAULT_DASHBOARD",
 ]
@@ -210,6 +211,21 @@ def describe(
     """
     backend, req = _prepare(spec, scheduler_file, jobs, adapt, settings, dashboard_address)
     return backend.describe(req)
+
+
+def lifetime(
+    spec: str = "threads",
+    *,
+    scheduler_file: str | os.PathLike[str] | None = None,
+    jobs: int | None = None,
+    adapt: tuple[int, int] | None = None,
+    settings: Mapping[str, Any] | None = None,
+    dashboard_address: str | None = None,
+) -> Lifetime | None:
+    """How long the workers :func:`connect` would start live before they retire (``slurm``
+    with a walltime), or None; starts and contacts nothing."""
+    backend, req = _prepare(spec, scheduler_file, jobs, adapt, settings, dashboard_address)
+    return backend.lifetime(req)
 
 
 #: The backends ``--cluster`` names, in the order help and error messages list them.

@@ -22,6 +22,7 @@ from nucflow.cluster.security import (
     _secure_local,
     _warn_unauthenticated,
 )
+from nucflow.cluster.walltime import Lifetime
 from nucflow.errors import ClusterError
 
 
@@ -54,6 +55,10 @@ class Backend:
     def start(self, req: Request, progress: bool, stack: contextlib.ExitStack) -> Runner:
         """Start (or connect to) the scheduler; ``stack`` closes what was started."""
         raise NotImplementedError
+
+    def lifetime(self, req: Request) -> Lifetime | None:
+        """How long its workers live before they retire (a walltime), if they do."""
+        return None
 
 
 class _Pool(Backend):

@@ -134,6 +134,9 @@ class _Slurm(Backend):
             f"queue {get('queue') or 'default'}, walltime {get('walltime')}"
         )
 
+    def lifetime(self, req: Request) -> Lifetime | None:
+        return _slurm_lifetime(_slurm_options(req.options, _import_jobqueue()))
+
     def start(self, req: Request, progress: bool, stack: contextlib.ExitStack) -> Runner:
         jobqueue = _import_jobqueue()
         if shutil.which("sbatch") is None:
