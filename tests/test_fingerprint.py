@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from types import SimpleNamespace
 
@@ -13,10 +12,15 @@ import zarr
 from nucflow import config, fingerprint, io
 
 
-def _params(**changes) -> dict:
+def _resolved() -> config.Params:
     loaded = config.load(None, options={"diameter": 8.0, "chunks": [8, 32, 32]})
-    params = config.resolve(loaded, shape=(16, 64, 64), voxel_size=(1.0, 0.5, 0.5))
-    return fingerprint._plain(vars(dataclasses.replace(params, **changes)))
+    return config.resolve(loaded, shape=(16, 64, 64), voxel_size=(1.0, 0.5, 0.5))
+
+
+def _params(**changes) -> dict:
+    flat = _resolved().flat()
+    assert set(changes) <= set(flat), set(changes) - set(flat)
+    return fingerprint._plain({**flat, **changes})
 
 
 def _chain(params: dict, stages=("preprocessed", "threshold", "mask", "segment")) -> dict:
@@ -30,7 +34,7 @@ def _chain(params: dict, stages=("preprocessed", "threshold", "mask", "segment")
 
 def test_stage_params_name_real_parameters():
     """A misspelt key would make a stage ignore a parameter it depends on."""
-    fields = {f.name for f in dataclasses.fields(config.Params)}
+    fields = set(_resolved().flat())
     for stage, keys in fingerprint.STAGE_PARAMS.items():
         assert set(keys) <= fields, (stage, set(keys) - fields)
 

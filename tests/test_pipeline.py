@@ -86,18 +86,20 @@ def _whole_array_steps(image, params, background, threshold):
     from nucflow import filters
 
     whole = da.from_array(image, chunks=image.shape)
-    sigma = tuple(params.sigma / v for v in params.voxel_size)
+    sigma = tuple(params.preprocess.sigma / v for v in params.voxel_size)
     expected = filters.subtract_background(
         filters.gaussian(whole, sigma),
         method=background,
-        radius=params.background_radius,
+        radius=params.preprocess.background_radius,
         voxel_size=params.voxel_size,
-        downsample=params.background_downsample,
+        downsample=params.preprocess.background_downsample,
     ).compute()
     opened = expected > threshold
-    if params.opening_radius > 0:
-        opened = morph.opening(opened, filters.ellipsoid(params.opening_radius, params.voxel_size))
-    min_voxels = int(params.min_volume / math.prod(params.voxel_size))
+    if params.mask.opening_radius > 0:
+        opened = morph.opening(
+            opened, filters.ellipsoid(params.mask.opening_radius, params.voxel_size)
+        )
+    min_voxels = int(params.mask.min_volume / math.prod(params.voxel_size))
     filled = ndimage.binary_fill_holes(opened)
     return expected, opened, filled, morph.remove_small_objects(filled, max_size=min_voxels)
 
@@ -170,7 +172,7 @@ def test_component_selections_that_keep_everything_store_nothing(stack3d, tmp_pa
     np.testing.assert_array_equal(ndimage.binary_fill_holes(opened), opened)
     components, count = ndimage.label(opened)
     smallest = np.bincount(components.ravel())[1:].min()
-    assert count and smallest > int(params.min_volume / math.prod(params.voxel_size))
+    assert count and smallest > int(params.mask.min_volume / math.prod(params.voxel_size))
     for name in ("filled", "mask"):
         assert (work / f"{name}.same").exists() and (work / f"{name}.done").exists()
         assert not (work / f"{name}.zarr").exists()
@@ -418,19 +420,19 @@ def test_tissue_mask_preprocessing_equals_the_whole_array_steps(stack3d, tmp_pat
     ]
     params, image, _, _ = _stages_on(source, tmp_path / "a", (13, 37, 41), *settings)
     whole = da.from_array(made.image, chunks=made.image.shape)
-    sigma = tuple(params.sigma / v for v in params.voxel_size)
+    sigma = tuple(params.preprocess.sigma / v for v in params.voxel_size)
     smoothed = filters.normalized_convolution(whole, da.from_array(tissue), sigma)
     if downsample == 1:  # the exact top-hat, as skimage.morphology.white_tophat
         ball = filters.ellipsoid(
-            params.background_radius, params.voxel_size, decomposition="sequence"
+            params.preprocess.background_radius, params.voxel_size, decomposition="sequence"
         )
         expected = filters.white_tophat(smoothed, ball).compute()
     else:
         expected = filters.subtract_background(
             smoothed,
-            radius=params.background_radius,
+            radius=params.preprocess.background_radius,
             voxel_size=params.voxel_size,
-            downsample=params.background_downsample,
+            downsample=params.preprocess.background_downsample,
         ).compute()
     np.testing.assert_array_equal(image, expected)
 

@@ -2,12 +2,16 @@
 
 ``dask_image.ndmeasure.label`` builds a graph whose size grows with every block face and relabels
 the whole array; for keep-or-drop decisions on whole components (small objects, holes) we need
-much less. Each block is labelled locally with scipy (one task), reporting its component sizes,
-its faces and which components touch the image border; one task per pair of neighbouring blocks
-matches the labels that touch across their face; one small task joins the components across
-faces (sparse connected components) from the sizes and matched pairs alone, so no task holds
-all faces; a second pass per block recomputes the block after the join, relabels it locally
-(scipy's labelling is deterministic) and keeps the components the decision selected.
+much less. Each block is labelled locally (one task, :class:`BlockComponents`): a component
+wholly inside the block is decided there; only those crossing a face shared with a neighbour
+are reported (sizes, whether they touch the image border, their ids on the faces). One task per
+pair of neighbouring blocks matches the ids that touch across their face; one small task joins
+the crossing components (sparse connected components) from the sizes and matched pairs alone,
+so no task holds all faces; a second pass per block relabels the block after the join (the
+labelling is deterministic) and keeps the components the decision selected.
+
+Two drivers share these block functions: :func:`select_components` builds a lazy dask graph
+(the public API, :mod:`nucflow.filters`), :mod:`nucflow.pipeline.mask` runs them as stored passes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ __all__ = [
     "again",
     "HOLD_BYTES",
     "BlockComponents",
+    "block_edges",
     "face_pairs",
     "join",
 ]
@@ -101,41 +106,31 @@ def _structure(ndim: int, connectivity: int) -> np.ndarray:
     return ndimage.generate_binary_structure(ndim, connectivity)
 
 
+def block_edges(index: tuple[int, ...], grid: tuple[int, ...]) -> list[tuple[bool, bool]]:
+    """Per axis, whether block ``index`` of a ``grid`` of blocks has its low and high faces on
+    the image border."""
+    return [(i == 0, i == n - 1) for i, n in zip(index, grid, strict=True)]
+
+
 def _summarize(
     block: np.ndarray, *, grid: tuple[int, ...], connectivity: int, block_id: tuple[int, ...]
 ) -> np.ndarray:
-    """One block's components and faces, in a one-element object array (one per block)."""
-    index = block_id
-    labels, count = label(block, connectivity)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    border = np.zeros(count + 1, bool)
-    for axis in range(block.ndim):
-        if index[axis] == 0:
-            border[np.take(labels, 0, axis=axis)] = True
-        if index[axis] == grid[axis] - 1:
-            border[np.take(labels, -1, axis=axis)] = True
-    faces = {
-        axis: (np.take(labels, 0, axis=axis), np.take(labels, -1, axis=axis))
-        for axis in range(block.ndim)
-    }
+    """One block's crossing components and faces, in a one-element object array."""
+    found = BlockComponents(block, block_edges(block_id, grid), connectivity)
     summary = np.empty((1,) * block.ndim, dtype=object)
-    summary[(0,) * block.ndim] = (count, sizes, border[1:], faces)
+    summary[(0,) * block.ndim] = (found.summary(), found.faces())
     return summary
 
 
 def _components(summary: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """A summary without its faces: what the join needs from every block."""
-    count, sizes, border, _ = summary.item()
-    return count, sizes, border
+    return summary.item()[0]
 
 
 def _face_pairs(low: np.ndarray, high: np.ndarray, *, axis: int, connectivity: int) -> np.ndarray:
-    """(n, 2) local labels of two neighbouring blocks (low, high along ``axis``) that touch
+    """(n, 2) joined ids of two neighbouring blocks (low, high along ``axis``) that touch
     across their face."""
-    low_face = low.item()[3][axis][1]
-    high_face = high.item()[3][axis][0]
-    pairs = np.array(sorted(_touching(low_face, high_face, connectivity)), np.int64)
-    return pairs.reshape(-1, 2)
+    return face_pairs(low.item()[1][f"{axis}hi"], high.item()[1][f"{axis}lo"], connectivity)
 
 
 def join(
@@ -196,10 +191,16 @@ def _touching(low: np.ndarray, high: np.ndarray, connectivity: int) -> set[tuple
 
 
 def _apply(
-    block: np.ndarray, tables: dict, *, connectivity: int, block_id: tuple[int, ...]
+    block: np.ndarray,
+    tables: dict,
+    *,
+    grid: tuple[int, ...],
+    connectivity: int,
+    decide: Decision,
+    block_id: tuple[int, ...],
 ) -> np.ndarray:
-    labels, _ = label(block, connectivity)
-    return tables[block_id][labels]
+    found = BlockComponents(block, block_edges(block_id, grid), connectivity)
+    return found.kept(tables[block_id], decide)
 
 
 def _join_task(summaries: da.Array, connectivity: int, decide: Decision) -> Delayed:
@@ -242,7 +243,8 @@ def select_components(mask: da.Array, decide: Decision, *, connectivity: int = 1
     mask : (M, N[, P]) dask array of bool
     decide : callable
         ``decide(sizes, touches_border) -> keep``: arrays with one entry per global component
-        (voxel count; whether it touches the image border).
+        (voxel count; whether it touches the image border). Elementwise: a block decides the
+        components wholly inside it by itself.
     connectivity : int
         1 (faces) to ``mask.ndim`` (corners), as in ``scipy.ndimage.generate_binary_structure``.
 
@@ -275,7 +277,9 @@ def select_components(mask: da.Array, decide: Decision, *, connectivity: int = 1
         _apply,
         second,
         tables,
+        grid=grid,
         connectivity=connectivity,
+        decide=decide,
         dtype=bool,
         meta=np.empty((0,) * ndim, bool),
     )

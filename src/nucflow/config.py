@@ -11,16 +11,30 @@ import copy
 import difflib
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from nucflow.errors import ConfigError, ParameterError
 
-__all__ = ["Params", "load", "resolve", "resource_path", "DEFAULT_CHUNKS", "default_chunks"]
+__all__ = [
+    "Params",
+    "Preprocess",
+    "Threshold",
+    "Detect",
+    "Mask",
+    "Segment",
+    "Measure",
+    "DERIVED",
+    "load",
+    "resolve",
+    "resource_path",
+    "DEFAULT_CHUNKS",
+    "default_chunks",
+]
 
 DEFAULT_CHUNKS = {2: (1024, 1024), 3: (64, 256, 256)}
 #: Above this many default blocks, blocks grow twofold along y and x (once): a pass is one
@@ -264,46 +278,125 @@ def _get(config: Mapping[str, Any], dotted: str) -> Any:
     return value
 
 
-@dataclass(frozen=True)
-class Params:
-    """The configuration with every derived length filled in (µm, or pixels without voxel size)."""
+#: The lengths a ``null`` in configs/nuclei.yaml derives from the diameter: (section, key) ->
+#: factor (``min_volume`` is the volume of a ball of that many diameters). The YAML's comments
+#: say the same ("null = 0.08 x diameter"); tests/test_config.py checks that they agree.
+DERIVED: dict[tuple[str, str], float] = {
+    ("preprocess", "sigma"): 0.08,
+    ("preprocess", "background_radius"): 0.75,
+    ("detect", "blob_radius"): 0.3,
+    ("mask", "opening_radius"): 0.1,
+    ("mask", "min_volume"): 0.4,
+    ("segment", "peak_radius"): 0.25,
+    ("segment", "min_radius"): 0.15,
+    ("segment", "max_radius"): 1.0,
+    ("measure", "shell_width"): 0.15,
+    ("measure", "neighbour_distance"): 2.0,
+}
 
-    diameter: float
-    voxel_size: tuple[float, ...]
-    chunks: tuple[int, ...]
+
+@dataclass(frozen=True)
+class Preprocess:
+    """``preprocess``: the smoothing and background subtraction, lengths resolved."""
+
     sigma: float
     background: str
     background_radius: float
     background_downsample: tuple[int, ...]
     tissue_mask: str | None
-    threshold_method: str
-    threshold_value: float | None
-    threshold_factor: float
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """``threshold``: how the foreground is found (``local`` or one global threshold)."""
+
+    method: str
+    value: float | None
+    factor: float
+
+
+@dataclass(frozen=True)
+class Detect:
+    """``detect``: the local detection's rules (``threshold.method: local``)."""
+
     blob_radius: float
     snr: float
     fraction: float
+
+
+@dataclass(frozen=True)
+class Mask:
+    """``mask``: the opening, hole filling and small-object removal of the foreground."""
+
     opening_radius: float
     fill_holes: bool
     min_volume: float
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``segment``: the seeded partition of the mask into nuclei."""
+
     peak_radius: float
     min_radius: float
     max_radius: float
+
+
+@dataclass(frozen=True)
+class Measure:
+    """``measure``: the table's channels, properties and files."""
+
     channels: tuple[int, ...]
     single_file_rows: int
-    qc: bool
-    # Defaults live in configs/nuclei.yaml alone: :func:`resolve` sets every field.
-    filter_steps: tuple[tuple[str, dict[str, Any]], ...]
     properties: tuple[str, ...]
     percentiles: tuple[float, ...]
     shell_width: float
     neighbour_distance: float
     drop_border: bool
 
+
+_G = TypeVar("_G")
+
+# Fields named after their section in the flat view: alone, "method" or "value" say nothing.
+_PREFIXED = ("threshold",)
+
+
+@dataclass(frozen=True)
+class Params:
+    """The configuration with every derived length filled in (µm, or pixels without voxel
+    size): the run's geometry, then one group per section of configs/nuclei.yaml, whose
+    defaults it holds alone (:func:`resolve` sets every field)."""
+
+    diameter: float
+    voxel_size: tuple[float, ...]
+    chunks: tuple[int, ...]
+    preprocess: Preprocess
+    threshold: Threshold
+    detect: Detect
+    mask: Mask
+    segment: Segment
+    measure: Measure
+    qc: bool
+    filter_steps: tuple[tuple[str, dict[str, Any]], ...]  # the preprocess flow's steps
+
     @property
     def min_voxels(self) -> int:
-        """``min_volume`` in whole voxels: small-object removal keeps larger components (and
-        is skipped when this is 0)."""
-        return int(self.min_volume / math.prod(self.voxel_size))
+        """``mask.min_volume`` in whole voxels: small-object removal keeps larger components
+        (and is skipped when this is 0)."""
+        return int(self.mask.min_volume / math.prod(self.voxel_size))
+
+    def flat(self) -> dict[str, Any]:
+        """Every resolved value by one name (``sigma``, ``threshold_method``, …): the names
+        run.json's ``derived`` and the stages' fingerprints (:mod:`nucflow.stages`) use."""
+        values: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not is_dataclass(value):
+                values[f.name] = value
+                continue
+            prefix = f"{f.name}_" if f.name in _PREFIXED else ""
+            values.update({prefix + g.name: getattr(value, g.name) for g in fields(value)})
+        return values
 
 
 def resolve(
@@ -325,18 +418,8 @@ def resolve(
     Params
     """
     ndim = len(shape)
-    voxel = tuple(float(v) for v in (config["voxel_size"] or voxel_size))
-    if len(voxel) != ndim:
-        axes = "Z Y X" if ndim == 3 else "Y X"
-        raise ParameterError(
-            f"`voxel_size` has {len(voxel)} values but the stack has {ndim} axes; pass {axes}"
-        )
-    chunks = tuple(config["chunks"] or default_chunks(tuple(shape)))
-    if len(chunks) != ndim:
-        axes = "Z Y X" if ndim == 3 else "Y X"
-        raise ParameterError(
-            f"`chunks` has {len(chunks)} values but the stack has {ndim} axes; pass {axes}"
-        )
+    voxel = _axes("voxel_size", tuple(float(v) for v in (config["voxel_size"] or voxel_size)), ndim)
+    chunks = _axes("chunks", tuple(config["chunks"] or default_chunks(tuple(shape))), ndim)
     diameter = float(config["diameter"])
     extent = max(n * v for n, v in zip(shape, voxel, strict=True))
     if diameter > extent:
@@ -344,50 +427,81 @@ def resolve(
             f"`diameter` {diameter:g} is larger than the stack ({extent:g} along its longest "
             "axis); pass the nucleus diameter in µm (or pixels without voxel size)"
         )
-    pre, seg, msk = config["preprocess"], config["segment"], config["mask"]
     from nucflow.objects import Spec  # checked now, not after the segmentation
 
     Spec.of(config["measure"]["properties"], ndim=ndim, voxel_size=voxel)
 
-    def derived(value: float | None, factor: float) -> float:
-        return float(factor * diameter if value is None else value)
-
-    background_radius = derived(pre["background_radius"], 0.75)
+    background_radius = _configured(config, "preprocess", "background_radius", diameter)
+    min_volume = config["mask"]["min_volume"]
+    if min_volume is None:
+        min_volume = _ball_volume(DERIVED["mask", "min_volume"] * diameter, ndim)
+    downsample = config["preprocess"]["background_downsample"]
     return Params(
         diameter=diameter,
         voxel_size=voxel,
         chunks=tuple(min(c, n) for c, n in zip(chunks, shape, strict=True)),
-        sigma=derived(pre["sigma"], 0.08),
-        background=pre["background"],
-        background_radius=background_radius,
-        background_downsample=_downsample(pre["background_downsample"], background_radius, voxel),
-        tissue_mask=pre["tissue_mask"],
-        threshold_method=config["threshold"]["method"],
-        threshold_value=config["threshold"]["value"],
-        threshold_factor=float(config["threshold"]["factor"]),
-        blob_radius=derived(config["detect"]["blob_radius"], 0.3),
-        snr=float(config["detect"]["snr"]),
-        fraction=float(config["detect"]["fraction"]),
-        opening_radius=derived(msk["opening_radius"], 0.1),
-        fill_holes=msk["fill_holes"],
-        min_volume=float(
-            _ball_volume(0.4 * diameter, ndim) if msk["min_volume"] is None else msk["min_volume"]
+        preprocess=_group(
+            Preprocess,
+            config,
+            diameter,
+            background_downsample=_downsample(downsample, background_radius, voxel),
         ),
-        peak_radius=derived(seg["peak_radius"], 0.25),
-        min_radius=derived(seg["min_radius"], 0.15),
-        max_radius=derived(seg["max_radius"], 1.0),
-        channels=tuple(config["measure"]["channels"]),
-        single_file_rows=config["measure"]["single_file_rows"],
+        threshold=_group(Threshold, config, diameter),
+        detect=_group(Detect, config, diameter),
+        mask=_group(Mask, config, diameter, min_volume=float(min_volume)),
+        segment=_group(Segment, config, diameter),
+        measure=_group(Measure, config, diameter),
         qc=config["qc"]["enabled"],
         filter_steps=tuple(
             (name, dict(p)) for step in config["filter"]["steps"] for name, p in step.items()
         ),
-        properties=tuple(config["measure"]["properties"]),
-        percentiles=tuple(float(q) for q in config["measure"]["percentiles"]),
-        shell_width=derived(config["measure"]["shell_width"], 0.15),
-        neighbour_distance=derived(config["measure"]["neighbour_distance"], 2.0),
-        drop_border=config["measure"]["drop_border"],
     )
+
+
+_GROUPS = {Preprocess: "preprocess", Threshold: "threshold", Detect: "detect", Mask: "mask",
+           Segment: "segment", Measure: "measure"}  # fmt: skip
+
+
+def _group(group: type[_G], config: Mapping[str, Any], diameter: float, **given: Any) -> _G:
+    """A section's group: each key as configured (``null`` lengths from :data:`DERIVED`),
+    converted to its field's type, unless ``given``."""
+    section = _GROUPS[group]
+    values = {}
+    for f in fields(group):  # type: ignore[arg-type]  # a dataclass type
+        value = _configured(config, section, f.name, diameter)
+        values[f.name] = given[f.name] if f.name in given else _as(str(f.type), value)
+    return group(**values)
+
+
+def _configured(config: Mapping[str, Any], section: str, key: str, diameter: float) -> Any:
+    """``section.key`` as configured, a ``null`` length derived from the diameter."""
+    value = config[section][key]
+    if value is None and (section, key) in DERIVED:
+        return float(DERIVED[section, key] * diameter)
+    return value
+
+
+def _as(kind: str, value: Any) -> Any:
+    """``value`` as a field annotated ``kind`` holds it (YAML gives ints for floats, lists)."""
+    if value is None:
+        return None
+    if kind == "float":
+        return float(value)
+    if kind == "tuple[float, ...]":
+        return tuple(float(v) for v in value)
+    if kind.startswith("tuple["):
+        return tuple(value)
+    return value
+
+
+def _axes(key: str, values: tuple, ndim: int) -> tuple:
+    """``values``, checked to have one entry per spatial axis."""
+    if len(values) != ndim:
+        axes = "Z Y X" if ndim == 3 else "Y X"
+        raise ParameterError(
+            f"`{key}` has {len(values)} values but the stack has {ndim} axes; pass {axes}"
+        )
+    return values
 
 
 # The reduced-resolution background keeps at least this many cells across its radius.

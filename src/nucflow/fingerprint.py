@@ -173,9 +173,11 @@ def start(run: Any, previous_record: dict[str, Any] | None) -> None:
                 f"--resume: the input {run.stack.path} is not the one the run in {run.output} "
                 f"read ({what}); rerun with --overwrite to start over"
             )
-    params = _plain(vars(run.params))
-    if run.params.tissue_mask:  # preprocessing reads it: its content matters like the input's
-        mask = run.params.tissue_mask
+    params = _plain(run.params.flat())
+    if (
+        run.params.preprocess.tissue_mask
+    ):  # preprocessing reads it: its content matters like the input's
+        mask = run.params.preprocess.tissue_mask
         params["tissue_mask"] = {"path": os.path.realpath(mask), "files": _files_digest(mask)}
     run.lineage = Lineage(identity, params)
     run.facts["input_identity"] = identity

@@ -128,10 +128,14 @@ class Crop:
 
 @dataclass(frozen=True)
 class Settings:
-    """Parameters of the nucflow-specific properties (all lengths in µm)."""
+    """Parameters of the nucflow-specific properties (all lengths in µm).
+
+    The defaults are configs/nuclei.yaml's at its default diameter (tests/test_config.py
+    checks that they agree); a run passes its own (:class:`nucflow.config.Measure`).
+    """
 
     percentiles: tuple[float, ...] = (5.0, 25.0, 75.0, 95.0)
-    shell_width: float = 1.0
+    shell_width: float = 1.2
     neighbour_distance: float = 16.0
 
 

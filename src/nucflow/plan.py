@@ -105,7 +105,7 @@ class Plan:
 
     @property
     def _table_form(self) -> str:
-        if self.nuclei_estimate <= self.params.single_file_rows:
+        if self.nuclei_estimate <= self.params.measure.single_file_rows:
             return "one nuclei.parquet and nuclei.csv"
         return "a partitioned nuclei.parquet/, no CSV"
 
@@ -226,9 +226,9 @@ def pass_tasks(
     reduction tree (a task per 8 partial sums).
     """
     blocks = len(Grid(shape, params.chunks))
-    factors = tuple(params.background_downsample)
+    factors = tuple(params.preprocess.background_downsample)
     cell_chunks = tuple(max(1, c // f) for c, f in zip(params.chunks, factors, strict=True))
-    reach = whole_voxels(params.max_radius, params.voxel_size)
+    reach = whole_voxels(params.segment.max_radius, params.voxel_size)
     grids = {
         "blocks": blocks,
         "cells": len(Grid(resample.pooled_shape(shape, factors), cell_chunks)),

@@ -106,11 +106,13 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
         Counts: ``nuclei`` (rows).
     """
     p = run.params
-    progress.expect(run, {"sums": 1, "table": 1 + objects.cross_block(p.properties), "write": 1})
+    progress.expect(
+        run, {"sums": 1, "table": 1 + objects.cross_block(p.measure.properties), "write": 1}
+    )
     shape = tuple(run.stack.data.shape)
     run.region = tuple(slice(0, n) for n in shape)  # labels may lie anywhere
     grid = Grid(shape, p.chunks)
-    readers = table.intensity_readers(run.stack, p.channels)
+    readers = table.intensity_readers(run.stack, p.measure.channels)
     fingerprint.add_input(run, "labels", labels)
     sums = run.work / "blocks"
     with run.stage("sums"):
@@ -146,7 +148,7 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
                 "voxel_size": p.voxel_size,
                 "shape": shape,
                 "max_radius": math.inf,  # no halo: no label is cut
-                "channel_suffixes": table.channel_suffixes(p.channels),
+                "channel_suffixes": table.channel_suffixes(p.measure.channels),
             },
             metadata={
                 **table.metadata(p, calibrated=_calibrated(run, labels)),
@@ -154,7 +156,7 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
             },
             measured=measured,
             owner="first",
-            drop_border=p.drop_border,  # rows only: the labels are an input, never written
+            drop_border=p.measure.drop_border,  # rows only: the labels are an input, never written
             reuse=reuse,
         )
         run.facts["table_blocks"] = {"total": len(grid), "computed": made.computed}
@@ -275,7 +277,7 @@ def _check_unique(run: pipeline.Run, made: table.Table) -> None:
     """
     if not made.parts:
         return
-    buckets = max(1, math.ceil(made.rows / max(1, run.params.single_file_rows)))
+    buckets = max(1, math.ceil(made.rows / max(1, run.params.measure.single_file_rows)))
     folder = made.parts[0].parent
     tasks = [partial(_repeated, folder, bucket=b, buckets=buckets) for b in range(buckets)]
     (found,) = run.runner.compute(pass_graph(tasks, "unique"), label="unique labels")

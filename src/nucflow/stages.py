@@ -187,8 +187,10 @@ def pools_while_smoothing(p: Params) -> bool:
     Yes when every block is a whole number of cells (each block then pools into cells of its
     own) and the Gaussian is a block pass (not the tissue mask's normalized convolution).
     """
-    whole = all(c % f == 0 for c, f in zip(p.chunks, p.background_downsample, strict=True))
-    return whole and not p.tissue_mask
+    whole = all(
+        c % f == 0 for c, f in zip(p.chunks, p.preprocess.background_downsample, strict=True)
+    )
+    return whole and not p.preprocess.tissue_mask
 
 
 # ----------------------------------------------------------------------------- flows

@@ -134,12 +134,12 @@ def metadata(params: Any, *, calibrated: bool) -> dict[str, Any]:
         "voxel_size": list(params.voxel_size),
         "unit": "micrometer" if calibrated else "pixel",
         "nucflow": __version__,
-        "properties": list(params.properties),
-        "channels": list(params.channels),
-        "percentiles": list(params.percentiles),
-        "shell_width_um": params.shell_width,
-        "neighbour_distance_um": params.neighbour_distance,
-        "drop_border": params.drop_border,
+        "properties": list(params.measure.properties),
+        "channels": list(params.measure.channels),
+        "percentiles": list(params.measure.percentiles),
+        "shell_width_um": params.measure.shell_width,
+        "neighbour_distance_um": params.measure.neighbour_distance,
+        "drop_border": params.measure.drop_border,
     }
 
 

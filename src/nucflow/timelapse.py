@@ -303,7 +303,7 @@ def _joined(run: pipeline.Run, finished: list[_Done]) -> table_stage.Table:
         "time_interval_s": interval,
     }
     measured = table_stage.Objects(pipeline.object_spec(run), None, {})
-    suffixes = table_stage.channel_suffixes(run.params.channels)
+    suffixes = table_stage.channel_suffixes(run.params.measure.channels)
     empty = table_stage.empty_table(len(run.region), suffixes, measured)
     return table_stage.Table(
         rows=sum(d.rows for d in finished),

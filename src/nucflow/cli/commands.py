@@ -81,7 +81,7 @@ def _warn_pixels(stack: Any, known: bool | None = None) -> None:
 
 
 def _check_channels(params: Any, stack: Any, path: str) -> None:
-    for c in params.channels:
+    for c in params.measure.channels:
         if not 0 <= c < stack.n_channels:
             raise ParameterError(
                 f"`measure.channels` holds {c} but {path} has {stack.n_channels} channel(s); "

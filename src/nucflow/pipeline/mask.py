@@ -35,11 +35,13 @@ def clean_mask(run: Run, found: Above | Detected) -> zarr.Array:
     """
     p = run.params
     steps: list[tuple[str, dict[str, Any]]] = []
-    if p.opening_radius > 0:
-        steps.append(("opening", {"footprint": filters.ellipsoid(p.opening_radius, p.voxel_size)}))
+    if p.mask.opening_radius > 0:
+        steps.append(
+            ("opening", {"footprint": filters.ellipsoid(p.mask.opening_radius, p.voxel_size)})
+        )
     grid = Grid(found.shape, p.chunks)
     mask = filter_pass(run, stages.OPENED.name, found, steps, grid, label="threshold")
-    if p.fill_holes:
+    if p.mask.fill_holes:
         mask = select_components(run, stages.FILLED.name, mask, _touches_border, invert=True)
     if p.min_voxels > 0:
         decide = partial(_larger, limit=p.min_voxels)
@@ -121,15 +123,13 @@ def select_components(
     )
 
 
-def _edges(grid: Grid, index: tuple[int, ...]) -> list[tuple[bool, bool]]:
-    return [(i == 0, i == n - 1) for i, n in zip(index, grid.counts, strict=True)]
-
-
 def _block_components(
     index: tuple[int, ...], source: zarr.Array, grid: Grid, invert: bool
 ) -> components.BlockComponents:
     block = np.asarray(source[grid.core(index)], dtype=bool)
-    return components.BlockComponents(~block if invert else block, _edges(grid, index), 1)
+    return components.BlockComponents(
+        ~block if invert else block, components.block_edges(index, grid.counts), 1
+    )
 
 
 def _face_file(faces: Path, index: tuple[int, ...]) -> Path:
@@ -180,7 +180,7 @@ def _kept_task(
 def _results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
     return (
         stages.OPENED,
-        *((stages.FILLED,) if p.fill_holes else ()),
+        *((stages.FILLED,) if p.mask.fill_holes else ()),
         *((stages.MASK,) if p.min_voxels > 0 else ()),
     )
 

@@ -53,18 +53,22 @@ def preprocess(run: Run) -> zarr.Array:
     Gaussian's pass stores the cell minima itself where blocks are whole cells.
     """
     p = run.params
-    sigma = tuple(p.sigma / v for v in p.voxel_size)
+    sigma = tuple(p.preprocess.sigma / v for v in p.voxel_size)
     steps: list[tuple[str, dict[str, Any]]] = []
-    if not p.tissue_mask:
+    if not p.preprocess.tissue_mask:
         steps.append(("gaussian", {"sigma": sigma}))
-    exact_tophat = p.background == "tophat" and max(p.background_downsample) == 1
+    exact_tophat = (
+        p.preprocess.background == "tophat" and max(p.preprocess.background_downsample) == 1
+    )
     if exact_tophat:  # the full-resolution top-hat joins the Gaussian's pass
-        footprint = filters.ellipsoid(p.background_radius, p.voxel_size, decomposition="sequence")
+        footprint = filters.ellipsoid(
+            p.preprocess.background_radius, p.voxel_size, decomposition="sequence"
+        )
         steps.append(("white_tophat", {"footprint": footprint}))
-    final = exact_tophat or p.background == "none"
+    final = exact_tophat or p.preprocess.background == "none"
     name = stages.PREPROCESSED.name if final else stages.SMOOTHED.name
     cells = None
-    if p.tissue_mask:
+    if p.preprocess.tissue_mask:
         image = _tissue_smoothed(run)
         image = filters.chain(image, steps) if steps else image  # the exact top-hat, if any
         smoothed = store_lazy(run, image, name, label="preprocess", ranged=final)
@@ -86,7 +90,7 @@ def _gaussian_pass(
     check = partial(check_finite, path=run.stack.path) if run.data.dtype.kind == "f" else None
     grid = Grid(region_shape(run.region), p.chunks)
     cells = None if final else _cells_pooled_while_smoothing(run, grid.shape)
-    factors = tuple(p.background_downsample)
+    factors = tuple(p.preprocess.background_downsample)
     smoothed = filter_pass(
         run,
         name,
@@ -119,7 +123,7 @@ def _cells_pooled_while_smoothing(run: Run, shape: tuple[int, ...]) -> zarr.Arra
 
 def _cell_grid(p: Params, shape: tuple[int, ...]) -> Grid:
     """The cells of ``background_downsample`` voxels, in blocks of the run's blocks' cells."""
-    factors = tuple(p.background_downsample)
+    factors = tuple(p.preprocess.background_downsample)
     cell_chunks = tuple(max(1, c // f) for c, f in zip(p.chunks, factors, strict=True))
     return Grid(resample.pooled_shape(shape, factors), cell_chunks)
 
@@ -134,11 +138,11 @@ def _tissue_smoothed(run: Run) -> da.Array:
     """Normalized convolution inside the tissue mask (a lazy graph: an option for small
     stacks; its memory is not bounded by construction)."""
     p = run.params
-    assert p.tissue_mask is not None  # preprocess reads it only when one is given
+    assert p.preprocess.tissue_mask is not None  # preprocess reads it only when one is given
     # the mask covers the whole file: a region of it (nucflow tune) reads the same region
     where = shifted(run.region, run.stack.origin)
-    tissue = io.open_stack(p.tissue_mask).data[where].rechunk(p.chunks) > 0
-    sigma = tuple(p.sigma / v for v in p.voxel_size)
+    tissue = io.open_stack(p.preprocess.tissue_mask).data[where].rechunk(p.chunks) > 0
+    sigma = tuple(p.preprocess.sigma / v for v in p.voxel_size)
     data = refuse_non_finite(run.data, run.stack.path)
     return filters.normalized_convolution(data, tissue, sigma).astype(np.float32)
 
@@ -153,7 +157,7 @@ def _subtract_background(
     ``cells``: already stored by the Gaussian's pass.
     """
     p = run.params
-    factors = tuple(p.background_downsample)
+    factors = tuple(p.preprocess.background_downsample)
     cell_grid = _cell_grid(p, tuple(smoothed.shape))
     if cells is None:
         cells = reuse(run, stages.CELLS.name)
@@ -166,7 +170,9 @@ def _subtract_background(
         run.runner.compute(pass_graph(tasks, "cells"), label="background cells")
         mark_done(run, stages.CELLS.name)
     cell_size = [v * f for v, f in zip(p.voxel_size, factors, strict=True)]
-    steps = filters.background_steps(p.background, p.background_radius, cell_size)
+    steps = filters.background_steps(
+        p.preprocess.background, p.preprocess.background_radius, cell_size
+    )
     background = filter_pass(run, "background", cells, steps, cell_grid, label="background")
     grid = Grid(smoothed.shape, p.chunks)
     return store_blocks(
@@ -225,8 +231,8 @@ def write_stack(run: Run, image: da.Array, name: str) -> Path:
 
 
 def _results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
-    exact = p.background == "tophat" and max(p.background_downsample) == 1
-    if exact or p.background == "none":
+    exact = p.preprocess.background == "tophat" and max(p.preprocess.background_downsample) == 1
+    if exact or p.preprocess.background == "none":
         return (stages.PREPROCESSED,)
     cells = replace(stages.CELLS, passes=()) if stages.pools_while_smoothing(p) else stages.CELLS
     return (stages.SMOOTHED, cells, stages.BACKGROUND, stages.PREPROCESSED)
@@ -235,15 +241,16 @@ def _results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
 def _tissue_mask_matches(stack: io.Stack, params: Params) -> None:
     """A tissue mask must open and have the stack's spatial shape (the whole file's, for a
     region of it: ``nucflow tune``)."""
-    if not params.tissue_mask:
+    if not params.preprocess.tissue_mask:
         return
     try:
-        mask = io.open_stack(params.tissue_mask)
+        mask = io.open_stack(params.preprocess.tissue_mask)
     except NucflowError as e:
         raise ConfigError(f"`preprocess.tissue_mask`: {e}") from None
     if tuple(mask.data.shape) != stack.uncropped_shape:
         raise ConfigError(
-            f"`preprocess.tissue_mask` {params.tissue_mask} has shape {tuple(mask.data.shape)} "
+            f"`preprocess.tissue_mask` {params.preprocess.tissue_mask} has shape "
+            f"{tuple(mask.data.shape)} "
             f"but the input has {stack.uncropped_shape}; give a mask of the input's shape"
         )
 

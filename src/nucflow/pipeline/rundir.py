@@ -145,8 +145,8 @@ def open_run(
     """
     out = Path(output).resolve()
     check_apart(out, stack.path, what="the input")
-    if params.tissue_mask:
-        check_apart(out, params.tissue_mask, what="preprocess.tissue_mask")
+    if params.preprocess.tissue_mask:
+        check_apart(out, params.preprocess.tissue_mask, what="preprocess.tissue_mask")
     if out.is_dir() and (holder := lock.holder_of(out)):  # say who, whatever else is wrong
         raise OutputError(
             f"output directory {out} is in use by {holder}; wait for that run to end, or stop "
@@ -219,7 +219,9 @@ def release(run: Run) -> None:
 
 
 def segment_params_of(p: Params) -> SegmentParams:
-    return SegmentParams(p.voxel_size, p.peak_radius, p.min_radius, p.max_radius)
+    return SegmentParams(
+        p.voxel_size, p.segment.peak_radius, p.segment.min_radius, p.segment.max_radius
+    )
 
 
 def segment_halo(params: Params) -> tuple[int, ...]:
@@ -254,7 +256,7 @@ def write_run_json(run: Run, status: str, **extra: Any) -> None:
         "voxel_size_um": list(p.voxel_size),
         "unit": "micrometer" if calibrated(run) else "pixel",
         "config": run.config,
-        "derived": {k: v for k, v in vars(p).items() if k not in ("voxel_size",)},
+        "derived": {k: v for k, v in p.flat().items() if k != "voxel_size"},
         "halo": list(run.segment_params.halo()),
         "cluster": getattr(run.runner, "spec", "threads"),
         "versions": _versions(),

@@ -56,7 +56,7 @@ def segment(run: Run, mask: zarr.Array) -> None:
         run, stages.SEGMENT.name
     )  # before any block: every part from now on is of it
     parts_dir.mkdir(exist_ok=True)
-    readers = table_stage.intensity_readers(run.stack, run.params.channels)
+    readers = table_stage.intensity_readers(run.stack, run.params.measure.channels)
     halo = run.segment_params.halo()
     tasks, part_files = [], []
     grid = segment_grid(run, shape)

@@ -29,10 +29,10 @@ def table(run: Run) -> table_stage.Table:
     p = run.params
     shape = region_shape(run.region)
     grid = segment_grid(run, shape)
-    reach = run.segment_params.voxels(p.max_radius)
+    reach = run.segment_params.voxels(p.segment.max_radius)
     labels = label_image(run, mode="r+")
     measured = table_stage.Objects(
-        object_spec(run), labels, table_stage.intensity_readers(run.stack, p.channels)
+        object_spec(run), labels, table_stage.intensity_readers(run.stack, p.measure.channels)
     )
     made = table_stage.gather(
         run.runner,
@@ -46,14 +46,14 @@ def table(run: Run) -> table_stage.Table:
             "voxel_size": p.voxel_size,
             "shape": shape,
             "origin": run.offset,
-            "max_radius": p.max_radius,
-            "channel_suffixes": table_stage.channel_suffixes(p.channels),
+            "max_radius": p.segment.max_radius,
+            "channel_suffixes": table_stage.channel_suffixes(p.measure.channels),
         },
         metadata=table_stage.metadata(p, calibrated=calibrated(run)),
         measured=measured,
-        drop_border=p.drop_border,
+        drop_border=p.measure.drop_border,
     )
-    if p.drop_border:
+    if p.measure.drop_border:
         fingerprint.forget(
             run, stages.SEGMENT.name
         )  # the labels are no longer the segmentation's alone
@@ -68,17 +68,19 @@ def object_spec(run: Run) -> objects.Spec:
     """The object-level properties of ``measure.properties``, checked against the stack."""
     p = run.params
     return objects.Spec.of(
-        p.properties,
+        p.measure.properties,
         ndim=len(p.voxel_size),
         voxel_size=p.voxel_size,
-        suffixes=table_stage.channel_suffixes(p.channels),
-        settings=objects.Settings(p.percentiles, p.shell_width, p.neighbour_distance),
+        suffixes=table_stage.channel_suffixes(p.measure.channels),
+        settings=objects.Settings(
+            p.measure.percentiles, p.measure.shell_width, p.measure.neighbour_distance
+        ),
     )
 
 
 def _results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
-    neighbours = (stages.NEIGHBOURS,) if objects.cross_block(p.properties) else ()
-    return (stages.TABLE, *neighbours, *((stages.BORDER,) if p.drop_border else ()))
+    neighbours = (stages.NEIGHBOURS,) if objects.cross_block(p.measure.properties) else ()
+    return (stages.TABLE, *neighbours, *((stages.BORDER,) if p.measure.drop_border else ()))
 
 
 def _body(run: Run, _inputs: Mapping[str, Any]) -> table_stage.Table:

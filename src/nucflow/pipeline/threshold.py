@@ -43,7 +43,7 @@ def foreground(run: Run, image: zarr.Array) -> Above | Detected:
     the threshold. Stored in ``.work/threshold.json`` for ``--resume``.
     """
     p = run.params
-    if p.threshold_method == "local":
+    if p.threshold.method == "local":
         noise = _stack_value(run, "noise", partial(_noise, run, image))
         return Detected(image, detect_params(p, noise, tuple(image.shape)))
     return Above(image, _stack_value(run, "threshold", partial(_threshold, run, image)))
@@ -52,13 +52,15 @@ def foreground(run: Run, image: zarr.Array) -> Above | Detected:
 def detect_params(p: Params, noise: float, shape: tuple[int, ...]) -> DetectParams:
     return DetectParams(
         stack_shape=shape,
-        smoothing=() if p.tissue_mask else tuple(p.sigma / v for v in p.voxel_size),
+        smoothing=()
+        if p.preprocess.tissue_mask
+        else tuple(p.preprocess.sigma / v for v in p.voxel_size),
         voxel_size=p.voxel_size,
-        blob_radius=p.blob_radius,
-        peak_radius=p.peak_radius,
-        max_radius=p.max_radius,
-        snr=p.snr,
-        fraction=p.fraction,
+        blob_radius=p.detect.blob_radius,
+        peak_radius=p.segment.peak_radius,
+        max_radius=p.segment.max_radius,
+        snr=p.detect.snr,
+        fraction=p.detect.fraction,
         noise=noise,
     )
 
@@ -80,17 +82,17 @@ def _stack_value(run: Run, name: str, compute: Callable[[], float]) -> float:
 
 def _threshold(run: Run, image: zarr.Array) -> float:
     p = run.params
-    if p.threshold_method == "value":
-        assert p.threshold_value is not None  # stages.check refused a method without a value
-        return float(p.threshold_value)
+    if p.threshold.method == "value":
+        assert p.threshold.value is not None  # stages.check refused a method without a value
+        return float(p.threshold.value)
     value_range = _value_range(image)
     with dask.config.set(scheduler=run.runner.scheduler):
         value = filters.threshold(
             da.from_zarr(image),
-            method=p.threshold_method,
+            method=p.threshold.method,
             value_range=value_range,
         )
-    return float(value) * p.threshold_factor
+    return float(value) * p.threshold.factor
 
 
 # Bins of the noise estimate: a coarse histogram finds the mode, a fine one spans the values
@@ -167,7 +169,7 @@ class Detected:
 
 
 def _threshold_complete(_stack: io.Stack, params: Params) -> None:
-    if params.threshold_method == "value" and params.threshold_value is None:
+    if params.threshold.method == "value" and params.threshold.value is None:
         raise ConfigError("`threshold.method` is value but `threshold.value` is null; set both")
 
 

@@ -40,7 +40,7 @@ def write_table(run: Run, table: table_stage.Table, empty: pd.DataFrame) -> str:
     for name in table_stage.OUTPUT_NAMES:
         run.entry(name)
     return table_stage.write(
-        table, run.output, single_file_rows=run.params.single_file_rows, empty=empty
+        table, run.output, single_file_rows=run.params.measure.single_file_rows, empty=empty
     )
 
 
@@ -56,7 +56,9 @@ def write_outputs(run: Run, table: table_stage.Table) -> dict[str, Any]:
     p = run.params
     empty = table.empty
     if empty is None:
-        empty = measure.empty_table(len(run.region), table_stage.channel_suffixes(p.channels))
+        empty = measure.empty_table(
+            len(run.region), table_stage.channel_suffixes(p.measure.channels)
+        )
     written = write_table(run, table, empty)
     from nucflow import labels_table
 
@@ -66,7 +68,7 @@ def write_outputs(run: Run, table: table_stage.Table) -> dict[str, Any]:
         run.facts["table"] = (
             f"nuclei.parquet/ is a partitioned dataset of {len(table.parts)} part(s), rows "
             f"grouped by block; no nuclei.csv above measure.single_file_rows = "
-            f"{p.single_file_rows:,} rows"
+            f"{p.measure.single_file_rows:,} rows"
         )
     if p.qc:
         from nucflow import qc
@@ -84,14 +86,15 @@ def write_outputs(run: Run, table: table_stage.Table) -> dict[str, Any]:
     if run.timepoints is not None:
         counts["timepoints"] = run.facts.get("timepoints", {}).get("counts", {})
     if table.truncated:
+        max_radius = p.segment.max_radius
         fix = (
-            f"rerun with --set segment.max_radius={1.5 * p.max_radius:g} (or a larger --diameter)"
+            f"rerun with --set segment.max_radius={1.5 * max_radius:g} (or a larger --diameter)"
             if calibrated(run)
             else "the input has no voxel size: pass --voxel-size (anisotropic voxels counted as "
             "cubes make nuclei look elongated), then check --diameter"
         )
         warnings.warn(
-            f"{table.truncated} nuclei reached segment.max_radius = {p.max_radius:g}; they may be "
+            f"{table.truncated} nuclei reached segment.max_radius = {max_radius:g}; they may be "
             f"cut: {fix}",
             stacklevel=2,
         )

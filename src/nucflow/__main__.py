@@ -1,0 +1,5 @@
+"""``python -m nucflow``: the same as the ``nucflow`` command."""
+
+from nucflow.cli import console
+
+console()
