@@ -35,6 +35,7 @@ from nucflow import (
 )
 from nucflow import progress as progress_report
 from nucflow import table as table_stage
+from nucflow.cluster.runner import Runner
 from nucflow.config import Params
 from nucflow.errors import (
     NucflowError,
@@ -60,7 +61,7 @@ class Run:
     stack: io.Stack
     params: Params
     output: Path
-    runner: Any
+    runner: Runner
     config: dict[str, Any]
     resume: bool = False
     timings: dict[str, float] = field(default_factory=dict)
@@ -69,7 +70,9 @@ class Run:
     lock: lock.OutputLock | None = None  # held from open_run to finish/fail
     claim: outdir.Claim | None = None  # the output directory's manifest (open_run)
     lineage: fingerprint.Lineage | None = None  # what --resume may reuse (fingerprint.start)
-    progress: Any = field(default=None, repr=False, compare=False)  # nucflow.progress.attach
+    progress: progress_report.RunProgress | None = field(
+        default=None, repr=False, compare=False
+    )  # nucflow.progress.attach
     # A time-lapse: the time points to segment (None: the input has no time axis). Each is
     # segmented by a run of its own (``time`` set, ``.work/t0003/``): nucflow.timelapse.
     timepoints: tuple[int, ...] | None = None
