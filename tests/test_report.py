@@ -1,0 +1,187 @@
+"""nucflow.report: ``qc/report.html`` of a 3D and a 2D run, opened in a real headless browser
+(Debian's chromium and chromium-driver, driven by selenium): it loads, every picture renders,
+a scale bar is drawn, the screenshot is not blank, and no request leaves the file.
+
+Run as a script, it writes the README's screenshot of a report:
+``python tests/test_report.py RUN_DIR docs/report.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nucflow import report
+from nucflow.cli import main
+
+DRIVER = "chromedriver"  # Debian's chromium-driver; .ci/run installs it when root
+
+
+def _browser():
+    """A headless chromium that logs every network request (the performance log)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument("--window-size=1280,1600")
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    chromium = shutil.which("chromium")
+    if chromium:
+        options.binary_location = chromium
+    return webdriver.Chrome(service=Service(shutil.which(DRIVER)), options=options)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Skip only when no browser is installed and this is not root (root: CI installs it)."""
+    pytest.importorskip("selenium")
+    if shutil.which(DRIVER) is None:
+        if os.geteuid() == 0:
+            pytest.fail("chromium-driver is not installed: .ci/run installs it (apt) when root")
+        pytest.skip("no chromium-driver (apt install chromium chromium-driver)")
+    driver = _browser()
+    yield driver
+    driver.quit()
+
+
+def _run(source: Path, out: Path, chunks: tuple[int, ...]) -> Path:
+    argv = ["run", "--input", str(source), "--output", str(out), "--diameter", "8"]
+    assert main([*argv, "--chunks", *map(str, chunks)]) == 0
+    return out / "qc" / report.NAME
+
+
+@pytest.fixture(scope="module")
+def pages(stack3d, stack2d, tmp_path_factory) -> dict[str, Path]:
+    """The report of a 3D run on 2 x 2 x 2 blocks and of a 2D run on 2 x 2 blocks."""
+    base = tmp_path_factory.mktemp("report")
+    return {
+        "3d": _run(stack3d[0], base / "run3d", (20, 64, 64)),
+        "2d": _run(stack2d[0], base / "run2d", (128, 128)),
+    }
+
+
+def _requests(driver) -> list[str]:
+    """URLs of every request the browser sent since the log was last read."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+_PIXELS = """
+const [img, box] = arguments;
+const canvas = document.createElement("canvas");
+canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+const context = canvas.getContext("2d");
+context.drawImage(img, 0, 0);
+const [x0, y0, x1, y1] = box;
+const inside = context.getImageData(x0, y0, x1 - x0 + 1, y1 - y0 + 1).data;
+const below = context.getImageData(x0, y1 + 4, x1 - x0 + 1, 1).data;
+return [Array.from(inside), Array.from(below)];
+"""
+
+
+def _open(driver, page: Path) -> None:
+    _requests(driver)  # forget what came before
+    driver.get(page.as_uri())
+    assert driver.execute_script("return document.readyState") == "complete"
+
+
+@pytest.mark.parametrize("kind", ["3d", "2d"])
+def test_report_renders_in_a_browser_and_requests_nothing(browser, pages, kind):
+    page = pages[kind]
+    _open(browser, page)
+    assert browser.title.startswith("nucflow QC report")
+    sent = _requests(browser)
+    assert sent and all(u == page.as_uri() or u.startswith("data:") for u in sent), sent
+    resources = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)"
+    )
+    assert all(name.startswith("data:") for name in resources), resources
+
+    images = browser.find_elements("tag name", "img")
+    sizes = [browser.execute_script("return [arguments[0].complete, arguments[0].naturalWidth, "
+                                    "arguments[0].naturalHeight]", i) for i in images]  # fmt: skip
+    assert sizes and all(done and w > 0 and h > 0 for done, w, h in sizes), sizes
+    # outlines at a size that shows nuclei: >= 1000 px on the long side of the image itself
+    pictured = "figure[data-scale-bar]:not([data-scale-bar=''])"  # those with outlines
+    outlined = browser.find_elements("css selector", pictured)
+    expected = 3 + 3 if kind == "3d" else 1  # projections + planes; 2D: the image once
+    assert len(outlined) == expected
+    for figure in outlined:
+        box = [int(v) for v in figure.get_attribute("data-scale-bar").split()]
+        image = figure.find_element("tag name", "img")
+        assert max(sizes[images.index(image)][1:]) - sum(report._MARGIN[::2]) >= 1000
+        inside, below = browser.execute_script(_PIXELS, image, box)
+        inside = np.asarray(inside).reshape(-1, 4)
+        assert (inside[:, :3] == 255).all()  # the bar: white...
+        assert (np.asarray(below).reshape(-1, 4)[:, :3] == 0).all()  # ...on its black box
+        assert box[2] - box[0] >= 20
+    caption = outlined[0].text
+    assert ("maximum projection" in caption.lower()) == (kind == "3d")
+
+    from PIL import Image
+
+    shot = np.asarray(Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("L"))
+    assert shot.std() > 20  # text, tables and a picture: not a blank page
+
+
+def test_the_request_check_can_fail(browser, pages, tmp_path):
+    """The same page with a picture from elsewhere and no CSP: the log sees the request."""
+    text = pages["2d"].read_text()
+    assert "Content-Security-Policy" in text
+    assert not re.findall(r'(?:src|href)="(?!data:)', text)
+    leaky = tmp_path / "leaky.html"
+    leaky.write_text(
+        re.sub(r"<meta http-equiv=\"Content-Security-Policy\"[^>]*>", "", text).replace(
+            "</body>", '<img src="http://127.0.0.1:9/x.png"></body>'
+        )
+    )
+    _open(browser, leaky)
+    assert "http://127.0.0.1:9/x.png" in _requests(browser)
+
+
+def test_report_counts_every_nucleus_by_block(pages):
+    """The heat map's counts (read back from the table in batches) add up to the table."""
+    out = pages["3d"].parents[1]
+    record = json.loads((out / "run.json").read_text())
+    spatial = report._Spatial.of(record, tuple(record["shape"]), (0, 0, 0))
+    rows, sample, per_block = report._read_table(out / "nuclei.parquet", spatial)
+    table = pd.read_parquet(out / "nuclei.parquet")
+    assert rows == len(table) == per_block.sum() == len(sample)
+    assert per_block.shape == (2, 2, 2)
+    z = np.floor(table["centroid_z"].to_numpy()) // 20
+    assert per_block[0].sum() == (z == 0).sum()
+    assert record["qc_report"] == "qc/report.html"
+
+
+def _screenshot(run: Path, png: Path) -> None:
+    """The top of ``RUN/qc/report.html`` as the README shows it."""
+    from PIL import Image
+
+    driver = _browser()
+    try:
+        driver.set_window_size(1280, 2400)
+        driver.get((run / "qc" / report.NAME).resolve().as_uri())
+        shot = Image.open(io.BytesIO(driver.get_screenshot_as_png()))
+        shot.convert("RGB").resize((shot.width // 2, shot.height // 2)).save(png, optimize=True)
+    finally:
+        driver.quit()
+
+
+if __name__ == "__main__":
+    _screenshot(Path(sys.argv[1]), Path(sys.argv[2]))
+    print(f"wrote {sys.argv[2]}")
