@@ -288,9 +288,9 @@ def _framed(
     canvas = Image.new("RGB", (width + left + right, height + top + bottom), "white")
     canvas.paste(Image.fromarray(rgb), (left, top))
     draw = ImageDraw.Draw(canvas)
-    font = _font(15)
-    big = _font(18)
-    draw.text((left, 10), _say(big, title), fill="black", font=big)
+    font = qc.font_of(15)
+    big = qc.font_of(18)
+    draw.text((left, 10), qc.say(big, title), fill="black", font=big)
     per_pixel = voxels_per_cell / zoom  # voxels per display pixel
     y0 = origin[0] + spatial.offset[-2]
     x0 = origin[1] + spatial.offset[-1]
@@ -321,7 +321,7 @@ def _scale_bar(draw, font, spatial: _Spatial, per_pixel: float, corner: tuple[in
     x0, y0 = x1 - pixels, y1 - 8
     draw.rectangle((x0 - 10, y0 - 30, x1 + 10, y1 + 8), fill=(0, 0, 0))
     draw.rectangle((x0, y0, x1, y1), fill=(255, 255, 255))
-    text = _say(font, f"{length:g} {spatial.unit}")
+    text = qc.say(font, f"{length:g} {spatial.unit}")
     draw.text(((x0 + x1) / 2, y0 - 5), text, fill="white", font=font, anchor="mb")
     return (int(x0), int(y0), int(x1), int(y1))
 
@@ -330,23 +330,6 @@ def _round_down(value: float) -> float:
     """The largest 1, 2 or 5 times a power of ten not above ``value``."""
     power = 10.0 ** math.floor(math.log10(value))
     return max(m * power for m in (1, 2, 5) if m * power <= value)
-
-
-def _font(size: int) -> Any:
-    """DejaVu Sans where installed (it has µ and –), else Pillow's own font."""
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except OSError:
-        return ImageFont.load_default(size=size)
-
-
-def _say(font: Any, text: str) -> str:
-    """``text`` in the glyphs ``font`` has: Pillow's own font has no µ or en dash."""
-    if "DejaVu" in str(getattr(font, "path", "")):
-        return text
-    return text.replace("µ", "u").replace("–", "-")
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -368,14 +351,14 @@ def _heat_map(per_block: np.ndarray) -> _Picture:
     layers = per_block if per_block.ndim == 3 else per_block[None]
     ny, nx = layers.shape[1:]
     cell = int(np.clip(480 // max(ny, nx, 1), 6, 64))
-    font = _font(13)
+    font = qc.font_of(13)
     gap, top = 24, 52
     width = len(layers) * (nx * cell + gap) + gap
     canvas = Image.new("RGB", (max(width, 420), ny * cell + top + 30), "white")
     draw = ImageDraw.Draw(canvas)
     most = max(int(per_block.max()), 1)
     draw.text((gap, 8), f"nuclei per block (darkest: {most}); white: none", fill="black",
-              font=_font(16))  # fmt: skip
+              font=qc.font_of(16))  # fmt: skip
     for k, layer in enumerate(layers):
         x0 = gap + k * (nx * cell + gap)
         name = f"z block {k}" if per_block.ndim == 3 else "blocks (y down, x right)"
