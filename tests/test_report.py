@@ -185,3 +185,24 @@ def _screenshot(run: Path, png: Path) -> None:
 if __name__ == "__main__":
     _screenshot(Path(sys.argv[1]), Path(sys.argv[2]))
     print(f"wrote {sys.argv[2]}")
+
+
+def test_large_projections_are_cell_maxima_and_labels_every_nth_voxel():
+    """Above 2048 voxels a side the projection is reduced: intensities by cell maxima (scikit-
+    image's block_reduce), labels by stride; read block by block from an unevenly chunked
+    dask array, never as one piece."""
+    import dask.array as da
+    from skimage.measure import block_reduce
+
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 1000, (6, 130, 4500)).astype(np.uint16)
+    data = da.from_array(stack, chunks=(4, 50, 1000))
+    reduce = -(-4500 // report._MAX_SIDE)
+    assert reduce == 3
+    flat = report._project(data, (2, 6), reduce)
+    assert max(flat.chunksize) < 4500  # still in blocks
+    expected = block_reduce(stack[2:6].max(axis=0), (3, 3), np.max)[: 130 // 3]
+    np.testing.assert_array_equal(flat.compute(), expected)
+    strided = report._project(data, (2, 6), reduce, stride=True).compute()
+    np.testing.assert_array_equal(strided, stack[2:6, ::3, ::3].max(axis=0))
+    assert report._thirds(6) == [(0, 2), (2, 4), (4, 6)] and report._thirds(2) == [(0, 2)]

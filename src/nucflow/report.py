@@ -166,53 +166,45 @@ class _Picture:
 def _pictures(
     image: da.Array, labels: da.Array, sample: pd.DataFrame, spatial: _Spatial
 ) -> dict[str, list[_Picture]]:
-    """Projections per depth third, full-resolution planes, distributions, nuclei per block."""
-    slabs = _thirds(spatial.shape[0]) if image.ndim == 3 else [None]
+    """Outlines on the projection of each depth third (the image itself in 2D) and on
+    full-resolution planes (the middle of each third), computed in one pass."""
+    slabs: list[tuple[int, int] | None] = (
+        list(_thirds(spatial.shape[0])) if image.ndim == 3 else [None]
+    )
     reduce = max(1, math.ceil(max(spatial.shape[-2:]) / _MAX_SIDE))
     crop = _crop(spatial.shape, sample, spatial.offset)
-    planes = [(a + b) // 2 for a, b in slabs] if image.ndim == 3 else [None]
+    planes = [None if s is None else (s[0] + s[1]) // 2 for s in slabs]
+    whole = reduce == 1 and crop == tuple(slice(0, n) for n in spatial.shape[-2:])
+    if image.ndim == 2 and whole:
+        planes = []  # the 2D image at full resolution is shown already
     lazy = [(_project(image, s, reduce), _project(labels, s, reduce, stride=True)) for s in slabs]
     lazy += [(_plane(image, z, crop), _plane(labels, z, crop)) for z in planes]
     computed = dask.compute(*lazy)  # one pass: blocks shared by several pictures read once
-    names = ("top", "middle", "bottom")
-    projections, full = [], []
-    for k, (picture, flat) in enumerate(computed[: len(slabs)]):
-        where = (
-            "the whole image"
-            if slabs[k] is None
-            else (f"{names[k]} third, z {slabs[k][0]}–{slabs[k][1] - 1}")
-        )
-        title = f"Maximum projection, {where}" if slabs[k] is not None else "The image"
-        step = f"; each pixel the maximum of {reduce}×{reduce} voxels" if reduce > 1 else ""
+    step = f"; each pixel the maximum of {reduce}×{reduce} voxels" if reduce > 1 else ""
+    names = ("top third", "middle third", "bottom third") if len(slabs) == 3 else ("all",)
+    projections = []
+    for slab, name, (picture, flat) in zip(slabs, names, computed, strict=False):
+        title = "The image"
+        if slab is not None:
+            title = f"Maximum projection, {name}, z {_span(slice(*slab), spatial.offset[0])}"
+        caption = f"{title}: label outlines in orange{step}."
         projections.append(
-            _framed(
-                picture,
-                flat,
-                spatial,
-                origin=(0, 0),
-                voxels_per_cell=reduce,
-                title=title,
-                caption=f"{title}: label outlines in orange{step}.",
-            )  # fmt: skip
-        )
-    for k, (picture, flat) in enumerate(computed[len(slabs) :]):
-        if image.ndim == 2 and reduce == 1 and crop == tuple(slice(0, n) for n in spatial.shape):
-            break  # the 2D image at full resolution is already shown
-        at = "" if planes[k] is None else f"plane z {planes[k] + spatial.offset[0]}, "
-        title = f"Full resolution: {at}y {_span(crop[0], spatial.offset[-2])}, " + (
+            _framed(picture, flat, spatial, origin=(0, 0), voxels_per_cell=reduce,
+                    title=title, caption=caption)
+        )  # fmt: skip
+    full = []
+    for z, (picture, flat) in zip(planes, computed[len(slabs) :], strict=True):
+        at = "" if z is None else f"plane z {z + spatial.offset[0]}, "
+        title = (
+            f"Full resolution: {at}y {_span(crop[0], spatial.offset[-2])}, "
             f"x {_span(crop[1], spatial.offset[-1])}"
         )
+        caption = f"{title}: one plane, label outlines in orange."
+        origin = (crop[0].start, crop[1].start)
         full.append(
-            _framed(
-                picture,
-                flat,
-                spatial,
-                origin=(crop[0].start, crop[1].start),
-                voxels_per_cell=1,
-                title=title,
-                caption=f"{title}: one plane, label outlines in orange.",
-            )  # fmt: skip
-        )
+            _framed(picture, flat, spatial, origin=origin, voxels_per_cell=1, title=title,
+                    caption=caption)
+        )  # fmt: skip
     return {"projections": projections, "planes": full}
 
 
