@@ -206,3 +206,24 @@ def test_large_projections_are_cell_maxima_and_labels_every_nth_voxel():
     strided = report._project(data, (2, 6), reduce, stride=True).compute()
     np.testing.assert_array_equal(strided, stack[2:6, ::3, ::3].max(axis=0))
     assert report._thirds(6) == [(0, 2), (2, 4), (4, 6)] and report._thirds(2) == [(0, 2)]
+
+
+def test_warnings_say_what_the_run_said(pages):
+    """Truncation with the radius to use (as the run's own warning), and a pixel-sized input."""
+    record = json.loads((pages["3d"].parents[1] / "run.json").read_text())
+    record["counts"]["truncated"] = 3
+    spatial = report._Spatial.of(record, tuple(record["shape"]), (0, 0, 0))
+    (said,) = report._warnings(record, 70, pd.DataFrame(), spatial)
+    assert re.sub("<[^>]+>", "", said) == (
+        "3 nuclei reached segment.max_radius = 8; they may be cut: rerun with --set "
+        "segment.max_radius=12 (or a larger --diameter)."
+    )
+    record["unit"] = "pixel"
+    spatial = report._Spatial.of(record, tuple(record["shape"]), (0, 0, 0))
+    truncated, pixels = report._warnings(record, 70, pd.DataFrame(), spatial)
+    assert "pass --voxel-size (anisotropic voxels" in re.sub("<[^>]+>", "", truncated)
+    assert re.sub("<[^>]+>", "", pixels).startswith("The input has no voxel size")
+    record["counts"]["truncated"] = 0
+    assert report._warnings(record, 0, pd.DataFrame(), spatial)[-1].endswith(
+        "No nuclei were found: check <code>--diameter</code> and the projections.</p>"
+    )

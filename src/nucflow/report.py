@@ -414,7 +414,8 @@ def _page(
         parts += ["<h2>Accuracy against the ground truth</h2>", _accuracy(record["accuracy"])]
     parts += ["<h2>Input and run</h2>", _table(_run_facts(record, spatial))]
     if pictures["projections"]:
-        parts.append("<h2>Outlines on maximum projections</h2>")
+        where = "maximum projections" if len(spatial.shape) == 3 else "the image"
+        parts.append(f"<h2>Outlines on {where}</h2>")
         parts += [_figure(p) for p in pictures["projections"]]
     if pictures["planes"]:
         parts.append("<h2>Outlines on full-resolution planes</h2>")
@@ -440,13 +441,18 @@ def _warnings(
     found = []
     truncated = (record.get("counts") or {}).get("truncated", 0)
     if truncated:
-        radius = record.get("derived", {}).get("max_radius")
+        radius = float(record.get("derived", {}).get("max_radius") or 0)
+        fix = (  # as the run's own warning (pipeline.write) says it
+            f"rerun with <code>--set segment.max_radius={1.5 * radius:g}</code> (or a larger "
+            "<code>--diameter</code>)"
+            if spatial.unit == "µm"
+            else "the input has no voxel size: pass <code>--voxel-size</code> (anisotropic "
+            "voxels counted as cubes make nuclei look elongated), then check "
+            "<code>--diameter</code>"
+        )
         found.append(
-            f"{truncated} nuclei reached <code>segment.max_radius</code> = {radius:g} and may be "
-            f"cut: rerun with <code>--set segment.max_radius={1.5 * radius:g}</code> (or a "
-            "larger <code>--diameter</code>)."
-            if isinstance(radius, int | float)
-            else f"{truncated} nuclei may be cut (truncated)."
+            f"{truncated} nuclei reached <code>segment.max_radius</code> = {radius:g}; they may "
+            f"be cut: {fix}."
         )
     if spatial.unit == "px":
         found.append(
@@ -481,7 +487,7 @@ def _accuracy(report: Mapping[str, Any]) -> str:
 
 def _run_facts(record: Mapping[str, Any], spatial: _Spatial) -> dict[str, Any]:
     timings = record.get("timings_s") or {}
-    return {
+    facts = {
         "input": record.get("input"),
         "shape, dtype": f"{tuple(record.get('shape', ()))} {record.get('dtype', '')}",
         "voxel size": (
@@ -495,6 +501,10 @@ def _run_facts(record: Mapping[str, Any], spatial: _Spatial) -> dict[str, Any]:
         "time per stage, s": ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
         "outputs": "nuclei.parquet, nuclei.csv, labels.ome.zarr, run.json, qc/",
     }
+    selected = (record.get("timepoints") or {}).get("selected")
+    if selected:  # a time-lapse: the pictures show its first selected time point
+        facts["time points"] = f"{len(selected)} selected; pictures of t = {selected[0]}"
+    return facts
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
