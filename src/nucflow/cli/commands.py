@@ -301,7 +301,7 @@ def _tune(args: argparse.Namespace) -> None:
     qc = job.output / "qc"
     pictures = ", ".join(
         str(qc / name)
-        for name in ("outlines.png", "depth.png", "distributions.png")
+        for name in ("report.html", "outlines.png", "depth.png", "distributions.png")
         if (qc / name).exists()
     )
     print(
