@@ -227,3 +227,21 @@ def test_warnings_say_what_the_run_said(pages):
     assert report._warnings(record, 0, pd.DataFrame(), spatial)[-1].endswith(
         "No nuclei were found: check <code>--diameter</code> and the projections.</p>"
     )
+
+
+def test_heat_map_sums_deep_layers_and_shades_the_fullest_block_darkest():
+    """20 layers of z blocks in 8 panels (4 a row); the one block with nuclei, in the last
+    layer's lower right corner, is the darkest cell of the last panel."""
+    from PIL import Image
+
+    per_block = np.zeros((20, 3, 5), np.int64)
+    per_block[19, 2, 4], per_block[0, 0, 0] = 7, 2
+    picture = report._heat_map(per_block)
+    pixels = np.asarray(Image.open(io.BytesIO(picture.png)).convert("RGB"))
+    darkest = np.argwhere((pixels == (40, 40, 255)).all(axis=-1))
+    assert len(darkest)
+    (y0, x0), (y1, x1) = darkest.min(0), darkest.max(0)
+    assert x0 > pixels.shape[1] * 3 / 4 and y0 > pixels.shape[0] / 2  # lower right panel
+    lighter = np.argwhere((pixels == (193, 193, 255)).all(axis=-1))  # int(255 - 215 * 2 / 7)
+    assert lighter.max(0)[1] < pixels.shape[1] / 4 and lighter.max(0)[0] < pixels.shape[0] / 2
+    assert (y1 - y0) == (x1 - x0)  # a square cell

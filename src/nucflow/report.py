@@ -336,37 +336,47 @@ def _distributions(sample: pd.DataFrame) -> _Picture:
     return _Picture("Distributions", _png(np.asarray(canvas)), canvas.size, None, caption)
 
 
+_PANELS = 8  # heat map panels at most (layers of z blocks summed in groups above), 4 a row
+
+
 def _heat_map(per_block: np.ndarray) -> _Picture:
-    """Nuclei per block: one panel per layer of blocks in z, side by side, darker = more."""
+    """Nuclei per block, darker = more: one panel per layer of blocks in z (contiguous layers
+    summed into at most ``_PANELS`` groups), four panels a row."""
     from PIL import Image, ImageDraw
 
-    layers = per_block if per_block.ndim == 3 else per_block[None]
-    ny, nx = layers.shape[1:]
-    cell = int(np.clip(480 // max(ny, nx, 1), 6, 64))
-    font = qc.font_of(13)
-    gap, top = 24, 52
-    width = len(layers) * (nx * cell + gap) + gap
-    canvas = Image.new("RGB", (max(width, 420), ny * cell + top + 30), "white")
+    groups = np.array_split(np.arange(per_block.shape[0]), min(per_block.shape[0], _PANELS))
+    layers = [per_block[g].sum(axis=0) for g in groups] if per_block.ndim == 3 else [per_block]
+    ny, nx = layers[0].shape
+    columns = min(len(layers), 4)
+    gap, top, head = 24, 40, 22
+    cell = int(np.clip(min(480, 1150 // columns - gap) // max(ny, nx, 1), 3, 64))
+    width, height = nx * cell + gap, ny * cell + head + gap
+    rows = -(-len(layers) // columns)
+    canvas = Image.new("RGB", (max(columns * width + gap, 420), top + rows * height), "white")
     draw = ImageDraw.Draw(canvas)
-    most = max(int(per_block.max()), 1)
+    font = qc.font_of(13)
+    most = max(max(int(a.max()) for a in layers), 1)
     draw.text((gap, 8), f"nuclei per block (darkest: {most}); white: none", fill="black",
               font=qc.font_of(16))  # fmt: skip
-    for k, layer in enumerate(layers):
-        x0 = gap + k * (nx * cell + gap)
-        name = f"z block {k}" if per_block.ndim == 3 else "blocks (y down, x right)"
-        draw.text((x0, top - 18), name, fill="black", font=font)
+    for k, (layer, group) in enumerate(zip(layers, groups, strict=False)):
+        x0, y0 = gap + k % columns * width, top + k // columns * height
+        name = "blocks (y down, x right)"
+        if per_block.ndim == 3:
+            name = f"z block {group[0]}" + (f"–{group[-1]} (summed)" if len(group) > 1 else "")
+        draw.text((x0, y0), qc.say(font, name), fill="black", font=font)
         for (j, i), count in np.ndenumerate(layer):
             shade = int(255 - 215 * count / most)
-            box = (x0 + i * cell, top + j * cell, x0 + (i + 1) * cell - 1, top + (j + 1) * cell - 1)
+            box = (x0 + i * cell, y0 + head + j * cell, x0 + (i + 1) * cell - 1,
+                   y0 + head + (j + 1) * cell - 1)  # fmt: skip
             draw.rectangle(box, fill=(shade, shade, 255) if count else (255, 255, 255),
-                           outline=(200, 200, 200))  # fmt: skip
+                           outline=(200, 200, 200) if cell >= 6 else None)  # fmt: skip
             if cell >= 28:
                 ink = "white" if count > most / 2 else "black"
                 centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
                 draw.text(centre, str(count), fill=ink, font=font, anchor="mm")
     caption = (
         "Nuclei per block of the run (by centroid): where detection thins out, e.g. deep down "
-        "or at the edge of the light."
+        "or at the edge of the light (blocks at the stack's far faces may be smaller)."
     )
     return _Picture("Nuclei per block", _png(np.asarray(canvas)), canvas.size, None, caption)
 
