@@ -81,6 +81,20 @@ def _requests(driver) -> list[str]:
     return urls
 
 
+_SPREAD = """
+const img = arguments[0];
+const canvas = document.createElement("canvas");
+canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+const context = canvas.getContext("2d");
+context.drawImage(img, 0, 0);
+const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+let sum = 0, squares = 0, n = 0;
+for (let k = 0; k < data.length; k += 4 * 7) {  // every 7th pixel's green
+  const v = data[k + 1]; sum += v; squares += v * v; n++;
+}
+return Math.sqrt(squares / n - (sum / n) ** 2);
+"""
+
 _PIXELS = """
 const [img, box] = arguments;
 const canvas = document.createElement("canvas");
@@ -116,6 +130,8 @@ def test_report_renders_in_a_browser_and_requests_nothing(browser, pages, kind):
     sizes = [browser.execute_script("return [arguments[0].complete, arguments[0].naturalWidth, "
                                     "arguments[0].naturalHeight]", i) for i in images]  # fmt: skip
     assert sizes and all(done and w > 0 and h > 0 for done, w, h in sizes), sizes
+    spreads = [browser.execute_script(_SPREAD, i) for i in images]  # as the browser decoded it
+    assert min(spreads) > 20, spreads  # every picture shows something, none is blank
     # outlines at a size that shows nuclei: >= 1000 px on the long side of the image itself
     pictured = "figure[data-scale-bar]:not([data-scale-bar=''])"  # those with outlines
     outlined = browser.find_elements("css selector", pictured)
