@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,6 +23,7 @@ import zarr
 
 from nucflow import io, synth
 from nucflow.cli import main
+from nucflow.cli.parser import _parser
 from nucflow.measure import table_columns
 from nucflow.objects import default_columns
 
@@ -484,6 +487,10 @@ def test_demo_scores_itself_and_keeps_earlier_folders(capsys, tmp_path):
     table = pd.read_parquet(folder / "run" / "nuclei.parquet")
     assert len(table) == found
     assert json.loads((folder / "run" / "run.json").read_text())["status"] == "complete"
+    page = Path(re.search(r"report\s+(\S+) \(open it in a browser\)", out).group(1))
+    assert page == folder.resolve() / "run" / "qc" / "report.html"
+    text = page.read_text()  # rewritten once run.json holds the accuracy
+    assert "Accuracy against the ground truth" in text and f"<td>{f1:.3f}</td>" in text
 
     assert main(["demo", "--output", str(folder)]) == 2  # an earlier demo is kept...
     assert "pass --overwrite or another --output" in capsys.readouterr().err
@@ -494,6 +501,17 @@ def test_demo_scores_itself_and_keeps_earlier_folders(capsys, tmp_path):
     assert "is not a nucflow output" in capsys.readouterr().err
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     assert (foreign / "notes.txt").read_text() == "keep"
+
+
+def test_the_default_demo_folder_is_git_ignored():
+    """`nucflow demo` in a clone writes ./nucflow-demo/, which `git status` never shows."""
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    default = _parser().parse_args(["demo"]).output
+    inside = repo / default / "run" / "nuclei.csv"
+    found = subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", str(inside)])
+    assert found.returncode == 0, f"{default}/ is not in .gitignore"
 
 
 def test_help_imports_nothing_heavy_and_a_run_skips_scipy_stats():

@@ -238,27 +238,34 @@ def test_run_directory_is_complete_and_readable(stack3d, tmp_path):
     assert "image-label" in nodes[0].zarr.root_attrs
     np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), labels)
     qc = sorted(p.name for p in (out / "qc").iterdir())
-    assert qc == ["depth.png", "distributions.png", "outlines.png"]
+    assert qc == ["depth.png", "distributions.png", "outlines.png", "report.html"]
     _check_outlines(out / "qc" / "outlines.png", record["qc_outline_windows_yx"], labels)
 
 
 def _check_outlines(path, windows, labels):
-    """outlines.png: one panel per recorded window, outlines exactly where the labels' max
-    projection has boundaries."""
+    """outlines.png: one panel per recorded window under its title, enlarged to at least 1000
+    pixels in all, outlines exactly where the enlarged labels' max projection has boundaries."""
     import imagecodecs
     from skimage.segmentation import find_boundaries
 
+    from nucflow.qc import HEADER
+
     picture = imagecodecs.png_decode(path.read_bytes())
     widths = [x1 - x0 for _, (x0, x1) in windows]
-    height = max(y1 - y0 for (y0, y1), _ in windows)
-    assert picture.shape == (height, sum(widths) + 4 * (len(windows) - 1), 3)
+    zoom = (picture.shape[1] - 4 * (len(windows) - 1)) // sum(widths)
+    assert zoom == min(8, max(1, -(-1000 // sum(widths))))
+    height = max(y1 - y0 for (y0, y1), _ in windows) * zoom + HEADER
+    assert picture.shape == (height, sum(widths) * zoom + 4 * (len(windows) - 1), 3)
     left = 0
     for ((y0, y1), (x0, x1)), width in zip(windows, widths, strict=True):
-        panel = picture[: y1 - y0, left : left + width]
-        edges = find_boundaries(labels[:, y0:y1, x0:x1].max(axis=0), mode="inner")
+        panel = picture[HEADER : HEADER + (y1 - y0) * zoom, left : left + width * zoom]
+        flat = labels[:, y0:y1, x0:x1].max(axis=0)
+        edges = find_boundaries(np.kron(flat, np.ones((zoom, zoom), flat.dtype)), mode="inner")
         assert edges.any()
         np.testing.assert_array_equal((panel == (255, 140, 0)).all(axis=-1), edges)
-        left += width + 4
+        title = picture[:HEADER, left : left + width * zoom]
+        assert (title < 128).any()  # its title in black
+        left += width * zoom + 4
 
 
 def test_labels_are_uint32_up_to_the_largest_stack_whose_labels_fit():

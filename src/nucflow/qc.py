@@ -6,13 +6,14 @@ import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
 
-__all__ = ["write"]
+__all__ = ["distributions_picture", "write"]
 
 _REGION = 256  # side of a QC region in y and x, voxels
 _GAP = 4  # white pixels between panels
@@ -62,9 +63,12 @@ def write(
         flat = dask.compute(
             *[(_project(image, w), _project(labels, w)) for w in [*windows, *slabs]]
         )
-        _outline_picture(folder / "outlines.png", flat[: len(windows)])
+        names = [f"y {_span(w[0], y0)}, x {_span(w[1], x0)}" for w in windows]
+        _outline_picture(folder / "outlines.png", flat[: len(windows)], names)
         if slabs:
-            _outline_picture(folder / "depth.png", flat[len(windows) :])
+            depth = [f"{where} third: z {_span(s[0], 0)}" for where, s in zip(
+                ("top", "middle", "bottom"), slabs, strict=True)]  # fmt: skip
+            _outline_picture(folder / "depth.png", flat[len(windows) :], depth)
         drawn.result()
     return [
         (slice(y.start + y0, y.stop + y0), slice(x.start + x0, x.stop + x0)) for y, x in windows
@@ -112,26 +116,71 @@ def _regions(
     return windows
 
 
-def _outline_picture(path: Path, projections: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
-    """One panel per window, one pixel per voxel: the projection in grey (1st to 99.8th
-    percentile), label outlines in orange, panels separated by white gaps."""
+def _span(s: slice, offset: int) -> str:
+    """A half-open range as the first and last voxel, in stack coordinates."""
+    return f"{s.start + offset}–{s.stop + offset - 1}"
+
+
+def _outline_picture(
+    path: Path, projections: Sequence[tuple[np.ndarray, np.ndarray]], titles: Sequence[str]
+) -> None:
+    """One panel per window, each under its title: the projection in grey (1st to 99.8th
+    percentile), label outlines in orange (one pixel wide), panels separated by white gaps;
+    ``zoom`` (nearest neighbour) pixels per voxel so the row is at least ``_MIN_ROW`` wide."""
     import imagecodecs
 
+    zoom = zoom_of(sum(p.shape[1] for p, _ in projections))
     panels = []
     for picture, flat in projections:
+        picture, flat = (np.kron(a, np.ones((zoom, zoom), a.dtype)) for a in (picture, flat))
         low, high = np.percentile(picture, (1, 99.8))
         grey = np.clip((picture - low) / max(high - low, 1e-12), 0, 1)
         rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
         rgb[_inner_boundaries(flat)] = _OUTLINE_RGB
         panels.append(rgb)
-    height = max(p.shape[0] for p in panels)
+    height = max(p.shape[0] for p in panels) + HEADER
     gap = np.full((height, _GAP, 3), 255, np.uint8)
     row = []
-    for panel in panels:
+    for panel, title in zip(panels, titles, strict=True):
         padded = np.full((height, panel.shape[1], 3), 255, np.uint8)
-        padded[: panel.shape[0]] = panel
-        row += [padded, gap]
+        padded[HEADER : HEADER + panel.shape[0]] = panel
+        row += [_titled(padded, title), gap]
     path.write_bytes(imagecodecs.png_encode(np.concatenate(row[:-1], axis=1)))
+
+
+HEADER = 26  # pixels above each panel, for its title
+_MIN_ROW = 1000  # pixels: a row of panels is enlarged to at least this width (at most 8x)
+
+
+def zoom_of(width: int) -> int:
+    """Pixels per voxel of a row of panels ``width`` voxels wide."""
+    return int(min(8, max(1, math.ceil(_MIN_ROW / max(width, 1)))))
+
+
+def _titled(panel: np.ndarray, title: str) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    canvas = Image.fromarray(panel)
+    font = font_of(15)
+    ImageDraw.Draw(canvas).text((4, 4), say(font, title), fill="black", font=font)
+    return np.asarray(canvas)
+
+
+def font_of(size: int) -> Any:
+    """DejaVu Sans where installed (it has µ and –), else Pillow's own font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
+def say(font: Any, text: str) -> str:
+    """``text`` in the glyphs ``font`` has: Pillow's own font has no µ or en dash."""
+    if "DejaVu" in str(getattr(font, "path", "")):
+        return text
+    return text.replace("µ", "u").replace("–", "-")
 
 
 def _inner_boundaries(labels: np.ndarray) -> np.ndarray:
@@ -146,8 +195,24 @@ def _inner_boundaries(labels: np.ndarray) -> np.ndarray:
 
 
 def _histograms(path: Path, table: pd.DataFrame) -> None:
+    """``distributions.png``: :func:`distributions_picture` of the table."""
+    distributions_picture(table).save(path)
+
+
+def distributions_picture(table: pd.DataFrame) -> Any:
     """Histograms of size and mean intensity, and mean intensity against depth, drawn with
-    Pillow (matplotlib's import and first figure cost ~0.6 s, a tenth of a small run)."""
+    Pillow (matplotlib's import and first figure cost ~0.6 s, a tenth of a small run).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Rows of a run's table (``volume_um3`` or ``area_um2``, ``intensity_mean``, centroids).
+
+    Returns
+    -------
+    PIL.Image.Image
+        An RGB picture of ``_FIGURE`` pixels.
+    """
     from PIL import Image, ImageDraw, ImageFont
 
     size = "volume_um3" if "volume_um3" in table else "area_um2"
@@ -173,7 +238,7 @@ def _histograms(path: Path, table: pd.DataFrame) -> None:
             for dx in (-1, 0, 1) for dy in (-1, 0, 1)]  # fmt: skip
     draw.point(dots, fill=_BLUE)
     plot.frame(f"{depth} (voxels; depth)", "intensity_mean")
-    canvas.save(path)
+    return canvas
 
 
 _FIGURE = (1300, 350)  # pixels

@@ -241,6 +241,9 @@ def _run(args: argparse.Namespace) -> None:
         else result.get("stack", "outputs")
     )
     print(f"nucflow run: {made} in {elapsed:.1f} s -> {job.output}")
+    if "qc_report" in job.facts:
+        page = job.output / job.facts["qc_report"]
+        print(f"nucflow run: QC report {page} (open it in a browser)")
     if "table" in job.facts:  # a partitioned table and no CSV: say so where the user looks
         print(f"nucflow run: {job.facts['table']}", file=sys.stderr)
 
@@ -298,7 +301,7 @@ def _tune(args: argparse.Namespace) -> None:
     qc = job.output / "qc"
     pictures = ", ".join(
         str(qc / name)
-        for name in ("outlines.png", "depth.png", "distributions.png")
+        for name in ("report.html", "outlines.png", "depth.png", "distributions.png")
         if (qc / name).exists()
     )
     print(

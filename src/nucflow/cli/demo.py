@@ -73,7 +73,10 @@ def _demo(args: argparse.Namespace) -> None:
     labels = np.asarray(zarr.open_array(str(job.output / "labels.ome.zarr" / "0"), mode="r"))
     report = accuracy_report(labels, made.truth, made.brightness)
     _add_to_run_json(job.output, accuracy=report)
-    print(_demo_summary(made, result, report, job, elapsed, "x".join(chunks), source))
+    from nucflow import report as qc_report
+
+    page = qc_report.write(job.output)  # again, now that run.json holds the accuracy
+    print(_demo_summary(made, result, report, job, elapsed, "x".join(chunks), source, page))
 
 
 #: The demo's stack: light-sheet-like (5x brightness range, 3x attenuation with depth, half the
@@ -90,7 +93,7 @@ DEMO_STACK: dict[str, Any] = {
 }
 
 
-def _demo_summary(made, result, report, job, elapsed, blocks, source) -> str:
+def _demo_summary(made, result, report, job, elapsed, blocks, source, page) -> str:
     def three(values: list) -> str:
         return " / ".join("-" if v is None else f"{v:.2f}" for v in values)
 
@@ -109,6 +112,7 @@ def _demo_summary(made, result, report, job, elapsed, blocks, source) -> str:
         + ", ".join(f"{k} {v:.1f}s" for k, v in job.timings.items())
         + f"\n  outputs    {job.output}/nuclei.parquet, nuclei.csv, labels.ome.zarr, run.json "
         "(with this accuracy), qc/\n"
+        f"  report     {page} (open it in a browser)\n"
         f"  input      {source} (ground truth at labels/truth)"
     )
 

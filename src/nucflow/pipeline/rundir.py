@@ -246,7 +246,14 @@ def data_region(stack: io.Stack, chunks: tuple[int, ...]) -> tuple[slice, ...]:
 
 
 def write_run_json(run: Run, status: str, **extra: Any) -> None:
-    """Write run.json atomically."""
+    """Write run.json atomically (:func:`run_record`)."""
+    table_stage.write_atomic(
+        run.output / RUN_JSON, json.dumps(run_record(run, status, **extra), indent=2).encode()
+    )
+
+
+def run_record(run: Run, status: str, **extra: Any) -> dict[str, Any]:
+    """What run.json says of the run now, as plain JSON types (the QC report reads it too)."""
     p = run.params
     record = {
         "status": status,
@@ -267,9 +274,7 @@ def write_run_json(run: Run, status: str, **extra: Any) -> None:
         **run.facts,
         **extra,
     }
-    table_stage.write_atomic(
-        run.output / RUN_JSON, json.dumps(record, indent=2, default=_jsonable).encode()
-    )
+    return dict(json.loads(json.dumps(record, default=_jsonable)))
 
 
 def calibrated(run: Run) -> bool:

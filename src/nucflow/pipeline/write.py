@@ -16,7 +16,7 @@ from nucflow import (
     stages,
 )
 from nucflow import table as table_stage
-from nucflow.pipeline.rundir import Run, calibrated, release, write_run_json
+from nucflow.pipeline.rundir import Run, calibrated, release, run_record, write_run_json
 
 
 def finish_stack(run: Run, path: Path) -> dict[str, Any]:
@@ -70,8 +70,9 @@ def write_outputs(run: Run, table: table_stage.Table) -> dict[str, Any]:
             f"grouped by block; no nuclei.csv above measure.single_file_rows = "
             f"{p.measure.single_file_rows:,} rows"
         )
+    counts: dict[str, Any] = {"nuclei": table.rows, "truncated": table.truncated}
     if p.qc:
-        from nucflow import qc
+        from nucflow import qc, report
 
         labels = da.from_zarr(str(run.output / "labels.ome.zarr" / "0"))
         if run.timepoints is not None:  # the pictures show the stack's (first) time point
@@ -82,7 +83,10 @@ def write_outputs(run: Run, table: table_stage.Table) -> dict[str, Any]:
         run.facts["qc_outline_windows_yx"] = [[[s.start, s.stop] for s in w] for w in windows]
         if len(sample) < table.rows:
             run.facts["qc_sample_rows"] = len(sample)
-    counts = {"nuclei": table.rows, "truncated": table.truncated}
+        run.facts["qc_report"] = f"qc/{report.NAME}"
+        # from what this run stored, as run.json will say it (that is written last)
+        record = run_record(run, "complete", counts=counts)
+        report.write(run.output, record=record, image=run.data, labels=labels)
     if run.timepoints is not None:
         counts["timepoints"] = run.facts.get("timepoints", {}).get("counts", {})
     if table.truncated:
