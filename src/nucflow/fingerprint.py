@@ -97,13 +97,14 @@ def input_identity(stack: io.Stack, *, channel: int | None = None) -> dict[str, 
     """
     source = getattr(stack.reader, "source", None)  # None for a cropped or computed stack
     layout = list(source.chunk_grid) if isinstance(source, io.ChunkListing) else None
+    remote = io.is_url(stack.path)
     return {
-        "path": os.path.realpath(stack.path),
+        "path": stack.path if remote else os.path.realpath(stack.path),
         "shape": list(stack.data.shape),
         "dtype": str(stack.data.dtype),
         "channel": channel,
         "layout": layout,
-        "files": _files_digest(stack.path),
+        "files": io.url_digest(stack.path) if remote else _files_digest(stack.path),
     }
 
 

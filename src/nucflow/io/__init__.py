@@ -5,21 +5,23 @@ read metadata, then build a dask array whose tasks open the file *by path* and r
 their region, so the graph pickles and runs on process, LocalCluster and SLURM workers.
 
 Layout: ``source`` (the ``Source`` protocol every format produces), ``formats`` (the registry
-``open_stack`` consults), one module per format family (``zarr_format``, ``tiff_format``),
-``stack`` (``Stack``, ``open_stack`` and the axis policy), ``writers`` (OME-Zarr output),
-``timelapse`` (one time point of a label image with a time axis).
+``open_stack`` consults), one module per format family (``zarr_format``, ``tiff_format``,
+``remote``: zarr by fsspec URL), ``stack`` (``Stack``, ``open_stack`` and the axis policy),
+``writers`` (OME-Zarr output), ``timelapse`` (one time point of a label image with a time axis).
 """
 
 from nucflow.io.formats import Format, input_paths, register_format, supported_formats
-from nucflow.io.source import SUPPORTED_DTYPES, ChunkListing, Source
+from nucflow.io.remote import UrlFormat, url_digest
+from nucflow.io.source import SUPPORTED_DTYPES, ChunkListing, Source, is_url
 from nucflow.io.stack import Stack, open_stack
 from nucflow.io.tiff_format import TiffFormat, TiffSlicesFormat
 from nucflow.io.timelapse import TimePoint, clear_timepoint
 from nucflow.io.writers import create_label_zarr, write_ome_zarr
 from nucflow.io.zarr_format import ZarrFormat
 
-# Tried in this order: the first format that claims a path opens it (a zarr folder may also
-# hold .tif files; a folder of slices is what is left).
+# Tried in this order: the first format that claims a path opens it (a URL is never a local
+# path; a zarr folder may also hold .tif files; a folder of slices is what is left).
+register_format(UrlFormat())
 register_format(ZarrFormat())
 register_format(TiffFormat())
 register_format(TiffSlicesFormat())
@@ -37,7 +39,9 @@ __all__ = [
     "clear_timepoint",
     "create_label_zarr",
     "input_paths",
+    "is_url",
     "open_stack",
     "register_format",
+    "url_digest",
     "write_ome_zarr",
 ]

@@ -8,13 +8,14 @@ format is a module with a ``Format`` and one ``register_format`` call there.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 from pathlib import Path
 from typing import Protocol
 
 from nucflow.errors import FormatError, InputPathError
-from nucflow.io.source import Image, natural_key
+from nucflow.io.source import Image, is_url, natural_key
 
 _ZARR_GROUP_FILES = ("zarr.json", ".zgroup")
 
@@ -63,7 +64,7 @@ def read_image(path: str, level: int) -> Image:
     A glob pattern that matches one path opens that path; one that matches several is
     offered to the formats as it is (a stack of slices).
     """
-    exists = os.path.isdir(path) or os.path.isfile(path)
+    exists = os.path.isdir(path) or os.path.isfile(path) or is_url(path)
     if not exists and glob.has_magic(path):
         matches = sorted(glob.glob(path), key=natural_key)
         if not matches:
@@ -74,7 +75,7 @@ def read_image(path: str, level: int) -> Image:
         raise InputPathError(f"input {path} does not exist; check the path")
     for fmt in _FORMATS:
         if fmt.claims(path):
-            return fmt.read(path, level)
+            return dataclasses.replace(fmt.read(path, level), format=fmt.description)
     if os.path.isdir(path):
         looked_for = " and no ".join(f.folder_marker for f in _FORMATS if f.folder_marker)
         raise FormatError(
@@ -88,9 +89,12 @@ def input_paths(path: str | os.PathLike[str]) -> list[Path]:
 
     A glob pattern gives each file it matches; a file or folder gives itself; and each of them
     inside a zarr hierarchy also gives the hierarchy's root group (``image.ome.zarr/0`` is part
-    of ``image.ome.zarr``, whose ``labels/`` a writer must not touch either).
+    of ``image.ome.zarr``, whose ``labels/`` a writer must not touch either). A URL gives none:
+    outputs are local, so no output can lie inside it.
     """
     name = os.fspath(path)
+    if is_url(name):
+        return []  # nothing on this machine's file system
     if not os.path.exists(name) and glob.has_magic(name):
         found = [Path(p).resolve() for p in sorted(glob.glob(name))]
     else:

@@ -66,6 +66,8 @@ class Stack:
     _selection: Selection | Cropped | None = field(default=None, repr=False, compare=False)
     #: The file's own chunk shape over all its axes (a read decompresses whole chunks).
     native_chunks: tuple[int, ...] = ()
+    #: The reader that opened it (a registered format's description; "" for a computed stack).
+    format: str = ""
 
     @property
     def reader(self) -> Source:
@@ -281,6 +283,7 @@ def _to_stack(
         interval,
         sel,
         native_chunks=_chunk_shape(image.native_chunks),
+        format=image.format,
     )
 
 

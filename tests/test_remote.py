@@ -1,0 +1,87 @@
+"""zarr / OME-Zarr by URL: a real S3 server (moto's, on 127.0.0.1) read through s3fs as a user's
+AWS configuration says (``AWS_ENDPOINT_URL``, access keys in the environment)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nucflow import io, synth
+from nucflow.cli import main
+
+pytest.importorskip("s3fs")
+
+SHAPE = (24, 96, 96)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A 24x96x96 OME-Zarr with 25 nuclei, and its table and labels from a local run."""
+    made = synth.make_nuclei(SHAPE, n_nuclei=25, diameter=8.0, seed=7)
+    root = tmp_path_factory.mktemp("remote")
+    path = root / "stack.ome.zarr"
+    io.write_ome_zarr(path, made.image, made.voxel_size, chunks=(12, 48, 48))
+    return path, made, root
+
+
+@pytest.fixture
+def on_s3(s3_server, small, monkeypatch):
+    s3_server.env(monkeypatch)
+    return s3_server.upload(small[0], "lab", f"data/{small[0].name}")
+
+
+def test_open_stack_by_s3_url_is_lazy_picklable_and_equal(on_s3, small):
+    stack = io.open_stack(on_s3)
+    assert stack.voxel_size == pytest.approx(small[1].voxel_size)
+    assert stack.data.shape == SHAPE and stack.path == on_s3
+    again = pickle.loads(pickle.dumps(stack))  # what a process or SLURM worker receives
+    np.testing.assert_array_equal(again.data.compute(), small[1].image)
+    assert again.data_region() == tuple(slice(0, n) for n in SHAPE)
+
+
+def test_s3_run_gives_the_local_table(on_s3, small, run_cli, tmp_path):
+    local_table, local_labels = run_cli(small[0], tmp_path / "local")
+    table, labels = run_cli(on_s3, tmp_path / "s3")
+    assert len(table) > 10
+    pd.testing.assert_frame_equal(table, local_table)
+    np.testing.assert_array_equal(labels, local_labels)
+
+
+def _one_line(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_missing_bucket_key_and_refused_credentials_exit_2(
+    on_s3, s3_server, tmp_path, capsys, monkeypatch
+):
+    plan = ["plan", "--input"]
+    err = _one_line(capsys, [*plan, "s3://nobucket/stack.ome.zarr"])
+    assert (
+        "bucket 'nobucket' does not exist or is not visible with these credentials at "
+        + (f"{s3_server.url}; check the URL")
+        in err
+    )
+    err = _one_line(capsys, [*plan, "s3://lab/data/other.ome.zarr"])
+    assert "error: input s3://lab/data/other.ome.zarr does not exist (no zarr metadata" in err
+    s3_server.env(monkeypatch, key="AKIAWRONGWRONGWRONG0")
+    err = _one_line(capsys, ["run", "--input", on_s3, "--output", str(tmp_path / "out")])
+    assert f"input {on_s3}: access refused" in err and "AWS_ACCESS_KEY_ID" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_endpoint_and_unknown_protocol_exit_2(capsys, monkeypatch, s3_server):
+    s3_server.env(monkeypatch)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard: nothing listens
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    err = _one_line(capsys, ["plan", "--input", "s3://lab/data/stack.ome.zarr"])
+    assert "the store cannot be reached" in err and "AWS_ENDPOINT_URL" in err
+    err = _one_line(capsys, ["plan", "--input", "nosuch://lab/stack.ome.zarr"])
+    assert "fsspec knows no protocol 'nosuch'" in err
