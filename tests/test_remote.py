@@ -1,12 +1,12 @@
 """zarr / OME-Zarr by URL: a real S3 server (moto's, on 127.0.0.1) read through s3fs as a user's
-AWS configuration says (``AWS_ENDPOINT_URL``, access keys in the environment)."""
+AWS configuration says (``AWS_ENDPOINT_URL``, access keys in the environment). The run on S3
+giving the local table is in tests/test_formats.py."""
 
 from __future__ import annotations
 
 import pickle
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from nucflow import io, synth
@@ -40,14 +40,6 @@ def test_open_stack_by_s3_url_is_lazy_picklable_and_equal(on_s3, small):
     again = pickle.loads(pickle.dumps(stack))  # what a process or SLURM worker receives
     np.testing.assert_array_equal(again.data.compute(), small[1].image)
     assert again.data_region() == tuple(slice(0, n) for n in SHAPE)
-
-
-def test_s3_run_gives_the_local_table(on_s3, small, run_cli, tmp_path):
-    local_table, local_labels = run_cli(small[0], tmp_path / "local")
-    table, labels = run_cli(on_s3, tmp_path / "s3")
-    assert len(table) > 10
-    pd.testing.assert_frame_equal(table, local_table)
-    np.testing.assert_array_equal(labels, local_labels)
 
 
 def _one_line(capsys, argv: list[str]) -> str:

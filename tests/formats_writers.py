@@ -1,0 +1,62 @@
+"""Writers of the test stacks in each container, with the library made for it: pybdv for
+BigDataViewer HDF5/N5, h5py in Imaris's layout (padding included), tifffile for OME-TIFF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def write_bdv(data: Path, views: np.ndarray, voxel: tuple[float, ...]) -> Path:
+    """``views`` (t, c, z, y, x) as a BDV dataset (setups = channels), three levels, in
+    ``data`` (``.h5``: HDF5, ``.n5``: N5); returns the XML pybdv writes beside it."""
+    import warnings
+
+    import pybdv
+
+    for t in range(views.shape[0]):
+        for c in range(views.shape[1]):
+            with warnings.catch_warnings():  # "Setup 0 is present": adding its time points
+                warnings.simplefilter("ignore", UserWarning)
+                pybdv.make_bdv(
+                    views[t, c], str(data), downscale_factors=[[1, 2, 2], [2, 2, 2]],
+                    resolution=list(voxel), unit="micrometer", setup_id=c, timepoint=t,
+                    chunks=(12, 48, 48), downscale_mode="mean",
+                )  # fmt: skip
+    return data.with_suffix(".xml")
+
+
+def _attr(value: object) -> np.ndarray:
+    """An Imaris attribute: the text as an array of one-byte strings."""
+    return np.array(list(str(value)), dtype="S1")
+
+
+def write_ims(path: Path, views: np.ndarray, voxel: tuple[float, ...], *, pad: int = 60000) -> Path:
+    """``views`` (t, c, z, y, x) as an Imaris 5.5 file: two levels, each ``Data`` padded to
+    whole 16x64x64 chunks with ``pad`` (a reader that does not crop would see it)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        info = f.create_group("DataSetInfo/Image")
+        z, y, x = views.shape[2:]
+        for name, value in {"X": x, "Y": y, "Z": z, "Unit": "um"}.items():
+            info.attrs[name] = _attr(value)
+        for i, (n, v) in enumerate(zip((x, y, z), voxel[::-1], strict=True)):
+            info.attrs[f"ExtMin{i}"] = _attr(-1.5)
+            info.attrs[f"ExtMax{i}"] = _attr(-1.5 + n * v)
+        for level, step in enumerate((1, 2)):
+            for t in range(views.shape[0]):
+                for c in range(views.shape[1]):
+                    image = views[t, c][:, ::step, ::step]
+                    chunks = (16, 64, 64)
+                    padded = [-(-n // k) * k for n, k in zip(image.shape, chunks, strict=True)]
+                    full = np.full(padded, pad, dtype=views.dtype)
+                    full[tuple(slice(0, n) for n in image.shape)] = image
+                    group = f.create_group(
+                        f"DataSet/ResolutionLevel {level}/TimePoint {t}/Channel {c}"
+                    )
+                    group.create_dataset("Data", data=full, chunks=chunks, compression="gzip")
+                    for axis, n in zip("ZYX", image.shape, strict=True):
+                        group.attrs[f"ImageSize{axis}"] = _attr(n)
+    return path

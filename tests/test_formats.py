@@ -1,0 +1,97 @@
+"""Same answer whatever the container: one stack written as OME-Zarr, BigDataViewer HDF5 and
+N5 (pybdv), Imaris .ims (h5py, Imaris's layout with its padding), OME-TIFF and OME-Zarr on S3
+(moto's server) gives the same nuclei table and labels; and what each reader reads (setups
+and channels, time points, levels, voxel size)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from conftest import CliRunner
+from formats_writers import write_bdv, write_ims
+
+from nucflow import io, synth
+
+SHAPE = (24, 96, 96)
+RUN = CliRunner((12, 48, 48))  # 8 blocks, each cut by nuclei
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return synth.make_nuclei(SHAPE, n_nuclei=25, diameter=8.0, seed=7)
+
+
+@pytest.fixture(scope="module")
+def views(stack) -> np.ndarray:
+    """(t, c, z, y, x): the stack is channel 1 at time point 0; the other views differ."""
+    image = stack.image
+    other = (image // 2 + 100).astype(image.dtype)
+    return np.stack([np.stack([other, image]), np.stack([image[::-1], other[:, ::-1]])])
+
+
+@pytest.fixture(scope="module")
+def reference(stack, tmp_path_factory):
+    root = tmp_path_factory.mktemp("formats")
+    path = root / "stack.ome.zarr"
+    io.write_ome_zarr(path, stack.image, stack.voxel_size, chunks=(12, 48, 48))
+    return RUN(path, root / "out")
+
+
+def _write(fmt, stack, views, folder, request):
+    """The stack in ``fmt``; the extra options selecting it (channel 1 of multi-view files)."""
+    if fmt == "bdv-hdf5":
+        pytest.importorskip("pybdv")
+        return write_bdv(folder / "bdv.h5", views, stack.voxel_size), ["--channel", "1"]
+    if fmt == "bdv-n5":
+        pytest.importorskip("z5py")
+        return write_bdv(folder / "bdv.n5", views, stack.voxel_size), ["--channel", "1"]
+    if fmt == "imaris":
+        return write_ims(folder / "stack.ims", views, stack.voxel_size), ["--channel", "1"]
+    if fmt == "ome-tiff":
+        path = folder / "stack.ome.tif"
+        z, y, x = stack.voxel_size
+        meta = {"axes": "ZYX", "PhysicalSizeZ": z, "PhysicalSizeY": y, "PhysicalSizeX": x}
+        tifffile.imwrite(path, stack.image, ome=True, tile=(48, 48), metadata=meta)
+        return path, []
+    assert fmt == "s3-ome-zarr"
+    server = request.getfixturevalue("s3_server")
+    server.env(request.getfixturevalue("monkeypatch"))
+    local = folder / "stack.ome.zarr"
+    io.write_ome_zarr(local, stack.image, stack.voxel_size, chunks=(12, 48, 48))
+    return server.upload(local, "formats", "stack.ome.zarr"), []
+
+
+@pytest.mark.parametrize("fmt", ["bdv-hdf5", "bdv-n5", "imaris", "ome-tiff", "s3-ome-zarr"])
+def test_every_container_gives_the_ome_zarr_table(fmt, stack, views, reference, tmp_path, request):
+    # One time point: a time-lapse would run each (its table says t), as OME-Zarr's would.
+    source, extra = _write(fmt, stack, views[:1], tmp_path, request)
+    opened = io.open_stack(str(source), channel=1 if extra else None)
+    assert opened.voxel_size == pytest.approx(stack.voxel_size)
+    table, labels = RUN(source, tmp_path / "out", *extra)
+    assert len(table) > 10
+    pd.testing.assert_frame_equal(table, reference[0])
+    np.testing.assert_array_equal(labels, reference[1])
+
+
+@pytest.mark.parametrize("fmt", ["bdv-hdf5", "bdv-n5", "imaris"])
+def test_views_levels_and_voxel_size(fmt, stack, views, tmp_path, request):
+    source, _ = _write(fmt, stack, views, tmp_path, request)
+    opened = io.open_stack(str(source), channel=0, timepoint=1)
+    assert (opened.n_channels, opened.n_timepoints) == (2, 2)
+    assert opened.format.startswith("BigDataViewer" if fmt.startswith("bdv") else "Imaris")
+    again = pickle.loads(pickle.dumps(opened))  # what a process or SLURM worker receives
+    np.testing.assert_array_equal(again.data.compute(), views[1, 0])
+    np.testing.assert_array_equal(opened.at(0).data.compute(), views[0, 0])
+    coarse = io.open_stack(str(source), channel=1, level=1)
+    if fmt == "imaris":  # the writer strides y and x by 2
+        np.testing.assert_array_equal(coarse.data.compute(), views[0, 1][:, ::2, ::2])
+        assert coarse.voxel_size == pytest.approx((1.0, 1.0, 1.0))
+    else:  # pybdv's first level halves y and x
+        assert coarse.data.shape == (24, 48, 48)
+        assert coarse.voxel_size == pytest.approx((1.0, 1.0, 1.0))
+        z, y, x = io.open_stack(str(source), channel=1, level=2).voxel_size
+        assert (z, y, x) == pytest.approx((2.0, 2.0, 2.0))
