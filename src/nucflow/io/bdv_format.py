@@ -44,7 +44,17 @@ class BdvFormat:
             return b"<SpimData" in f.read(4096)
 
     def read(self, path: str, level: int) -> Image:
-        return _read_bdv(path, level)
+        views = _parse_xml(path)
+        try:
+            return _read_bdv(views, path, level)
+        except NucflowError:
+            raise
+        except (KeyError, ValueError, TypeError, IndexError, OSError, RuntimeError) as e:
+            # h5py and z5py say a damaged container in many ways
+            raise FormatError(
+                f"{views.container} (the pixels of {path}) cannot be read ({type(e).__name__}: "
+                f"{one_line(e)}); the file is damaged: re-copy or re-export it"
+            ) from e
 
 
 @dataclass(frozen=True)
@@ -59,10 +69,23 @@ class _Views:
     voxel_zyx: tuple[float, float, float] | None  # µm; None when the unit is unknown
 
 
-def _read_bdv(path: str, level: int) -> Image:
-    views = _parse_xml(path)
+def _read_bdv(views: _Views, path: str, level: int) -> Image:
+    if not os.path.exists(views.container):
+        raise FormatError(
+            f"{path} names its pixels {views.container}, which does not exist; keep the "
+            f"{views.kind.upper()} {'file' if views.kind == 'hdf5' else 'folder'} where the XML "
+            "says (beside it, as exported) or fix the path in its ImageLoader"
+        )
     factors = _level_factors(views, path)
     check_level(level, len(factors), path)
+    full = tuple(
+        _dataset(views.kind, views.container, views.timepoints[0], views.setups[0], 0).shape
+    )
+    if full != views.size_zyx:
+        raise FormatError(
+            f"{path} says its setups are {views.size_zyx} (z, y, x) but {views.container} holds "
+            f"{full}; the XML is not this dataset's: re-export it"
+        )
     shape_zyx, dtype, chunks = _check_views(views, level, path)
     source = BdvSource(
         views.kind,

@@ -82,9 +82,6 @@ def _read_ims(f: Any, path: str, level: int) -> Image:
     )
     if not channels:
         raise FormatError(f"{path} has no channel at resolution level {level}; re-export it")
-    first = group[times[0]][channels[0]]
-    size = tuple(int(attr_text(first, f"ImageSize{a}")) for a in "ZYX")
-    data = first["Data"]
     for t in times:
         for c in channels:
             if c not in group[t] or "Data" not in group[t][c]:
@@ -92,6 +89,9 @@ def _read_ims(f: Any, path: str, level: int) -> Image:
                     f"{path} has no {t}/{c} at resolution level {level}; the file is incomplete: "
                     "re-export it"
                 )
+    first = group[times[0]][channels[0]]
+    size = tuple(int(attr_text(first, f"ImageSize{a}")) for a in "ZYX")
+    data = first["Data"]
     if any(s > n for s, n in zip(size, data.shape, strict=True)):
         raise FormatError(
             f"{path}: ImageSizeZ/Y/X {size} exceed its Data {tuple(data.shape)}; the file is "
