@@ -60,3 +60,23 @@ def write_ims(path: Path, views: np.ndarray, voxel: tuple[float, ...], *, pad: i
                     for axis, n in zip("ZYX", image.shape, strict=True):
                         group.attrs[f"ImageSize{axis}"] = _attr(n)
     return path
+
+
+def write_czi(path: Path, views: np.ndarray, voxel: tuple[float, ...]) -> Path:
+    """``views`` (t, c, z, y, x) as a Zeiss CZI written by pylibCZIrw (Zeiss's library), one
+    subblock per plane, with the voxel size in its metadata (metres)."""
+    from pylibCZIrw import czi as pyczi
+
+    with pyczi.create_czi(str(path), exist_ok=True) as czi:
+        for t in range(views.shape[0]):
+            for c in range(views.shape[1]):
+                for z in range(views.shape[2]):
+                    czi.write(data=views[t, c, z], plane={"T": t, "C": c, "Z": z}, scene=0)
+        czi.write_metadata(
+            document_name="nucflow test",
+            channel_names={c: f"c{c}" for c in range(views.shape[1])},
+            scale_z=voxel[0] * 1e-6,
+            scale_y=voxel[1] * 1e-6,
+            scale_x=voxel[2] * 1e-6,
+        )
+    return path

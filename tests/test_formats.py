@@ -1,5 +1,6 @@
 """Same answer whatever the container: one stack written as OME-Zarr, BigDataViewer HDF5 and
-N5 (pybdv), Imaris .ims (h5py, Imaris's layout with its padding), OME-TIFF and OME-Zarr on S3
+N5 (pybdv), Imaris .ims (h5py, Imaris's layout with its padding), Zeiss CZI (pylibCZIrw, read
+through bioio-czi), OME-TIFF and OME-Zarr on S3
 (moto's server) gives the same nuclei table and labels; and what each reader reads (setups
 and channels, time points, levels, voxel size)."""
 
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 import tifffile
 from conftest import CliRunner
-from formats_writers import write_bdv, write_ims
+from formats_writers import write_bdv, write_czi, write_ims
 
 from nucflow import io, synth
 
@@ -51,6 +52,10 @@ def _write(fmt, stack, views, folder, request):
         return write_bdv(folder / "bdv.n5", views, stack.voxel_size), ["--channel", "1"]
     if fmt == "imaris":
         return write_ims(folder / "stack.ims", views, stack.voxel_size), ["--channel", "1"]
+    if fmt == "czi":
+        pytest.importorskip("pylibCZIrw")
+        pytest.importorskip("bioio_czi")
+        return write_czi(folder / "stack.czi", views, stack.voxel_size), ["--channel", "1"]
     if fmt == "ome-tiff":
         path = folder / "stack.ome.tif"
         z, y, x = stack.voxel_size
@@ -65,7 +70,7 @@ def _write(fmt, stack, views, folder, request):
     return server.upload(local, "formats", "stack.ome.zarr"), []
 
 
-@pytest.mark.parametrize("fmt", ["bdv-hdf5", "bdv-n5", "imaris", "ome-tiff", "s3-ome-zarr"])
+@pytest.mark.parametrize("fmt", ["bdv-hdf5", "bdv-n5", "imaris", "czi", "ome-tiff", "s3-ome-zarr"])
 def test_every_container_gives_the_ome_zarr_table(fmt, stack, views, reference, tmp_path, request):
     # One time point: a time-lapse would run each (its table says t), as OME-Zarr's would.
     source, extra = _write(fmt, stack, views[:1], tmp_path, request)

@@ -7,12 +7,14 @@ their region, so the graph pickles and runs on process, LocalCluster and SLURM w
 Layout: ``source`` (the ``Source`` protocol every format produces), ``formats`` (the registry
 ``open_stack`` consults), one module per format family (``zarr_format``, ``tiff_format``,
 ``remote``: zarr by fsspec URL, ``bdv_format``: BigDataViewer XML + HDF5/N5,
-``imaris_format``: .ims; ``containers`` opens HDF5/N5 files once per thread), ``stack``
+``imaris_format``: .ims, ``bioio_format``: CZI/ND2/LIF; ``containers`` opens HDF5/N5 files
+once per thread), ``stack``
 (``Stack``, ``open_stack`` and the axis policy), ``writers`` (OME-Zarr output), ``timelapse``
 (one time point of a label image with a time axis).
 """
 
 from nucflow.io.bdv_format import BdvFormat
+from nucflow.io.bioio_format import VendorFormat
 from nucflow.io.formats import Format, input_paths, register_format, supported_formats
 from nucflow.io.imaris_format import ImarisFormat
 from nucflow.io.remote import UrlFormat, url_digest
@@ -31,6 +33,7 @@ register_format(TiffFormat())
 register_format(TiffSlicesFormat())
 register_format(BdvFormat())
 register_format(ImarisFormat())
+register_format(VendorFormat())
 
 SUPPORTED_FORMATS = supported_formats()
 

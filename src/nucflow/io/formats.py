@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from nucflow.errors import FormatError, InputPathError
-from nucflow.io.source import Image, is_url, natural_key
+from nucflow.io.source import Image, is_url, natural_key, split_scene
 
 _ZARR_GROUP_FILES = ("zarr.json", ".zgroup")
 
@@ -64,7 +64,7 @@ def read_image(path: str, level: int) -> Image:
     A glob pattern that matches one path opens that path; one that matches several is
     offered to the formats as it is (a stack of slices).
     """
-    exists = os.path.isdir(path) or os.path.isfile(path) or is_url(path)
+    exists = os.path.isdir(path) or os.path.isfile(path) or is_url(path) or _is_scene(path)
     if not exists and glob.has_magic(path):
         matches = sorted(glob.glob(path), key=natural_key)
         if not matches:
@@ -82,6 +82,12 @@ def read_image(path: str, level: int) -> Image:
             f"{path} is a folder with no {looked_for}; supported: {supported_formats()}"
         )
     raise FormatError(f"{path} is not an image nucflow can read; supported: {supported_formats()}")
+
+
+def _is_scene(path: str) -> bool:
+    """``FILE.czi#2``: a scene of a vendor file that exists (``bioio_format``)."""
+    file, scene = split_scene(path)
+    return scene is not None and os.path.isfile(file)
 
 
 def input_paths(path: str | os.PathLike[str]) -> list[Path]:

@@ -32,6 +32,7 @@ __all__ = [
     "check_level",
     "file_token",
     "is_url",
+    "split_scene",
     "natural_key",
     "one_line",
     "seconds",
@@ -245,6 +246,19 @@ def is_url(path: str) -> bool:
     ``file://`` URLs count as URLs too: fsspec reads them like any other.
     """
     return bool(_URL.match(path))
+
+
+#: Files whose scenes ``FILE#S`` selects (``bioio_format``).
+SCENE_SUFFIXES = (".czi", ".nd2", ".lif")
+
+
+def split_scene(path: str) -> tuple[str, str | None]:
+    """``FILE.czi#S`` -> (``FILE.czi``, ``S``); any other path (or a file so named) -> (path,
+    None)."""
+    base, sep, scene = path.rpartition("#")
+    if sep and base.lower().endswith(SCENE_SUFFIXES) and not os.path.exists(path):
+        return base, scene
+    return path, None
 
 
 def file_token(path: str) -> tuple[str, int, int]:
