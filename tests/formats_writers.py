@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 
 
-def write_bdv(data: Path, views: np.ndarray, voxel: tuple[float, ...]) -> Path:
+def write_bdv(
+    data: Path,
+    views: np.ndarray,
+    voxel: tuple[float, ...],
+    *,
+    chunks: tuple[int, ...] = (12, 48, 48),
+) -> Path:
     """``views`` (t, c, z, y, x) as a BDV dataset (setups = channels), three levels, in
     ``data`` (``.h5``: HDF5, ``.n5``: N5); returns the XML pybdv writes beside it."""
     import warnings
@@ -22,7 +28,7 @@ def write_bdv(data: Path, views: np.ndarray, voxel: tuple[float, ...]) -> Path:
                 pybdv.make_bdv(
                     views[t, c], str(data), downscale_factors=[[1, 2, 2], [2, 2, 2]],
                     resolution=list(voxel), unit="micrometer", setup_id=c, timepoint=t,
-                    chunks=(12, 48, 48), downscale_mode="mean",
+                    chunks=chunks, downscale_mode="mean",
                 )  # fmt: skip
     return data.with_suffix(".xml")
 
@@ -32,9 +38,16 @@ def _attr(value: object) -> np.ndarray:
     return np.array(list(str(value)), dtype="S1")
 
 
-def write_ims(path: Path, views: np.ndarray, voxel: tuple[float, ...], *, pad: int = 60000) -> Path:
+def write_ims(
+    path: Path,
+    views: np.ndarray,
+    voxel: tuple[float, ...],
+    *,
+    pad: int = 60000,
+    chunks: tuple[int, ...] = (16, 64, 64),
+) -> Path:
     """``views`` (t, c, z, y, x) as an Imaris 5.5 file: two levels, each ``Data`` padded to
-    whole 16x64x64 chunks with ``pad`` (a reader that does not crop would see it)."""
+    whole ``chunks`` with ``pad`` (a reader that does not crop would see it)."""
     import h5py
 
     with h5py.File(path, "w") as f:
@@ -49,7 +62,6 @@ def write_ims(path: Path, views: np.ndarray, voxel: tuple[float, ...], *, pad: i
             for t in range(views.shape[0]):
                 for c in range(views.shape[1]):
                     image = views[t, c][:, ::step, ::step]
-                    chunks = (16, 64, 64)
                     padded = [-(-n // k) * k for n, k in zip(image.shape, chunks, strict=True)]
                     full = np.full(padded, pad, dtype=views.dtype)
                     full[tuple(slice(0, n) for n in image.shape)] = image
