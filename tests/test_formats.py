@@ -6,7 +6,9 @@ and channels, time points, levels, voxel size)."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -46,10 +48,10 @@ def _write(fmt, stack, views, folder, request):
     """The stack in ``fmt``; the extra options selecting it (channel 1 of multi-view files)."""
     if fmt == "bdv-hdf5":
         pytest.importorskip("pybdv")
-        return write_bdv(folder / "bdv.h5", views, stack.voxel_size), ["--channel", "1"]
+        return write_bdv(folder / "bdv_h5.h5", views, stack.voxel_size), ["--channel", "1"]
     if fmt == "bdv-n5":
         pytest.importorskip("z5py")
-        return write_bdv(folder / "bdv.n5", views, stack.voxel_size), ["--channel", "1"]
+        return write_bdv(folder / "bdv_n5.n5", views, stack.voxel_size), ["--channel", "1"]
     if fmt == "imaris":
         return write_ims(folder / "stack.ims", views, stack.voxel_size), ["--channel", "1"]
     if fmt == "czi":
@@ -100,3 +102,35 @@ def test_views_levels_and_voxel_size(fmt, stack, views, tmp_path, request):
         assert coarse.voxel_size == pytest.approx((1.0, 1.0, 1.0))
         z, y, x = io.open_stack(str(source), channel=1, level=2).voxel_size
         assert (z, y, x) == pytest.approx((2.0, 2.0, 2.0))
+
+
+def test_bdv_container_is_part_of_the_input(stack, views, tmp_path, request, capsys):
+    """An output inside the N5 folder is refused; --resume sees the HDF5 file change."""
+    from nucflow.cli import main
+
+    n5, _ = _write("bdv-n5", stack, views[:1], tmp_path, request)
+    capsys.readouterr()
+    assert main(["plan", "--input", str(n5), "--channel", "1"]) == 0
+    assert "reader     BigDataViewer XML + HDF5/N5; stored chunks 1x1x12x48x48" in (
+        capsys.readouterr().out
+    )
+    inside = tmp_path / "bdv_n5.n5" / "out"
+    assert main(["run", "--input", str(n5), "--output", str(inside), "--channel", "1"]) == 2
+    assert (
+        f"--output {inside} is inside the input {tmp_path / 'bdv_n5.n5'}" in capsys.readouterr().err
+    )
+
+    xml, _ = _write("bdv-hdf5", stack, views[:1], tmp_path, request)
+    RUN(xml, tmp_path / "out", "--channel", "1")
+    import h5py
+
+    # Re-exported: a new file in its place (this process still holds the old one open).
+    changed = tmp_path / "changed.h5"
+    shutil.copy(tmp_path / "bdv_h5.h5", changed)
+    with h5py.File(changed, "a") as f:
+        f["t00000/s01/0/cells"][0, 0, 0] = 1234
+    os.replace(changed, tmp_path / "bdv_h5.h5")
+    capsys.readouterr()
+    code = main(RUN.args(xml, tmp_path / "out", "--channel", "1", "--resume"))
+    err = capsys.readouterr().err
+    assert code == 2 and f"--resume: the input {xml} is not the one" in err, err

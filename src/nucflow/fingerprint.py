@@ -104,8 +104,17 @@ def input_identity(stack: io.Stack, *, channel: int | None = None) -> dict[str, 
         "dtype": str(stack.data.dtype),
         "channel": channel,
         "layout": layout,
-        "files": io.url_digest(stack.path) if remote else _files_digest(stack.path),
+        "files": io.url_digest(stack.path) if remote else _input_digest(stack.path),
     }
+
+
+def _input_digest(path: str) -> str:
+    """``path``'s digest, with that of the container holding its pixels (a BigDataViewer XML's
+    HDF5 file or N5 folder) when it has one."""
+    digest = _files_digest(path)
+    for data in io.pixel_files(path):
+        digest = hashlib.sha256((digest + _files_digest(data)).encode()).hexdigest()
+    return digest
 
 
 def _files_digest(path: str) -> str:

@@ -13,7 +13,7 @@ once per thread), ``stack``
 (one time point of a label image with a time axis).
 """
 
-from nucflow.io.bdv_format import BdvFormat
+from nucflow.io.bdv_format import BdvFormat, pixel_files
 from nucflow.io.bioio_format import VendorFormat
 from nucflow.io.formats import Format, input_paths, register_format, supported_formats
 from nucflow.io.imaris_format import ImarisFormat
@@ -50,6 +50,7 @@ __all__ = [
     "input_paths",
     "is_url",
     "open_stack",
+    "pixel_files",
     "register_format",
     "url_digest",
     "write_ome_zarr",

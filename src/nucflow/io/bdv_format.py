@@ -26,7 +26,7 @@ from nucflow.errors import FormatError, NucflowError
 from nucflow.io.containers import container_version, open_hdf5, open_n5
 from nucflow.io.source import UM_PER_UNIT, Image, Key, check_level, file_token, one_line
 
-__all__ = ["BdvFormat", "BdvSource"]
+__all__ = ["BdvFormat", "BdvSource", "pixel_files"]
 
 _LOADERS = {"bdv.hdf5": "hdf5", "bdv.n5": "n5"}
 
@@ -55,6 +55,18 @@ class BdvFormat:
                 f"{views.container} (the pixels of {path}) cannot be read ({type(e).__name__}: "
                 f"{one_line(e)}); the file is damaged: re-copy or re-export it"
             ) from e
+
+
+def pixel_files(path: str) -> list[str]:
+    """The container holding the pixels of the BigDataViewer XML ``path`` ([] for any other
+    path, or an XML that names none): what an output must stay out of, and what ``--resume``
+    must see change."""
+    if not BdvFormat().claims(path):
+        return []
+    try:
+        return [_parse_xml(path).container]
+    except NucflowError:
+        return []  # opening the input says what is wrong with it
 
 
 @dataclass(frozen=True)

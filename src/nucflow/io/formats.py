@@ -96,7 +96,8 @@ def input_paths(path: str | os.PathLike[str]) -> list[Path]:
     A glob pattern gives each file it matches; a file or folder gives itself; and each of them
     inside a zarr hierarchy also gives the hierarchy's root group (``image.ome.zarr/0`` is part
     of ``image.ome.zarr``, whose ``labels/`` a writer must not touch either). A URL gives none:
-    outputs are local, so no output can lie inside it.
+    outputs are local, so no output can lie inside it. A BigDataViewer XML also gives the HDF5
+    file or N5 folder holding its pixels.
     """
     name = os.fspath(path)
     if is_url(name):
@@ -105,6 +106,10 @@ def input_paths(path: str | os.PathLike[str]) -> list[Path]:
         found = [Path(p).resolve() for p in sorted(glob.glob(name))]
     else:
         found = [Path(name).resolve()]
+    # A BigDataViewer XML's pixels live in the HDF5 file or N5 folder it names.
+    from nucflow.io.bdv_format import pixel_files
+
+    found += [Path(p).resolve() for each in found for p in pixel_files(str(each))]
     return list(dict.fromkeys(p for each in found for p in (each, _zarr_root(each))))
 
 
