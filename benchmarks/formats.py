@@ -1,19 +1,21 @@
 """Read throughput per input format, and the S3 overhead against local zarr.
 
 One uint16 stack (synthetic nuclei, voxel (1, 0.5, 0.5) µm) is written in each container with
-the library made for it: OME-Zarr (nucflow's writer, chunks 32x256x256), BigDataViewer HDF5
-and N5 (pybdv, chunks 32x256x256, uncompressed HDF5 / gzip N5 as pybdv writes them), Imaris
-.ims (h5py in Imaris's layout, gzip, chunks 32x256x256), Zeiss CZI (pylibCZIrw, one subblock
-per plane), OME-TIFF (tifffile, 256x256 tiles, uncompressed), and the same OME-Zarr uploaded
-to moto's S3 server on 127.0.0.1 (a subprocess of this script; reads go through s3fs as for a
-real bucket, with no network latency: the overhead measured is the protocol's and s3fs's,
-not a WAN's).
+the library made for it: OME-Zarr (nucflow's writer: zarr v2, Blosc lz4, chunks 32x256x256),
+BigDataViewer HDF5 and N5 (pybdv, chunks 32x256x256, gzip as pybdv writes both), Imaris .ims
+(h5py in Imaris's layout, gzip, chunks 32x256x256), Zeiss CZI (pylibCZIrw, one uncompressed
+subblock per plane), OME-TIFF (tifffile, 256x256 tiles, uncompressed), and the same OME-Zarr
+uploaded to moto's S3 server on 127.0.0.1 (a subprocess of this script; reads go through s3fs
+as for a real bucket, with no network latency: the overhead measured is the protocol's and
+s3fs's, not a WAN's).
 
-For each, ``open_stack`` opens it with blocks of 32x256x256 voxels and one *block pass* reads
-every block once through ``Stack.reader`` (what the first pass of a run does), one block after
-another on one thread: MB/s per core = stack bytes / wall time. The files were just written,
-so local reads come from the page cache (decoding, not the disk, is measured). Each figure is
-the best of three passes.
+The stack is mostly background (nuclei fill a few %), so it compresses well: gzip and lz4
+decode fast here. For each, ``open_stack`` opens it with blocks of 32x256x256 voxels (and the
+CZI also with blocks as wide as its planes, what nucflow picks by default) and one *block
+pass* reads every block once through ``Stack.reader`` (what the first pass of a run does), one
+block after another on one thread: MB/s per core = stack bytes / wall time. The files were
+just written, so local reads come from the page cache (decoding, not the disk, is measured).
+Each figure is the best of three passes.
 
 Usage::
 
@@ -80,8 +82,10 @@ def _upload(local: Path, url: str) -> str:
     return f"s3://bench/{local.name}"
 
 
-def write_all(image: np.ndarray, folder: Path, s3_url: str) -> dict[str, tuple[str, int | None]]:
-    """The stack in every format: name -> (path, channel)."""
+def write_all(
+    image: np.ndarray, folder: Path, s3_url: str
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The stack in every format: name -> (path, blocks)."""
     import tifffile
 
     views = image[None, None]
@@ -91,14 +95,17 @@ def write_all(image: np.ndarray, folder: Path, s3_url: str) -> dict[str, tuple[s
     tifffile.imwrite(tif, image, ome=True, tile=(256, 256), metadata={"axes": "ZYX"})
     ims = folder / "stack.ims"
     write_ims(ims, views, VOXEL, chunks=BLOCK)
+    czi = str(write_czi(folder / "stack.czi", views, VOXEL))
     return {
-        "OME-Zarr (local)": (str(zarr_path), None),
-        "OME-Zarr on S3 (moto, 127.0.0.1)": (_upload(zarr_path, s3_url), None),
-        "BDV XML + HDF5": (str(_bdv(folder / "bdv.h5", views)), None),
-        "BDV XML + N5": (str(_bdv(folder / "bdv.n5", views)), None),
-        "Imaris .ims": (str(ims), None),
-        "CZI (bioio-czi)": (str(write_czi(folder / "stack.czi", views, VOXEL)), None),
-        "OME-TIFF": (str(tif), None),
+        "OME-Zarr (local)": (str(zarr_path), BLOCK),
+        "OME-Zarr on S3 (moto, 127.0.0.1)": (_upload(zarr_path, s3_url), BLOCK),
+        "BDV XML + HDF5": (str(_bdv(folder / "bdv.h5", views)), BLOCK),
+        "BDV XML + N5": (str(_bdv(folder / "bdv.n5", views)), BLOCK),
+        "Imaris .ims": (str(ims), BLOCK),
+        "CZI (bioio-czi)": (czi, BLOCK),
+        # bioio reads whole planes: blocks as wide as the plane read each plane once
+        "CZI, blocks of whole planes": (czi, (BLOCK[0], *image.shape[1:])),
+        "OME-TIFF": (str(tif), BLOCK),
     }
 
 
@@ -109,9 +116,9 @@ def _bdv(path: Path, views: np.ndarray) -> Path:
         return write_bdv(path, views, VOXEL, chunks=BLOCK)
 
 
-def block_pass(path: str, channel: int | None) -> float:
+def block_pass(path: str, blocks: tuple[int, ...]) -> float:
     """Seconds to read every block of the stack once, one after another."""
-    stack = io.open_stack(path, channel=channel, chunks=BLOCK)
+    stack = io.open_stack(path, chunks=blocks)
     boxes = [
         tuple(
             slice(sum(c[:i]), sum(c[: i + 1])) for c, i in zip(stack.data.chunks, idx, strict=True)
@@ -139,8 +146,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="nucflow-formats-") as tmp:
                 paths = write_all(image, Path(tmp), url)
                 local = None
-                for name, (path, channel) in paths.items():
-                    seconds = min(block_pass(path, channel) for _ in range(3))
+                for name, (path, blocks) in paths.items():
+                    seconds = min(block_pass(path, blocks) for _ in range(3))
                     local = seconds if local is None else local
                     rows.append((size, f"{mb:.0f}", name, seconds, mb / seconds, seconds / local))
                     print(f"{size:>12} {name:34} {seconds:7.3f} s {mb / seconds:8.0f} MB/s "

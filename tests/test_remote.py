@@ -77,3 +77,35 @@ def test_unreachable_endpoint_and_unknown_protocol_exit_2(capsys, monkeypatch, s
     assert "the store cannot be reached" in err and "AWS_ENDPOINT_URL" in err
     err = _one_line(capsys, ["plan", "--input", "nosuch://lab/stack.ome.zarr"])
     assert "fsspec knows no protocol 'nosuch'" in err
+
+
+class _Flaky:
+    """A source whose first ``failures`` reads raise ``error`` (a dropped connection, say)."""
+
+    shape, dtype = (4, 4), np.dtype(np.uint16)
+
+    def __init__(self, failures: int, error: Exception) -> None:
+        self.failures, self.error, self.calls = failures, error, 0
+
+    def __getitem__(self, key):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return np.ones((4, 4), np.uint16)[key]
+
+
+def test_reads_are_retried_on_transfer_errors_only(monkeypatch):
+    from nucflow.errors import InputPathError
+    from nucflow.io import remote
+
+    monkeypatch.setattr(remote, "_BACKOFF_S", 0.001)
+    flaky = _Flaky(2, ConnectionResetError("Connection reset by peer"))
+    region = remote.RetryingSource(flaky, "s3://lab/x.zarr", attempts=3)[:2, :2]
+    assert region.shape == (2, 2) and flaky.calls == 3
+    down = remote.RetryingSource(_Flaky(9, TimeoutError("timed out")), "s3://lab/x.zarr", 3)
+    with pytest.raises(InputPathError, match=r"cannot read s3://lab/x.zarr after 3 attempts"):
+        down[:1, :1]
+    damaged = _Flaky(9, ValueError("blosc: corrupted chunk"))
+    with pytest.raises(ValueError, match="corrupted"):  # Selection reports the region damaged
+        remote.RetryingSource(damaged, "s3://lab/x.zarr", 3)[:1, :1]
+    assert damaged.calls == 1
