@@ -64,12 +64,17 @@ def _write(fmt, stack, views, folder, request):
         meta = {"axes": "ZYX", "PhysicalSizeZ": z, "PhysicalSizeY": y, "PhysicalSizeX": x}
         tifffile.imwrite(path, stack.image, ome=True, tile=(48, 48), metadata=meta)
         return path, []
-    assert fmt == "s3-ome-zarr"
     server = request.getfixturevalue("s3_server")
     server.env(request.getfixturevalue("monkeypatch"))
-    local = folder / "stack.ome.zarr"
-    io.write_ome_zarr(local, stack.image, stack.voxel_size, chunks=(12, 48, 48))
-    return server.upload(local, "formats", "stack.ome.zarr"), []
+    local = folder / "upload"
+    local.mkdir()
+    if fmt == "s3-ome-tiff":
+        path, extra = _write("ome-tiff", stack, views, local, request)
+    else:
+        assert fmt == "s3-ome-zarr"
+        path, extra = local / "stack.ome.zarr", []
+        io.write_ome_zarr(path, stack.image, stack.voxel_size, chunks=(12, 48, 48))
+    return server.upload(local, "formats", folder.name) + "/" + path.name, extra
 
 
 @pytest.mark.parametrize("fmt", ["bdv-hdf5", "bdv-n5", "imaris", "czi", "ome-tiff", "s3-ome-zarr"])

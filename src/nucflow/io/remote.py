@@ -1,4 +1,6 @@
-"""zarr / OME-Zarr stores by URL (``s3://``, ``gs://``, ``https://``, any fsspec protocol).
+"""zarr / OME-Zarr stores and TIFF files by URL (``s3://``, ``gs://``, ``https://``, any fsspec
+protocol). A TIFF is read through an fsspec file object (range requests): its pages or tiles
+as for a local file, its IFDs parsed once per worker thread.
 
 fsspec finds the filesystem for the URL's protocol (s3fs, gcsfs, its own HTTP one), and each
 takes its credentials and endpoint from the store's standard configuration: for S3 botocore's
@@ -32,30 +34,37 @@ __all__ = ["READ_ATTEMPTS", "RetryingSource", "UrlFormat", "url_digest"]
 READ_ATTEMPTS = 5
 _BACKOFF_S = 0.5
 _METADATA = ("zarr.json", ".zgroup", ".zarray", ".zattrs")
+_TIFF_SUFFIXES = (".tif", ".tiff")
 # Plugins fsspec names in its ImportError, and the extra that installs each.
 _EXTRA = {"s3": "nucflow[s3]", "s3a": "nucflow[s3]", "gs": "nucflow[gcs]", "gcs": "nucflow[gcs]"}
 
 
 class UrlFormat:
-    """A zarr v2/v3 array or group, or an OME-Zarr image, at an fsspec URL."""
+    """A zarr v2/v3 array or group, an OME-Zarr image, or a TIFF file, at an fsspec URL."""
 
-    description = "zarr or OME-Zarr by URL (s3://, gs://, https://)"
+    description = "zarr, OME-Zarr or TIFF by URL (s3://, gs://, https://)"
     folder_marker = None
 
     def claims(self, path: str) -> bool:
         return is_url(path)
 
     def read(self, path: str, level: int) -> Image:
-        from nucflow.io.zarr_format import read_zarr  # zarr_format is the local reader
+        # the local readers, given the URL once the store is known to hold it
+        from nucflow.io.tiff_format import read_tiff_file
+        from nucflow.io.zarr_format import read_zarr
 
         fs, root = _filesystem(path)
-        found = _probe(fs, root, path)
-        if found is None:
-            raise InputPathError(
-                f"input {path} does not exist (no zarr metadata: {', '.join(_METADATA)}); check "
-                "the URL (nucflow reads zarr and OME-Zarr stores by URL)"
-            )
-        image = read_zarr(path, level)
+        if root.lower().endswith(_TIFF_SUFFIXES):
+            found = _probe_file(fs, root, path)
+            image = read_tiff_file(path, level)
+        else:
+            found = _probe(fs, root, path)
+            if found is None:
+                raise InputPathError(
+                    f"input {path} does not exist (no zarr metadata: {', '.join(_METADATA)}); "
+                    "check the URL (nucflow reads zarr, OME-Zarr and TIFF files by URL)"
+                )
+            image = read_zarr(path, level)
         token = (*image.token, _etag(fs, found))
         return Image(
             RetryingSource(image.source, path),
@@ -84,6 +93,17 @@ def _filesystem(url: str) -> tuple[Any, str]:
             f"input {url}: fsspec knows no protocol {protocol!r} ({one_line(e)}); use s3://, "
             "gs://, https:// or a local path"
         ) from e
+
+
+def _probe_file(fs: Any, root: str, url: str) -> str:
+    """``root`` itself, checked to exist (a TIFF object); store errors said in one line."""
+    try:
+        if fs.exists(root):
+            return root
+    except Exception as e:
+        raise _store_error(e, url) from e
+    _probe(fs, root, url)  # a missing bucket is said as such
+    raise InputPathError(f"input {url} does not exist; check the URL")
 
 
 def _probe(fs: Any, root: str, url: str) -> str | None:
@@ -147,12 +167,13 @@ def _etag(fs: Any, key: str) -> str:
 
 
 def url_digest(url: str) -> str:
-    """A digest of the store's root metadata (its bytes and versions): changes with the store.
+    """A digest of the store's root metadata (its bytes and versions), or of a TIFF object's
+    version: changes with the input.
 
     Parameters
     ----------
     url : str
-        An fsspec URL of a zarr store.
+        An fsspec URL of a zarr store or a TIFF file.
 
     Returns
     -------
@@ -161,6 +182,9 @@ def url_digest(url: str) -> str:
     """
     fs, root = _filesystem(url)
     digest = hashlib.sha256(url.encode())
+    if root.lower().endswith(_TIFF_SUFFIXES):  # one object: its version
+        digest.update(_etag(fs, root).encode())
+        return digest.hexdigest()
     for name in _METADATA:
         key = f"{root.rstrip('/')}/{name}"
         try:
