@@ -25,15 +25,15 @@ from nucflow.io.timelapse import TimePoint, clear_timepoint
 from nucflow.io.writers import create_label_zarr, write_ome_zarr
 from nucflow.io.zarr_format import ZarrFormat
 
-# Tried in this order: the first format that claims a path opens it (a URL is never a local
-# path; a zarr folder may also hold .tif files; a folder of slices is what is left).
-register_format(UrlFormat())
+# Tried in this order: the first format that claims a path opens it (a zarr folder may also
+# hold .tif files; a folder of slices is what is left; no local format claims a URL).
 register_format(ZarrFormat())
 register_format(TiffFormat())
 register_format(TiffSlicesFormat())
 register_format(BdvFormat())
 register_format(ImarisFormat())
 register_format(VendorFormat())
+register_format(UrlFormat())
 
 SUPPORTED_FORMATS = supported_formats()
 

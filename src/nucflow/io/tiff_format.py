@@ -63,7 +63,7 @@ class TiffSlicesFormat:
     def claims(self, path: str) -> bool:
         if os.path.isdir(path):
             return bool(_tiffs_in(path))
-        return not os.path.exists(path) and glob.has_magic(path)
+        return not os.path.exists(path) and glob.has_magic(path) and not is_url(path)
 
     def read(self, path: str, level: int) -> Image:
         if os.path.isdir(path):
