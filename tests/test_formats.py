@@ -89,15 +89,19 @@ def test_every_container_gives_the_ome_zarr_table(fmt, stack, views, reference, 
     np.testing.assert_array_equal(labels, reference[1])
 
 
-@pytest.mark.parametrize("fmt", ["bdv-hdf5", "bdv-n5", "imaris"])
+@pytest.mark.parametrize("fmt", ["bdv-hdf5", "bdv-n5", "imaris", "czi"])
 def test_views_levels_and_voxel_size(fmt, stack, views, tmp_path, request):
     source, _ = _write(fmt, stack, views, tmp_path, request)
-    opened = io.open_stack(str(source), channel=0, timepoint=1)
+    opened = io.open_stack(str(source), channel=0, timepoint=1, chunks=(5, 40, 36))
     assert (opened.n_channels, opened.n_timepoints) == (2, 2)
-    assert opened.format.startswith("BigDataViewer" if fmt.startswith("bdv") else "Imaris")
+    assert opened.voxel_size == pytest.approx(stack.voxel_size)
+    names = {"bdv-hdf5": "BigDataViewer", "bdv-n5": "BigDataViewer", "imaris": "Imaris"}
+    assert opened.format.startswith(names.get(fmt, "CZI"))
     again = pickle.loads(pickle.dumps(opened))  # what a process or SLURM worker receives
     np.testing.assert_array_equal(again.data.compute(), views[1, 0])
     np.testing.assert_array_equal(opened.at(0).data.compute(), views[0, 0])
+    if fmt == "czi":  # full resolution only; a block reads only its subblocks' region
+        return
     coarse = io.open_stack(str(source), channel=1, level=1)
     if fmt == "imaris":  # the writer strides y and x by 2
         np.testing.assert_array_equal(coarse.data.compute(), views[0, 1][:, ::2, ::2])
