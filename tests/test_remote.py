@@ -109,3 +109,34 @@ def test_reads_are_retried_on_transfer_errors_only(monkeypatch):
     with pytest.raises(ValueError, match="corrupted"):  # Selection reports the region damaged
         remote.RetryingSource(damaged, "s3://lab/x.zarr", 3)[:1, :1]
     assert damaged.calls == 1
+
+
+def test_https_style_url_reads_the_store(small):
+    """A plain HTTP server (Python's, on 127.0.0.1) serving the OME-Zarr folder: fsspec's HTTP
+    filesystem, as for a public https:// store."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+         "--directory", str(small[2])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        stack = io.open_stack(f"http://127.0.0.1:{port}/{small[0].name}")
+        assert stack.voxel_size == pytest.approx(small[1].voxel_size)
+        np.testing.assert_array_equal(stack.data.compute(), small[1].image)
+    finally:
+        server.terminate()
+        server.wait()
