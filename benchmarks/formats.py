@@ -11,7 +11,7 @@ s3fs's, not a WAN's).
 
 The stack is mostly background (nuclei fill a few %), so it compresses well: gzip and lz4
 decode fast here. For each, ``open_stack`` opens it with blocks of 32x256x256 voxels (and the
-CZI also with blocks as wide as its planes, what nucflow picks by default) and one *block
+CZI also with blocks as wide as its planes) and one *block
 pass* reads every block once through ``Stack.reader`` (what the first pass of a run does), one
 block after another on one thread: MB/s per core = stack bytes / wall time. The files were
 just written, so local reads come from the page cache (decoding, not the disk, is measured).
@@ -102,8 +102,7 @@ def write_all(
         "BDV XML + HDF5": (str(_bdv(folder / "bdv.h5", views)), BLOCK),
         "BDV XML + N5": (str(_bdv(folder / "bdv.n5", views)), BLOCK),
         "Imaris .ims": (str(ims), BLOCK),
-        "CZI (bioio-czi)": (czi, BLOCK),
-        # bioio reads whole planes: blocks as wide as the plane read each plane once
+        "CZI (pylibCZIrw regions)": (czi, BLOCK),
         "CZI, blocks of whole planes": (czi, (BLOCK[0], *image.shape[1:])),
         "OME-TIFF": (str(tif), BLOCK),
     }
