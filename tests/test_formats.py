@@ -101,6 +101,12 @@ def test_views_levels_and_voxel_size(fmt, stack, views, tmp_path, request):
     np.testing.assert_array_equal(again.data.compute(), views[1, 0])
     np.testing.assert_array_equal(opened.at(0).data.compute(), views[0, 0])
     if fmt == "czi":  # full resolution only; a block reads only its subblocks' region
+        from nucflow.io.bioio_format import VendorSource
+
+        # bioio's dask planes alone, as ND2 and LIF are read
+        source = opened.reader.source
+        planes = VendorSource(source.path, source.scene, source.shape, source.dtype)
+        np.testing.assert_array_equal(planes[1, 0, 2:9, 5:50, 7:70], views[1, 0, 2:9, 5:50, 7:70])
         return
     coarse = io.open_stack(str(source), channel=1, level=1)
     if fmt == "imaris":  # the writer strides y and x by 2
