@@ -54,6 +54,7 @@ class UrlFormat:
         from nucflow.io.zarr_format import read_zarr
 
         fs, root = _filesystem(path)
+        found: str | None
         if root.lower().endswith(_TIFF_SUFFIXES):
             found = _probe_file(fs, root, path)
             image = read_tiff_file(path, level)
