@@ -438,3 +438,18 @@ def test_unreachable_url_gives_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert err.startswith("nucflow run: error: input https://127.0.0.1:9/stack.ome.zarr"), err
+
+
+@pytest.mark.parametrize("suffix", [".czi", ".nd2", ".lif"])
+def test_damaged_vendor_file_gives_one_line(tmp_path, capsys, suffix):
+    """A vendor file that is not one (bytes from a fixed seed): exit 2, one line."""
+    plugin = {".czi": "bioio_czi", ".nd2": "bioio_nd2", ".lif": "bioio_lif"}[suffix]
+    pytest.importorskip(plugin)
+    source = tmp_path / f"stack{suffix}"
+    source.write_bytes(random.Random(SEED).randbytes(5000))
+    capsys.readouterr()
+    code = main(["run", "--input", str(source), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert err.startswith(f"nucflow run: error: {source} cannot be opened by "), err
+    assert "re-copy or re-export it" in err
