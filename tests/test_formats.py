@@ -149,3 +149,18 @@ def test_bdv_container_is_part_of_the_input(stack, views, tmp_path, request, cap
     code = main(RUN.args(xml, tmp_path / "out", "--channel", "1", "--resume"))
     err = capsys.readouterr().err
     assert code == 2 and f"--resume: the input {xml} is not the one" in err, err
+
+
+def test_czi_scene_is_selected_and_its_file_fingerprinted(stack, views, tmp_path, request):
+    from nucflow import fingerprint
+    from nucflow.errors import ParameterError
+
+    czi, _ = _write("czi", stack, views[:1], tmp_path, request)
+    opened = io.open_stack(f"{czi}#0", channel=1)
+    np.testing.assert_array_equal(opened.data.compute(), stack.image)
+    before = fingerprint.input_identity(opened)["files"]
+    assert before == fingerprint.input_identity(io.open_stack(str(czi), channel=1))["files"]
+    os.utime(czi, ns=(0, 10**18))  # the file changed (as far as --resume can tell)
+    assert fingerprint.input_identity(opened)["files"] != before
+    with pytest.raises(ParameterError, match=r"scene '3' of .*stack.czi does not exist; it has 1"):
+        io.open_stack(f"{czi}#3", channel=1)

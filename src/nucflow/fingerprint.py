@@ -111,8 +111,9 @@ def input_identity(stack: io.Stack, *, channel: int | None = None) -> dict[str, 
 def _input_digest(path: str) -> str:
     """``path``'s digest, with that of the container holding its pixels (a BigDataViewer XML's
     HDF5 file or N5 folder) when it has one."""
-    digest = _files_digest(path)
-    for data in io.pixel_files(path):
+    file, _ = io.split_scene(path)  # FILE.czi#2: the file's digest (the scene is in `path`)
+    digest = _files_digest(file)
+    for data in io.pixel_files(file):
         digest = hashlib.sha256((digest + _files_digest(data)).encode()).hexdigest()
     return digest
 

@@ -18,7 +18,7 @@ from nucflow.io.bioio_format import VendorFormat
 from nucflow.io.formats import Format, input_paths, register_format, supported_formats
 from nucflow.io.imaris_format import ImarisFormat
 from nucflow.io.remote import UrlFormat, url_digest
-from nucflow.io.source import SUPPORTED_DTYPES, ChunkListing, Source, is_url
+from nucflow.io.source import SUPPORTED_DTYPES, ChunkListing, Source, is_url, split_scene
 from nucflow.io.stack import Stack, open_stack
 from nucflow.io.tiff_format import TiffFormat, TiffSlicesFormat
 from nucflow.io.timelapse import TimePoint, clear_timepoint
@@ -52,6 +52,7 @@ __all__ = [
     "open_stack",
     "pixel_files",
     "register_format",
+    "split_scene",
     "url_digest",
     "write_ome_zarr",
 ]

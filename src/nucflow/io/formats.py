@@ -102,6 +102,7 @@ def input_paths(path: str | os.PathLike[str]) -> list[Path]:
     name = os.fspath(path)
     if is_url(name):
         return []  # nothing on this machine's file system
+    name, _ = split_scene(name)  # a scene of a vendor file reads the file
     if not os.path.exists(name) and glob.has_magic(name):
         found = [Path(p).resolve() for p in sorted(glob.glob(name))]
     else:
