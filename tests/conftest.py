@@ -166,3 +166,86 @@ def tmpfs(tmp_path):
     yield mount
     for target in reversed(mounted):
         subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+# --- a real S3 server (moto's, on 127.0.0.1) ------------------------------------------------
+
+
+class S3Server:
+    """moto's S3 server in a process of its own, with authentication on: only ``key`` works."""
+
+    def __init__(self, url: str, key: str, secret: str) -> None:
+        self.url, self.key, self.secret = url, key, secret
+
+    def env(self, monkeypatch: pytest.MonkeyPatch, *, key: str | None = None) -> None:
+        """Point this process' AWS configuration at the server, as a user's environment would
+        (``key``: another access key id, e.g. a wrong one)."""
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem per options
+        monkeypatch.setenv("AWS_ENDPOINT_URL", self.url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key or self.key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", self.secret)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            monkeypatch.delenv(name, raising=False)
+
+    def upload(self, local: Path, bucket: str, key: str) -> str:
+        """Copy the folder ``local`` to ``s3://bucket/key`` (bucket made if new); its URL."""
+        import boto3
+
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=self.key,
+            aws_secret_access_key=self.secret,
+        )
+        if bucket not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
+            s3.create_bucket(Bucket=bucket)
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            s3.upload_file(str(path), bucket, f"{key}/{path.relative_to(local).as_posix()}")
+        return f"s3://{bucket}/{key}"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> S3Server:
+    """moto's server on a free port of 127.0.0.1, with IAM authentication after the three
+    unauthenticated calls that make its one user and key (a wrong key is then refused)."""
+    pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    import json
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        iam = boto3.client(
+            "iam", endpoint_url=url, region_name="us-east-1",
+            aws_access_key_id="setup", aws_secret_access_key="setup",
+        )  # fmt: skip
+        iam.create_user(UserName="nucflow")
+        made = iam.create_access_key(UserName="nucflow")["AccessKey"]
+        policy = {"Version": "2012-10-17",
+                  "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}  # fmt: skip
+        iam.put_user_policy(UserName="nucflow", PolicyName="all", PolicyDocument=json.dumps(policy))
+        yield S3Server(url, made["AccessKeyId"], made["SecretAccessKey"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -298,3 +298,158 @@ def test_the_cases_cover_every_format_and_kind_of_damage(originals, tmp_path):
     assert drawn["tiff"] == set(TIFF_KINDS)
     assert drawn["zarr"] | drawn["ome"] == set(OME_KINDS)
     assert "multiscales" in drawn["ome"]
+
+
+# --- the containers of BigDataViewer and Imaris, and inputs by URL -------------------------
+
+
+@pytest.fixture(scope="module")
+def containers(tmp_path_factory) -> dict[str, Path]:
+    """The 16x48x48 stack as BDV XML + HDF5, BDV XML + N5 (pybdv) and Imaris .ims (h5py)."""
+    pytest.importorskip("pybdv")
+    from formats_writers import write_bdv, write_ims
+
+    made = synth.make_nuclei((16, 48, 48), n_nuclei=4, diameter=6.0, seed=1)
+    views = made.image[None, None]
+    root = tmp_path_factory.mktemp("containers")
+    return {
+        "bdv-hdf5": write_bdv(root / "bdv.h5", views, made.voxel_size),
+        "bdv-n5": write_bdv(root / "bdvn5.n5", views, made.voxel_size),
+        "imaris": write_ims(root / "stack.ims", views, made.voxel_size),
+    }
+
+
+def _copy(containers: dict[str, Path], fmt: str, folder: Path) -> Path:
+    """A copy of one container (the XML with its HDF5 file or N5 folder) in ``folder``."""
+    source = containers[fmt]
+    shutil.copy(source, folder / source.name)
+    for data in (source.with_suffix(".h5"), source.with_suffix(".n5")):
+        if data.is_file():
+            shutil.copy(data, folder / data.name)
+        elif data.is_dir():
+            shutil.copytree(data, folder / data.name)
+    return folder / source.name
+
+
+def _cut(path: Path, share: float) -> str:
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * share)])
+    return f"{path.name} truncated to {share:.0%}"
+
+
+def _edit_xml(path: Path, old: str, new: str) -> str:
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+    return f"{path.name}: {old!r} -> {new!r}"
+
+
+_EXTRA_SETUP = "<ViewSetup><id>7</id><size>48 48 16</size></ViewSetup></ViewSetups>"
+
+# (format, damage, what the one line must say); each damage returns the file it names.
+CONTAINER_CASES = {
+    "truncated-hdf5": ("bdv-hdf5", lambda s: _cut(s.with_suffix(".h5"), 0.5), "bdv.h5"),
+    "truncated-hdf5-header": (
+        "bdv-hdf5", lambda s: _cut(s.with_suffix(".h5"), 0.001), "re-copy or re-export"
+    ),
+    "truncated-ims": ("imaris", lambda s: _cut(s, 0.6), "stack.ims"),
+    "truncated-ims-header": ("imaris", lambda s: _cut(s, 0.001), "stack.ims"),
+    "xml-not-well-formed": ("bdv-hdf5", lambda s: _cut(s, 0.5), "not well-formed XML"),
+    "xml-wrong-loader": (
+        "bdv-hdf5", lambda s: _edit_xml(s, 'format="bdv.hdf5"', 'format="spimreconstruction"'),
+        "image loader 'spimreconstruction' is not supported",
+    ),
+    "xml-missing-setup": (
+        "bdv-hdf5", lambda s: _edit_xml(s, "</ViewSetups>", _EXTRA_SETUP),
+        "has no view of setup 7 at time point 0",
+    ),
+    "n5-missing-setup": (
+        "bdv-n5", lambda s: _edit_xml(s, "</ViewSetups>", _EXTRA_SETUP),
+        "has no view of setup 7 at time point 0",
+    ),
+    "n5-missing-container": (
+        "bdv-n5", lambda s: shutil.rmtree(s.with_suffix(".n5")) or "bdvn5.n5 deleted",
+        "bdvn5.n5, which does not exist; keep the N5 folder where the XML says",
+    ),
+    "xml-wrong-size": (
+        "bdv-hdf5", lambda s: _edit_xml(s, "<size>48 48 16</size>", "<size>48 48 8</size>"),
+        "says its setups are (8, 48, 48) (z, y, x) but",
+    ),
+    "ims-missing-channel": (
+        "imaris", lambda s: _h5_delete(s, "DataSet/ResolutionLevel 0/TimePoint 0/Channel 0/Data"),
+        "has no TimePoint 0/Channel 0 at resolution level 0",
+    ),
+}  # fmt: skip
+
+
+def _h5_delete(path: Path, name: str) -> str:
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        del f[name]
+    return f"{path.name}: {name} deleted"
+
+
+@pytest.mark.parametrize("case", sorted(CONTAINER_CASES))
+def test_damaged_container_gives_one_line(containers, tmp_path, capsys, case):
+    fmt, damage, expected = CONTAINER_CASES[case]
+    source = _copy(containers, fmt, tmp_path)
+    what = damage(source)
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(source), "--output", str(out), "--diameter", "6"]
+    capsys.readouterr()
+    code = main([*argv, "--set", "qc.enabled=false"])
+    err = capsys.readouterr().err
+    context = f"{case} ({what}): exit {code}\n{err[-3000:]}"
+    assert code == 2 and "Traceback" not in err, context
+    ours = [line for line in err.splitlines() if line.startswith("nucflow run:")]
+    assert len(ours) == 1 and ours[0].startswith("nucflow run: error: "), context
+    assert str(tmp_path) in ours[0] and expected in ours[0], context  # names the file, the fix
+    assert not (out / "nuclei.parquet").exists(), context
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", range(8))
+def test_byte_flipped_hdf5_gives_a_complete_output_or_one_line(containers, tmp_path, capsys, case):
+    """Random bytes of the HDF5 file (BDV's or an .ims) flipped, from a fixed seed."""
+    rng = random.Random(SEED + 1000 + case)
+    fmt = ("bdv-hdf5", "imaris")[case % 2]
+    source = _copy(containers, fmt, tmp_path)
+    data = source.with_suffix(".h5") if fmt == "bdv-hdf5" else source
+    raw = bytearray(data.read_bytes())
+    for _ in range(rng.randint(1, 40)):
+        raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+    data.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(source), "--output", str(out), "--diameter", "6"]
+    capsys.readouterr()
+    code = main([*argv, "--chunks", "8", "24", "24", "--set", "qc.enabled=false"])
+    err = capsys.readouterr().err
+    context = f"{fmt} case {case}: exit {code}\n{err[-3000:]}"
+    assert "Traceback" not in err and code in (0, 2), context
+    if code == 2:
+        ours = [line for line in err.splitlines() if line.startswith("nucflow run:")]
+        assert len(ours) == 1 and str(tmp_path) in ours[0], context
+
+
+def test_unreachable_url_gives_one_line(tmp_path, capsys):
+    argv = ["run", "--input", "https://127.0.0.1:9/stack.ome.zarr", "--output", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("nucflow run: error: input https://127.0.0.1:9/stack.ome.zarr"), err
+
+
+@pytest.mark.parametrize("suffix", [".czi", ".nd2", ".lif"])
+def test_damaged_vendor_file_gives_one_line(tmp_path, capsys, suffix):
+    """A vendor file that is not one (bytes from a fixed seed): exit 2, one line."""
+    plugin = {".czi": "bioio_czi", ".nd2": "bioio_nd2", ".lif": "bioio_lif"}[suffix]
+    pytest.importorskip(plugin)
+    source = tmp_path / f"stack{suffix}"
+    source.write_bytes(random.Random(SEED).randbytes(5000))
+    capsys.readouterr()
+    code = main(["run", "--input", str(source), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert err.startswith(f"nucflow run: error: {source} cannot be opened by "), err
+    assert "re-copy or re-export it" in err

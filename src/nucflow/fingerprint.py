@@ -97,14 +97,25 @@ def input_identity(stack: io.Stack, *, channel: int | None = None) -> dict[str, 
     """
     source = getattr(stack.reader, "source", None)  # None for a cropped or computed stack
     layout = list(source.chunk_grid) if isinstance(source, io.ChunkListing) else None
+    remote = io.is_url(stack.path)
     return {
-        "path": os.path.realpath(stack.path),
+        "path": stack.path if remote else os.path.realpath(stack.path),
         "shape": list(stack.data.shape),
         "dtype": str(stack.data.dtype),
         "channel": channel,
         "layout": layout,
-        "files": _files_digest(stack.path),
+        "files": io.url_digest(stack.path) if remote else _input_digest(stack.path),
     }
+
+
+def _input_digest(path: str) -> str:
+    """``path``'s digest, with that of the container holding its pixels (a BigDataViewer XML's
+    HDF5 file or N5 folder) when it has one."""
+    file, _ = io.split_scene(path)  # FILE.czi#2: the file's digest (the scene is in `path`)
+    digest = _files_digest(file)
+    for data in io.pixel_files(file):
+        digest = hashlib.sha256((digest + _files_digest(data)).encode()).hexdigest()
+    return digest
 
 
 def _files_digest(path: str) -> str:

@@ -55,6 +55,7 @@ class Plan:
     threads: int
     timepoints: int | None = None  # a time-lapse: time points selected (each a run of its own)
     flow: tuple[stages.Stage, ...] = pipeline.NUCLEI  # the stages planned
+    read_seconds: float = 0.0  # reading the central block with its halo from the input, once
 
     @property
     def block_seconds(self) -> float:
@@ -109,6 +110,19 @@ class Plan:
             return "one nuclei.parquet and nuclei.csv"
         return "a partitioned nuclei.parquet/, no CSV"
 
+    @property
+    def _reader_line(self) -> str:
+        """Which reader opened the input, its stored chunks, and what one block's read cost."""
+        native = self.stack.native_chunks
+        chunks = "x".join(map(str, native)) if native else "none (read whole)"
+        size = self.block_voxels * self.stack.data.dtype.itemsize
+        rate = size / 1e6 / self.read_seconds if self.read_seconds > 0 else float("inf")
+        return (
+            f"reader     {self.stack.format or 'computed'}; stored chunks {chunks}; reading one "
+            f"block with its halo ({size / 2**20:.1f} MiB) took {self.read_seconds:.2f} s "
+            f"({rate:.0f} MB/s on one thread)"
+        )
+
     def seconds_per_tb(self, threads: int) -> float:
         """Estimated wall time for 10^12 bytes of this stack's dtype on ``threads`` threads."""
         region = math.prod(s.stop - s.start for s in self.region)
@@ -125,6 +139,7 @@ class Plan:
                 f"input      {self.stack.path}: shape {shape}, {self.stack.data.dtype}, "
                 f"voxel {self.params.voxel_size} µm",
                 f"data       [{box}] ({share:.2%} of the stack; unwritten chunks are skipped)",
+                self._reader_line,
                 f"blocks     {self.n_blocks} of {self.params.chunks} voxels" + self._movie,
                 f"halo       {self.halo} voxels (segmentation; from diameter "
                 f"{self.params.diameter:g})",
@@ -190,6 +205,7 @@ def make_plan(
     graph_seconds = _graph_seconds(shape, params)
     box, timings, peak, nuclei = _calibrate(stack, params, config, flow.run, region, halo)
     return Plan(
+        read_seconds=_read_seconds(stack, box),
         stack=stack,
         params=params,
         region=region,
@@ -314,6 +330,13 @@ def _calibrate(
             counts = flow(run)
     peak = max(_peak_mib() - before, 0.0) + _BASELINE_MIB
     return box, run.timings, peak, int(counts.get("nuclei", 0))
+
+
+def _read_seconds(stack: io.Stack, box: tuple[slice, ...]) -> float:
+    """Seconds to read ``box`` of ``stack`` from its input, as a task of the first pass does."""
+    start = time.perf_counter()
+    stack.reader[box]
+    return time.perf_counter() - start
 
 
 # A table row in pandas (~25 float64/int64 columns), a face-crossing component in the join

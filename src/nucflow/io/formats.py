@@ -8,13 +8,14 @@ format is a module with a ``Format`` and one ``register_format`` call there.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 from pathlib import Path
 from typing import Protocol
 
 from nucflow.errors import FormatError, InputPathError
-from nucflow.io.source import Image, natural_key
+from nucflow.io.source import Image, is_url, natural_key, split_scene
 
 _ZARR_GROUP_FILES = ("zarr.json", ".zgroup")
 
@@ -63,7 +64,7 @@ def read_image(path: str, level: int) -> Image:
     A glob pattern that matches one path opens that path; one that matches several is
     offered to the formats as it is (a stack of slices).
     """
-    exists = os.path.isdir(path) or os.path.isfile(path)
+    exists = os.path.isdir(path) or os.path.isfile(path) or is_url(path) or _is_scene(path)
     if not exists and glob.has_magic(path):
         matches = sorted(glob.glob(path), key=natural_key)
         if not matches:
@@ -74,7 +75,7 @@ def read_image(path: str, level: int) -> Image:
         raise InputPathError(f"input {path} does not exist; check the path")
     for fmt in _FORMATS:
         if fmt.claims(path):
-            return fmt.read(path, level)
+            return dataclasses.replace(fmt.read(path, level), format=fmt.description)
     if os.path.isdir(path):
         looked_for = " and no ".join(f.folder_marker for f in _FORMATS if f.folder_marker)
         raise FormatError(
@@ -83,18 +84,33 @@ def read_image(path: str, level: int) -> Image:
     raise FormatError(f"{path} is not an image nucflow can read; supported: {supported_formats()}")
 
 
+def _is_scene(path: str) -> bool:
+    """``FILE.czi#2``: a scene of a vendor file that exists (``bioio_format``)."""
+    file, scene = split_scene(path)
+    return scene is not None and os.path.isfile(file)
+
+
 def input_paths(path: str | os.PathLike[str]) -> list[Path]:
     """Every path an input spelled ``path`` reads, resolved (symlinks followed).
 
     A glob pattern gives each file it matches; a file or folder gives itself; and each of them
     inside a zarr hierarchy also gives the hierarchy's root group (``image.ome.zarr/0`` is part
-    of ``image.ome.zarr``, whose ``labels/`` a writer must not touch either).
+    of ``image.ome.zarr``, whose ``labels/`` a writer must not touch either). A URL gives none:
+    outputs are local, so no output can lie inside it. A BigDataViewer XML also gives the HDF5
+    file or N5 folder holding its pixels.
     """
     name = os.fspath(path)
+    if is_url(name):
+        return []  # nothing on this machine's file system
+    name, _ = split_scene(name)  # a scene of a vendor file reads the file
     if not os.path.exists(name) and glob.has_magic(name):
         found = [Path(p).resolve() for p in sorted(glob.glob(name))]
     else:
         found = [Path(name).resolve()]
+    # A BigDataViewer XML's pixels live in the HDF5 file or N5 folder it names.
+    from nucflow.io.bdv_format import pixel_files
+
+    found += [Path(p).resolve() for each in found for p in pixel_files(str(each))]
     return list(dict.fromkeys(p for each in found for p in (each, _zarr_root(each))))
 
 

@@ -31,6 +31,8 @@ __all__ = [
     "Source",
     "check_level",
     "file_token",
+    "is_url",
+    "split_scene",
     "natural_key",
     "one_line",
     "seconds",
@@ -98,6 +100,7 @@ class Image:
     token: tuple[Any, ...]  # identifies the file version, for deterministic dask keys
     time_interval_s: float | None = None  # seconds between time points, when the file says
     scale_key: str = "metadata"  # where ``scale`` came from, for error messages
+    format: str = ""  # the registered format that read it (its description), set by read_image
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,30 @@ def natural_key(name: str) -> list[int | str]:
     """Sort key that puts ``z2`` before ``z10``."""
     # re.split with a group alternates text and digits, so items at equal positions compare.
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` is a URL for fsspec (``s3://…``, ``https://…``), not a local path.
+
+    ``file://`` URLs count as URLs too: fsspec reads them like any other.
+    """
+    return bool(_URL.match(path))
+
+
+#: Files whose scenes ``FILE#S`` selects (``bioio_format``).
+SCENE_SUFFIXES = (".czi", ".nd2", ".lif")
+
+
+def split_scene(path: str) -> tuple[str, str | None]:
+    """``FILE.czi#S`` -> (``FILE.czi``, ``S``); any other path (or a file so named) -> (path,
+    None)."""
+    base, sep, scene = path.rpartition("#")
+    if sep and base.lower().endswith(SCENE_SUFFIXES) and not os.path.exists(path):
+        return base, scene
+    return path, None
 
 
 def file_token(path: str) -> tuple[str, int, int]:

@@ -66,6 +66,8 @@ class Stack:
     _selection: Selection | Cropped | None = field(default=None, repr=False, compare=False)
     #: The file's own chunk shape over all its axes (a read decompresses whole chunks).
     native_chunks: tuple[int, ...] = ()
+    #: The reader that opened it (a registered format's description; "" for a computed stack).
+    format: str = ""
 
     @property
     def reader(self) -> Source:
@@ -175,12 +177,16 @@ def open_stack(
         A zarr v2/v3 array or group holding one array, an OME-Zarr 0.4/0.5 image, a
         TIFF/BigTIFF/OME-TIFF/ImageJ TIFF file, a folder of 2D TIFF slices (one per z, in
         natural order: z2 before z10), or a glob pattern of such slices. A folder or
-        pattern holding a single file opens that file.
+        pattern holding a single file opens that file. Also a BigDataViewer XML (+ HDF5 or
+        N5: setups are channels), an Imaris ``.ims``, a CZI/ND2/LIF file (``FILE.czi#S``
+        for scene ``S``; extras), or an fsspec URL (``s3://``, ``gs://``, ``https://``) of a
+        zarr/OME-Zarr store or a TIFF file.
     channel : int, optional
         Index along the channel axis (OME ``c``, ImageJ ``C``, TIFF samples). Required when
         the image has more than one channel.
     level : int, optional
-        Pyramid level of an OME-Zarr or pyramidal TIFF (0 = full resolution).
+        Pyramid level of an OME-Zarr, pyramidal TIFF, BigDataViewer dataset or Imaris file
+        (0 = full resolution).
     chunks : sequence of int, optional
         Block shape of ``data``, one positive int per spatial axis. Default: multiples of
         the file's own chunks (pages, tiles) of about dask's ``array.chunk-size``.
@@ -281,6 +287,7 @@ def _to_stack(
         interval,
         sel,
         native_chunks=_chunk_shape(image.native_chunks),
+        format=image.format,
     )
 
 

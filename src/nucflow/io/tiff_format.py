@@ -29,12 +29,13 @@ from nucflow.io.source import (
     Key,
     check_level,
     file_token,
+    is_url,
     natural_key,
     one_line,
     seconds,
 )
 
-__all__ = ["SliceSource", "TiffFormat", "TiffSlicesFormat", "TiffSource"]
+__all__ = ["SliceSource", "TiffFormat", "TiffSlicesFormat", "TiffSource", "read_tiff_file"]
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _TIFF_SUFFIXES = (".tif", ".tiff")
@@ -50,7 +51,7 @@ class TiffFormat:
         return os.path.isfile(path) and _is_tiff(path)
 
     def read(self, path: str, level: int) -> Image:
-        return _read_tiff_file(path, level)
+        return read_tiff_file(path, level)
 
 
 class TiffSlicesFormat:
@@ -62,13 +63,13 @@ class TiffSlicesFormat:
     def claims(self, path: str) -> bool:
         if os.path.isdir(path):
             return bool(_tiffs_in(path))
-        return not os.path.exists(path) and glob.has_magic(path)
+        return not os.path.exists(path) and glob.has_magic(path) and not is_url(path)
 
     def read(self, path: str, level: int) -> Image:
         if os.path.isdir(path):
             files = _tiffs_in(path)
             if len(files) == 1:
-                return _read_tiff_file(files[0], level)
+                return read_tiff_file(files[0], level)
             return _read_slices(files, path, level)
         matches = sorted(glob.glob(path), key=natural_key)
         bad = [m for m in matches if not (os.path.isfile(m) and _is_tiff(m))]
@@ -112,8 +113,11 @@ def _cached_tiff(path: str) -> tifffile.TiffFile:
     page (25 ms vs 0.3 ms at 1000 pages); reopening per task would make reads O(pages²).
     Per-thread, because a TiffFile's file position is shared state.
     """
-    st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size)
+    if is_url(path):  # a remote file has no stat: its version is checked when it is opened
+        key = (path, 0, 0)
+    else:
+        st = os.stat(path)
+        key = (path, st.st_mtime_ns, st.st_size)
     cache = getattr(_TIFF_CACHE, "files", None)
     if cache is None:
         cache = _TIFF_CACHE.files = _OpenTiffs()
@@ -121,9 +125,19 @@ def _cached_tiff(path: str) -> tifffile.TiffFile:
     if tif is None:
         while len(cache) >= 4:
             cache.popitem(last=False)[1].close()
-        tif = tifffile.TiffFile(path)
+        tif = _open_tiff(path)
     cache[key] = tif
     return tif
+
+
+def _open_tiff(path: str) -> tifffile.TiffFile:
+    """A TiffFile of a local path, or of a URL through fsspec (range requests, read-ahead
+    blocks of fsspec's default size)."""
+    if not is_url(path):
+        return tifffile.TiffFile(path)
+    import fsspec
+
+    return tifffile.TiffFile(fsspec.open(path, "rb").open(), name=path.rsplit("/", 1)[-1])
 
 
 def _read_tiff(path: str, series: int, level: int, key: Key, shape: tuple[int, ...]) -> np.ndarray:
@@ -175,9 +189,11 @@ class SliceSource:
         return np.stack(planes)
 
 
-def _read_tiff_file(path: str, level: int) -> Image:
+def read_tiff_file(path: str, level: int) -> Image:
+    """Read the metadata of series 0 of the TIFF at ``path`` (a file, or a URL whose object
+    the caller has checked: ``remote.UrlFormat``) at pyramid ``level``."""
     try:
-        with _tiff_log(path), tifffile.TiffFile(path) as tif:
+        with _tiff_log(path), _open_tiff(path) as tif:
             series = tif.series[0]
             check_level(level, len(series.levels), path)
             s = series.levels[level]
@@ -199,7 +215,8 @@ def _read_tiff_file(path: str, level: int) -> Image:
             f"{path} cannot be read as TIFF ({one_line(e)}); check that the file is complete"
         ) from e
     key = "OME-TIFF PhysicalSizeX/Y/Z" if _is_ome else "ImageJ resolution and spacing"
-    return Image(source, roles, scale, native_full, file_token(path) + (level,), interval, key)
+    token = (path,) if is_url(path) else file_token(path)
+    return Image(source, roles, scale, native_full, (*token, level), interval, key)
 
 
 def _tiff_interval(tif: tifffile.TiffFile) -> float | None:
@@ -314,14 +331,14 @@ def _ome_tiff_sizes(xml: str) -> dict[str, float]:
 
 def _read_slices(files: Sequence[str], path: str, level: int) -> Image:
     check_level(level, 1, path)
-    first = _read_tiff_file(files[0], 0)
+    first = read_tiff_file(files[0], 0)
     shape = first.source.shape
     if len(shape) != 2 or first.roles != "ss":
         raise ShapeError(
             f"{files[0]} in {path} has shape {shape}; a folder or pattern must hold 2D "
             "single-channel TIFF slices, one per z"
         )
-    last = _read_tiff_file(files[-1], 0)
+    last = read_tiff_file(files[-1], 0)
     if last.source.shape != shape or last.source.dtype != first.source.dtype:
         raise ShapeError(
             f"{files[-1]} has shape {last.source.shape} and dtype {last.source.dtype} but "

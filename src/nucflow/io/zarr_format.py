@@ -19,9 +19,9 @@ import numpy as np
 import zarr
 
 from nucflow.errors import FormatError, NucflowError
-from nucflow.io.source import UM_PER_UNIT, Image, Key, check_level, one_line, seconds
+from nucflow.io.source import UM_PER_UNIT, Image, Key, check_level, is_url, one_line, seconds
 
-__all__ = ["ZARR_MARKERS", "ZarrFormat", "ZarrSource"]
+__all__ = ["ZARR_MARKERS", "ZarrFormat", "ZarrSource", "read_zarr"]
 
 ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
 
@@ -76,7 +76,7 @@ class ZarrFormat:
         return os.path.isdir(path) and _has_zarr_metadata(path)
 
     def read(self, path: str, level: int) -> Image:
-        return _read_zarr(path, level)
+        return read_zarr(path, level)
 
 
 def _has_zarr_metadata(path: str) -> bool:
@@ -86,7 +86,9 @@ def _has_zarr_metadata(path: str) -> bool:
 _MALFORMED = (TypeError, ValueError, KeyError, AttributeError, IndexError)
 
 
-def _read_zarr(path: str, level: int) -> Image:
+def read_zarr(path: str, level: int) -> Image:
+    """Read the zarr array, group or OME-Zarr image at ``path`` (a folder, or an fsspec URL
+    whose store the caller has checked: ``remote.UrlFormat``) at pyramid ``level``."""
     try:
         node = zarr.open(path, mode="r")
     except Exception as e:
@@ -117,7 +119,7 @@ def _read_zarr_node(node: Any, path: str, level: int) -> Image:
             f"{path} is an OME-Zarr plate/well; open one image inside it, e.g. {path}/A/1/0"
         )
     if "bioformats2raw.layout" in ome and "0" in node:
-        return _read_zarr(os.path.join(path, "0"), level)  # series 0 of a bioformats2raw export
+        return read_zarr(path.rstrip("/") + "/0", level)  # series 0 of a bioformats2raw export
     arrays = sorted(name for name, _ in node.arrays())
     if len(arrays) == 1:
         return _plain_zarr(node[arrays[0]], path, level)
@@ -154,6 +156,8 @@ def _zarr_token(path: str, arr: zarr.Array) -> tuple[Any, ...]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         meta = json.dumps(arr.metadata.to_dict(), sort_keys=True, default=str)
+    if is_url(path):  # no mtime to ask for: remote.UrlFormat adds the metadata's ETag
+        return (path, arr.path, meta)
     return (os.path.abspath(path), arr.path, meta, os.stat(path).st_mtime_ns)
 
 
