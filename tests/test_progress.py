@@ -46,10 +46,7 @@ STAGE_LINE = re.compile(
     + r"stage (?P<stage>\w+) done in "
     + TIME
     + r"( \((?P<passes>\d+) pass(es)? of \d+(-\d+)? blocks(, (?P<skipped>\d+) skipped: nothing "
-    r"to do)?\))? \| run "
-    + TIME
-    + r", ETA "
-    + TIME
+    r"to do)?\))? \| run " + TIME + r", ETA " + TIME
 )
 STEP = 5
 SEGMENTING = re.compile(r"segment blocks (\d+)/80")

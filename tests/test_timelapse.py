@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import time
@@ -385,3 +386,11 @@ def test_resume_with_another_voxel_size_equals_the_fresh_run(movie3d, killed_mov
     np.testing.assert_array_equal(labels, fresh_labels)
     meta = zarr.open_group(str(out / "labels.ome.zarr"), mode="r").attrs["multiscales"][0]
     assert meta["datasets"][0]["coordinateTransformations"][0]["scale"] == [30.0, 2.0, 0.8, 0.8]
+
+
+def test_plan_shows_the_time_axis(movie3d, capsys):
+    argv = ["plan", "--input", str(movie3d["tiff"]), "--chunks", *CHUNKS3D]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "shape (3, 16, 48, 48) (t, z, y, x; 3 time points, each (16, 48, 48))" in out
+    assert re.search(r"\ntime       about [\d.]+ s for 3 time point\(s\) on ", out), out
