@@ -291,13 +291,28 @@ BAD_INPUTS = {
     "unknown filter step": (
         "run --flow preprocess --input {u16} --output {out} "
         '--set filter.steps=[{{"gausian":{{}}}}]',
-        r"^nucflow run: error: `filter.steps`: unknown filter 'gausian'; use one of .*gaussian",
+        r"^nucflow run: error: `filter.steps\[0\]`: unknown filter 'gausian'; use one of "
+        r".*gaussian",
     ),
     "bad filter step parameter": (
         "run --flow preprocess --input {u16} --output {out} "
         '--set filter.steps=[{{"gaussian":{{"sigmaa":1}}}}]',
-        r"^nucflow run: error: `filter.steps`: bad parameters for step 'gaussian': .*"
-        r"unexpected keyword argument 'sigmaa'$",
+        r"^nucflow run: error: `filter.steps\[0\]` \(gaussian\): bad parameters for step "
+        r"'gaussian': .*unexpected keyword argument 'sigmaa'$",
+    ),
+    # the README's 2D example on a 3D stack: the step and the key as written, and the fix
+    "2D filter step size on a 3D stack": (
+        "run --flow preprocess --input {u16} --output {out} "
+        '--set filter.steps=[{{"gaussian":{{"sigma":1}}}},{{"closing":{{"size":[5,5]}}}}]',
+        r"^nucflow run: error: `filter.steps\[1\]` \(closing\): `size: \[5, 5\]` has 2 values "
+        r"but the stack has 3 axes; give one per axis \(Z Y X\), e.g. `size: \[5, 5, 5\]`, or "
+        r"one number$",
+    ),
+    "filter step with a footprint too small for its axes": (
+        "run --flow preprocess --input {u16} --output {out} "
+        '--set filter.steps=[{{"opening":{{"size":[0,3,3]}}}}]',
+        r"^nucflow run: error: `filter.steps\[0\]` \(opening\): `size` must contain at least one "
+        r"True element$",
     ),
     "threshold value missing": (
         "run --input {u16} --output {out} --set threshold.method=value",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -461,3 +463,28 @@ def test_tune_reads_the_tissue_mask_over_its_region(stack3d, tmp_path):
         zarr.open_array(str(d / "labels.ome.zarr" / "0"), mode="r")[:] for d in (tuned, whole)
     ]
     np.testing.assert_array_equal(*labels)
+
+
+@pytest.mark.parametrize("stack", ["stack3d", "stack2d"])
+def test_the_readmes_preprocess_example_runs_on_3d_and_2d(stack, request, tmp_path):
+    """The README's `--flow preprocess` example (it once was 2D-only: `size: [5, 5]` exited 2
+    on a 3D stack) equals the whole-array scikit-image calls with its µm footprints."""
+    from skimage import morphology
+
+    from nucflow import filters
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    steps = re.search(r"--flow preprocess .*\n\s+--set '(filter\.steps=[^']+)'", readme).group(1)
+    source, made = request.getfixturevalue(stack)
+    out = tmp_path / "filtered"
+    chunks = ["13", "50", "70"][-made.image.ndim :]
+    argv = ["run", "--flow", "preprocess", "--input", str(source), "--output", str(out)]
+    assert main([*argv, "--chunks", *chunks, "--set", steps]) == 0
+    closing, opening = (
+        filters.ellipsoid(radius, made.voxel_size, decomposition="sequence")
+        for radius in (1.0, 0.5)
+    )
+    assert "{closing: {radius: 1.0}}, {opening: {radius: 0.5}}" in steps
+    expected = morphology.opening(morphology.closing(made.image, closing), opening)
+    result = io.open_stack(out / "filtered.ome.zarr").data.compute()
+    np.testing.assert_array_equal(result, expected)

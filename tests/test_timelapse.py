@@ -20,7 +20,7 @@ import pytest
 import tifffile
 import zarr
 
-from nucflow import io, synth
+from nucflow import io, synth, timelapse
 from nucflow.cli import main
 from nucflow.errors import ParameterError
 from nucflow.table import read_table
@@ -235,17 +235,17 @@ def test_timepoints_selects_some(movie3d, tmp_path):
     ("given", "message"),
     [
         ("0:5", "--timepoints '0:5' reaches time point 5 but {p} has 3 time points; use indices "
-                "0..2, e.g. --timepoints 0:10 (slice START:STOP[:STEP]) or --timepoints 0,3,7"),
+                "0..2, e.g. --timepoints 0:3 (slice START:STOP[:STEP]) or --timepoints 0,1,2"),
         ("1,3", "--timepoints '1,3' reaches time point 3 but {p} has 3 time points; use indices "
-                "0..2, e.g. --timepoints 0:10 (slice START:STOP[:STEP]) or --timepoints 0,3,7"),
+                "0..2, e.g. --timepoints 0:3 (slice START:STOP[:STEP]) or --timepoints 0,1,2"),
         ("2:1", "--timepoints '2:1' selects no time point of the 3 in {p}; select some of 0..2, "
-                "e.g. --timepoints 0:10 (slice START:STOP[:STEP]) or --timepoints 0,3,7"),
+                "e.g. --timepoints 0:3 (slice START:STOP[:STEP]) or --timepoints 0,1,2"),
         ("one", "--timepoints 'one' is not a slice or a list of time point indices; e.g. "
-                "--timepoints 0:10 (slice START:STOP[:STEP]) or --timepoints 0,3,7"),
+                "--timepoints 0:3 (slice START:STOP[:STEP]) or --timepoints 0,1,2"),
         ("-1", "--timepoints '-1' is not a slice or a list of time point indices; e.g. "
-               "--timepoints 0:10 (slice START:STOP[:STEP]) or --timepoints 0,3,7"),
-        ("0::0", "--timepoints '0::0': the step must be > 0, e.g. --timepoints 0:10 (slice "
-                 "START:STOP[:STEP]) or --timepoints 0,3,7"),
+               "--timepoints 0:3 (slice START:STOP[:STEP]) or --timepoints 0,1,2"),
+        ("0::0", "--timepoints '0::0': the step must be > 0, e.g. --timepoints 0:3 (slice "
+                 "START:STOP[:STEP]) or --timepoints 0,1,2"),
     ],
 )  # fmt: skip
 def test_bad_timepoints_exit_2_with_one_line(movie3d, tmp_path, capsys, given, message):
@@ -255,6 +255,10 @@ def test_bad_timepoints_exit_2_with_one_line(movie3d, tmp_path, capsys, given, m
     err = capsys.readouterr().err
     assert err == f"nucflow run: error: {message.format(p=movie3d['zarr'])}\n"
     assert not out.exists()  # refused before the output is claimed
+    # every suggestion is valid on this input (a fixed "0:10" was not, on 3 time points)
+    stack = io.open_stack(movie3d["zarr"])
+    for suggested in re.findall(r"--timepoints (\S+)", err)[1:]:
+        assert timelapse.select(suggested, stack), suggested
 
 
 def test_preprocess_flow_with_several_time_points_exits_2_before_claiming(
@@ -394,3 +398,18 @@ def test_plan_shows_the_time_axis(movie3d, capsys):
     out = capsys.readouterr().out
     assert "shape (3, 16, 48, 48) (t, z, y, x; 3 time points, each (16, 48, 48))" in out
     assert re.search(r"\ntime       about [\d.]+ s for 3 time point\(s\) on ", out), out
+
+
+def test_status_of_a_complete_movie_lists_no_stage_left_to_do(movie3d_run, capsys):
+    """The label pyramid runs once for the movie: it was planned per time point, and status
+    ended a complete run's stage list with ``pyramid t1 -``."""
+    out = movie3d_run[0]
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    stages = next(line for line in capsys.readouterr().out.splitlines() if "stages  " in line)
+    assert " -" not in stages and stages.count("pyramid") == 1, stages
+    plan = json.loads((out / "run.json").read_text())["progress"]["plan"]
+    assert [name for name in plan if not name.endswith(tuple(f" t{t}" for t in range(T)))] == [
+        "pyramid",
+        "write",
+    ]
