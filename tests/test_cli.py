@@ -528,3 +528,47 @@ def test_help_imports_nothing_heavy_and_a_run_skips_scipy_stats():
     )
     assert loaded(help_code, heavy) == [""]
     assert loaded("import nucflow.pipeline", ["scipy.stats", "matplotlib", "dask"]) == ["dask"]
+
+
+WARNING_FLOW = """
+import warnings
+
+from nucflow import flowrun
+
+NUCLEI = flowrun.load_flow("nuclei")
+STAGES = NUCLEI.STAGES
+
+
+def run(job):
+    warnings.warn("a library's deprecation", DeprecationWarning, stacklevel=1)
+    warnings.warn("a library's user warning", stacklevel=1)
+    return NUCLEI.run(job)
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
+def test_other_libraries_warnings_stay_out_of_nucflows_lines(stack2d, tmp_path, debug):
+    """`nucflow view` printed napari's pydantic deprecations as `nucflow: warning: ...`: only
+    nucflow's own warnings (here: nuclei that reached segment.max_radius) are said as
+    nucflow's; code that is not nucflow's (a flow file, as a library would) is heard only with
+    --debug, as Python shows it (file, line, category)."""
+    flow = tmp_path / "warning_flow.py"
+    flow.write_text(WARNING_FLOW)
+    argv = ["run", "--flow", str(flow), "--input", str(stack2d[0]), "--output", str(tmp_path / "o")]
+    argv += ["--debug"] if debug else []
+    proc = subprocess.run(
+        [sys.executable, "-c", "from nucflow.cli import main; raise SystemExit(main())", *argv],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("nucflow: warning: ")]
+    assert len(ours) == 1 and re.match(r"nucflow: warning: \d+ nuclei reached segment", ours[0])
+    theirs = [
+        f"{flow}:11: DeprecationWarning: a library's deprecation",
+        f"{flow}:12: UserWarning: a library's user warning",
+    ]
+    assert [line for line in theirs if line in proc.stderr.splitlines()] == (
+        theirs if debug else []
+    )

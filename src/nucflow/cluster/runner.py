@@ -13,6 +13,7 @@ import dask
 from nucflow import progress as _progress
 from nucflow.cluster.options import _POLL_INTERVAL
 from nucflow.cluster.walltime import Lifetime
+from nucflow.errors import NucflowWarning
 
 
 class Runner:
@@ -119,6 +120,7 @@ class Runner:
                 "walltime, or blocks will be lost and rerun at each retirement",
                 UserWarning,
                 stacklevel=3,
+                category=NucflowWarning,
             )
 
     def _compute_local(self, collections: tuple, label: str, parts: set) -> tuple:

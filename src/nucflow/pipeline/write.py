@@ -16,6 +16,7 @@ from nucflow import (
     stages,
 )
 from nucflow import table as table_stage
+from nucflow.errors import NucflowWarning
 from nucflow.pipeline.rundir import Run, calibrated, release, write_run_json
 
 
@@ -94,6 +95,7 @@ def write_outputs(run: Run, table: table_stage.Table) -> dict[str, Any]:
             f"{table.truncated} nuclei reached segment.max_radius = {p.max_radius:g}; they may be "
             f"cut: {fix}",
             stacklevel=2,
+            category=NucflowWarning,
         )
     return counts
 
