@@ -221,6 +221,9 @@ def test_run_directory_is_complete_and_readable(stack3d, tmp_path):
     level0 = zarr.open_array(str(out / "labels.ome.zarr" / "0"), mode="r")
     assert level0.chunks == (20, 32, 32)
     assert level0.dtype == np.uint32  # every label of a stack this small fits (README)
+    # the table's label is of the image's dtype (a join needs no cast), in Parquet and pandas
+    assert table["label"].dtype == level0.dtype
+    assert pd.read_parquet(out / "nuclei.parquet")["label"].dtype == np.uint32
     assert record["counts"] == {"nuclei": len(table), "truncated": int(table["truncated"].sum())}
     assert not (out / ".work").exists()
     # background cells: background_radius (0.75 x diameter) / voxel / 3, at least 1

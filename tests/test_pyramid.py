@@ -237,7 +237,7 @@ def _check_run(out: Path, voxel: tuple[float, ...]) -> None:
     table = pd.read_parquet(out / "nuclei.parquet")
     stored = anndata.read_zarr(str(out / "labels.ome.zarr" / "tables" / "nuclei"))
     back = pd.concat([stored.obs, stored.to_df()], axis=1)
-    back.insert(0, "label", back.index.astype(np.uint64))
+    back.insert(0, "label", back.index.astype(level0.dtype))  # the table keeps its dtype
     back = back.reset_index(drop=True)[table.columns]
     pd.testing.assert_frame_equal(back, table, check_exact=True)
     assert set(table["label"]) == set(np.unique(level0).tolist()) - {0}

@@ -623,7 +623,7 @@ def _passes_said(record: StageRecord) -> str:
     each = f"{blocks[0]}" if len(blocks) == 1 else f"{blocks[0]}-{blocks[-1]}"
     n, skipped = len(record.passes), len(record.passes) - len(ran)
     return (
-        f" ({n} pass{'es' if n != 1 else ''} of {each} blocks"
+        f" ({n} pass{'es' if n != 1 else ''} of {each} block{'s' if each != '1' else ''}"
         + (f", {skipped} skipped: nothing to do" if skipped else "")
         + ")"
     )

@@ -309,12 +309,15 @@ def _joined(run: pipeline.Run, finished: list[_Done]) -> table_stage.Table:
     """The movie's table: every time point's rows; the QC sample from the first."""
     interval = run.stack.time_interval_s
     metadata = {
-        **table_stage.metadata(run.params, calibrated=pipeline.calibrated(run)),
+        **table_stage.metadata(
+            run.params, calibrated=pipeline.calibrated(run), channel=run.config.get("channel")
+        ),
         "time_interval_s": interval,
     }
     measured = table_stage.Objects(pipeline.object_spec(run), None, {})
     suffixes = table_stage.channel_suffixes(run.params.channels)
-    empty = table_stage.empty_table(len(run.region), suffixes, measured)
+    label_dtype = str(pipeline.label_dtype(run.stack.data.shape))
+    empty = table_stage.empty_table(len(run.region), suffixes, measured, label_dtype)
     return table_stage.Table(
         rows=sum(d.rows for d in finished),
         truncated=sum(d.truncated for d in finished),

@@ -18,6 +18,7 @@ from nucflow import (
 from nucflow import table as table_stage
 from nucflow.errors import NucflowWarning
 from nucflow.pipeline.rundir import Run, calibrated, release, write_run_json
+from nucflow.pipeline.segment import label_dtype
 
 
 def finish_stack(run: Run, path: Path) -> dict[str, Any]:
@@ -57,7 +58,11 @@ def write_outputs(run: Run, table: table_stage.Table) -> dict[str, Any]:
     p = run.params
     empty = table.empty
     if empty is None:
-        empty = measure.empty_table(len(run.region), table_stage.channel_suffixes(p.channels))
+        empty = measure.empty_table(
+            len(run.region),
+            table_stage.channel_suffixes(p.channels),
+            str(label_dtype(run.stack.data.shape)),
+        )
     written = write_table(run, table, empty)
     from nucflow import labels_table
 
