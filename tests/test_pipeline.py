@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -237,9 +238,15 @@ def test_run_directory_is_complete_and_readable(stack3d, tmp_path):
 
     meta = json.loads(pq.read_schema(out / "nuclei.parquet").metadata[b"nucflow"])
     assert meta["voxel_size"] == list(made.voxel_size) and meta["unit"] == "micrometer"
-    nodes = list(Reader(parse_url(str(out / "labels.ome.zarr")))())
-    assert "image-label" in nodes[0].zarr.root_attrs
-    np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), labels)
+    # NGFF 0.5, its source image the input: ome-zarr-py reads the input, then the labels over
+    # it (no warning: the autouse fixture of conftest.py checks every read)
+    path = out / "labels.ome.zarr"
+    nodes = {Path(n.zarr.subpath()): n for n in Reader(parse_url(str(path)))()}
+    assert list(nodes)[0] == Path(source).resolve()  # the image first, then its labels
+    assert io.ome_metadata(zarr.open_group(str(path), mode="r"))["image-label"] == {
+        "source": {"image": os.path.relpath(source, path)}
+    }
+    np.testing.assert_array_equal(np.asarray(nodes[path.resolve()].data[0]), labels)
     qc = sorted(p.name for p in (out / "qc").iterdir())
     assert qc == ["depth.png", "distributions.png", "outlines.png"]
     _check_outlines(out / "qc" / "outlines.png", record["qc_outline_windows_yx"], labels)

@@ -45,7 +45,7 @@ STAGE_LINE = re.compile(
     STAMP
     + r"stage (?P<stage>\w+) done in "
     + TIME
-    + r"( \((?P<passes>\d+) pass(es)? of \d+(-\d+)? blocks(, (?P<skipped>\d+) skipped: nothing "
+    + r"( \((?P<passes>\d+) pass(es)? of \d+(-\d+)? blocks?(, (?P<skipped>\d+) skipped: nothing "
     r"to do)?\))? \| run " + TIME + r", ETA " + TIME
 )
 STEP = 5

@@ -203,6 +203,7 @@ def _prepare_labels(run: pipeline.Run) -> None:
             overwrite=True,
             timepoints=stack.n_timepoints,
             time_interval_s=stack.time_interval_s,
+            source_image=io.image_reference(stack.path, path),
         )
         table_stage.write_atomic(marker, json.dumps(made_by).encode())
     for t in sorted(set(range(stack.n_timepoints)) - set(run.timepoints or ())):

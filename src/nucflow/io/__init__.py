@@ -15,7 +15,7 @@ from nucflow.io.source import SUPPORTED_DTYPES, ChunkListing, Source
 from nucflow.io.stack import Stack, open_stack
 from nucflow.io.tiff_format import TiffFormat, TiffSlicesFormat
 from nucflow.io.timelapse import TimePoint, clear_timepoint
-from nucflow.io.writers import create_label_zarr, write_ome_zarr
+from nucflow.io.writers import create_label_zarr, image_reference, ome_metadata, write_ome_zarr
 from nucflow.io.zarr_format import ZarrFormat
 
 # Tried in this order: the first format that claims a path opens it (a zarr folder may also
@@ -36,6 +36,8 @@ __all__ = [
     "TimePoint",
     "clear_timepoint",
     "create_label_zarr",
+    "image_reference",
+    "ome_metadata",
     "input_paths",
     "open_stack",
     "register_format",
