@@ -110,11 +110,12 @@ def truncated_labels(labels: str, name: str = NAME) -> np.ndarray | None:
     labels of the few flagged ones.
     """
     try:
-        obs = zarr.open_group(os.fspath(labels), mode="r")[f"tables/{name}/obs"]
-        flags, index = obs["truncated"], obs["label"]
+        root = zarr.open_group(os.fspath(labels), mode="r")
+        flags, index = root[f"tables/{name}/obs/truncated"], root[f"tables/{name}/obs/label"]
     except (KeyError, FileNotFoundError, ValueError, TypeError):
         return None
-    assert isinstance(flags, zarr.Array) and isinstance(index, zarr.Array)
+    if not (isinstance(flags, zarr.Array) and isinstance(index, zarr.Array)):
+        return None
     where = np.flatnonzero(np.asarray(flags[:], dtype=bool))
     if not len(where):
         return np.zeros(0, np.uint64)

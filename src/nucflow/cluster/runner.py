@@ -118,9 +118,8 @@ class Runner:
                 f"quarter of the {self.lifetime.shortest} s a worker computes before it retires "
                 f"(walltime {self.lifetime.walltime} s): use smaller --chunks, or a longer "
                 "walltime, or blocks will be lost and rerun at each retirement",
-                UserWarning,
+                NucflowWarning,
                 stacklevel=3,
-                category=NucflowWarning,
             )
 
     def _compute_local(self, collections: tuple, label: str, parts: set) -> tuple:

@@ -284,10 +284,18 @@ def _level_array(
         chunks=tuple(min(c, n) for c, n in zip(base.chunks, shape, strict=True)),
         dtype=base.dtype,
         fill_value=0,
-        **_layout(group, base.metadata.dimension_names if base.metadata.zarr_format == 3 else None),
+        **_layout(group, _axis_names(base)),
         config={"write_empty_chunks": False},
         overwrite=True,
     )
+
+
+def _axis_names(array: zarr.Array) -> tuple[str, ...] | None:
+    """A zarr 3 array's ``dimension_names`` (NGFF 0.5 requires them), as its levels get them."""
+    if array.metadata.zarr_format != 3:
+        return None
+    names = array.metadata.dimension_names
+    return tuple(str(n) for n in names) if names else None
 
 
 def _layout(group: zarr.Group, axes: Sequence[str] | None) -> dict[str, Any]:
