@@ -135,6 +135,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "measure.shell_width": (_optional(_positive), "null or a number > 0"),
     "measure.neighbour_distance": (_optional(_positive), "null or a number > 0"),
     "measure.drop_border": (lambda v: isinstance(v, bool), "true or false"),
+    # issue 32: sequential ids for viewing (pipeline/relabel.py)
+    "output.relabel": (lambda v: v in ("none", "sequential"), "none or sequential"),
     "qc.enabled": (lambda v: isinstance(v, bool), "true or false"),
     "progress.step_percent": (lambda v: _positive(v) and v <= 100, "a number in (0, 100]"),
     "progress.interval_s": (_non_negative, "a number of seconds >= 0"),
@@ -298,6 +300,7 @@ class Params:
     shell_width: float
     neighbour_distance: float
     drop_border: bool
+    relabel: str = "none"  # output.relabel (issue 32): "none" | "sequential"
 
     @property
     def min_voxels(self) -> int:
@@ -387,6 +390,7 @@ def resolve(
         shell_width=derived(config["measure"]["shell_width"], 0.15),
         neighbour_distance=derived(config["measure"]["neighbour_distance"], 2.0),
         drop_border=config["measure"]["drop_border"],
+        relabel=(config.get("output") or {}).get("relabel", "none"),
     )
 
 

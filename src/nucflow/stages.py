@@ -193,6 +193,9 @@ BORDER = Result("border", ("border",), stored=False)
 PYRAMID = Result("pyramid", (), ("voxel_size",))
 # table files, QC pictures, run.json
 WRITE = Result("write", (), stored=False)
+# (output.relabel: sequential) labels.ome.zarr renumbered 1..N: a pass per level (grids as the
+# pyramid's, level 0 on the blocks), changing the stored segmentation in place
+RELABEL = Result("relabel", ("blocks",), stored=False)
 # nucflow measure: each block's sums of the labels (an input: fingerprint.add_input) and the
 # channels, then the rows made from them
 MEASURE_SUMS = Result("measure-sums", params=("chunks", "channels"))
