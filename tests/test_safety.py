@@ -189,10 +189,11 @@ def test_an_output_holding_a_symlinked_input_is_refused(base, tmp_path, capsys):
 
 def _with_scale(base: Path, target: Path, scale: list[float]) -> Path:
     shutil.copytree(base, target)
-    attrs_file = target / ".zattrs"
-    attrs = json.loads(attrs_file.read_text())
-    attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] = scale
-    attrs_file.write_text(json.dumps(attrs))
+    meta_file = target / "zarr.json"  # NGFF 0.5: the metadata is the group's "ome" attribute
+    meta = json.loads(meta_file.read_text())
+    ome = meta["attributes"]["ome"]
+    ome["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] = scale
+    meta_file.write_text(json.dumps(meta))
     return target
 
 
