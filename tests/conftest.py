@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -21,6 +22,40 @@ from nucflow.cli import main
 #: The block grid of the fault and resume tests: 5 x 4 x 4 = 80 blocks of the 40x128x128
 #: ``stack3d``, so a run has many blocks in flight when something is done to it.
 FINE_CHUNKS = (8, 32, 32)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def ome_zarr_reads_warn_nothing():
+    """Every ome-zarr-py read in the suite is warning-free: it once logged "version mismatch:
+    detected: FormatV04, requested: FormatV05" and "no parent found for <Label ...>" on every
+    read of a run's labels.ome.zarr (NGFF 0.4, no source image). A test that reads NGFF 0.4
+    on purpose passes the reader its format (``parse_url(path, fmt=FormatV04())``)."""
+    handler = _Records()  # a test expecting a warning takes it: ``expect_no_parent``
+    logger = logging.getLogger("ome_zarr")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+    said = [f"{r.name}: {r.getMessage()}" for r in handler.records]
+    assert not said, f"ome-zarr-py warned: {said}"
+
+
+def expect_no_parent(handler: _Records) -> None:
+    """The one warning a label image alone gets (no source image: labels of a TIFF input, or
+    written by a test), taken off the fixture's list."""
+    said = [r.getMessage() for r in handler.records]
+    assert said and all(m.startswith("no parent found for <ome_zarr.reader.Label") for m in said)
+    handler.records.clear()
 
 
 @pytest.fixture(scope="session")

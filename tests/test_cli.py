@@ -294,13 +294,28 @@ BAD_INPUTS = {
     "unknown filter step": (
         "run --flow preprocess --input {u16} --output {out} "
         '--set filter.steps=[{{"gausian":{{}}}}]',
-        r"^nucflow run: error: `filter.steps`: unknown filter 'gausian'; use one of .*gaussian",
+        r"^nucflow run: error: `filter.steps\[0\]`: unknown filter 'gausian'; use one of "
+        r".*gaussian",
     ),
     "bad filter step parameter": (
         "run --flow preprocess --input {u16} --output {out} "
         '--set filter.steps=[{{"gaussian":{{"sigmaa":1}}}}]',
-        r"^nucflow run: error: `filter.steps`: bad parameters for step 'gaussian': .*"
-        r"unexpected keyword argument 'sigmaa'$",
+        r"^nucflow run: error: `filter.steps\[0\]` \(gaussian\): bad parameters for step "
+        r"'gaussian': .*unexpected keyword argument 'sigmaa'$",
+    ),
+    # the README's 2D example on a 3D stack: the step and the key as written, and the fix
+    "2D filter step size on a 3D stack": (
+        "run --flow preprocess --input {u16} --output {out} "
+        '--set filter.steps=[{{"gaussian":{{"sigma":1}}}},{{"closing":{{"size":[5,5]}}}}]',
+        r"^nucflow run: error: `filter.steps\[1\]` \(closing\): `size: \[5, 5\]` has 2 values "
+        r"but the stack has 3 axes; give one per axis \(Z Y X\), e.g. `size: \[5, 5, 5\]`, or "
+        r"one number$",
+    ),
+    "filter step with a footprint too small for its axes": (
+        "run --flow preprocess --input {u16} --output {out} "
+        '--set filter.steps=[{{"opening":{{"size":[0,3,3]}}}}]',
+        r"^nucflow run: error: `filter.steps\[0\]` \(opening\): `size` must contain at least one "
+        r"True element$",
     ),
     "threshold value missing": (
         "run --input {u16} --output {out} --set threshold.method=value",
@@ -531,3 +546,47 @@ def test_help_imports_nothing_heavy_and_a_run_skips_scipy_stats():
     )
     assert loaded(help_code, heavy) == [""]
     assert loaded("import nucflow.pipeline", ["scipy.stats", "matplotlib", "dask"]) == ["dask"]
+
+
+WARNING_FLOW = """
+import warnings
+
+from nucflow import flowrun
+
+NUCLEI = flowrun.load_flow("nuclei")
+STAGES = NUCLEI.STAGES
+
+
+def run(job):
+    warnings.warn("a library's deprecation", DeprecationWarning, stacklevel=1)
+    warnings.warn("a library's user warning", stacklevel=1)
+    return NUCLEI.run(job)
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
+def test_other_libraries_warnings_stay_out_of_nucflows_lines(stack2d, tmp_path, debug):
+    """`nucflow view` printed napari's pydantic deprecations as `nucflow: warning: ...`: only
+    nucflow's own warnings (here: nuclei that reached segment.max_radius) are said as
+    nucflow's; code that is not nucflow's (a flow file, as a library would) is heard only with
+    --debug, as Python shows it (file, line, category)."""
+    flow = tmp_path / "warning_flow.py"
+    flow.write_text(WARNING_FLOW)
+    argv = ["run", "--flow", str(flow), "--input", str(stack2d[0]), "--output", str(tmp_path / "o")]
+    argv += ["--debug"] if debug else []
+    proc = subprocess.run(
+        [sys.executable, "-c", "from nucflow.cli import main; raise SystemExit(main())", *argv],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("nucflow: warning: ")]
+    assert len(ours) == 1 and re.match(r"nucflow: warning: \d+ nuclei reached segment", ours[0])
+    theirs = [
+        f"{flow}:11: DeprecationWarning: a library's deprecation",
+        f"{flow}:12: UserWarning: a library's user warning",
+    ]
+    assert [line for line in theirs if line in proc.stderr.splitlines()] == (
+        theirs if debug else []
+    )

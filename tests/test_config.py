@@ -53,7 +53,7 @@ def test_measurement_settings_default_to_the_yaml():
 def test_every_section_is_one_group_and_the_flat_names_are_unchanged():
     params = _default_params()
     loaded = config.load(None, options={})
-    for section in ("preprocess", "threshold", "detect", "mask", "segment", "measure"):
+    for section in ("preprocess", "threshold", "detect", "mask", "segment", "measure", "output"):
         group = getattr(params, section)
         assert set(vars(group)) <= set(loaded[section]), section
     assert list(params.flat()) == [
@@ -61,6 +61,6 @@ def test_every_section_is_one_group_and_the_flat_names_are_unchanged():
         "background_downsample", "tissue_mask", "threshold_method", "threshold_value",
         "threshold_factor", "blob_radius", "snr", "fraction", "opening_radius", "fill_holes",
         "min_volume", "peak_radius", "min_radius", "max_radius", "channels", "single_file_rows",
-        "properties", "percentiles", "shell_width", "neighbour_distance", "drop_border", "qc",
-        "filter_steps",
+        "properties", "percentiles", "shell_width", "neighbour_distance", "drop_border", "relabel",
+        "qc", "filter_steps",
     ]  # fmt: skip

@@ -345,8 +345,8 @@ def test_block_failing_on_every_attempt_fails_the_run_naming_the_block(
     index = next(i for i in _unfinished_blocks(out) if reference_run[1][_core(i, chunks)].any())
     block = _fmt(_core(index, chunks))
     # ... where a directory now stands in the way of its chunk file (labels.ome.zarr is zarr
-    # v2 with "/" separators): the write fails on every attempt, on any worker.
-    in_the_way = out.joinpath("labels.ome.zarr", "0", *map(str, index))
+    # 3, chunk keys c/z/y/x): the write fails on every attempt, on any worker.
+    in_the_way = out.joinpath("labels.ome.zarr", "0", "c", *map(str, index))
     in_the_way.unlink(missing_ok=True)
     in_the_way.mkdir(parents=True)
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from conftest import expect_no_parent
 
 from nucflow.errors import (
     CorruptDataError,
@@ -553,7 +554,7 @@ def test_write_ome_zarr_bad_arguments(tmp_path, ref):
     assert not (tmp_path / "x").exists()  # nothing written on bad input
 
 
-def test_create_label_zarr_parallel_writes(tmp_path, ref, client):
+def test_create_label_zarr_parallel_writes(tmp_path, ref, client, ome_zarr_reads_warn_nothing):
     out = tmp_path / "labels.ome.zarr"
     target = create_label_zarr(out, SHAPE, (8, 16, 16), (2.0, 0.5, 0.5), dtype="uint32")
     expected = np.zeros(SHAPE, np.uint32)
@@ -568,9 +569,10 @@ def test_create_label_zarr_parallel_writes(tmp_path, ref, client):
     ]
     client.gather(futures)
     assert pickle.loads(pickle.dumps(target)).shape == SHAPE
-    chunk_files = [f for _, _, fs in os.walk(out / "0") for f in fs if not f.startswith(".")]
+    chunk_files = [f for _, _, fs in os.walk(out / "0") for f in fs if f != "zarr.json"]
     assert len(chunk_files) == 2  # sparse: unwritten chunks are absent
     nodes = _ome_nodes(out)
+    expect_no_parent(ome_zarr_reads_warn_nothing)  # labels alone: no source image given
     assert nodes[0][1] and "image-label" in nodes[0][0].zarr.root_attrs
     np.testing.assert_array_equal(np.asarray(nodes[0][0].data[0]), expected)
     stack = open_stack(out)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -221,6 +224,9 @@ def test_run_directory_is_complete_and_readable(stack3d, tmp_path):
     level0 = zarr.open_array(str(out / "labels.ome.zarr" / "0"), mode="r")
     assert level0.chunks == (20, 32, 32)
     assert level0.dtype == np.uint32  # every label of a stack this small fits (README)
+    # the table's label is of the image's dtype (a join needs no cast), in Parquet and pandas
+    assert table["label"].dtype == level0.dtype
+    assert pd.read_parquet(out / "nuclei.parquet")["label"].dtype == np.uint32
     assert record["counts"] == {"nuclei": len(table), "truncated": int(table["truncated"].sum())}
     assert not (out / ".work").exists()
     # background cells: background_radius (0.75 x diameter) / voxel / 3, at least 1
@@ -234,9 +240,15 @@ def test_run_directory_is_complete_and_readable(stack3d, tmp_path):
 
     meta = json.loads(pq.read_schema(out / "nuclei.parquet").metadata[b"nucflow"])
     assert meta["voxel_size"] == list(made.voxel_size) and meta["unit"] == "micrometer"
-    nodes = list(Reader(parse_url(str(out / "labels.ome.zarr")))())
-    assert "image-label" in nodes[0].zarr.root_attrs
-    np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), labels)
+    # NGFF 0.5, its source image the input: ome-zarr-py reads the input, then the labels over
+    # it (no warning: the autouse fixture of conftest.py checks every read)
+    path = out / "labels.ome.zarr"
+    nodes = {Path(n.zarr.subpath()): n for n in Reader(parse_url(str(path)))()}
+    assert list(nodes)[0] == Path(source).resolve()  # the image first, then its labels
+    assert io.ome_metadata(zarr.open_group(str(path), mode="r"))["image-label"] == {
+        "source": {"image": os.path.relpath(source, path)}
+    }
+    np.testing.assert_array_equal(np.asarray(nodes[path.resolve()].data[0]), labels)
     qc = sorted(p.name for p in (out / "qc").iterdir())
     assert qc == ["depth.png", "distributions.png", "outlines.png", "report.html"]
     _check_outlines(out / "qc" / "outlines.png", record["qc_outline_windows_yx"], labels)
@@ -470,3 +482,28 @@ def test_tune_reads_the_tissue_mask_over_its_region(stack3d, tmp_path):
         zarr.open_array(str(d / "labels.ome.zarr" / "0"), mode="r")[:] for d in (tuned, whole)
     ]
     np.testing.assert_array_equal(*labels)
+
+
+@pytest.mark.parametrize("stack", ["stack3d", "stack2d"])
+def test_the_readmes_preprocess_example_runs_on_3d_and_2d(stack, request, tmp_path):
+    """The README's `--flow preprocess` example (it once was 2D-only: `size: [5, 5]` exited 2
+    on a 3D stack) equals the whole-array scikit-image calls with its µm footprints."""
+    from skimage import morphology
+
+    from nucflow import filters
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    steps = re.search(r"--flow preprocess .*\n\s+--set '(filter\.steps=[^']+)'", readme).group(1)
+    source, made = request.getfixturevalue(stack)
+    out = tmp_path / "filtered"
+    chunks = ["13", "50", "70"][-made.image.ndim :]
+    argv = ["run", "--flow", "preprocess", "--input", str(source), "--output", str(out)]
+    assert main([*argv, "--chunks", *chunks, "--set", steps]) == 0
+    closing, opening = (
+        filters.ellipsoid(radius, made.voxel_size, decomposition="sequence")
+        for radius in (1.0, 0.5)
+    )
+    assert "{closing: {radius: 1.0}}, {opening: {radius: 0.5}}" in steps
+    expected = morphology.opening(morphology.closing(made.image, closing), opening)
+    result = io.open_stack(out / "filtered.ome.zarr").data.compute()
+    np.testing.assert_array_equal(result, expected)

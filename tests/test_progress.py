@@ -42,7 +42,11 @@ PASS_LINE = re.compile(
     + TIME
 )
 STAGE_LINE = re.compile(
-    STAMP + r"stage (?P<stage>\w+) done in " + TIME + r" \| run " + TIME + r", ETA " + TIME
+    STAMP
+    + r"stage (?P<stage>\w+) done in "
+    + TIME
+    + r"( \((?P<passes>\d+) pass(es)? of \d+(-\d+)? blocks?(, (?P<skipped>\d+) skipped: nothing "
+    r"to do)?\))? \| run " + TIME + r", ETA " + TIME
 )
 STEP = 5
 SEGMENTING = re.compile(r"segment blocks (\d+)/80")
@@ -134,7 +138,7 @@ def _check_redirected_log(
     """Run with stderr to a file; every line is a pass, stage or dashboard line with every
     field, at most one per 5 % step of each pass plus its end line."""
     out, log = tmp_path / "out", tmp_path / "stderr.log"
-    extra = [*extra, "--set", "progress.interval_s=0.01"]
+    extra = [*extra, "--set", "progress.interval_s=0"]
     extra += ["--set", f"progress.step_percent={STEP}", "--set", "progress.record_s=0.5"]
     proc = subprocess.run(
         [sys.executable, "-c", MAIN, *run_cli.args(source, out, *extra)],
@@ -157,10 +161,20 @@ def _check_redirected_log(
     others = [line for line, p, s in zip(lines, passes, stages, strict=True) if not (p or s)]
     assert others == said, others  # progress lines, the dashboard and warnings: nothing else
 
-    plan = json.loads((out / "run.json").read_text())["progress"]["plan"]
+    progress = json.loads((out / "run.json").read_text())["progress"]
+    plan = progress["plan"]
     assert [s["stage"] for s in stages if s] == list(plan)  # every stage ends with a line
     ends = [p for p in passes if p and p["pct"] == "100"]
-    assert len(ends) == sum(plan.values())  # every pass ends with a line
+    ran = {
+        name: [p["label"] for p in stage["passes"] if not p.get("skipped")]
+        for name, stage in progress["stages"].items()
+    }
+    assert len(ends) == sum(map(len, ran.values()))  # every pass that ran ends with a line
+    for name, labels in ran.items():  # no two passes of a stage look alike
+        assert len(set(labels)) == len(labels), (name, labels)
+    # a stage's pass total is the one it started with (a skipped pass counts as done)
+    assert all(p["of"] == str(plan[p["stage"]]) for p in passes if p)
+    assert all(len(s["passes"]) == plan[n] for n, s in progress["stages"].items())
     # the bound, however long the run: per stage, a line per 5 % of the stage, one at the end
     # of each of its passes and one at its end (23 for a one-pass stage)
     for name, count in plan.items():
@@ -171,6 +185,28 @@ def _check_redirected_log(
     percents = [int(p["pct"]) for p in segment]
     assert percents == sorted(percents) and len({v // STEP for v in percents}) == len(percents)
     assert all(int(p["total"]) == 80 and int(p["done"]) <= 80 for p in passes if p)
+
+
+def test_a_short_run_logs_one_line_per_stage(stack3d, run_cli, tmp_path):
+    """Default settings (a line at most every 60 s): a run of a few seconds with stderr to a
+    file says each stage once, with its passes (a skipped one said so), and nothing else but
+    warnings."""
+    out, log = tmp_path / "out", tmp_path / "stderr.log"
+    proc = subprocess.run(
+        [sys.executable, "-c", MAIN, *run_cli.args(stack3d[0], out, "--set", "mask.min_volume=0")],
+        stdout=subprocess.PIPE,
+        stderr=open(log, "w"),  # noqa: SIM115 - closed with the process
+        text=True,
+        timeout=240,
+    )
+    lines = [line for line in log.read_text().splitlines() if not line.startswith(WARNING)]
+    assert proc.returncode == 0, lines[-5:]
+    plan = json.loads((out / "run.json").read_text())["progress"]["plan"]
+    stages = [STAGE_LINE.fullmatch(line) for line in lines]
+    assert all(stages), lines
+    assert [s["stage"] for s in stages] == list(plan)
+    mask = next(s for s in stages if s["stage"] == "mask")
+    assert (mask["passes"], mask["skipped"]) == ("4", "1"), mask.group(0)
 
 
 def test_lines_follow_the_rarer_of_step_and_interval():
@@ -236,9 +272,12 @@ def test_pass_plan_matches_the_passes_a_run_makes(stack3d, run_cli, tmp_path):
     params = resolve(config, shape=(40, 128, 128), voxel_size=(1.0, 0.5, 0.5))
     declared = flow_passes(NUCLEI, params, (40, 128, 128))
     assert declared["mask"] == 4  # thresholding, then three passes of hole filling only
-    # the local detection leaves no hole here: hole filling skips its writing pass, and the
-    # run's plan says so
-    assert made == {**declared, "mask": 3} == progress["plan"]
+    # the local detection leaves no hole here: hole filling skips its writing pass, which the
+    # run records as skipped (the stage's pass total stays the one it started with)
+    assert made == declared == progress["plan"]
+    mask = progress["stages"]["mask"]["passes"]
+    assert [p.get("skipped", False) for p in mask] == [False, False, False, True]
+    assert [p["label"] for p in mask] == ["foreground", "holes find", "holes join", "holes fill"]
     assert all(s["state"] == "done" for s in progress["stages"].values())
     assert progress["eta_s"]["run"] == 0.0
 
@@ -258,9 +297,11 @@ def test_plan_counts_the_tasks_of_the_passes_a_run_makes(stack3d, run_cli, tmp_p
     made = {name: len(stage["passes"]) for name, stage in stages.items()}
     declared = flow_passes(NUCLEI, params, shape)
     # hole filling and small-object removal keep every component here: each skips its writing
-    # pass (two passes, of a task per block and one more, the fewer); the run's plan says so
-    assert made == {**declared, "mask": declared["mask"] - 2} == record["progress"]["plan"]
-    skipped_tasks = 2 * (stages["mask"]["passes"][-1]["total"] + 1)
+    # pass (two passes, of a task per block and one more, the fewer), recorded as skipped
+    assert made == declared == record["progress"]["plan"]
+    skipped = [p for p in stages["mask"]["passes"] if p.get("skipped")]
+    assert [p["label"] for p in skipped] == ["holes fill", "small objects remove"]
+    skipped_tasks = 2 * (stages["mask"]["passes"][0]["total"] + 1)
     assert [p["label"] for p in stages["preprocess"]["passes"]] == [
         "preprocess",
         "background",
@@ -269,7 +310,7 @@ def test_plan_counts_the_tasks_of_the_passes_a_run_makes(stack3d, run_cli, tmp_p
     tasks = pass_tasks(params, shape)
     for name, stage in stages.items():
         if stage["passes"] and name != "threshold":  # the threshold adds its histogram tree
-            made_tasks = sum(p["total"] + 1 for p in stage["passes"])
+            made_tasks = sum(p["total"] + 1 for p in stage["passes"] if not p.get("skipped"))
             assert tasks[name] == made_tasks + (skipped_tasks if name == "mask" else 0), name
 
 

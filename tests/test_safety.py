@@ -189,10 +189,11 @@ def test_an_output_holding_a_symlinked_input_is_refused(base, tmp_path, capsys):
 
 def _with_scale(base: Path, target: Path, scale: list[float]) -> Path:
     shutil.copytree(base, target)
-    attrs_file = target / ".zattrs"
-    attrs = json.loads(attrs_file.read_text())
-    attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] = scale
-    attrs_file.write_text(json.dumps(attrs))
+    meta_file = target / "zarr.json"  # NGFF 0.5: the metadata is the group's "ome" attribute
+    meta = json.loads(meta_file.read_text())
+    ome = meta["attributes"]["ome"]
+    ome["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] = scale
+    meta_file.write_text(json.dumps(meta))
     return target
 
 
@@ -421,15 +422,19 @@ def test_blocks_smaller_than_the_halo_are_warned_about_before_the_work(base, tmp
 
 
 @pytest.mark.parametrize(
-    "steps",
-    ["[{gaussian: {sigma: -1}}]", "[{median: {size: [3, 3]}}]", "[{blur: {sigma: 1}}]"],
+    ("steps", "said"),
+    [
+        ("[{gaussian: {sigma: -1}}]", r"`filter\.steps\[0\]` \(gaussian\): `sigma` must be"),
+        ("[{median: {size: [3, 3]}}]", r"`filter\.steps\[0\]` \(median\): `size: \[3, 3\]` has 2"),
+        ("[{blur: {sigma: 1}}]", r"`filter\.steps\[0\]`: unknown filter 'blur'"),
+    ],
     ids=["negative-sigma", "2d-footprint-on-3d", "unknown-step"],
 )
-def test_bad_filter_steps_are_refused_by_the_nuclei_flow_too(base, tmp_path, capsys, steps):
+def test_bad_filter_steps_are_refused_by_the_nuclei_flow_too(base, tmp_path, capsys, steps, said):
     out = tmp_path / "out"
     argv = ["run", "--input", str(base), "--output", str(out), "--set", f"filter.steps={steps}"]
     code, err = cli(capsys, *argv)
-    refused(code, err, r"`filter\.steps`")
+    refused(code, err, said)
     assert not out.exists()
 
 

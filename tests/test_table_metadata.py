@@ -53,6 +53,7 @@ def test_run_table_metadata(single_file_rows, stack2d, tmp_path):
         "neighbour_distance_um": 20.0,
         "drop_border": True,
         "nucflow": nucflow.__version__,
+        "channel_of_suffix": {"": None},  # the input's only channel
     }
     for source, voxel, unit in ((calibrated, list(made.voxel_size), "micrometer"),
                                 (plain, [1.0, 1.0], "pixel")):  # fmt: skip
@@ -96,3 +97,40 @@ def test_readme_column_table_names_every_property_column():
             for column in objects.property_columns(name, ndim, [""], settings):
                 column = column.replace("percentile_50", "percentile_Q")
                 assert f"`{column}`" in table, column
+
+
+def test_measure_says_which_channel_it_measured(stack2d, tmp_path):
+    """`nucflow measure --channel 1` wrote unsuffixed intensity columns and `'channels': []`:
+    its columns now end in `_c1` (as `nucflow run` names channel 1), the metadata maps each
+    suffix to its channel, and `label` is of the label image's dtype (uint32 here)."""
+    import ome_zarr.writer
+    from scipy import ndimage
+
+    made, _, _ = stack2d
+    second = (made.image // 2 + 7).astype(made.image.dtype)
+    source = tmp_path / "two.ome.zarr"
+    ome_zarr.writer.write_image(
+        np.stack([made.image, second]),
+        zarr.open_group(str(source), mode="w"),
+        axes="cyx",
+        scale_factors=[],
+        scale={"c": 1.0, "y": made.voxel_size[0], "x": made.voxel_size[1]},
+        axes_units={"y": "micrometer", "x": "micrometer"},
+    )
+    labels = tmp_path / "labels.zarr"
+    zarr.save_array(str(labels), made.truth.astype(np.uint32), zarr_format=2)
+    out = tmp_path / "measured"
+    argv = ["measure", "--labels", str(labels), "--input", str(source), "--output", str(out)]
+    assert main([*argv, "--channel", "1", "--set", "measure.channels=[0]"]) == 0
+    table = nucflow.read_table(out)
+    intensity = [c for c in table.columns if c.startswith("intensity_")]
+    assert intensity == [f"intensity_{s}_c{c}" for c in (1, 0) for s in STATS]
+    assert _meta(out)["channel_of_suffix"] == {"_c1": 1, "_c0": 0}
+    values = table["label"].to_numpy()
+    for channel, image in (("_c1", second), ("_c0", made.image)):
+        expected = ndimage.mean(image, made.truth, values)
+        np.testing.assert_allclose(table[f"intensity_mean{channel}"], expected, rtol=1e-12)
+    assert table["label"].dtype == np.uint32
+
+
+STATS = ("mean", "min", "max", "std", "sum")

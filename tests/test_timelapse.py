@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import time
@@ -19,7 +20,7 @@ import pytest
 import tifffile
 import zarr
 
-from nucflow import io, synth
+from nucflow import io, synth, timelapse
 from nucflow.cli import main
 from nucflow.errors import ParameterError
 from nucflow.table import read_table
@@ -164,7 +165,8 @@ def test_time_point_view_writes_and_clears_one_time_point(tmp_path):
     io.clear_timepoint(labels, 1)
     stored = np.asarray(labels[:])
     assert not stored[1].any() and stored[0, 1:3, 0:3].min() == 1 and stored[2].max() == 3
-    chunk_folders = {p.name for p in (tmp_path / "l.ome.zarr" / "0").iterdir() if p.is_dir()}
+    chunks = tmp_path / "l.ome.zarr" / "0" / "c"  # zarr 3: chunk keys c/t/y/x
+    chunk_folders = {p.name for p in chunks.iterdir() if p.is_dir()}
     assert chunk_folders == {"0", "2"}  # time point 1's chunks deleted, the others kept
 
 
@@ -176,7 +178,8 @@ def test_ome_zarr_movie_equals_each_time_point_alone(movie3d, movie3d_run):
     assert labels.shape == (T, *SHAPE3D)
     _assert_each_time_point_alone(table, labels, movie3d["singles"], range(T))
     # NGFF: a leading axis of type time, scaled by the interval in seconds
-    meta = zarr.open_group(str(out / "labels.ome.zarr"), mode="r").attrs["multiscales"][0]
+    meta = io.ome_metadata(zarr.open_group(str(out / "labels.ome.zarr"), mode="r"))
+    meta = meta["multiscales"][0]
     assert meta["axes"][0] == {"name": "t", "type": "time", "unit": "second"}
     assert meta["datasets"][0]["coordinateTransformations"][0]["scale"] == [INTERVAL_S, *VOXEL3D]
     record = json.loads((out / "run.json").read_text())
@@ -198,7 +201,9 @@ def test_ome_zarr_py_reads_the_labels_time_axis(movie3d_run):
     from ome_zarr.reader import Reader
 
     out, _, labels = movie3d_run
-    (node,) = list(Reader(parse_url(str(out / "labels.ome.zarr")))())
+    path = out / "labels.ome.zarr"
+    nodes = list(Reader(parse_url(str(path)))())
+    (node,) = [n for n in nodes if Path(n.zarr.subpath()) == path.resolve()]
     assert [a["type"] for a in node.metadata["axes"]] == ["time", "space", "space", "space"]
     np.testing.assert_array_equal(np.asarray(node.data[0]), labels)
 
@@ -234,17 +239,17 @@ def test_timepoints_selects_some(movie3d, tmp_path):
     ("given", "message"),
     [
         ("0:5", "--timepoints '0:5' reaches time point 5 but {p} has 3 time points; use indices "
-                "0..2, e.g. --timepoints 0:10 (slice START:STOP[:STEP]) or --timepoints 0,3,7"),
+                "0..2, e.g. --timepoints 0:3 (slice START:STOP[:STEP]) or --timepoints 0,1,2"),
         ("1,3", "--timepoints '1,3' reaches time point 3 but {p} has 3 time points; use indices "
-                "0..2, e.g. --timepoints 0:10 (slice START:STOP[:STEP]) or --timepoints 0,3,7"),
+                "0..2, e.g. --timepoints 0:3 (slice START:STOP[:STEP]) or --timepoints 0,1,2"),
         ("2:1", "--timepoints '2:1' selects no time point of the 3 in {p}; select some of 0..2, "
-                "e.g. --timepoints 0:10 (slice START:STOP[:STEP]) or --timepoints 0,3,7"),
+                "e.g. --timepoints 0:3 (slice START:STOP[:STEP]) or --timepoints 0,1,2"),
         ("one", "--timepoints 'one' is not a slice or a list of time point indices; e.g. "
-                "--timepoints 0:10 (slice START:STOP[:STEP]) or --timepoints 0,3,7"),
+                "--timepoints 0:3 (slice START:STOP[:STEP]) or --timepoints 0,1,2"),
         ("-1", "--timepoints '-1' is not a slice or a list of time point indices; e.g. "
-               "--timepoints 0:10 (slice START:STOP[:STEP]) or --timepoints 0,3,7"),
-        ("0::0", "--timepoints '0::0': the step must be > 0, e.g. --timepoints 0:10 (slice "
-                 "START:STOP[:STEP]) or --timepoints 0,3,7"),
+               "--timepoints 0:3 (slice START:STOP[:STEP]) or --timepoints 0,1,2"),
+        ("0::0", "--timepoints '0::0': the step must be > 0, e.g. --timepoints 0:3 (slice "
+                 "START:STOP[:STEP]) or --timepoints 0,1,2"),
     ],
 )  # fmt: skip
 def test_bad_timepoints_exit_2_with_one_line(movie3d, tmp_path, capsys, given, message):
@@ -254,6 +259,10 @@ def test_bad_timepoints_exit_2_with_one_line(movie3d, tmp_path, capsys, given, m
     err = capsys.readouterr().err
     assert err == f"nucflow run: error: {message.format(p=movie3d['zarr'])}\n"
     assert not out.exists()  # refused before the output is claimed
+    # every suggestion is valid on this input (a fixed "0:10" was not, on 3 time points)
+    stack = io.open_stack(movie3d["zarr"])
+    for suggested in re.findall(r"--timepoints (\S+)", err)[1:]:
+        assert timelapse.select(suggested, stack), suggested
 
 
 def test_preprocess_flow_with_several_time_points_exits_2_before_claiming(
@@ -383,5 +392,29 @@ def test_resume_with_another_voxel_size_equals_the_fresh_run(movie3d, killed_mov
     assert json.loads((out / "run.json").read_text())["timepoints"]["reused"] == []
     pd.testing.assert_frame_equal(table, fresh_table)
     np.testing.assert_array_equal(labels, fresh_labels)
-    meta = zarr.open_group(str(out / "labels.ome.zarr"), mode="r").attrs["multiscales"][0]
+    meta = io.ome_metadata(zarr.open_group(str(out / "labels.ome.zarr"), mode="r"))
+    meta = meta["multiscales"][0]
     assert meta["datasets"][0]["coordinateTransformations"][0]["scale"] == [30.0, 2.0, 0.8, 0.8]
+
+
+def test_plan_shows_the_time_axis(movie3d, capsys):
+    argv = ["plan", "--input", str(movie3d["tiff"]), "--chunks", *CHUNKS3D]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "shape (3, 16, 48, 48) (t, z, y, x; 3 time points, each (16, 48, 48))" in out
+    assert re.search(r"\ntime       about [\d.]+ s for 3 time point\(s\) on ", out), out
+
+
+def test_status_of_a_complete_movie_lists_no_stage_left_to_do(movie3d_run, capsys):
+    """The label pyramid runs once for the movie: it was planned per time point, and status
+    ended a complete run's stage list with ``pyramid t1 -``."""
+    out = movie3d_run[0]
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    stages = next(line for line in capsys.readouterr().out.splitlines() if "stages  " in line)
+    assert " -" not in stages and stages.count("pyramid") == 1, stages
+    plan = json.loads((out / "run.json").read_text())["progress"]["plan"]
+    assert [name for name in plan if not name.endswith(tuple(f" t{t}" for t in range(T)))] == [
+        "pyramid",
+        "write",
+    ]

@@ -1,5 +1,6 @@
-"""``python -m nucflow``: the same as the ``nucflow`` command."""
+"""``python -m nucflow``: the ``nucflow`` command."""
 
 from nucflow.cli import console
 
-console()
+if __name__ == "__main__":
+    console()

@@ -149,6 +149,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "measure.shell_width": (_optional(_positive), "null or a number > 0"),
     "measure.neighbour_distance": (_optional(_positive), "null or a number > 0"),
     "measure.drop_border": (lambda v: isinstance(v, bool), "true or false"),
+    # issue 32: sequential ids for viewing (pipeline/relabel.py)
+    "output.relabel": (lambda v: v in ("none", "sequential"), "none or sequential"),
     "qc.enabled": (lambda v: isinstance(v, bool), "true or false"),
     "progress.step_percent": (lambda v: _positive(v) and v <= 100, "a number in (0, 100]"),
     "progress.interval_s": (_non_negative, "a number of seconds >= 0"),
@@ -355,6 +357,13 @@ class Measure:
     drop_border: bool
 
 
+@dataclass(frozen=True)
+class Output:
+    """``output``: how labels.ome.zarr numbers the nuclei."""
+
+    relabel: str
+
+
 _G = TypeVar("_G")
 
 # Fields named after their section in the flat view: alone, "method" or "value" say nothing.
@@ -376,6 +385,7 @@ class Params:
     mask: Mask
     segment: Segment
     measure: Measure
+    output: Output
     qc: bool
     filter_steps: tuple[tuple[str, dict[str, Any]], ...]  # the preprocess flow's steps
 
@@ -451,6 +461,7 @@ def resolve(
         mask=_group(Mask, config, diameter, min_volume=float(min_volume)),
         segment=_group(Segment, config, diameter),
         measure=_group(Measure, config, diameter),
+        output=_group(Output, config, diameter),
         qc=config["qc"]["enabled"],
         filter_steps=tuple(
             (name, dict(p)) for step in config["filter"]["steps"] for name, p in step.items()
@@ -459,7 +470,7 @@ def resolve(
 
 
 _GROUPS = {Preprocess: "preprocess", Threshold: "threshold", Detect: "detect", Mask: "mask",
-           Segment: "segment", Measure: "measure"}  # fmt: skip
+           Segment: "segment", Measure: "measure", Output: "output"}  # fmt: skip
 
 
 def _group(group: type[_G], config: Mapping[str, Any], diameter: float, **given: Any) -> _G:

@@ -18,12 +18,18 @@ __all__ = [
     "CorruptDataError",
     "BlockError",
     "Terminated",
+    "NucflowWarning",
     "environment_message",
 ]
 
 
 class NucflowError(ValueError):
     """Bad input or usage: the message names the thing and the fix."""
+
+
+class NucflowWarning(UserWarning):
+    """Something a user should know (nuclei cut by the halo, a lock taken over): the CLI prints
+    these as ``nucflow: warning: ...``; other libraries' warnings only with ``--debug``."""
 
 
 class InputPathError(NucflowError):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from nucflow import io, stages
-from nucflow.errors import InputChangedError
+from nucflow.errors import InputChangedError, NucflowWarning
 from nucflow.version import __version__
 
 __all__ = ["STAGE_PARAMS", "SAMPLED_FILES", "Lineage", "input_identity", "start", "reusable",
@@ -223,7 +223,9 @@ def reusable(run: Any, stage: str, *outputs: Path) -> bool:
     elif stored.get("fingerprint") != fp:
         reason = _explain(stored, lineage, stage)
         warnings.warn(
-            f"--resume: recomputing {stage} and every stage after it: {reason}", stacklevel=3
+            f"--resume: recomputing {stage} and every stage after it: {reason}",
+            stacklevel=3,
+            category=NucflowWarning,
         )
     entry: dict[str, Any] = {
         "action": "reused" if reason is None else "computed",

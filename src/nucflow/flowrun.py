@@ -91,7 +91,10 @@ def run(job: pipeline.Run, flow: Sequence[stages.Stage]) -> dict[str, Any]:
     for stage in flow:
         if stage in each:
             if stage is each[0]:
-                made[each[-1].name] = timelapse.each(job, partial(_run_stages, each))
+                names = [stage.name for stage in each]
+                made[each[-1].name] = timelapse.each(
+                    job, partial(_run_stages, each), per_timepoint=names
+                )
             continue
         made[stage.name] = _run_stage(job, stage, made)
     return pipeline.complete(job, made[flow[-1].name])

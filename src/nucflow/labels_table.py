@@ -26,6 +26,7 @@ The arrays are written in batches of :data:`BATCH_ROWS` rows straight from ``nuc
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-__all__ = ["NAME", "BATCH_ROWS", "write"]
+__all__ = ["NAME", "BATCH_ROWS", "write", "truncated_labels"]
 
 #: The table's name under ``tables/``.
 NAME = "nuclei"
@@ -98,6 +99,28 @@ def write(
     # Last: a reader finding this group's type finds a whole table.
     group.attrs.update(_metadata())
     return rows
+
+
+@functools.lru_cache(maxsize=4)
+def truncated_labels(labels: str, name: str = NAME) -> np.ndarray | None:
+    """The labels the run that made ``labels`` flagged ``truncated`` (sorted uint64), from the
+    table it stored in ``labels/tables/<name>``; None for a label image without one.
+
+    Read once per process (a worker's tasks share it): one boolean per nucleus, then the
+    labels of the few flagged ones.
+    """
+    try:
+        root = zarr.open_group(os.fspath(labels), mode="r")
+        flags, index = root[f"tables/{name}/obs/truncated"], root[f"tables/{name}/obs/label"]
+    except (KeyError, FileNotFoundError, ValueError, TypeError):
+        return None
+    if not (isinstance(flags, zarr.Array) and isinstance(index, zarr.Array)):
+        return None
+    where = np.flatnonzero(np.asarray(flags[:], dtype=bool))
+    if not len(where):
+        return np.zeros(0, np.uint64)
+    found = np.asarray(index.get_orthogonal_selection(where)).astype(np.uint64)
+    return np.sort(found)
 
 
 def _parts(path: Path) -> list[Path]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nucflow.errors import OutputError
+from nucflow.errors import NucflowWarning, OutputError
 
 __all__ = ["LOCK_NAME", "HEARTBEAT_S", "STALE_AFTER_S", "OutputLock", "acquire", "holder_of"]
 
@@ -145,7 +145,11 @@ def acquire(
                 f"to end, or stop it, or choose another --output"
             )
         if _remove_if_unchanged(path, held):
-            warnings.warn(f"taking over the lock of {output}: {describe(held)} {why}", stacklevel=2)
+            warnings.warn(
+                f"taking over the lock of {output}: {describe(held)} {why}",
+                stacklevel=2,
+                category=NucflowWarning,
+            )
     raise OutputError(
         f"could not claim output directory {output}: its lock {path} keeps changing; "
         "another nucflow run is starting there: wait for it, or choose another --output"

@@ -67,8 +67,8 @@ class Plan:
         return self.stack_seconds * (self.timepoints or 1)
 
     @property
-    def stack_seconds(self) -> float:
-        """The calibrated rates times the voxels each stage reads, spread over ``threads``.
+    def serial_seconds(self) -> float:
+        """One time point on one thread: the calibrated rates times the voxels each stage reads.
 
         Segmentation (and writing its results) reads every block with its halo; the other
         stages read the data region once (their halos are small).
@@ -77,7 +77,18 @@ class Plan:
         rest = self.block_seconds - per_block
         region = math.prod(s.stop - s.start for s in self.region)
         voxels = rest * region + per_block * self.padded_voxels
-        return voxels / self.block_voxels / self.threads
+        return voxels / self.block_voxels
+
+    @property
+    def busy_threads(self) -> int:
+        """Threads a pass keeps busy: no more than its blocks (time points run one by one)."""
+        return max(1, min(self.threads, self.n_blocks))
+
+    @property
+    def stack_seconds(self) -> float:
+        """One time point: :attr:`serial_seconds` spread over :attr:`busy_threads` (a one-block
+        stack takes its block's time, whatever the threads)."""
+        return self.serial_seconds / self.busy_threads
 
     @property
     def nuclei_estimate(self) -> float:
@@ -127,7 +138,33 @@ class Plan:
         """Estimated wall time for 10^12 bytes of this stack's dtype on ``threads`` threads."""
         region = math.prod(s.stop - s.start for s in self.region)
         voxels = 1e12 / self.stack.data.dtype.itemsize
-        return self.stack_seconds * self.threads / threads * voxels / region
+        return self.serial_seconds / threads * voxels / region  # a TB has blocks for them all
+
+    @property
+    def _shape(self) -> str:
+        """``shape (16, 48, 48)``; a time-lapse says its T: ``shape (3, 16, 48, 48) (t, z, y,
+        x; 3 time points, each (16, 48, 48))``."""
+        shape = tuple(self.stack.data.shape)
+        n = self.stack.n_timepoints
+        if n <= 1:
+            return f"shape {shape}"
+        axes = ", ".join(("t", *self.stack.axes))
+        return f"shape {(n, *shape)} ({axes}; {n} time points, each {shape})"
+
+    @property
+    def _time(self) -> str:
+        """The estimate, and the threads it keeps busy (fewer than given on few blocks)."""
+        busy = self.busy_threads
+        threads = (
+            f"{self.threads} worker thread(s)"
+            if busy == self.threads
+            else f"{busy} of {self.threads} worker thread(s) ({self.n_blocks} block(s) a pass)"
+        )
+        points = f" for {self.timepoints} time point(s)" if self.timepoints else ""
+        return (
+            f"about {_duration(self.estimate_seconds)}{points} on {threads}; divide by the "
+            "threads you give it, up to one per block"
+        )
 
     def __str__(self) -> str:
         shape = tuple(self.stack.data.shape)
@@ -136,7 +173,7 @@ class Plan:
         box = ", ".join(f"{s.start}:{s.stop}" for s in self.region)
         return "\n".join(
             [
-                f"input      {self.stack.path}: shape {shape}, {self.stack.data.dtype}, "
+                f"input      {self.stack.path}: {self._shape}, {self.stack.data.dtype}, "
                 f"voxel {self.params.voxel_size} µm",
                 f"data       [{box}] ({share:.2%} of the stack; unwritten chunks are skipped)",
                 self._reader_line,
@@ -158,8 +195,7 @@ class Plan:
                 f"{self.crossing_estimate * _COMPONENT_BYTES / 2**20:,.0f} MiB); scheduler "
                 f"~{(self.n_blocks + 1) * _TASK_KIB / 1024:,.0f} MiB ({_TASK_KIB} KiB per task of "
                 "a pass)",
-                f"time       about {_duration(self.estimate_seconds)} on {self.threads} "
-                "worker thread(s); divide by the threads you give it",
+                f"time       {self._time}",
                 f"per TB     about {_duration(self.seconds_per_tb(self.threads))} on "
                 f"{self.threads} thread(s), {_duration(self.seconds_per_tb(640))} on 640 "
                 "(e.g. 20 nodes x 32 cores; compute only, the file system assumed to keep up)",
@@ -354,6 +390,8 @@ def _peak_mib() -> float:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 10:  # the one-block line says tenths: the total must not read "0 s" beside it
+        return f"{seconds:.1f} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:

@@ -8,9 +8,14 @@ distributed schedulers. What is drawn depends on where stderr goes:
 - a terminal: ``label: [####      ] | 45% Completed | 12.3s``, redrawn in place;
 - anything else (``sbatch --output``, a pipe, a file): one line per ``step_percent`` of a
   stage (of a pass, outside a run) *and* at least ``interval_s`` since the previous line (the
-  rarer of the two), plus one line at the end of every pass and stage, each with the stage,
-  blocks done/total, rate and the ETA of the stage and of the run: at most
-  ``100 / step_percent`` + passes + 1 lines per stage, however long it runs.
+  rarer of the two), one at the end of a pass when ``interval_s`` passed since the stage's
+  previous line (always outside a run), and one at the end of every stage, each with the
+  stage, blocks done/total, rate and the ETA of the stage and of the run: at most
+  ``100 / step_percent`` + passes + 1 lines per stage, however long it runs, and a single
+  line per stage on a run shorter than ``interval_s`` a stage.
+
+A stage's pass total is fixed before it starts (:func:`expect`): a planned pass found to have
+nothing to do (:func:`skipped`) is counted as done, so ``pass 4/7`` never becomes ``pass 4/6``.
 
 During a run, :class:`RunProgress` also keeps ``run.json``'s ``progress`` record up to date at
 every stage boundary and every ``record_s`` seconds; ``nucflow status`` reads it.
@@ -173,6 +178,10 @@ class Steps:
         self._last_step, self._last_line = step, now
         return True
 
+    def interval_passed(self) -> bool:
+        """Whether ``interval_s`` passed since the previous line (or the stage's start)."""
+        return time.monotonic() - self._last_line >= self._settings.interval_s
+
     def written(self, fraction: float) -> None:
         """A line was written at ``fraction`` anyway (a pass's end line)."""
         self._last_step = max(self._last_step, self._step(fraction))
@@ -189,6 +198,7 @@ class PassRecord:
     start: float = field(default_factory=time.monotonic)
     end: float | None = None
     failed: bool = False
+    skipped: bool = False  # planned, but found to have nothing to do (no task ran)
 
     @property
     def elapsed(self) -> float:
@@ -213,6 +223,7 @@ class PassRecord:
             "total": self.total,
             "elapsed_s": round(self.elapsed, 3),
             **({"failed": True} if self.failed else {}),
+            **({"skipped": True} if self.skipped else {}),
         }
 
 
@@ -230,6 +241,7 @@ class PassProgress:
         poll: Callable[[], None] | None = None,
         steps: Steps | None = None,
         fraction: Callable[[PassRecord], float] | None = None,
+        end_line_when_due: bool = False,
     ) -> None:
         self.record = record
         self._stream, self._settings, self._describe = stream, settings, describe
@@ -237,6 +249,9 @@ class PassProgress:
         self._steps = steps or Steps(settings)
         self._fraction = fraction or (lambda r: r.fraction)
         self._draw = draw
+        # In a run, a pass's end line waits for interval_s like a step line: on a short run
+        # the stage's own line says it all (one line per stage).
+        self._end_line_when_due = end_line_when_due
         self._tty = draw and _interactive(stream)
         self._poll = poll
         self._lock = threading.Lock()
@@ -276,7 +291,7 @@ class PassProgress:
             if self._drawn:
                 self._draw_bar()
                 _write(self._stream, "\n")
-        else:
+        elif not self._end_line_when_due or self._steps.interval_passed():
             _write(self._stream, self._line())
             self._steps.written(self._fraction(self.record))
 
@@ -435,7 +450,11 @@ class RunProgress(Reporter):
             return {}
         if stage.steps is None:
             stage.steps = Steps(self.settings)
-        return {"steps": stage.steps, "fraction": partial(self._stage_fraction, stage)}
+        return {
+            "steps": stage.steps,
+            "fraction": partial(self._stage_fraction, stage),
+            "end_line_when_due": True,
+        }
 
     def _stage_fraction(self, stage: StageRecord, record: PassRecord) -> float:
         """How much of ``stage`` is done while ``record`` (its latest pass) runs."""
@@ -469,7 +488,7 @@ class RunProgress(Reporter):
         return sum(p.elapsed for p in passes) / blocks if blocks else None
 
     def _blocks_per_pass(self) -> int:
-        passes = [p for s in self.stages.values() for p in s.passes]
+        passes = [p for s in self.stages.values() for p in s.passes if not p.skipped]
         return passes[-1].total if passes else 0
 
     def etas(self) -> tuple[float | None, float | None]:
@@ -514,6 +533,17 @@ class RunProgress(Reporter):
                 _write(self.stream, f"{_stamp()} nucflow: {self._stage_line(record)}\n")
             self.save()
 
+    def skip(self, label: str) -> None:
+        """A planned pass of the current stage has nothing to do: it counts as done (no line),
+        so the stage's pass numbers and total stay those it started with."""
+        stage = self.current
+        if stage is None:
+            return
+        record = PassRecord(label, 0, skipped=True)
+        record.end = record.start
+        with self._lock:
+            stage.passes.append(record)
+
     def _stage_line(self, record: StageRecord) -> str:
         _, run_left = self.etas()
         if record.name not in self.plan or not self.plan:
@@ -522,7 +552,7 @@ class RunProgress(Reporter):
             later = [n for n in self.plan if n not in self.stages]
             run_left = run_left if later else 0.0
         return (
-            f"stage {record.name} done in {fmt_seconds(record.elapsed)} | "
+            f"stage {record.name} done in {fmt_seconds(record.elapsed)}{_passes_said(record)} | "
             f"run {fmt_seconds(self.elapsed)}, ETA {fmt_seconds(run_left)}"
         )
 
@@ -581,6 +611,22 @@ class RunProgress(Reporter):
         with contextlib.suppress(Exception):
             self._record["progress"] = self.snapshot()
             self._write()
+
+
+def _passes_said(record: StageRecord) -> str:
+    """`` (7 passes of 8 blocks, 1 skipped: nothing to do)``: what a stage's one line says of
+    its passes."""
+    ran = [p for p in record.passes if not p.skipped]
+    if not ran:
+        return ""
+    blocks = sorted({p.total for p in ran})
+    each = f"{blocks[0]}" if len(blocks) == 1 else f"{blocks[0]}-{blocks[-1]}"
+    n, skipped = len(record.passes), len(record.passes) - len(ran)
+    return (
+        f" ({n} pass{'es' if n != 1 else ''} of {each} block{'s' if each != '1' else ''}"
+        + (f", {skipped} skipped: nothing to do" if skipped else "")
+        + ")"
+    )
 
 
 def _rounded(value: float | None) -> float | None:
@@ -646,13 +692,10 @@ def expect(run: Any, plan: Mapping[str, int]) -> None:
         tracker.plan = dict(plan)
 
 
-def skipped(run: Any) -> None:
-    """A planned pass of ``run``'s current stage has nothing to do (a component selection that
-    keeps every component): the stage's plan shrinks by one, so its pass count, ETA and
-    ``planned_passes`` stay true."""
+def skipped(run: Any, label: str) -> None:
+    """A planned pass ``label`` of ``run``'s current stage has nothing to do (a component
+    selection that keeps every component): it is recorded as a skipped pass, so the stage's
+    pass total, its ETA and ``planned_passes`` stay those it started with."""
     tracker = getattr(run, "progress", None)
-    if tracker is None or tracker.current is None:
-        return
-    name = tracker.current.name
-    if tracker.plan.get(name):
-        tracker.plan[name] -= 1
+    if tracker is not None:
+        tracker.skip(label)

@@ -112,7 +112,10 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
     shape = tuple(run.stack.data.shape)
     run.region = tuple(slice(0, n) for n in shape)  # labels may lie anywhere
     grid = Grid(shape, p.chunks)
-    readers = table.intensity_readers(run.stack, p.measure.channels)
+    # the columns say which channel they measured: --channel 1 gives intensity_mean_c1
+    channel = run.config.get("channel")
+    primary = table.primary_suffix(channel)
+    readers = table.intensity_readers(run.stack, p.measure.channels, primary)
     fingerprint.add_input(run, "labels", labels)
     sums = run.work / "blocks"
     with run.stage("sums"):
@@ -133,7 +136,7 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
         (results,) = run.runner.compute(pass_graph(tasks, "sums"), label="sums")
         run.facts["blocks"] = {"total": len(results), "computed": sum(c for c, _ in results)}
         reach = _reach([found for _, found in results], grid)
-    measured = table.Objects(pipeline.object_spec(run), labels.reader, readers)
+    measured = table.Objects(pipeline.object_spec(run, primary), labels.reader, readers)
     with run.stage("table"):
         reuse = _stored(run, "measure-table", run.work / "table")
         made = table.gather(
@@ -147,11 +150,16 @@ def measure_run(run: pipeline.Run, labels: io.Stack) -> dict[str, Any]:
             finalize={
                 "voxel_size": p.voxel_size,
                 "shape": shape,
-                "max_radius": math.inf,  # no halo: no label is cut
-                "channel_suffixes": table.channel_suffixes(p.measure.channels),
+                "max_radius": math.inf,  # no halo: no label is cut here ...
+                # ... but the run that made the labels may have cut some: its table says
+                "truncated_from": labels.path,
+                "channel_suffixes": table.channel_suffixes(p.measure.channels, primary),
+                "label_dtype": str(labels.data.dtype),
             },
             metadata={
-                **table.metadata(p, calibrated=_calibrated(run, labels)),
+                **table.metadata(
+                    p, calibrated=_calibrated(run, labels), channel=channel, primary=primary
+                ),
                 "labels": labels.path,
             },
             measured=measured,

@@ -106,18 +106,45 @@ def configured_steps(p: Params, *, ndim: int) -> list[tuple[str, dict[str, Any]]
         A step names no filter, or its filter does not take its parameters.
     """
     steps = []
-    for name, given in p.filter_steps:
+    for index, (name, given) in enumerate(p.filter_steps):
         if name not in filters.STEPS:
             raise ConfigError(
-                f"`filter.steps`: unknown filter {name!r}; use one of {', '.join(filters.STEPS)}"
+                f"`filter.steps[{index}]`: unknown filter {name!r}; use one of "
+                f"{', '.join(filters.STEPS)}"
             )
+        where = f"`filter.steps[{index}]` ({name})"
+        _check_axes(where, given, ndim, (*filters.STEPS[name].lengths, "size", "radius"))
         try:
             in_voxels = filters.in_voxels(name, given, p.voxel_size)  # µm -> voxels
             filters.depth_of(name, ndim=ndim, **in_voxels)  # checks the step's parameters
         except NucflowError as e:
-            raise ConfigError(f"`filter.steps`: {e}") from None
+            raise ConfigError(f"{where}: {_as_written(str(e), given)}") from None
         steps.append((name, in_voxels))
     return steps
+
+
+def _check_axes(where: str, given: Mapping[str, Any], ndim: int, keys: Sequence[str]) -> None:
+    """A per-axis value with the wrong number of axes (a 2D ``size: [5, 5]`` on a 3D stack),
+    said with the key the user wrote (the filter itself would name the footprint made of it)."""
+    for key in keys:
+        value = given.get(key)
+        if isinstance(value, (list, tuple)) and len(value) != ndim:
+            fixed = [value[0]] * (ndim - len(value)) + list(value[-ndim:])
+            axes = " ".join("ZYX"[-ndim:])
+            raise ConfigError(
+                f"{where}: `{key}: {list(value)}` has {len(value)} values but the stack has "
+                f"{ndim} axes; give one per axis ({axes}), e.g. `{key}: {fixed}`, or one number"
+            )
+
+
+def _as_written(message: str, given: Mapping[str, Any]) -> str:
+    """``message`` with the footprint named by the key it was made of (``size``, ``radius``)."""
+    if "footprint" in given:
+        return message
+    for key in ("size", "radius"):
+        if key in given:
+            return message.replace("`footprint`", f"`{key}`")
+    return message
 
 
 # ----------------------------------------------------------------------------- results
@@ -166,6 +193,9 @@ BORDER = Result("border", ("border",), stored=False)
 PYRAMID = Result("pyramid", (), ("voxel_size",))
 # table files, QC pictures, run.json
 WRITE = Result("write", (), stored=False)
+# (output.relabel: sequential) labels.ome.zarr renumbered 1..N: a pass per level (grids as the
+# pyramid's, level 0 on the blocks), changing the stored segmentation in place
+RELABEL = Result("relabel", ("blocks",), stored=False)
 # nucflow measure: each block's sums of the labels (an input: fingerprint.add_input) and the
 # channels, then the rows made from them
 MEASURE_SUMS = Result("measure-sums", params=("chunks", "channels"))

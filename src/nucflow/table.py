@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nucflow import io, measure, objects
+from nucflow import io, labels_table, measure, objects
 from nucflow.blockpass import Grid, pass_graph
 from nucflow.version import __version__
 
@@ -41,6 +41,7 @@ __all__ = [
     "Objects",
     "OUTPUT_NAMES",
     "channel_suffixes",
+    "primary_suffix",
     "intensity_readers",
     "metadata",
     "write_atomic",
@@ -90,13 +91,16 @@ class Objects:
     intensities: dict[str, Any]
 
 
-def channel_suffixes(channels: Sequence[int]) -> list[str]:
-    """Column suffixes of the measured channels: ``""`` (the segmentation channel), then
-    ``_cN`` for each of ``measure.channels``."""
-    return ["", *(f"_c{c}" for c in channels)]
+def channel_suffixes(channels: Sequence[int], primary: str = "") -> list[str]:
+    """Column suffixes of the measured channels: ``primary`` (``""``: the segmentation
+    channel; ``nucflow measure --channel C``: ``_cC``), then ``_cN`` for each other of
+    ``measure.channels``."""
+    return [primary, *(f"_c{c}" for c in channels if f"_c{c}" != primary)]
 
 
-def intensity_readers(stack: io.Stack, channels: Sequence[int]) -> dict[str, Any]:
+def intensity_readers(
+    stack: io.Stack, channels: Sequence[int], primary: str = ""
+) -> dict[str, Any]:
     """Channel suffix -> reader in stack coordinates (picklable), in column order.
 
     Parameters
@@ -105,14 +109,28 @@ def intensity_readers(stack: io.Stack, channels: Sequence[int]) -> dict[str, Any
         The opened input (its reader is the segmentation channel).
     channels : sequence of int
         ``measure.channels``: further channels of the same file.
+    primary : str, optional
+        The suffix of ``stack``'s own channel (:func:`channel_suffixes`).
     """
-    readers = {"": stack.reader}
-    for c in channels:
+    readers = {primary: stack.reader}
+    for c in _others(channels, primary):
         readers[f"_c{c}"] = io.open_stack(stack.path, channel=c, timepoint=stack.timepoint).reader
     return readers
 
 
-def metadata(params: Any, *, calibrated: bool) -> dict[str, Any]:
+def _others(channels: Sequence[int], primary: str) -> list[int]:
+    return [c for c in channels if f"_c{c}" != primary]
+
+
+def primary_suffix(channel: int | None) -> str:
+    """``nucflow measure``'s suffix of the channel it measures: ``_cC`` for ``--channel C``
+    (the columns say which channel), ``""`` for an input of one channel."""
+    return "" if channel is None else f"_c{channel}"
+
+
+def metadata(
+    params: Any, *, calibrated: bool, channel: int | None = None, primary: str = ""
+) -> dict[str, Any]:
     """What the table's Parquet schema metadata holds (under ``b"nucflow"``).
 
     Parameters
@@ -122,14 +140,23 @@ def metadata(params: Any, *, calibrated: bool) -> dict[str, Any]:
     calibrated : bool
         Whether the voxel size is known (from the input or the config): the unit is then
         "micrometer", else "pixel" (lengths in voxels of side 1).
+    channel : int, optional
+        The input channel of the ``primary``-suffixed columns (``--channel``; None: the
+        input's only channel).
+    primary : str, optional
+        That channel's column suffix (:func:`channel_suffixes`).
 
     Returns
     -------
     dict
         ``voxel_size``, ``unit``, ``nucflow`` (version), and the measurement settings that
         shape the columns: ``properties`` (``measure.properties`` as requested), ``channels``,
-        ``percentiles``, ``shell_width_um``, ``neighbour_distance_um``, ``drop_border``.
+        ``percentiles``, ``shell_width_um``, ``neighbour_distance_um``, ``drop_border``, and
+        ``channel_of_suffix``: each intensity column suffix (``""``, ``_c1``, ...) -> the
+        input channel it measured (None: the input's only channel).
     """
+    suffixes = channel_suffixes(params.measure.channels, primary)
+    channels = [channel, *_others(params.measure.channels, primary)]
     return {
         "voxel_size": list(params.voxel_size),
         "unit": "micrometer" if calibrated else "pixel",
@@ -140,6 +167,7 @@ def metadata(params: Any, *, calibrated: bool) -> dict[str, Any]:
         "shell_width_um": params.measure.shell_width,
         "neighbour_distance_um": params.measure.neighbour_distance,
         "drop_border": params.measure.drop_border,
+        "channel_of_suffix": dict(zip(suffixes, channels, strict=True)),
     }
 
 
@@ -286,7 +314,12 @@ def gather(
         pass_graph([partial(task, i) for i in blocks], "table"), label="table"
     )
     samples = [r.sample for r in results if len(r.sample)]
-    empty = empty_table(len(grid.shape), finalize["channel_suffixes"], measured)
+    empty = empty_table(
+        len(grid.shape),
+        finalize["channel_suffixes"],
+        measured,
+        finalize.get("label_dtype", "uint64"),
+    )
     sample = pd.concat(samples, ignore_index=True) if samples else empty
     parts = [out / part_name(i) for i, r in zip(blocks, results, strict=True) if r.rows]
     if measured is not None and measured.spec.neighbours and parts:
@@ -304,10 +337,13 @@ def gather(
 
 
 def empty_table(
-    ndim: int, channel_suffixes: list[str], measured: Objects | None = None
+    ndim: int,
+    channel_suffixes: list[str],
+    measured: Objects | None = None,
+    label_dtype: str = "uint64",
 ) -> pd.DataFrame:
-    """Every column of the table, no rows."""
-    empty = measure.empty_table(ndim, channel_suffixes)
+    """Every column of the table, no rows (``label`` of the label image's dtype)."""
+    empty = measure.empty_table(ndim, channel_suffixes, label_dtype)
     if measured is None:
         return empty
     return pd.concat([empty, pd.DataFrame(objects.empty_columns(measured.spec))], axis=1)
@@ -357,7 +393,13 @@ def _final_rows(
         totals = measure.combine([p[p.index.isin(own)] for p in parts.values()])
         if len(totals):
             totals = totals[where(totals["first"].to_numpy(np.uint64))]
-    rows = measure.finalize(totals, **finalize)
+    options = dict(finalize)
+    flagged_by = options.pop("truncated_from", None)
+    rows = measure.finalize(totals, **options)
+    if flagged_by is not None:  # nucflow measure on a run's labels: the run's own flags
+        flagged = labels_table.truncated_labels(flagged_by)
+        if flagged is not None:
+            rows["truncated"] = np.isin(rows["label"].to_numpy(np.uint64), flagged)
     dropped = 0
     if drop_border:
         border = rows["touches_border"].to_numpy(bool)

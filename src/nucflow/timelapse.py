@@ -23,7 +23,7 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,12 @@ DONE = "done.json"
 ROWS = "rows"
 
 _SLICE = re.compile(r"(\d*):(\d*)(?::(\d+))?")
-_EXAMPLE = "e.g. --timepoints 0:10 (slice START:STOP[:STEP]) or --timepoints 0,3,7"
+
+
+def _example(n: int) -> str:
+    """Suggestions valid on an input of ``n`` time points (a fixed ``0:10`` was not on 3)."""
+    some = ",".join(map(str, sorted({0, n // 2, n - 1})))
+    return f"e.g. --timepoints 0:{n} (slice START:STOP[:STEP]) or --timepoints {some}"
 
 
 def select(spec: str | None, stack: io.Stack) -> tuple[int, ...] | None:
@@ -81,7 +86,7 @@ def select(spec: str | None, stack: io.Stack) -> tuple[int, ...] | None:
     if not chosen:
         raise ParameterError(
             f"--timepoints {spec!r} selects no time point of the {n} in {stack.path}; "
-            f"select some of 0..{n - 1}, {_EXAMPLE}"
+            f"select some of 0..{n - 1}, {_example(n)}"
         )
     return chosen
 
@@ -91,7 +96,7 @@ def _parse(spec: str, n: int, path: str) -> tuple[int, ...]:
     if found:
         start, stop, step = (int(g) if g else None for g in found.groups())
         if step == 0:
-            raise ParameterError(f"--timepoints {spec!r}: the step must be > 0, {_EXAMPLE}")
+            raise ParameterError(f"--timepoints {spec!r}: the step must be > 0, {_example(n)}")
         for end in (start, stop):
             if end is not None and end > n:
                 _out_of_range(spec, end, n, path)
@@ -99,7 +104,7 @@ def _parse(spec: str, n: int, path: str) -> tuple[int, ...]:
     items = spec.split(",")
     if not spec or not all(item.strip().isdigit() for item in items):
         raise ParameterError(
-            f"--timepoints {spec!r} is not a slice or a list of time point indices; {_EXAMPLE}"
+            f"--timepoints {spec!r} is not a slice or a list of time point indices; {_example(n)}"
         )
     chosen = sorted({int(item) for item in items})
     if chosen[-1] >= n:
@@ -110,7 +115,7 @@ def _parse(spec: str, n: int, path: str) -> tuple[int, ...]:
 def _out_of_range(spec: str, index: int, n: int, path: str) -> None:
     raise ParameterError(
         f"--timepoints {spec!r} reaches time point {index} but {path} has {n} time points; "
-        f"use indices 0..{n - 1}, {_EXAMPLE}"
+        f"use indices 0..{n - 1}, {_example(n)}"
     )
 
 
@@ -129,18 +134,23 @@ class _Done:
 
 
 def each(
-    run: pipeline.Run, segment: Callable[[pipeline.Run], table_stage.Table]
+    run: pipeline.Run,
+    segment: Callable[[pipeline.Run], table_stage.Table],
+    *,
+    per_timepoint: Sequence[str] | None = None,
 ) -> table_stage.Table:
     """``segment`` every selected time point of ``run``; the movie's table.
 
     ``segment`` runs a flow's stages on one time point's run and returns its table (as
     :func:`nucflow.pipeline.table` does). Without a time-lapse it is called on ``run`` itself.
+    ``per_timepoint`` names the stages ``segment`` runs (the progress plan repeats those per
+    time point; the others run once); default: every stage but ``write``.
     ``run.json`` says which time points are done and their counts (``timepoints``).
     """
     if run.timepoints is None:
         return segment(run)
     _prepare_labels(run)
-    _per_timepoint_plan(run)
+    _per_timepoint_plan(run, per_timepoint)
     summary: dict[str, Any] = {
         "selected": list(run.timepoints),
         "done": [],
@@ -193,6 +203,7 @@ def _prepare_labels(run: pipeline.Run) -> None:
             overwrite=True,
             timepoints=stack.n_timepoints,
             time_interval_s=stack.time_interval_s,
+            source_image=io.image_reference(stack.path, path),
         )
         table_stage.write_atomic(marker, json.dumps(made_by).encode())
     for t in sorted(set(range(stack.n_timepoints)) - set(run.timepoints or ())):
@@ -299,12 +310,15 @@ def _joined(run: pipeline.Run, finished: list[_Done]) -> table_stage.Table:
     """The movie's table: every time point's rows; the QC sample from the first."""
     interval = run.stack.time_interval_s
     metadata = {
-        **table_stage.metadata(run.params, calibrated=pipeline.calibrated(run)),
+        **table_stage.metadata(
+            run.params, calibrated=pipeline.calibrated(run), channel=run.config.get("channel")
+        ),
         "time_interval_s": interval,
     }
     measured = table_stage.Objects(pipeline.object_spec(run), None, {})
     suffixes = table_stage.channel_suffixes(run.params.measure.channels)
-    empty = table_stage.empty_table(len(run.region), suffixes, measured)
+    label_dtype = str(pipeline.label_dtype(run.stack.data.shape))
+    empty = table_stage.empty_table(len(run.region), suffixes, measured, label_dtype)
     return table_stage.Table(
         rows=sum(d.rows for d in finished),
         truncated=sum(d.truncated for d in finished),
@@ -322,16 +336,26 @@ def _sample(done: _Done, empty: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else empty
 
 
-def _per_timepoint_plan(run: pipeline.Run) -> None:
-    """The progress plan (passes per stage) once per time point: ``preprocess t3``, ...;
-    ``write`` (the movie's table) once."""
+def _per_timepoint_plan(run: pipeline.Run, per_timepoint: Sequence[str] | None) -> None:
+    """The progress plan (passes per stage) of the ``per_timepoint`` stages once per time
+    point: ``preprocess t3``, ...; the others (the label pyramid, ``write``) once, in their
+    place: a stage planned per time point that never runs would be listed ``-`` after the run
+    completed."""
     tracker = run.progress
     if tracker is None or not tracker.plan:
         return
     plan = dict(tracker.plan)
-    once = {name: plan.pop(name) for name in ("write",) if name in plan}
+    each_point = [
+        name for name in plan if (name in per_timepoint if per_timepoint else name != "write")
+    ]
     points = run.timepoints or ()
-    tracker.plan = {f"{name} t{t}": n for t in points for name, n in plan.items()} | once
+    repeated = {f"{name} t{t}": plan[name] for t in points for name in each_point}
+    tracker.plan = {}
+    for name, n in plan.items():
+        if name not in each_point:
+            tracker.plan[name] = n
+        elif name == each_point[0]:
+            tracker.plan |= repeated
 
 
 def _drop_from_plan(run: pipeline.Run, t: int) -> None:

@@ -95,7 +95,9 @@ def _multiscale(path: Path) -> tuple[list[Any], list[float]]:
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 
-    node = next(iter(Reader(parse_url(str(path)))()))
+    # the node of ``path`` itself: a label image's source image is read (and listed) first
+    nodes = list(Reader(parse_url(str(path)))())
+    node = next((n for n in nodes if Path(n.zarr.subpath()) == Path(path).resolve()), nodes[0])
     scale = node.metadata["coordinateTransformations"][0][0]["scale"]
     return list(node.data), [float(s) for s in scale]
 

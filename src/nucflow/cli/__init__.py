@@ -28,6 +28,7 @@ from nucflow.cli.demo import _demo, _synth
 from nucflow.cli.parser import _parser
 from nucflow.errors import (
     NucflowError,
+    NucflowWarning,
     Terminated,
     environment_message,
 )
@@ -68,8 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = _sigterm_raises()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            warnings.formatwarning = _one_line_warning
+            _show_warnings(debug=bool(getattr(args, "debug", False)))
             code = handler(args)
     except NucflowError as error:
         if args.debug:
@@ -143,5 +143,19 @@ def _skip_teardown() -> None:
 atexit.register(_skip_teardown)  # at import, so it runs after every handler registered later
 
 
+def _show_warnings(*, debug: bool) -> None:
+    """nucflow's own warnings (:class:`NucflowWarning`) as one ``nucflow: warning:`` line each;
+    other libraries' (pydantic deprecations under napari, ...) are theirs to fix, not the
+    user's: hidden, or with ``--debug`` shown as Python shows them (category, file, line)."""
+    warnings.simplefilter("default" if debug else "ignore")
+    warnings.simplefilter("default", NucflowWarning)
+    warnings.formatwarning = _one_line_warning
+
+
+_PYTHON_FORMAT = warnings.formatwarning
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"nucflow: warning: {message}\n"
+    if issubclass(category, NucflowWarning):
+        return f"nucflow: warning: {message}\n"
+    return _PYTHON_FORMAT(message, category, filename, lineno, line)

@@ -14,9 +14,7 @@ from functools import partial
 from types import ModuleType
 from typing import Any
 
-from nucflow.errors import (
-    ParameterError,
-)
+from nucflow.errors import NucflowWarning, ParameterError
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,7 +63,7 @@ def _warn_cost(params: Any, stack: Any) -> None:
     region = pipeline.data_region(stack, params.chunks)
     found = cost_warning(params, tuple(s.stop - s.start for s in region))
     if found:
-        warnings.warn(found, stacklevel=2)
+        warnings.warn(found, stacklevel=2, category=NucflowWarning)
 
 
 def _warn_pixels(stack: Any, known: bool | None = None) -> None:
@@ -77,6 +75,7 @@ def _warn_pixels(stack: Any, known: bool | None = None) -> None:
             f"no voxel size in {stack.path}: lengths (--diameter, the table's _um columns) are "
             f"in pixels; pass --voxel-size {axes} in µm",
             stacklevel=2,
+            category=NucflowWarning,
         )
 
 
@@ -349,6 +348,7 @@ def _walltime_line(block_seconds: float, lifetime: float, chunks: Sequence[int])
         f"one block takes {block_seconds:.1f} s, more than a quarter of a worker's "
         f"{lifetime:.0f} s before its walltime: pass --chunks {smaller} or a longer walltime",
         stacklevel=2,
+        category=NucflowWarning,
     )
     return line + " (too long: see the warning)"
 

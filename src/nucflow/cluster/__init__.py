@@ -157,7 +157,7 @@ def connect(
 
     Warns
     -----
-    UserWarning
+    NucflowWarning
         The dashboard is open to the network, or a ``tcp://`` scheduler is on another host.
 
     Notes

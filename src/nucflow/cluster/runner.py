@@ -13,6 +13,7 @@ import dask
 from nucflow import progress as _progress
 from nucflow.cluster.options import _POLL_INTERVAL
 from nucflow.cluster.walltime import Lifetime
+from nucflow.errors import NucflowWarning
 
 
 class Runner:
@@ -117,7 +118,7 @@ class Runner:
                 f"quarter of the {self.lifetime.shortest} s a worker computes before it retires "
                 f"(walltime {self.lifetime.walltime} s): use smaller --chunks, or a longer "
                 "walltime, or blocks will be lost and rerun at each retirement",
-                UserWarning,
+                NucflowWarning,
                 stacklevel=3,
             )
 

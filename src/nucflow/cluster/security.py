@@ -16,7 +16,7 @@ from typing import Any
 import dask
 
 from nucflow.cluster.options import _DASHBOARD, _DUMPED_CREDENTIALS, DEFAULT_DASHBOARD
-from nucflow.errors import ClusterError
+from nucflow.errors import ClusterError, NucflowWarning
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -60,7 +60,7 @@ def _check_dashboard(address: Any, *, default_host: str = "") -> str:
             f"the dask dashboard on {text} is open to the network with no authentication; "
             f"leave out --dashboard-address to keep it on {DEFAULT_DASHBOARD.split(':')[0]} "
             "and view it through ssh -L",
-            UserWarning,
+            NucflowWarning,
             stacklevel=4,
         )
     return text
@@ -72,7 +72,7 @@ def _warn_unauthenticated(address: str) -> None:
         warnings.warn(
             f"{address} is a plain tcp:// scheduler on the network: the connection is neither "
             "encrypted nor authenticated; use tls:// with your dask TLS config",
-            UserWarning,
+            NucflowWarning,
             stacklevel=4,
         )
 

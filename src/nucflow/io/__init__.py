@@ -22,7 +22,7 @@ from nucflow.io.source import SUPPORTED_DTYPES, ChunkListing, Source, is_url, sp
 from nucflow.io.stack import Stack, open_stack
 from nucflow.io.tiff_format import TiffFormat, TiffSlicesFormat
 from nucflow.io.timelapse import TimePoint, clear_timepoint
-from nucflow.io.writers import create_label_zarr, write_ome_zarr
+from nucflow.io.writers import create_label_zarr, image_reference, ome_metadata, write_ome_zarr
 from nucflow.io.zarr_format import ZarrFormat
 
 # Tried in this order: the first format that claims a path opens it (a zarr folder may also
@@ -47,6 +47,8 @@ __all__ = [
     "TimePoint",
     "clear_timepoint",
     "create_label_zarr",
+    "image_reference",
+    "ome_metadata",
     "input_paths",
     "is_url",
     "open_stack",

@@ -22,7 +22,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from nucflow.errors import FormatError, NucflowError, ShapeError
+from nucflow.errors import FormatError, NucflowError, NucflowWarning, ShapeError
 from nucflow.io.source import (
     UM_PER_UNIT,
     Image,
@@ -271,7 +271,7 @@ def _tiff_log(path: str) -> Iterator[None]:
             "complete: re-copy or re-export it"
         )
     for message in handler.messages:
-        warnings.warn(f"{path}: tifffile: {message}", stacklevel=3)
+        warnings.warn(f"{path}: tifffile: {message}", stacklevel=3, category=NucflowWarning)
 
 
 def _tiff_scale(

@@ -1,6 +1,9 @@
 """Writers: OME-Zarr images with their label images, and empty label images to fill in parallel.
 
-Everything nucflow writes is NGFF 0.4 in zarr format 2, readable by ome-zarr-py and napari.
+Everything nucflow writes is NGFF 0.5 in zarr format 3 (metadata under the group's ``ome``
+attribute, ``dimension_names`` on every array): the version ome-zarr-py (0.12+) and napari read
+by default, so they read it without a "version mismatch" warning. :func:`ome_metadata` reads
+both 0.5 and 0.4 groups (nucflow's older outputs, ``add_levels`` on either).
 """
 
 from __future__ import annotations
@@ -18,7 +21,41 @@ import zarr
 from nucflow.errors import DtypeError, OutputError, ParameterError, ShapeError
 from nucflow.io.source import SUPPORTED_DTYPES
 
-__all__ = ["add_levels", "create_label_zarr", "write_ome_zarr"]
+__all__ = ["add_levels", "create_label_zarr", "write_ome_zarr", "ome_metadata", "image_reference"]
+
+#: The NGFF version nucflow writes.
+NGFF = "0.5"
+
+
+def ome_metadata(group: zarr.Group) -> dict[str, Any]:
+    """A group's OME metadata (``multiscales``, ``image-label``, ...), NGFF 0.5 or 0.4."""
+    attrs = dict(group.attrs)
+    found = attrs.get("ome", attrs)
+    return dict(found) if isinstance(found, Mapping) else {}
+
+
+def _set_ome(group: zarr.Group, **entries: Any) -> None:
+    """Add ``entries`` to the group's OME metadata, in the group's NGFF version's place."""
+    if group.metadata.zarr_format == 2:  # an NGFF 0.4 group (written before 0.5, or by others)
+        group.attrs.update(entries)
+        return
+    group.attrs["ome"] = {**ome_metadata(group), "version": NGFF, **entries}
+
+
+def image_reference(image: str | os.PathLike[str], labels: str | os.PathLike[str]) -> str | None:
+    """``image-label.source.image`` for a label image at ``labels`` of the input ``image``:
+    the relative path from the one to the other when ``image`` is a local OME-Zarr image
+    group (readers then show the labels over it), else None (a TIFF, a URL, a bare array)."""
+    image, labels = os.fspath(image), os.fspath(labels)
+    if "://" in image or not os.path.isdir(image):
+        return None
+    try:
+        group = zarr.open_group(image, mode="r")
+    except (OSError, ValueError, TypeError, KeyError, zarr.errors.GroupNotFoundError):
+        return None
+    if not ome_metadata(group).get("multiscales"):
+        return None
+    return os.path.relpath(os.path.abspath(image), os.path.abspath(labels))
 
 
 def write_ome_zarr(
@@ -32,7 +69,7 @@ def write_ome_zarr(
     chunks: Sequence[int] | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Write an image, and optionally label images, as OME-Zarr (NGFF 0.4, zarr format 2).
+    """Write an image, and optionally label images, as OME-Zarr (NGFF 0.5, zarr format 3).
 
     Dask arrays are written block by block (``da.store``), never loaded whole; the image
     and all labels are stored in one pass so shared upstream work is computed once.
@@ -79,12 +116,12 @@ def write_ome_zarr(
             raise ParameterError(f"label name {key!r} must be letters, digits, '_', '-' or '.'")
         label_arrays[str(key)] = arr
     _prepare_output(path, overwrite)
-    root = zarr.open_group(path, mode="w", zarr_format=2)
+    root = zarr.open_group(path, mode="w", zarr_format=3)
     sources = [image.rechunk(zchunks)]
     targets = [_create_level(root, image.shape, zchunks, image.dtype, axes, scale, unit, name)]
     if label_arrays:
         group = root.create_group("labels")
-        group.attrs["labels"] = list(label_arrays)
+        _set_ome(group, labels=list(label_arrays))
         for key, arr in label_arrays.items():
             sub = group.create_group(key)
             targets.append(
@@ -92,7 +129,7 @@ def write_ome_zarr(
             )
             sources.append(arr.rechunk(zchunks))
             # "../../" is the image group, relative to labels/<name> (NGFF image-label spec).
-            sub.attrs["image-label"] = {"version": "0.4", "source": {"image": "../../"}}
+            _set_ome(sub, **{"image-label": {"source": {"image": "../../"}}})
     # Blocks match storage chunks, so each block writes whole chunks: no lock is needed.
     da.store(sources, targets, lock=False, compute=True)  # type: ignore[arg-type]  # dask's hint omits dask arrays
 
@@ -108,11 +145,12 @@ def create_label_zarr(
     overwrite: bool = False,
     timepoints: int | None = None,
     time_interval_s: float | None = None,
+    source_image: str | None = None,
 ) -> zarr.Array:
     """Create an empty (all 0) OME-Zarr label image for workers to fill in parallel.
 
     The root group holds ``multiscales`` (one dataset ``"0"``) and ``image-label`` metadata
-    (NGFF 0.4, zarr format 2, readable by ome-zarr-py and napari). Chunks that are never
+    (NGFF 0.5, zarr format 3, readable by ome-zarr-py and napari). Chunks that are never
     written, or written all 0, stay absent on disk.
 
     Parameters
@@ -138,6 +176,9 @@ def create_label_zarr(
     time_interval_s : float, optional
         Seconds between time points: the time axis' scale, with unit ``second`` (without it,
         scale 1 and no unit).
+    source_image : str, optional
+        ``image-label.source.image``: the image these labels are of, relative to ``path``
+        (:func:`image_reference`); readers show the labels over it.
 
     Returns
     -------
@@ -160,9 +201,10 @@ def create_label_zarr(
     if dt.kind not in "ui":
         raise DtypeError(f"`dtype` {dt} is not an integer type; label images need e.g. uint64")
     _prepare_output(path, overwrite)
-    root = zarr.open_group(path, mode="w", zarr_format=2)
+    root = zarr.open_group(path, mode="w", zarr_format=3)
     arr = _create_level(root, shape, chunks, dt, axes, scale, unit, "labels", time_unit)
-    root.attrs["image-label"] = {"version": "0.4"}
+    source = {"source": {"image": source_image}} if source_image else {}
+    _set_ome(root, **{"image-label": source})
     return arr
 
 
@@ -200,7 +242,7 @@ def add_levels(
     list of zarr.Array
         Every level, level 0 first.
     """
-    found: Any = group.attrs["multiscales"]
+    found: Any = ome_metadata(group)["multiscales"]
     meta = [dict(m) for m in found]
     base = group["0"]
     assert isinstance(base, zarr.Array)
@@ -225,7 +267,7 @@ def add_levels(
             transforms.append({"type": "translation", "translation": offsets})
         datasets.append({"path": str(k), "coordinateTransformations": transforms})
     meta[0]["datasets"] = datasets
-    group.attrs["multiscales"] = meta
+    _set_ome(group, multiscales=meta)
     return levels
 
 
@@ -242,10 +284,26 @@ def _level_array(
         chunks=tuple(min(c, n) for c, n in zip(base.chunks, shape, strict=True)),
         dtype=base.dtype,
         fill_value=0,
-        chunk_key_encoding={"name": "v2", "separator": "/"},
+        **_layout(group, _axis_names(base)),
         config={"write_empty_chunks": False},
         overwrite=True,
     )
+
+
+def _axis_names(array: zarr.Array) -> tuple[str, ...] | None:
+    """A zarr 3 array's ``dimension_names`` (NGFF 0.5 requires them), as its levels get them."""
+    if array.metadata.zarr_format != 3:
+        return None
+    names = array.metadata.dimension_names
+    return tuple(str(n) for n in names) if names else None
+
+
+def _layout(group: zarr.Group, axes: Sequence[str] | None) -> dict[str, Any]:
+    """How an array of ``group`` names its chunks and axes: NGFF 0.5 (zarr 3) names its axes
+    (``dimension_names``, as the spec requires); 0.4 (zarr 2) needs "/" as the separator."""
+    if group.metadata.zarr_format == 2:
+        return {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+    return {"dimension_names": tuple(axes) if axes is not None else None}
 
 
 def _as_dask(data: Any, what: str) -> da.Array:
@@ -317,7 +375,7 @@ def _create_level(
     name: str,
     time_unit: str | None = None,
 ) -> zarr.Array:
-    """Create dataset "0" of ``group`` and the group's NGFF 0.4 multiscales metadata.
+    """Create dataset "0" of ``group`` and the group's NGFF multiscales metadata.
 
     ``axes`` is spatial (``"zyx"``, ``"yx"``), or a leading ``"t"`` and spatial axes.
     """
@@ -327,8 +385,7 @@ def _create_level(
         chunks=tuple(chunks),
         dtype=dtype,
         fill_value=0,
-        # NGFF 0.4 requires "/" as the v2 dimension separator.
-        chunk_key_encoding={"name": "v2", "separator": "/"},
+        **_layout(group, tuple(axes)),
         config={"write_empty_chunks": False},
     )
     axes_meta = [
@@ -337,9 +394,10 @@ def _create_level(
         else {"name": a, "type": "space", **({"unit": unit} if unit else {})}
         for a in axes
     ]
-    group.attrs["multiscales"] = [
+    version = {"version": "0.4"} if group.metadata.zarr_format == 2 else {}  # 0.5: in "ome"
+    multiscales = [
         {
-            "version": "0.4",
+            **version,
             "name": name,
             "axes": axes_meta,
             "datasets": [
@@ -347,6 +405,7 @@ def _create_level(
             ],
         }
     ]
+    _set_ome(group, multiscales=multiscales)
     return arr
 
 

@@ -40,13 +40,21 @@ def clean_mask(run: Run, found: Above | Detected) -> zarr.Array:
             ("opening", {"footprint": filters.ellipsoid(p.mask.opening_radius, p.voxel_size)})
         )
     grid = Grid(found.shape, p.chunks)
-    mask = filter_pass(run, stages.OPENED.name, found, steps, grid, label="threshold")
+    mask = filter_pass(run, stages.OPENED.name, found, steps, grid, label="foreground")
     if p.mask.fill_holes:
-        mask = select_components(run, stages.FILLED.name, mask, _touches_border, invert=True)
+        mask = select_components(
+            run, stages.FILLED.name, mask, _touches_border, invert=True, labels=_HOLES
+        )
     if p.min_voxels > 0:
         decide = partial(_larger, limit=p.min_voxels)
-        mask = select_components(run, stages.MASK.name, mask, decide)
+        mask = select_components(run, stages.MASK.name, mask, decide, labels=_SPECKS)
     return mask
+
+
+# The progress labels of a selection's three passes: one label per pass of a stage, so no two
+# lines of the mask stage look alike.
+_HOLES = ("holes find", "holes join", "holes fill")
+_SPECKS = ("small objects find", "small objects join", "small objects remove")
 
 
 def _touches_border(_sizes: np.ndarray, touches_border: np.ndarray) -> np.ndarray:
@@ -64,6 +72,7 @@ def select_components(
     decide: components.Decision,
     *,
     invert: bool = False,
+    labels: tuple[str, str, str] | None = None,
 ) -> zarr.Array:
     """The components of a stored mask that ``decide`` keeps, stored as ``.work/<name>.zarr``.
 
@@ -76,8 +85,10 @@ def select_components(
     (hole filling keeps the background that touches the image border).
 
     When every component is kept, the third pass is skipped: the result is ``source`` itself
-    and ``.work/<name>.same`` says so (to ``--resume``).
+    and ``.work/<name>.same`` says so (to ``--resume``). ``labels`` name the three passes in
+    the progress lines (default ``<name> find``, ``<name> join``, ``<name> keep``).
     """
+    find, join, keep_label = labels or (f"{name} find", f"{name} join", f"{name} keep")
     stored = reuse(run, name, source=source)
     if stored is not None:
         return stored
@@ -98,10 +109,10 @@ def select_components(
         )
         for index in blocks
     ]
-    (found,) = run.runner.compute(pass_graph(summarize, f"{name}-summaries"), label=name)
+    (found,) = run.runner.compute(pass_graph(summarize, f"{name}-summaries"), label=find)
     summaries = [summary for summary, _ in found]
     match = [partial(_match_task, index, faces=faces, grid=grid) for index in blocks]
-    (matched,) = run.runner.compute(pass_graph(match, f"{name}-faces"), label=name)
+    (matched,) = run.runner.compute(pass_graph(match, f"{name}-faces"), label=join)
     shutil.rmtree(faces, ignore_errors=True)
     where = [(axis, index) for index in blocks for axis, _ in grid.neighbours_above(index)]
     pairs = [p for per_block in matched for p in per_block]
@@ -113,13 +124,13 @@ def select_components(
     if all(keeps_all.values()):
         # Every component kept (no hole, no small object: the usual case with the local
         # detection): the result is the source, and the pass that would copy it is skipped.
-        return same_as(run, name, source)
+        return same_as(run, name, source, label=keep_label)
     compute = partial(_kept_task, decide=decide, source=source, grid=grid, invert=invert)
     per_block = {
         index: {"keep": table, "keeps_all": keeps_all[index]} for index, table in keep.items()
     }
     return store_blocks(
-        run, name, grid, bool, compute, label=name, reusable=False, per_block=per_block
+        run, name, grid, bool, compute, label=keep_label, reusable=False, per_block=per_block
     )
 
 

@@ -120,7 +120,10 @@ def fresh_labels(run: Run) -> zarr.Array | io.TimePoint:
     if run.time is None:
         shape = tuple(run.stack.data.shape)
         chunks, dtype = label_chunks(p.chunks), label_dtype(shape)
-        return io.create_label_zarr(path, shape, chunks, p.voxel_size, dtype=dtype, overwrite=True)
+        source = io.image_reference(run.stack.path, path)  # readers show the labels over it
+        return io.create_label_zarr(
+            path, shape, chunks, p.voxel_size, dtype=dtype, overwrite=True, source_image=source
+        )
     labels = label_image(run, mode="r+")
     assert isinstance(labels, io.TimePoint)  # run.time is set: one time point of the movie
     io.clear_timepoint(labels.array, run.time)

@@ -86,13 +86,13 @@ def same_path(run: Run, name: str) -> Path:
     return run.work / f"{name}.same"
 
 
-def same_as(run: Run, name: str, source: zarr.Array) -> zarr.Array:
-    """Record that result ``name`` equals ``source`` (nothing written; one planned pass the
-    fewer) and return it."""
+def same_as(run: Run, name: str, source: zarr.Array, *, label: str) -> zarr.Array:
+    """Record that result ``name`` equals ``source`` (nothing written; the planned pass
+    ``label`` is recorded as skipped) and return it."""
     shutil.rmtree(array_path(run, name), ignore_errors=True)
     table_stage.write_atomic(same_path(run, name), b"")
     mark_done(run, name)
-    progress_report.skipped(run)
+    progress_report.skipped(run, label)
     return source
 
 

@@ -48,8 +48,11 @@ def table(run: Run) -> table_stage.Table:
             "origin": run.offset,
             "max_radius": p.segment.max_radius,
             "channel_suffixes": table_stage.channel_suffixes(p.measure.channels),
+            "label_dtype": str(labels.dtype),
         },
-        metadata=table_stage.metadata(p, calibrated=calibrated(run)),
+        metadata=table_stage.metadata(
+            p, calibrated=calibrated(run), channel=run.config.get("channel")
+        ),
         measured=measured,
         drop_border=p.measure.drop_border,
     )
@@ -64,14 +67,16 @@ def table(run: Run) -> table_stage.Table:
     return made
 
 
-def object_spec(run: Run) -> objects.Spec:
-    """The object-level properties of ``measure.properties``, checked against the stack."""
+def object_spec(run: Run, primary: str = "") -> objects.Spec:
+    """The object-level properties of ``measure.properties``, checked against the stack
+    (``primary``: the suffix of the input's own channel, :func:`nucflow.table.channel_suffixes`).
+    """
     p = run.params
     return objects.Spec.of(
         p.measure.properties,
         ndim=len(p.voxel_size),
         voxel_size=p.voxel_size,
-        suffixes=table_stage.channel_suffixes(p.measure.channels),
+        suffixes=table_stage.channel_suffixes(p.measure.channels, primary),
         settings=objects.Settings(
             p.measure.percentiles, p.measure.shell_width, p.measure.neighbour_distance
         ),

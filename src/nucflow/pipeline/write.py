@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,15 @@ from nucflow import (
     measure,
     stages,
 )
+from nucflow import pyramid as pyramid_levels
 from nucflow import table as table_stage
+from nucflow.config import Params
+from nucflow.errors import NucflowWarning
+from nucflow.pipeline.relabel import check as relabel_check
+from nucflow.pipeline.relabel import renumber
 from nucflow.pipeline.rundir import Run, calibrated, release, run_record, write_run_json
+from nucflow.pipeline.segment import label_dtype
+from nucflow.stages import Result
 
 
 def finish_stack(run: Run, path: Path) -> dict[str, Any]:
@@ -57,9 +65,14 @@ def write_outputs(run: Run, table: table_stage.Table) -> dict[str, Any]:
     empty = table.empty
     if empty is None:
         empty = measure.empty_table(
-            len(run.region), table_stage.channel_suffixes(p.measure.channels)
+            len(run.region),
+            table_stage.channel_suffixes(p.measure.channels),
+            str(label_dtype(run.stack.data.shape)),
         )
     written = write_table(run, table, empty)
+    if p.output.relabel == "sequential":  # last: every stage before reads the seed-derived ids
+        parts = [run.output / "nuclei.parquet"] if written != "dataset" else _parts(run)
+        run.facts["relabel"] = f"sequential: 1..{renumber(run, parts)}, seed ids in seed_label"
     from nucflow import labels_table
 
     rows = labels_table.write(run.output / "labels.ome.zarr", run.output / "nuclei.parquet")
@@ -101,6 +114,7 @@ def write_outputs(run: Run, table: table_stage.Table) -> dict[str, Any]:
             f"{table.truncated} nuclei reached segment.max_radius = {max_radius:g}; they may be "
             f"cut: {fix}",
             stacklevel=2,
+            category=NucflowWarning,
         )
     return counts
 
@@ -109,5 +123,18 @@ def _body(run: Run, inputs: Mapping[str, Any]) -> dict[str, Any]:
     return write_outputs(run, inputs["table"])
 
 
-STAGE = stages.Stage("write", ("table", "pyramid"), stages.only(stages.WRITE), body=_body)
+def _parts(run: Run) -> list[Path]:
+    folder = run.output / "nuclei.parquet"
+    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(("_", ".")))
+
+
+def _results(p: Params, shape: tuple[int, ...]) -> tuple[Result, ...]:
+    if p.output.relabel != "sequential":
+        return (stages.WRITE,)
+    levels = len(pyramid_levels.level_factors(shape, p.voxel_size))
+    grids = ("blocks", *(f"level{k}" for k in range(1, levels + 1)))
+    return (stages.WRITE, replace(stages.RELABEL, passes=grids))
+
+
+STAGE = stages.Stage("write", ("table", "pyramid"), _results, (relabel_check,), body=_body)
 """The table files and QC pictures (then the run completes: :func:`complete`)."""
