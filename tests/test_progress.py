@@ -151,7 +151,9 @@ def _check_redirected_log(
     lines = log.read_text().splitlines()
     assert proc.returncode == 0, lines[-5:]
     assert re.fullmatch(
-        r"nucflow run: \d+ nuclei \(\d+ truncated\) in [\d.]+ s -> .*\n", proc.stdout
+        r"nucflow run: \d+ nuclei \(\d+ truncated\) in [\d.]+ s -> .*\n"
+        r"nucflow run: QC report .*/qc/report\.html \(open it in a browser\)\n",
+        proc.stdout,
     )
     dashboards = [line for line in lines if line.startswith("nucflow: dask dashboard at ")]
     passes = [PASS_LINE.fullmatch(line) for line in lines]
