@@ -136,6 +136,19 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "segment.peak_radius": (_optional(_positive), "null or a number > 0"),
     "segment.min_radius": (_optional(_positive), "null or a number > 0"),
     "segment.max_radius": (_optional(_positive), "null or a number > 0"),
+    "segment.method": (
+        lambda v: v == "builtin" or (isinstance(v, str) and v.startswith("python:")),
+        "builtin or python:MODULE:FUNCTION",
+    ),
+    "segment.input": (_one_of("raw", "preprocessed"), "raw or preprocessed"),
+    "segment.normalize": (_one_of("none", "percentile"), "none or percentile"),
+    "segment.normalize_percentiles": (
+        lambda v: (
+            _list_of(lambda q: _number(q) and 0 <= q <= 100, (2,))(v) and v[0] < v[1]
+        ),
+        "two increasing numbers in [0, 100], e.g. [1.0, 99.8]",
+    ),
+    "segment.halo_um": (_optional(_positive), "null or a number > 0"),
     "measure.channels": (lambda v: isinstance(v, list) and all(map(_count, v)), "a list of ints"),
     "measure.single_file_rows": (lambda v: _count(v), "an integer >= 0"),
     "measure.properties": (
@@ -261,7 +274,7 @@ def _merge(
 
 
 # Sections whose keys belong to another component, which checks them.
-_FREE_SECTIONS = frozenset({"cluster"})
+_FREE_SECTIONS = frozenset({"cluster", "segment.options"})
 
 
 def _unknown_key(dotted: str, base: Mapping[str, Any], prefix: str, source: str) -> str:
@@ -290,6 +303,7 @@ DERIVED: dict[tuple[str, str], float] = {
     ("segment", "peak_radius"): 0.25,
     ("segment", "min_radius"): 0.15,
     ("segment", "max_radius"): 1.0,
+    ("segment", "halo_um"): 1.5,
     ("measure", "shell_width"): 0.15,
     ("measure", "neighbour_distance"): 2.0,
 }
@@ -335,11 +349,18 @@ class Mask:
 
 @dataclass(frozen=True)
 class Segment:
-    """``segment``: the seeded partition of the mask into nuclei."""
+    """``segment``: the seeded partition of the mask into nuclei, or the segmenter a user
+    brings (``method: python:MODULE:FUNCTION``, :mod:`nucflow.segmenters`)."""
 
     peak_radius: float
     min_radius: float
     max_radius: float
+    method: str
+    options: dict[str, Any]
+    input: str
+    normalize: str
+    normalize_percentiles: tuple[float, ...]
+    halo_um: float
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nucflow import io, stages
+from nucflow import io, segmenters, stages
 from nucflow.errors import InputChangedError
 from nucflow.version import __version__
 
@@ -179,6 +179,9 @@ def start(run: Any, previous_record: dict[str, Any] | None) -> None:
     ):  # preprocessing reads it: its content matters like the input's
         mask = run.params.preprocess.tissue_mask
         params["tissue_mask"] = {"path": os.path.realpath(mask), "files": _files_digest(mask)}
+    if run.params.segment.method.startswith("python:"):  # its source is a parameter too
+        made = segmenters.Segmenter.of(run.params.segment.method)
+        params["segmenter"] = {"source": made.source, "sha256": made.digest()}
     run.lineage = Lineage(identity, params)
     run.facts["input_identity"] = identity
     run.facts["stages"] = run.lineage.stages

@@ -32,6 +32,7 @@ from nucflow import (
     io,
     lock,
     outdir,
+    segmenters,
 )
 from nucflow import progress as progress_report
 from nucflow import table as table_stage
@@ -228,7 +229,10 @@ def segment_params_of(p: Params) -> SegmentParams:
 
 
 def segment_halo(params: Params) -> tuple[int, ...]:
-    """Context in voxels per axis that makes a segmentation block exact."""
+    """Context in voxels per axis that makes a segmentation block exact (a python
+    segmenter's: ``segment.halo_um``)."""
+    if params.segment.method != "builtin":
+        return segmenters.halo_voxels(params.segment.halo_um, params.voxel_size)
     return segment_params_of(params).halo()
 
 
@@ -260,7 +264,7 @@ def write_run_json(run: Run, status: str, **extra: Any) -> None:
         "unit": "micrometer" if calibrated(run) else "pixel",
         "config": run.config,
         "derived": {k: v for k, v in p.flat().items() if k != "voxel_size"},
-        "halo": list(run.segment_params.halo()),
+        "halo": list(segment_halo(p)),
         "cluster": getattr(run.runner, "spec", "threads"),
         "versions": _versions(),
         "timings_s": run.timings,
