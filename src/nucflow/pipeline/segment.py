@@ -45,7 +45,9 @@ from nucflow.pipeline.threshold import stack_histogram
 from nucflow.segment import SegmentParams, segment_block
 
 
-def segment(run: Run, mask: zarr.Array, preprocessed: zarr.Array | None = None) -> None:
+def segment(
+    run: Run, mask: zarr.Array | None, preprocessed: zarr.Array | None = None
+) -> None:
     """Label every block's core with its halo and write the label image.
 
     Each task reads its padded mask block and its core's intensities, writes its core of
@@ -54,7 +56,7 @@ def segment(run: Run, mask: zarr.Array, preprocessed: zarr.Array | None = None) 
     (:func:`nucflow.table.write_sums`; :func:`table` makes the rows); finished blocks are
     skipped on ``--resume``.
     """
-    shape = tuple(mask.shape)
+    shape = region_shape(run.region)
     full_shape = tuple(run.stack.data.shape)
     labels_path = run.entry(LABELS)
     parts_dir = run.work / "blocks"
@@ -94,6 +96,7 @@ def segment(run: Run, mask: zarr.Array, preprocessed: zarr.Array | None = None) 
                 _own_task, source, readers, labels, segmenter, run.params.voxel_size, **where
             )
         else:
+            assert mask is not None  # the builtin's flow made it
             task = partial(_segment_task, mask, readers, labels, run.segment_params, **where)
         tasks.append(task)
     run.facts["blocks"] = {"total": len(part_files), "computed": len(tasks)}
