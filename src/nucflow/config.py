@@ -143,9 +143,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "segment.input": (_one_of("raw", "preprocessed"), "raw or preprocessed"),
     "segment.normalize": (_one_of("none", "percentile"), "none or percentile"),
     "segment.normalize_percentiles": (
-        lambda v: (
-            _list_of(lambda q: _number(q) and 0 <= q <= 100, (2,))(v) and v[0] < v[1]
-        ),
+        lambda v: _list_of(lambda q: _number(q) and 0 <= q <= 100, (2,))(v) and v[0] < v[1],
         "two increasing numbers in [0, 100], e.g. [1.0, 99.8]",
     ),
     "segment.halo_um": (_optional(_positive), "null or a number > 0"),

@@ -12,7 +12,7 @@ how many voxels equal the minimum (int64), then its non-empty bins and their cou
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,7 +83,7 @@ class Histogram:
         elif low == self.low:
             self.at_low += at_low
 
-    def percentiles(self, q: np.ndarray | list[float]) -> np.ndarray:
+    def percentiles(self, q: Sequence[float] | np.ndarray) -> np.ndarray:
         """Values below which ``q`` percent of the voxels lie: the voxels at the minimum
         exactly there, each bin's count spread evenly over its width (so within a bin's width,
         0.8 % of the value, of ``numpy.percentile`` of the whole stack; the same on every

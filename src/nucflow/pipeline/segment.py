@@ -26,13 +26,13 @@ from nucflow import (
 )
 from nucflow import table as table_stage
 from nucflow.blockpass import Grid, fmt_region, padded, pass_graph
+from nucflow.config import Params
 from nucflow.errors import (
     BlockError,
     ConfigError,
     NucflowError,
     environment_message,
 )
-from nucflow.config import Params
 from nucflow.pipeline.rundir import LABELS, Run, segment_halo, segment_params_of
 from nucflow.pipeline.store import (
     fresh_histograms,
@@ -45,9 +45,7 @@ from nucflow.pipeline.threshold import stack_histogram
 from nucflow.segment import SegmentParams, segment_block
 
 
-def segment(
-    run: Run, mask: zarr.Array | None, preprocessed: zarr.Array | None = None
-) -> None:
+def segment(run: Run, mask: zarr.Array | None, preprocessed: zarr.Array | None = None) -> None:
     """Label every block's core with its halo and write the label image.
 
     Each task reads its padded mask block and its core's intensities, writes its core of
@@ -214,11 +212,9 @@ class _Source:
     @classmethod
     def of(cls, run: Run, preprocessed: zarr.Array | None, *, reuse: bool) -> _Source:
         s = run.params.segment
-        if s.input == "preprocessed":
-            assert preprocessed is not None  # the flow's preprocess stage ran before
-            array, in_region = preprocessed, True
-        else:
-            array, in_region = run.stack.reader, False
+        array: Any = preprocessed if s.input == "preprocessed" else run.stack.reader
+        in_region = s.input == "preprocessed"  # stored in region coordinates
+        assert array is not None  # the flow's preprocess stage ran before
         scale = None
         if s.normalize == "percentile":
             scale = _percentiles(run, array, in_region, reuse=reuse)
@@ -248,7 +244,9 @@ def _percentiles(run: Run, array: Any, in_region: bool, *, reuse: bool) -> tuple
         folder = fresh_histograms(run, "input")
         grid = Grid(region_shape(run.region), run.params.chunks)
         reader = _Shifted(array, run.offset)
-        tasks = [partial(histogram_task, core, source=reader, folder=folder) for _, core in grid.blocks()]
+        tasks = [
+            partial(histogram_task, core, source=reader, folder=folder) for _, core in grid.blocks()
+        ]
         run.runner.compute(pass_graph(tasks, "histograms"), label="histograms")
         values = histogram.Histogram.of(p.read_bytes() for p in histogram_files(folder))
     low, high = (float(v) for v in values.percentiles(run.params.segment.normalize_percentiles))
@@ -342,7 +340,9 @@ def check_method(stack: io.Stack, p: Params) -> None:
     if p.segment.method == "builtin":
         return
     segmenter = segmenters.Segmenter.of(p.segment.method, p.segment.options)
-    corner = tuple(slice(0, min(n, c, _CHECK_SIDE)) for n, c in zip(stack.data.shape, p.chunks))
+    corner = tuple(
+        slice(0, min(n, c, _CHECK_SIDE)) for n, c in zip(stack.data.shape, p.chunks, strict=True)
+    )
     block = np.asarray(stack.reader[corner])
     if p.segment.input == "preprocessed" or p.segment.normalize != "none":
         block = block.astype(np.float32)  # as the run passes them (values aside)
