@@ -61,7 +61,8 @@ def test_every_section_is_one_group_and_the_flat_names_are_unchanged():
         "background_downsample", "tissue_mask", "threshold_method", "threshold_value",
         "threshold_factor", "blob_radius", "snr", "fraction", "opening_radius", "fill_holes",
         "min_volume", "peak_radius", "min_radius", "max_radius", "method", "options", "input",
-        "normalize", "normalize_percentiles", "halo_um", "channels", "single_file_rows",
+        "normalize", "normalize_percentiles", "halo_um", "model", "device", "channels",
+        "single_file_rows",
         "properties", "percentiles", "shell_width", "neighbour_distance", "drop_border", "qc",
         "filter_steps",
     ]  # fmt: skip

@@ -234,7 +234,12 @@ def test_the_function_source_is_in_the_segmentation_fingerprint(stack, tmp_path)
             "(32, 32, 32): RuntimeError: no model here; fix the function or its "
             "`segment.options`",
         ),
-        ("stardist", "config `segment.method` must be builtin or python:MODULE:FUNCTION"),
+        ("cellpose", "config `segment.method` must be builtin, stardist or python:MODULE:FUNCTION"),
+        (
+            "stardist",
+            "`segment.method` stardist needs `segment.model`: the folder of a trained StarDist "
+            "model (config.json, weights_best.h5)",
+        ),
     ],
 )
 def test_bad_methods_exit_2_in_one_line_before_the_output_is_claimed(

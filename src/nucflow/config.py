@@ -137,11 +137,13 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "segment.min_radius": (_optional(_positive), "null or a number > 0"),
     "segment.max_radius": (_optional(_positive), "null or a number > 0"),
     "segment.method": (
-        lambda v: v == "builtin" or (isinstance(v, str) and v.startswith("python:")),
-        "builtin or python:MODULE:FUNCTION",
+        lambda v: v in ("builtin", "stardist") or (isinstance(v, str) and v.startswith("python:")),
+        "builtin, stardist or python:MODULE:FUNCTION",
     ),
     "segment.input": (_one_of("raw", "preprocessed"), "raw or preprocessed"),
-    "segment.normalize": (_one_of("none", "percentile"), "none or percentile"),
+    "segment.normalize": (_optional(_one_of("none", "percentile")), "null, none or percentile"),
+    "segment.model": (_optional(lambda v: isinstance(v, str)), "null or a model folder"),
+    "segment.device": (_one_of("auto", "cpu", "cuda"), "auto, cpu or cuda"),
     "segment.normalize_percentiles": (
         lambda v: _list_of(lambda q: _number(q) and 0 <= q <= 100, (2,))(v) and v[0] < v[1],
         "two increasing numbers in [0, 100], e.g. [1.0, 99.8]",
@@ -359,6 +361,8 @@ class Segment:
     normalize: str
     normalize_percentiles: tuple[float, ...]
     halo_um: float
+    model: str | None
+    device: str
 
 
 @dataclass(frozen=True)
@@ -468,7 +472,7 @@ def resolve(
         threshold=_group(Threshold, config, diameter),
         detect=_group(Detect, config, diameter),
         mask=_group(Mask, config, diameter, min_volume=float(min_volume)),
-        segment=_group(Segment, config, diameter),
+        segment=_group(Segment, config, diameter, normalize=_normalize(config["segment"])),
         measure=_group(Measure, config, diameter),
         qc=config["qc"]["enabled"],
         filter_steps=tuple(
@@ -511,6 +515,14 @@ def _as(kind: str, value: Any) -> Any:
     if kind.startswith("tuple["):
         return tuple(value)
     return value
+
+
+def _normalize(segment: Mapping[str, Any]) -> str:
+    """``segment.normalize``: as configured, or by default ``percentile`` for a model
+    (trained on normalised images) and ``none`` for the builtin and python functions."""
+    if segment["normalize"] is not None:
+        return str(segment["normalize"])
+    return "percentile" if segment["method"] == "stardist" else "none"
 
 
 def _axes(key: str, values: tuple, ndim: int) -> tuple:

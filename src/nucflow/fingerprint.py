@@ -179,9 +179,10 @@ def start(run: Any, previous_record: dict[str, Any] | None) -> None:
     ):  # preprocessing reads it: its content matters like the input's
         mask = run.params.preprocess.tissue_mask
         params["tissue_mask"] = {"path": os.path.realpath(mask), "files": _files_digest(mask)}
-    if run.params.segment.method.startswith("python:"):  # its source is a parameter too
-        made = segmenters.Segmenter.of(run.params.segment.method)
-        params["segmenter"] = {"source": made.source, "sha256": made.digest()}
+    seg = run.params.segment
+    if seg.method != "builtin":  # its source or model files are a parameter too
+        made = segmenters.Segmenter.of(seg.method, model=seg.model, device=seg.device)
+        params["segmenter"] = {"source": made.source or made.model, "sha256": made.digest()}
     run.lineage = Lineage(identity, params)
     run.facts["input_identity"] = identity
     run.facts["stages"] = run.lineage.stages

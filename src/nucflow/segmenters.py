@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from nucflow import adapters
 from nucflow.errors import ConfigError, ParameterError
 
 __all__ = ["Segmenter", "relabel", "check_labels", "halo_voxels", "TRUNCATED"]
@@ -76,16 +77,37 @@ class Segmenter:
     folder: str
     source: str
     options: dict[str, Any] = field(default_factory=dict)
+    model: str = ""
 
     @classmethod
-    def of(cls, method: str, options: Mapping[str, Any] | None = None) -> Segmenter:
-        """Parse ``segment.method`` and import the function in this process.
+    def of(
+        cls,
+        method: str,
+        options: Mapping[str, Any] | None = None,
+        *,
+        model: str | None = None,
+        device: str = "auto",
+    ) -> Segmenter:
+        """Parse ``segment.method`` and import the function in this process (a model
+        package's adapter, :mod:`nucflow.adapters`, imports its package in the workers only).
 
         Raises
         ------
         ConfigError
-            The method is malformed, the module cannot be imported or has no such function.
+            The method is malformed, the module cannot be imported or has no such function,
+            or a model method has no ``segment.model``.
         """
+        if method == "stardist":
+            if not model:
+                raise ConfigError(
+                    "`segment.method` stardist needs `segment.model`: the folder of a trained "
+                    "StarDist model (config.json, weights_best.h5)"
+                )
+            folder = str(Path(model).resolve())
+            found = dict(options or {}, model=folder, device=device)
+            here = Path(adapters.__file__).resolve()
+            return cls(method, "nucflow.adapters", "stardist", str(here.parents[1]), "", found,
+                       folder)  # fmt: skip
         parts = method.split(":")
         if len(parts) != 3 or parts[0] != "python" or not all(parts[1:]):
             raise ConfigError(
@@ -124,7 +146,15 @@ class Segmenter:
         return check_labels(labels, block.shape, self.method)
 
     def digest(self) -> str:
-        """SHA-256 of the module's source file: a changed function is a new segmentation."""
+        """SHA-256 of the module's source file, or of a model's files: a changed function or
+        model is a new segmentation."""
+        if self.model:
+            digest = hashlib.sha256()
+            for name in adapters.MODEL_FILES:
+                path = Path(self.model) / name
+                if path.is_file():
+                    digest.update(name.encode() + path.read_bytes())
+            return digest.hexdigest()
         if not self.source or not Path(self.source).is_file():
             return ""
         return hashlib.sha256(Path(self.source).read_bytes()).hexdigest()

@@ -74,7 +74,7 @@ def segment(run: Run, mask: zarr.Array | None, preprocessed: zarr.Array | None =
     own = run.params.segment.method != "builtin"
     if own:  # a user's function: its input, scaled by the whole stack's percentiles
         source = _Source.of(run, preprocessed, reuse=reuse)
-        segmenter = segmenters.Segmenter.of(run.params.segment.method, run.params.segment.options)
+        segmenter = _segmenter(run.params)
     tasks, part_files = [], []
     grid = segment_grid(run, shape)
     for index, core in grid.blocks():
@@ -339,7 +339,7 @@ def check_method(stack: io.Stack, p: Params) -> None:
     wrong shape or type exit 2 naming it."""
     if p.segment.method == "builtin":
         return
-    segmenter = segmenters.Segmenter.of(p.segment.method, p.segment.options)
+    segmenter = _segmenter(p)
     corner = tuple(
         slice(0, min(n, c, _CHECK_SIDE)) for n, c in zip(stack.data.shape, p.chunks, strict=True)
     )
@@ -356,6 +356,11 @@ def check_method(stack: io.Stack, p: Params) -> None:
             f"{block.shape}: {type(e).__name__}: {e}; fix the function or its "
             "`segment.options`"
         ) from None
+
+
+def _segmenter(p: Params) -> segmenters.Segmenter:
+    s = p.segment
+    return segmenters.Segmenter.of(s.method, s.options, model=s.model, device=s.device)
 
 
 #: Side of the test block a python segmenter is called on before the run (voxels per axis).
