@@ -16,7 +16,7 @@ import pytest
 import zarr
 from scipy import ndimage
 
-from nucflow import histogram, io, segmenters, synth
+from nucflow import config, histogram, io, segmenters, synth
 from nucflow.cli import main
 
 SEGMENTERS = textwrap.dedent(
@@ -296,3 +296,10 @@ def test_preprocessed_input_normalised_is_the_one_block_result(
         assert run["counts"]["truncated"] == 0
     assert found[0].max() > 0
     _bijection(found[0], found[1])
+
+
+def test_the_gpu_example_config_loads():
+    path = Path(__file__).resolve().parents[1] / "configs/examples/stardist-slurm-gpu.yaml"
+    loaded = config.load(path)
+    assert loaded["segment"]["method"] == "stardist"
+    assert loaded["cluster"]["job_extra_directives"] == ["--gres=gpu:1"]

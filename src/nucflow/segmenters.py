@@ -103,11 +103,11 @@ class Segmenter:
                     "`segment.method` stardist needs `segment.model`: the folder of a trained "
                     "StarDist model (config.json, weights_best.h5)"
                 )
-            folder = str(Path(model).resolve())
-            found = dict(options or {}, model=folder, device=device)
+            where = str(Path(model).resolve())
+            found = dict(options or {}, model=where, device=device)
             here = Path(adapters.__file__).resolve()
             return cls(method, "nucflow.adapters", "stardist", str(here.parents[1]), "", found,
-                       folder)  # fmt: skip
+                       where)  # fmt: skip
         parts = method.split(":")
         if len(parts) != 3 or parts[0] != "python" or not all(parts[1:]):
             raise ConfigError(
