@@ -339,7 +339,8 @@ def check_method(stack: io.Stack, p: Params) -> None:
     wrong shape or type exit 2 naming it."""
     if p.segment.method == "builtin":
         return
-    segmenter = _segmenter(p)
+    # the driver may have no GPU (a login node): the device is the workers' to check
+    segmenter = _segmenter(p, device="auto")
     corner = tuple(
         slice(0, min(n, c, _CHECK_SIDE)) for n, c in zip(stack.data.shape, p.chunks, strict=True)
     )
@@ -358,9 +359,9 @@ def check_method(stack: io.Stack, p: Params) -> None:
         ) from None
 
 
-def _segmenter(p: Params) -> segmenters.Segmenter:
+def _segmenter(p: Params, device: str | None = None) -> segmenters.Segmenter:
     s = p.segment
-    return segmenters.Segmenter.of(s.method, s.options, model=s.model, device=s.device)
+    return segmenters.Segmenter.of(s.method, s.options, model=s.model, device=device or s.device)
 
 
 #: Side of the test block a python segmenter is called on before the run (voxels per axis).
