@@ -2,8 +2,9 @@
 beside ``predict_instances_big`` on the same blocks; accuracy beside the builtin; cost.
 
 Run ``python benchmarks/stardist_seams.py`` (needs ``nucflow[stardist]``; ~3 min on the shared
-2-core machine). No pretrained weights can be downloaded here, so it first trains a small 2D
-model (16 rays, grid 2, U-Net depth 2, 200 steps) on three synthetic 256x256 images. Then:
+2-core machine; writes ``benchmarks/results/stardist_seams.md``). No pretrained weights can be
+downloaded here, so it first trains a small 2D model (16 rays, grid 2, U-Net depth 2, 200 steps)
+on three synthetic 256x256 images. Then:
 
 1. **Seams.** On a fresh 512x512 image, the model on the whole image (``predict_instances``
    on the image scaled by nucflow's whole-stack percentiles) is the reference. nucflow runs it
@@ -30,6 +31,8 @@ import zarr
 
 from nucflow import evaluate, io, synth
 from nucflow.cli import main as nucflow_main
+
+OUTPUT = Path(__file__).resolve().parent / "results" / "stardist_seams.md"
 
 
 def train(folder: Path):
@@ -111,12 +114,13 @@ def main() -> None:
                 [evaluate.match_instances(labels, made.truth, iou=t)["f1"] for t in (0.5, 0.7)]
             )
             if label == "stardist" and name == "uniform":
-                seconds = recorded["timings"]["segment"]
+                seconds = recorded["timings_s"]["segment"]
                 mvoxels = made.image.size / 1e6
         (s5, s7), (b5, b7) = scores
         lines.append(f"| {name} | {s5:.3f} | {b5:.3f} | {s7:.3f} | {b7:.3f} |")
     lines += ["", f"segment stage: {seconds / mvoxels:.2f} s per Mvoxel on CPU (threads)"]
-    print("\n".join(lines))
+    OUTPUT.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), file=sys.stderr)
 
 
 if __name__ == "__main__":
