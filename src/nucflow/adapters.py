@@ -22,7 +22,7 @@ import numpy as np
 
 from nucflow.errors import ConfigError
 
-__all__ = ["stardist", "stardist_model", "MODEL_FILES"]
+__all__ = ["stardist", "stardist_model", "stardist_phase", "stardist_context", "MODEL_FILES"]
 
 #: The files of a StarDist model folder that the fingerprint hashes.
 MODEL_FILES = ("config.json", "thresholds.json", "weights_best.h5", "weights_last.h5")
@@ -69,6 +69,30 @@ def stardist_model(model: str, device: str = "auto") -> Any:
     kind = StarDist3D if ndim == 3 else StarDist2D
     _MODELS[key] = kind(None, name=folder.name, basedir=str(folder.parent))
     return _MODELS[key]
+
+
+def stardist_phase(model: str) -> int:
+    """Voxels per axis a StarDist model's blocks and halos must be multiples of (``grid`` ×
+    2^``unet_n_depth``, the largest), read from its config.json (no TensorFlow); 1 if the
+    folder has none."""
+    import json
+
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return 1
+    found = json.loads(path.read_text())
+    return int(max(found.get("grid", [1]))) * 2 ** int(found.get("unet_n_depth", 0))
+
+
+def stardist_context(model: str) -> tuple[int, ...] | None:
+    """The context in pixels per axis StarDist itself recommends around a tile (its
+    receptive field, as ``predict_instances_big`` computes it), or None if unknown."""
+    found = stardist_model(model, "auto")
+    axes = "ZYX" if found.config.n_dim == 3 else "YX"
+    try:
+        return tuple(int(v) for v in found._axes_tile_overlap(axes))
+    except Exception:  # a private helper of StarDist's: its absence costs only the warning
+        return None
 
 
 def stardist(

@@ -28,6 +28,7 @@ import pandas as pd
 import zarr
 
 from nucflow import (
+    adapters,
     fingerprint,
     io,
     lock,
@@ -232,7 +233,11 @@ def segment_halo(params: Params) -> tuple[int, ...]:
     """Context in voxels per axis that makes a segmentation block exact (a python
     segmenter's: ``segment.halo_um``)."""
     if params.segment.method != "builtin":
-        return segmenters.halo_voxels(params.segment.halo_um, params.voxel_size)
+        halo = segmenters.halo_voxels(params.segment.halo_um, params.voxel_size)
+        if params.segment.method == "stardist" and params.segment.model:
+            step = adapters.stardist_phase(params.segment.model)  # the network's phase kept
+            halo = tuple(-(-h // step) * step for h in halo)
+        return halo
     return segment_params_of(params).halo()
 
 

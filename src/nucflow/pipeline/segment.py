@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -17,6 +18,7 @@ import pandas as pd
 import zarr
 
 from nucflow import (
+    adapters,
     fingerprint,
     histogram,
     io,
@@ -329,7 +331,7 @@ def _own_block(
 def object_reach(p: Params) -> tuple[int, ...]:
     """Voxels per axis from a nucleus' id voxel (seed or first voxel) to its farthest voxel."""
     if p.segment.method != "builtin":
-        return segmenters.halo_voxels(p.segment.halo_um, p.voxel_size)
+        return segment_halo(p)
     return segment_params_of(p).voxels(p.segment.max_radius)
 
 
@@ -339,6 +341,8 @@ def check_method(stack: io.Stack, p: Params) -> None:
     wrong shape or type exit 2 naming it."""
     if p.segment.method == "builtin":
         return
+    if p.segment.method == "stardist":
+        _check_stardist(p)
     # the driver may have no GPU (a login node): the device is the workers' to check
     segmenter = _segmenter(p, device="auto")
     corner = tuple(
@@ -357,6 +361,31 @@ def check_method(stack: io.Stack, p: Params) -> None:
             f"{block.shape}: {type(e).__name__}: {e}; fix the function or its "
             "`segment.options`"
         ) from None
+
+
+def _check_stardist(p: Params) -> None:
+    """Blocks on the network's phase (else its output differs from the whole image's, and
+    objects with it); a warning when the halo is narrower than the model's context."""
+    _segmenter(p, device="auto")  # a missing segment.model is said first
+    assert p.segment.model is not None
+    step = adapters.stardist_phase(p.segment.model)
+    if any(c % step for c in p.chunks):
+        good = [max(step, c // step * step) for c in p.chunks]
+        raise ConfigError(
+            f"--chunks {' '.join(map(str, p.chunks))}: this StarDist model needs blocks of "
+            f"multiples of {step} voxels (grid x 2^unet_n_depth); pass --chunks "
+            f"{' '.join(map(str, good))}"
+        )
+    context = adapters.stardist_context(p.segment.model)
+    halo = segment_halo(p)
+    if context is not None and any(h < c for h, c in zip(halo, context, strict=False)):
+        need = max(c * v for c, v in zip(context, p.voxel_size[-len(context) :], strict=True))
+        warnings.warn(
+            f"segment.halo_um = {p.segment.halo_um:g} gives a halo of {list(halo)} voxels but "
+            f"the model sees {list(context)} around each pixel: objects near block faces may "
+            f"differ from the whole image's; pass --set segment.halo_um={need:g}",
+            stacklevel=2,
+        )
 
 
 def _segmenter(p: Params, device: str | None = None) -> segmenters.Segmenter:
