@@ -84,7 +84,8 @@ def stack(tmp_path_factory) -> tuple[Path, np.ndarray]:
 def _halo_um(whole: np.ndarray, support: int) -> float:
     """The smallest halo (µm; voxels 1 x 0.5 x 0.5 µm) every object fits in with the
     function's support: the precondition of the promise, so the test can fail."""
-    extents = np.array([[s.stop - s.start for s in box] for box in ndimage.find_objects(whole)])
+    boxes = [box for box in ndimage.find_objects(whole) if box is not None]
+    extents = np.array([[s.stop - s.start for s in box] for box in boxes])
     needed = extents.max(0) + support + 1
     return float(max(needed[0] * 1.0, needed[1] * 0.5, needed[2] * 0.5))
 
@@ -303,3 +304,24 @@ def test_the_gpu_example_config_loads():
     loaded = config.load(path)
     assert loaded["segment"]["method"] == "stardist"
     assert loaded["cluster"]["job_extra_directives"] == ["--gres=gpu:1"]
+
+
+def test_everything_after_segmentation_is_the_builtins(user_module, stack, tmp_path, monkeypatch):
+    """``drop_border`` and object properties on a python segmenter's labels equal
+    scikit-image's ``clear_border`` and ``regionprops_table`` on the whole-array call's."""
+    from skimage.measure import regionprops_table
+    from skimage.segmentation import clear_border
+
+    folder, module = user_module
+    monkeypatch.chdir(folder)
+    source, image = stack
+    whole = clear_border(module.components(image, (1.0, 0.5, 0.5), level=LEVEL))
+    rows, labels = _run(
+        source, tmp_path / "out", (12, 40, 56), "components", _halo_um(whole, 0),
+        "--set", "measure.drop_border=true", "--set", "measure.properties=[extent]",
+    )  # fmt: skip
+    _bijection(whole, labels)
+    expected = pd.DataFrame(regionprops_table(labels, properties=["label", "extent"]))
+    merged = rows.merge(expected, on="label", suffixes=("", "_skimage"))
+    assert len(merged) == len(rows) == len(expected)
+    assert np.allclose(merged["extent"], merged["extent_skimage"])
