@@ -86,11 +86,13 @@ def stardist_phase(model: str) -> int:
 
 def stardist_context(model: str) -> tuple[int, ...] | None:
     """The context in pixels per axis StarDist itself recommends around a tile (its
-    receptive field, as ``predict_instances_big`` computes it), or None if unknown."""
+    receptive field, as ``predict_instances_big`` computes it), or None if unknown: 2D models
+    only (StarDist finds it by running the network on an impulse, which took minutes in 3D)."""
     found = stardist_model(model, "auto")
-    axes = "ZYX" if found.config.n_dim == 3 else "YX"
+    if found.config.n_dim != 2:
+        return None
     try:
-        return tuple(int(v) for v in found._axes_tile_overlap(axes))
+        return tuple(int(v) for v in found._axes_tile_overlap("YX"))
     except Exception:  # a private helper of StarDist's: its absence costs only the warning
         return None
 
