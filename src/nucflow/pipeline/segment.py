@@ -350,7 +350,10 @@ def check_method(stack: io.Stack, p: Params) -> None:
     )
     block = np.asarray(stack.reader[corner])
     if p.segment.input == "preprocessed" or p.segment.normalize != "none":
-        block = block.astype(np.float32)  # as the run passes them (values aside)
+        block = block.astype(np.float32)  # as the run passes them
+    if p.segment.normalize == "percentile":  # the corner's own: the stack's are not known yet
+        low, high = np.percentile(block, p.segment.normalize_percentiles)
+        block = (block - np.float32(low)) / np.float32(high - low or 1.0)
     try:
         segmenter(block, p.voxel_size)
     except NucflowError:
