@@ -60,7 +60,9 @@ def test_every_section_is_one_group_and_the_flat_names_are_unchanged():
         "diameter", "voxel_size", "chunks", "sigma", "background", "background_radius",
         "background_downsample", "tissue_mask", "threshold_method", "threshold_value",
         "threshold_factor", "blob_radius", "snr", "fraction", "opening_radius", "fill_holes",
-        "min_volume", "peak_radius", "min_radius", "max_radius", "channels", "single_file_rows",
-        "properties", "percentiles", "shell_width", "neighbour_distance", "drop_border", "relabel",
-        "qc", "filter_steps",
+        "min_volume", "peak_radius", "min_radius", "max_radius", "segment_method",
+        "segment_options", "segment_input", "normalize", "normalize_percentiles", "halo_um",
+        "segment_model", "segment_device", "channels", "single_file_rows", "properties",
+        "percentiles", "shell_width", "neighbour_distance", "drop_border", "relabel", "qc",
+        "filter_steps",
     ]  # fmt: skip

@@ -136,6 +136,19 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "segment.peak_radius": (_optional(_positive), "null or a number > 0"),
     "segment.min_radius": (_optional(_positive), "null or a number > 0"),
     "segment.max_radius": (_optional(_positive), "null or a number > 0"),
+    "segment.method": (
+        lambda v: v in ("builtin", "stardist") or (isinstance(v, str) and v.startswith("python:")),
+        "builtin, stardist or python:MODULE:FUNCTION",
+    ),
+    "segment.input": (_one_of("raw", "preprocessed"), "raw or preprocessed"),
+    "segment.normalize": (_optional(_one_of("none", "percentile")), "null, none or percentile"),
+    "segment.model": (_optional(lambda v: isinstance(v, str)), "null or a model folder"),
+    "segment.device": (_one_of("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+    "segment.normalize_percentiles": (
+        lambda v: _list_of(lambda q: _number(q) and 0 <= q <= 100, (2,))(v) and v[0] < v[1],
+        "two increasing numbers in [0, 100], e.g. [1.0, 99.8]",
+    ),
+    "segment.halo_um": (_optional(_positive), "null or a number > 0"),
     "measure.channels": (lambda v: isinstance(v, list) and all(map(_count, v)), "a list of ints"),
     "measure.single_file_rows": (lambda v: _count(v), "an integer >= 0"),
     "measure.properties": (
@@ -263,7 +276,7 @@ def _merge(
 
 
 # Sections whose keys belong to another component, which checks them.
-_FREE_SECTIONS = frozenset({"cluster"})
+_FREE_SECTIONS = frozenset({"cluster", "segment.options"})
 
 
 def _unknown_key(dotted: str, base: Mapping[str, Any], prefix: str, source: str) -> str:
@@ -292,6 +305,7 @@ DERIVED: dict[tuple[str, str], float] = {
     ("segment", "peak_radius"): 0.25,
     ("segment", "min_radius"): 0.15,
     ("segment", "max_radius"): 1.0,
+    ("segment", "halo_um"): 1.5,
     ("measure", "shell_width"): 0.15,
     ("measure", "neighbour_distance"): 2.0,
 }
@@ -337,11 +351,20 @@ class Mask:
 
 @dataclass(frozen=True)
 class Segment:
-    """``segment``: the seeded partition of the mask into nuclei."""
+    """``segment``: the seeded partition of the mask into nuclei, or the segmenter a user
+    brings (``method: python:MODULE:FUNCTION``, :mod:`nucflow.segmenters`)."""
 
     peak_radius: float
     min_radius: float
     max_radius: float
+    method: str
+    options: dict[str, Any]
+    input: str
+    normalize: str
+    normalize_percentiles: tuple[float, ...]
+    halo_um: float
+    model: str | None
+    device: str
 
 
 @dataclass(frozen=True)
@@ -366,8 +389,8 @@ class Output:
 
 _G = TypeVar("_G")
 
-# Fields named after their section in the flat view: alone, "method" or "value" say nothing.
-_PREFIXED = ("threshold",)
+# Keys named after their section in the flat view: alone, "method" or "value" say nothing.
+_GENERIC = ("method", "value", "factor", "options", "input", "model", "device")
 
 
 @dataclass(frozen=True)
@@ -404,8 +427,9 @@ class Params:
             if not is_dataclass(value):
                 values[f.name] = value
                 continue
-            prefix = f"{f.name}_" if f.name in _PREFIXED else ""
-            values.update({prefix + g.name: getattr(value, g.name) for g in fields(value)})
+            for g in fields(value):
+                name = f"{f.name}_{g.name}" if g.name in _GENERIC else g.name
+                values[name] = getattr(value, g.name)
         return values
 
 
@@ -459,7 +483,7 @@ def resolve(
         threshold=_group(Threshold, config, diameter),
         detect=_group(Detect, config, diameter),
         mask=_group(Mask, config, diameter, min_volume=float(min_volume)),
-        segment=_group(Segment, config, diameter),
+        segment=_group(Segment, config, diameter, normalize=_normalize(config["segment"])),
         measure=_group(Measure, config, diameter),
         output=_group(Output, config, diameter),
         qc=config["qc"]["enabled"],
@@ -503,6 +527,14 @@ def _as(kind: str, value: Any) -> Any:
     if kind.startswith("tuple["):
         return tuple(value)
     return value
+
+
+def _normalize(segment: Mapping[str, Any]) -> str:
+    """``segment.normalize``: as configured, or by default ``percentile`` for a model
+    (trained on normalised images) and ``none`` for the builtin and python functions."""
+    if segment["normalize"] is not None:
+        return str(segment["normalize"])
+    return "percentile" if segment["method"] == "stardist" else "none"
 
 
 def _axes(key: str, values: tuple, ndim: int) -> tuple:

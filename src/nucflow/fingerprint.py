@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nucflow import io, stages
+from nucflow import io, segmenters, stages
 from nucflow.errors import InputChangedError, NucflowWarning
 from nucflow.version import __version__
 
@@ -190,6 +190,10 @@ def start(run: Any, previous_record: dict[str, Any] | None) -> None:
     ):  # preprocessing reads it: its content matters like the input's
         mask = run.params.preprocess.tissue_mask
         params["tissue_mask"] = {"path": os.path.realpath(mask), "files": _files_digest(mask)}
+    seg = run.params.segment
+    if seg.method != "builtin":  # its source or model files are a parameter too
+        made = segmenters.Segmenter.of(seg.method, model=seg.model, device=seg.device)
+        params["segmenter"] = {"source": made.source or made.model, "sha256": made.digest()}
     run.lineage = Lineage(identity, params)
     run.facts["input_identity"] = identity
     run.facts["stages"] = run.lineage.stages

@@ -106,6 +106,12 @@ class Plan:
         return self.nuclei_estimate * (1 - inside)
 
     @property
+    def _halo_source(self) -> str:
+        if self.params.segment.method != "builtin":
+            return f"segment.halo_um = {self.params.segment.halo_um:g}"
+        return f"from diameter {self.params.diameter:g}"
+
+    @property
     def _movie(self) -> str:
         if self.timepoints is None:
             return ""
@@ -178,8 +184,7 @@ class Plan:
                 f"data       [{box}] ({share:.2%} of the stack; unwritten chunks are skipped)",
                 self._reader_line,
                 f"blocks     {self.n_blocks} of {self.params.chunks} voxels" + self._movie,
-                f"halo       {self.halo} voxels (segmentation; from diameter "
-                f"{self.params.diameter:g})",
+                f"halo       {self.halo} voxels (segmentation; {self._halo_source})",
                 f"overlap    {self.overlap:.2f}x the data is read while segmenting",
                 f"stages     {_stages_line(self.flow, self.params, tuple(self.stack.data.shape))}",
                 f"tasks      {self.n_tasks} in passes of at most {self.n_blocks + 1} (a pass's "

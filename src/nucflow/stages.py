@@ -35,6 +35,8 @@ __all__ = [
     "Stage",
     "flow_passes",
     "only",
+    "builtin_segmentation",
+    "preprocessing_needed",
     "RESULT_PARAMS",
     "pass_grids",
     "check",
@@ -237,6 +239,17 @@ def pass_grids(
 def flow_passes(flow: Sequence[Stage], params: Params, shape: tuple[int, ...]) -> dict[str, int]:
     """Stage name -> how many passes it runs (the run's ETA counts them)."""
     return {name: len(grids) for name, grids in pass_grids(flow, params, shape).items()}
+
+
+def builtin_segmentation(p: Params) -> bool:
+    """Does the nuclei flow segment by its own rules (threshold, mask, seeds)? A python
+    segmenter (``segment.method: python:...``) needs neither the threshold nor the mask."""
+    return p.segment.method == "builtin"
+
+
+def preprocessing_needed(p: Params) -> bool:
+    """Does the nuclei flow's segmentation read the preprocessed stack?"""
+    return builtin_segmentation(p) or p.segment.input == "preprocessed"
 
 
 def only(*results: Result) -> Callable[[Params, tuple[int, ...]], tuple[Result, ...]]:

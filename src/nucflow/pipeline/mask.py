@@ -189,6 +189,8 @@ def _kept_task(
 
 
 def _results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
+    if not stages.builtin_segmentation(p):
+        return ()
     return (
         stages.OPENED,
         *((stages.FILLED,) if p.mask.fill_holes else ()),
@@ -196,7 +198,9 @@ def _results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
     )
 
 
-def _body(run: Run, inputs: Mapping[str, Any]) -> zarr.Array:
+def _body(run: Run, inputs: Mapping[str, Any]) -> zarr.Array | None:
+    if not stages.builtin_segmentation(run.params):
+        return None  # a python segmenter makes its objects from the image
     return clean_mask(run, inputs["threshold"])
 
 

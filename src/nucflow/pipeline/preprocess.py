@@ -231,6 +231,8 @@ def write_stack(run: Run, image: da.Array, name: str) -> Path:
 
 
 def _results(p: Params, _shape: tuple[int, ...]) -> tuple[Result, ...]:
+    if not stages.preprocessing_needed(p):  # a python segmenter reading the input itself
+        return ()
     exact = p.preprocess.background == "tophat" and max(p.preprocess.background_downsample) == 1
     if exact or p.preprocess.background == "none":
         return (stages.PREPROCESSED,)
@@ -255,8 +257,8 @@ def _tissue_mask_matches(stack: io.Stack, params: Params) -> None:
         )
 
 
-def _body(run: Run, _inputs: Mapping[str, Any]) -> zarr.Array:
-    return preprocess(run)
+def _body(run: Run, _inputs: Mapping[str, Any]) -> zarr.Array | None:
+    return preprocess(run) if stages.preprocessing_needed(run.params) else None
 
 
 STAGE = stages.Stage(

@@ -28,10 +28,12 @@ import pandas as pd
 import zarr
 
 from nucflow import (
+    adapters,
     fingerprint,
     io,
     lock,
     outdir,
+    segmenters,
 )
 from nucflow import progress as progress_report
 from nucflow import table as table_stage
@@ -228,7 +230,14 @@ def segment_params_of(p: Params) -> SegmentParams:
 
 
 def segment_halo(params: Params) -> tuple[int, ...]:
-    """Context in voxels per axis that makes a segmentation block exact."""
+    """Context in voxels per axis that makes a segmentation block exact (a python
+    segmenter's: ``segment.halo_um``)."""
+    if params.segment.method != "builtin":
+        halo = segmenters.halo_voxels(params.segment.halo_um, params.voxel_size)
+        if params.segment.method == "stardist" and params.segment.model:
+            step = adapters.stardist_phase(params.segment.model)  # the network's phase kept
+            halo = tuple(-(-h // step) * step for h in halo)
+        return halo
     return segment_params_of(params).halo()
 
 
@@ -267,7 +276,7 @@ def run_record(run: Run, status: str, **extra: Any) -> dict[str, Any]:
         "unit": "micrometer" if calibrated(run) else "pixel",
         "config": run.config,
         "derived": {k: v for k, v in p.flat().items() if k != "voxel_size"},
-        "halo": list(run.segment_params.halo()),
+        "halo": list(segment_halo(p)),
         "cluster": getattr(run.runner, "spec", "threads"),
         "versions": _versions(),
         "timings_s": run.timings,

@@ -216,7 +216,8 @@ def histogram_files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.iterdir() if not path.name.startswith("."))
 
 
-def histogram_task(core: Region, *, source: zarr.Array, folder: Path) -> None:
+def histogram_task(core: Region, *, source: Any, folder: Path) -> None:
+    """Store the histogram of ``source[core]`` (a zarr array or any reader) in ``folder``."""
     _write_histogram(core, np.asarray(source[core]), folder=folder)
 
 

@@ -13,7 +13,7 @@ from nucflow import (
 from nucflow import table as table_stage
 from nucflow.config import Params
 from nucflow.pipeline.rundir import Run, calibrated
-from nucflow.pipeline.segment import label_image, segment_grid
+from nucflow.pipeline.segment import label_image, object_reach, segment_grid
 from nucflow.pipeline.store import region_shape
 from nucflow.stages import Result
 
@@ -29,7 +29,7 @@ def table(run: Run) -> table_stage.Table:
     p = run.params
     shape = region_shape(run.region)
     grid = segment_grid(run, shape)
-    reach = run.segment_params.voxels(p.segment.max_radius)
+    reach = object_reach(p)
     labels = label_image(run, mode="r+")
     measured = table_stage.Objects(
         object_spec(run), labels, table_stage.intensity_readers(run.stack, p.measure.channels)
@@ -46,7 +46,7 @@ def table(run: Run) -> table_stage.Table:
             "voxel_size": p.voxel_size,
             "shape": shape,
             "origin": run.offset,
-            "max_radius": p.segment.max_radius,
+            "max_radius": _truncation_limit(p),
             "channel_suffixes": table_stage.channel_suffixes(p.measure.channels),
             "label_dtype": str(labels.dtype),
         },
@@ -65,6 +65,13 @@ def table(run: Run) -> table_stage.Table:
         )
         run.facts["dropped_border"] = made.dropped
     return made
+
+
+def _truncation_limit(p: Params) -> float:
+    """The ``max_radius`` :func:`nucflow.measure.finalize` flags by: the builtin's, or for a
+    python segmenter one that only its cut objects' seed distance
+    (:data:`nucflow.segmenters.TRUNCATED`) exceeds."""
+    return p.segment.max_radius if p.segment.method == "builtin" else 2 * max(p.voxel_size)
 
 
 def object_spec(run: Run, primary: str = "") -> objects.Spec:

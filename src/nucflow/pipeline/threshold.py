@@ -173,14 +173,20 @@ def _threshold_complete(_stack: io.Stack, params: Params) -> None:
         raise ConfigError("`threshold.method` is value but `threshold.value` is null; set both")
 
 
-def _body(run: Run, inputs: Mapping[str, Any]) -> Above | Detected:
+def _body(run: Run, inputs: Mapping[str, Any]) -> Above | Detected | None:
+    if not stages.builtin_segmentation(run.params):
+        return None  # a python segmenter needs no threshold
     return foreground(run, inputs["preprocess"])
+
+
+def _results(p: Params, _shape: tuple[int, ...]) -> tuple[stages.Result, ...]:
+    return (stages.THRESHOLD,) if stages.builtin_segmentation(p) else ()
 
 
 STAGE = stages.Stage(
     "threshold",
     ("preprocess",),
-    stages.only(stages.THRESHOLD),
+    _results,
     (_threshold_complete,),
     body=_body,
     per_timepoint=True,

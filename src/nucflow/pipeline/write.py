@@ -102,7 +102,15 @@ def write_outputs(run: Run, table: table_stage.Table) -> dict[str, Any]:
         report.write(run.output, record=record, image=run.data, labels=labels)
     if run.timepoints is not None:
         counts["timepoints"] = run.facts.get("timepoints", {}).get("counts", {})
-    if table.truncated:
+    if table.truncated and p.segment.method != "builtin":
+        halo = p.segment.halo_um
+        warnings.warn(
+            f"{table.truncated} nuclei touch the outer face of a block's halo "
+            f"(segment.halo_um = {halo:g}); they may be cut: rerun with "
+            f"--set segment.halo_um={1.5 * halo:g} (objects must fit in the halo)",
+            stacklevel=2,
+        )
+    elif table.truncated:
         max_radius = p.segment.max_radius
         fix = (
             f"rerun with --set segment.max_radius={1.5 * max_radius:g} (or a larger --diameter)"
