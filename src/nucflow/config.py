@@ -84,7 +84,8 @@ def _one_of(*choices: str) -> Callable[[Any], bool]:
 
 # key -> (check, what a valid value looks like)
 SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "diameter": (_positive, "a number > 0"),
+    # `auto`: estimated from the stack before resolve (nucflow.diameter, issue 29)
+    "diameter": (lambda v: v == "auto" or _positive(v), "a number > 0 or auto"),
     "voxel_size": (_optional(_list_of(_positive, (2, 3))), "null or 2-3 numbers > 0"),
     "channel": (_optional(_count), "null or an integer >= 0"),
     "chunks": (
