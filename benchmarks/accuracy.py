@@ -11,7 +11,9 @@ Run ``python benchmarks/accuracy.py`` (3 seeds, ~7 min on the shared 2-core mach
 3. runs the whole-array scikit-image reference of ``benchmarks/pipeline.py`` (its
    ``reference_mask`` and ``reference_labels``) with the derived parameters of the default
    run's run.json;
-4. scores all three label images with ``nucflow.evaluate.accuracy_report``.
+4. scores all three label images with ``nucflow.evaluate.accuracy_report``;
+5. with ``--sweep``, also runs the default pipeline with ``--diameter`` at each factor of
+   :data:`SWEEP` times 8 µm (a user's wrong guess) and adds a table of F1 per factor.
 
 ``nucflow run`` is called in this process (``nucflow.cli.main``, the console script's entry
 point) to spare 90 interpreter starts; its output goes to a log file next to the stack.
