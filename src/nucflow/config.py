@@ -338,6 +338,8 @@ def resolve(
         raise ParameterError(
             f"`chunks` has {len(chunks)} values but the stack has {ndim} axes; pass {axes}"
         )
+    if config["diameter"] == "auto":  # run, plan and tune replace it by the estimate first
+        raise ParameterError("`diameter` auto is estimated by run, plan and tune only; pass µm")
     diameter = float(config["diameter"])
     extent = max(n * v for n, v in zip(shape, voxel, strict=True))
     if diameter > extent:
