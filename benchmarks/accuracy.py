@@ -11,7 +11,9 @@ Run ``python benchmarks/accuracy.py`` (3 seeds, ~7 min on the shared 2-core mach
 3. runs the whole-array scikit-image reference of ``benchmarks/pipeline.py`` (its
    ``reference_mask`` and ``reference_labels``) with the derived parameters of the default
    run's run.json;
-4. scores all three label images with ``nucflow.evaluate.accuracy_report``.
+4. scores all three label images with ``nucflow.evaluate.accuracy_report``;
+5. with ``--sweep``, also runs the default pipeline with ``--diameter`` at each factor of
+   :data:`SWEEP` times 8 µm (a user's wrong guess) and adds a table of F1 per factor.
 
 ``nucflow run`` is called in this process (``nucflow.cli.main``, the console script's entry
 point) to spare 90 interpreter starts; its output goes to a log file next to the stack.
@@ -54,6 +56,8 @@ from nucflow.evaluate import accuracy_report  # noqa: E402
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = HERE / "results" / "accuracy.md"
 SEEDS = (0, 1, 2)
+# diameter factors of the sweep: a user's guess 0.75x-1.33x the true typical diameter
+SWEEP = (0.75, 0.87, 1.0, 1.15, 1.33)
 # the demo's density: 150 nuclei in 64x256x256 voxels of (1, 0.5, 0.5) µm
 DENSITY_3D = 150 / (64 * 128 * 128)  # per µm³
 # 160 nuclei in 384x384 pixels of 0.5 µm, a fifth of the area covered (a dense tissue section)
@@ -96,6 +100,7 @@ PIPELINES = {
     "nucflow local (default)": ("local", []),
     "nucflow otsu": ("otsu", ["--set", "threshold.method=otsu"]),
 }
+PIPELINE_DEFAULT = "nucflow local (default)"
 REFERENCE = "scikit-image reference"
 # accuracy_report key (index into its list, if any), column title, worse is lower?
 METRICS = (
@@ -128,11 +133,12 @@ def draw(folder: Path, geometry: Geometry, condition: Condition, seed: int) -> s
     return made
 
 
-def run_nucflow(folder: Path, name: str, extra: list[str]) -> Path:
-    """``nucflow run --diameter 8`` (plus ``extra``) into ``folder/name``; returns that."""
+def run_nucflow(folder: Path, name: str, extra: list[str], diameter: float = DIAMETER) -> Path:
+    """``nucflow run --diameter 8`` (or ``diameter``; plus ``extra``) into ``folder/name``;
+    returns that."""
     output = folder / name
     argv = ["run", "--input", str(folder / "input.ome.zarr"), "--output", str(output)]
-    argv += ["--diameter", f"{DIAMETER:g}", "--set", "qc.enabled=false", *extra]
+    argv += ["--diameter", f"{diameter:g}", "--set", "qc.enabled=false", *extra]
     log = folder / f"{output.name}.log"
     with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         code = nucflow_main(argv)
@@ -149,12 +155,23 @@ def run_reference(image: np.ndarray, run_json: Path) -> np.ndarray:
     return reference_labels(mask, voxel, derived, {})
 
 
-def score_stack(folder: Path, geometry: Geometry, condition: Condition, seed: int) -> dict:
-    """Pipeline name -> accuracy report on one freshly drawn stack."""
+def sweep_name(factor: float) -> str:
+    """Table name of the default pipeline run with ``--diameter factor * 8``."""
+    return f"nucflow local, --diameter x{factor:g}"
+
+
+def score_stack(
+    folder: Path, geometry: Geometry, condition: Condition, seed: int, sweep: tuple = ()
+) -> dict:
+    """Pipeline name -> accuracy report on one freshly drawn stack (``sweep``: diameter factors
+    the default pipeline is also run with, 1 excepted: that is the default run)."""
     made = draw(folder, geometry, condition, seed)
     labels = {}
     for name, (short, extra) in PIPELINES.items():
         labels[name] = read_level0(run_nucflow(folder, short, extra) / "labels.ome.zarr")
+    for factor in (f for f in sweep if f != 1):
+        out = run_nucflow(folder, f"local-x{factor:g}", [], diameter=factor * DIAMETER)
+        labels[sweep_name(factor)] = read_level0(out / "labels.ome.zarr")
     # the derived parameters do not depend on the threshold method: take the default run's
     labels[REFERENCE] = run_reference(made.image, folder / "local" / "run.json")
     reports = {n: accuracy_report(lab, made.truth, made.brightness) for n, lab in labels.items()}
@@ -194,6 +211,23 @@ def table(results: dict) -> str:
                 values = [_value(r, key, index) for r in reports]
                 cells.append(_cell(values, lower_is_worse, key in ("splits", "merges")))
             lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_table(results: dict, factors: list[float]) -> str:
+    """Markdown table of the diameter sweep: per geometry and condition, F1@0.5 (and F1@0.7)
+    of the default pipeline at each ``--diameter`` factor (mean over seeds), then the minimum
+    over the sweep and how far it falls below the best."""
+    factors = sorted({*factors, 1.0})
+    titles = ["geometry", "condition", *(f"x{f:g}" for f in factors), "min", "best - min"]
+    lines = ["| " + " | ".join(titles) + " |", "|---|---|" + "---:|" * (len(titles) - 2)]
+    for (geometry, condition), by_pipeline in results.items():
+        names = [PIPELINE_DEFAULT if f == 1 else sweep_name(f) for f in factors]
+        f50 = [np.mean([r["f1_iou50"] for r in by_pipeline[n]]) for n in names]
+        f70 = [np.mean([r["f1_iou70"] for r in by_pipeline[n]]) for n in names]
+        cells = [f"{a:.3f} ({b:.3f})" for a, b in zip(f50, f70, strict=True)]
+        cells += [f"{min(f50):.3f}", f"{max(f50) - min(f50):.3f}"]
+        lines.append("| " + " | ".join([geometry, condition, *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -255,8 +289,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{DEFAULT_OUTPUT.relative_to(HERE.parent)} for a full run, none with --quick",
     )
     parser.add_argument("--keep", type=Path, help="work in this (new) folder and keep it")
+    parser.add_argument(
+        "--sweep",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also run the default pipeline with --diameter FACTOR x 8 for each factor; "
+        f"without factors: {' '.join(map(str, SWEEP))} (the sweep table follows the main one)",
+    )
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.sweep == [] and "--sweep" in args.argv:
+        args.sweep = list(SWEEP)
     if args.quick:
         args.seeds = [SEEDS[0]]
     elif args.output is None:
@@ -272,11 +316,15 @@ def benchmark(args: argparse.Namespace, work: Path) -> dict:
     for i, (geometry, condition, seed) in enumerate(todo, 1):
         folder = work / f"{geometry.replace(' ', '_')}-{condition}-{seed}"
         folder.mkdir()
-        reports = score_stack(folder, GEOMETRIES[geometry], CONDITIONS[condition], seed)
+        reports = score_stack(
+            folder, GEOMETRIES[geometry], CONDITIONS[condition], seed, tuple(args.sweep)
+        )
         for pipeline, report in reports.items():
             results.setdefault((geometry, condition), {}).setdefault(pipeline, []).append(report)
         f1 = "  ".join(
-            f"{PIPELINES.get(p, ('reference',))[0]} {r['f1_iou50']:.3f}" for p, r in reports.items()
+            f"{PIPELINES.get(p, (p.rpartition(' ')[2] if 'x' in p else 'reference',))[0]} "
+            f"{r['f1_iou50']:.3f}"
+            for p, r in reports.items()
         )
         elapsed = time.perf_counter() - start
         print(
@@ -296,6 +344,12 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="nucflow-accuracy-") as tmp:
             results = benchmark(args, Path(tmp))
     text = f"{header(args, time.perf_counter() - start)}\n\n{table(results)}\n"
+    if args.sweep:
+        text += (
+            "\nDiameter sweep: F1@0.5 (F1@0.7) of the default pipeline given "
+            f"`--diameter` = factor x {DIAMETER:g}, mean over seeds\n\n"
+            f"{sweep_table(results, args.sweep)}\n"
+        )
     print(f"\n{text}")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -135,15 +135,15 @@ BAD_INPUTS = {
     ),
     "diameter 0": (
         "run --input {u16} --output {out} --diameter 0",
-        r"^nucflow run: error: config `diameter` must be a number > 0, got 0\.0$",
+        r"^nucflow run: error: config `diameter` must be a number > 0 or auto, got 0\.0$",
     ),
     "diameter -3": (
         "run --input {u16} --output {out} --diameter -3",
-        r"config `diameter` must be a number > 0, got -3\.0$",
+        r"config `diameter` must be a number > 0 or auto, got -3\.0$",
     ),
     "diameter inf": (
         "run --input {u16} --output {out} --diameter inf",
-        r"config `diameter` must be a number > 0, got inf$",
+        r"config `diameter` must be a number > 0 or auto, got inf$",
     ),
     "diameter larger than the stack": (
         "run --input {u16} --output {out} --diameter 1000",

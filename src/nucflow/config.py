@@ -98,7 +98,8 @@ def _one_of(*choices: str) -> Callable[[Any], bool]:
 
 # key -> (check, what a valid value looks like)
 SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "diameter": (_positive, "a number > 0"),
+    # `auto`: estimated from the stack before resolve (nucflow.diameter, issue 29)
+    "diameter": (lambda v: v == "auto" or _positive(v), "a number > 0 or auto"),
     "voxel_size": (_optional(_list_of(_positive, (2, 3))), "null or 2-3 numbers > 0"),
     "channel": (_optional(_count), "null or an integer >= 0"),
     "chunks": (
@@ -454,6 +455,8 @@ def resolve(
     ndim = len(shape)
     voxel = _axes("voxel_size", tuple(float(v) for v in (config["voxel_size"] or voxel_size)), ndim)
     chunks = _axes("chunks", tuple(config["chunks"] or default_chunks(tuple(shape))), ndim)
+    if config["diameter"] == "auto":  # run, plan and tune replace it by the estimate first
+        raise ParameterError("`diameter` auto is estimated by run, plan and tune only; pass µm")
     diameter = float(config["diameter"])
     extent = max(n * v for n, v in zip(shape, voxel, strict=True))
     if diameter > extent:

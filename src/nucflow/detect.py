@@ -41,7 +41,7 @@ from nucflow.blockpass import padded
 from nucflow.components import label
 from nucflow.errors import ParameterError
 from nucflow.filters.local import gaussian_filter1d
-from nucflow.segment import box_maxima, whole_voxels
+from nucflow.segment import box_maxima, whole_voxels, within_voxels
 
 __all__ = [
     "DetectParams",
@@ -208,7 +208,7 @@ def seeds(
     (K, ndim) ndarray of int64
         Coordinates in ``response``.
     """
-    half = params.voxels(params.peak_radius)
+    half = within_voxels(params.peak_radius, params.voxel_size)  # never beyond peak_radius
     inner = response[region]
     level = params.snr * params.noise
     if origin is None or params.stack_shape is None:

@@ -42,6 +42,9 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     given = getattr(args, "region", None)  # nucflow tune: the region is the stack
     box = _region(given, stack.data.shape) if given else None
     shape = stack.crop(box).data.shape if box else stack.data.shape
+    if config["diameter"] == "auto":
+        _estimate_diameter(config, stack.crop(box) if box else stack)
+        args.diameter_source = "auto"
     params = config_module.resolve(config, shape=shape, voxel_size=stack.voxel_size)
     # Reopen on the run's blocks: the default (~128 MiB blocks, shaped by the stack) would make
     # each task's memory depend on the stack's shape.
@@ -53,6 +56,16 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     _check_channels(params, stack, args.input)
     plan.check_native_chunks(stack)
     return stack, params, config
+
+
+def _estimate_diameter(config: dict[str, Any], stack: Any) -> None:
+    """``--diameter auto``: the estimate replaces ``auto`` in the config (run.json records the
+    number, so ``--resume`` continues with it), said in one line."""
+    from nucflow import diameter
+
+    found = diameter.estimate(stack.data, stack.voxel_size)
+    print(f"nucflow: {found.describe()}", flush=True)
+    config["diameter"] = found.diameter
 
 
 def _warn_cost(params: Any, stack: Any) -> None:
@@ -138,6 +151,8 @@ def _continue_recorded(args: argparse.Namespace) -> None:
     if record is None:
         return
     args.recorded_config = record.get("config")
+    if getattr(args, "diameter", None) is None and record.get("diameter_source") == "auto":
+        args.diameter_source = "auto"  # the recorded estimate continues, still said to be one
     if getattr(args, "flow", "") is None:
         args.flow = record.get("flow")
     selected = (record.get("timepoints") or {}).get("selected")
@@ -209,6 +224,8 @@ def _in_run(
         )
         if getattr(args, "flow", None):  # what --resume continues
             job.facts["flow"] = args.flow
+        job.facts["diameter"] = params.diameter
+        job.facts["diameter_source"] = getattr(args, "diameter_source", "given")
         _warn_pixels(stack, voxel_size_known)
         try:
             result = body(job)

@@ -13,13 +13,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _diameter(text: str) -> float | str:
+    """``--diameter``: a number or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in µm or auto, got {text!r}") from None
+
+
 def _stack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML config (defaults: configs/nuclei.yaml)")
     parser.add_argument(
         "--input", required=True, help="zarr, OME-Zarr, TIFF, or a folder of TIFF slices"
     )
     parser.add_argument(
-        "--diameter", type=float, help="typical nucleus diameter, µm (pixels if no voxel size)"
+        "--diameter",
+        type=_diameter,
+        help="typical nucleus diameter, µm (pixels if no voxel size), or auto: estimated from "
+        "a few sample blocks",
     )
     parser.add_argument(
         "--voxel-size", type=float, nargs="+", metavar="Z Y X", help="override µm per voxel"
