@@ -23,6 +23,7 @@ import zarr
 
 from nucflow import fingerprint, io, stages
 from nucflow.blockpass import Grid, pass_graph
+from nucflow.config import Params
 from nucflow.errors import ConfigError
 from nucflow.pipeline.rundir import Run
 
@@ -32,9 +33,9 @@ __all__ = ["SEED_LABEL", "renumber", "check"]
 SEED_LABEL = "seed_label"
 
 
-def check(stack: io.Stack, params: object) -> None:
+def check(stack: io.Stack, params: Params) -> None:
     """Refuse ``sequential`` on a time-lapse (not built: ids would need a numbering per t)."""
-    if getattr(params, "relabel", "none") == "sequential" and stack.n_timepoints > 1:
+    if params.output.relabel == "sequential" and stack.n_timepoints > 1:
         raise ConfigError(
             "`output.relabel` sequential is not available for time-lapses yet (each time point "
             "would need its own numbering); drop --set output.relabel=sequential"
